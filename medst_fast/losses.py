@@ -1,0 +1,119 @@
+"""Med-ST losses (medst-spec.md §2): global ITA, modality-weighted local alignment, temporal cycle.
+
+All three read a :class:`~medst_fast.models.medst.MedSTOutput`. The local loss's learned weighting
+(two 1-head attention modules) lives in the model because it is trained and checkpointed with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import LossCfg
+from .kernels.local_align import token_align_loss
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    ita: torch.Tensor
+    local: torch.Tensor
+    temporal: torch.Tensor
+
+
+def ita_loss(img: torch.Tensor, txt: torch.Tensor, tau: float = 0.07, offset: int = 0,
+             img_all: Optional[torch.Tensor] = None, txt_all: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Symmetric InfoNCE, the two directions summed (official). Inputs L2-normalised (B, d).
+
+    With ``img_all``/``txt_all`` (features gathered over ranks) the local rows are contrasted against
+    every rank's columns; ``offset`` is this rank's first global row. CE is averaged over local rows.
+    """
+    if img_all is None:
+        img_all, txt_all = img, txt
+    labels = torch.arange(img.shape[0], device=img.device) + offset
+    i2t = img.float() @ txt_all.float().t() / tau
+    t2i = txt.float() @ img_all.float().t() / tau
+    return F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)
+
+
+def _pairwise_neg_sq_l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-max(|x|^2 + |y|^2 - 2 x.y, 0) for (S, T, d) x (S, T, d) -> (S, T, T), as TCC computes it."""
+    d = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * torch.bmm(x, y.transpose(1, 2))
+    return -d.clamp_min(0.0)
+
+
+def cycle_alignment_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.1, variance_lambda: float = 0.001,
+                         huber_delta: float = 2.0) -> torch.Tensor:
+    """One direction U -> V of Med-ST's temporal loss: FMC + RMR (spec §2.3). u, v: (S, T, d) series."""
+    S, T, _ = u.shape
+    u, v = u.float(), v.float()
+    # FMC: T-way classification of the one-hop U -> V similarities against the identity.
+    logits12 = _pairwise_neg_sq_l2(u, v) / tau  # (S, T, T)
+    fmc = -torch.diagonal(F.log_softmax(logits12, dim=-1), dim1=1, dim2=2).mean()
+    # RMR: soft nearest neighbour in V, cycle back to U, variance-aware regression of the time index.
+    nn_v = torch.bmm(torch.softmax(logits12, dim=-1), v)
+    beta = torch.softmax(_pairwise_neg_sq_l2(nn_v, u) / tau, dim=-1)  # (S, T, T)
+    steps = torch.arange(T, device=u.device, dtype=torch.float32) / (T + 1e-7)
+    true_t = steps[None, :].expand(S, T)
+    pred_t = (beta * steps).sum(-1)
+    var = (beta * (steps[None, None, :] - pred_t[..., None]) ** 2).sum(-1)
+    log_var = torch.log(var + 1e-7)
+    err = true_t - pred_t
+    var_loss = torch.exp(-log_var) * err ** 2 + variance_lambda * log_var
+    lin_loss = huber_delta * (err.abs() - 0.5 * huber_delta)
+    rmr = torch.where(err.abs() < huber_delta, var_loss, lin_loss).mean()
+    return fmc + rmr
+
+
+def temporal_loss(img: torch.Tensor, txt: torch.Tensor, n_full: int, cfg: LossCfg) -> torch.Tensor:
+    """Both directions over the first ``n_full`` complete series (rows [:n_full*T], in order)."""
+    T = cfg.series_len
+    if n_full == 0:
+        return img.new_zeros(()).float() + 0.0 * (img.sum() + txt.sum())
+    u = img[: n_full * T].reshape(n_full, T, -1)
+    v = txt[: n_full * T].reshape(n_full, T, -1)
+    kw = dict(tau=cfg.tau_temporal, variance_lambda=cfg.variance_lambda, huber_delta=cfg.huber_delta)
+    return cycle_alignment_loss(u, v, **kw) + cycle_alignment_loss(v, u, **kw)
+
+
+def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
+    """Word side + patch side. The official masks PAD words as context of the patch side in both modes."""
+    W, P = out.word_local, out.patch_local
+    wm, pm = out.word_mask, out.patch_mask
+    ww, pw = model.word_weighting, model.patch_weighting
+    if faithful:
+        lw = token_align_loss(W, P, None, None, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True)
+        lp = token_align_loss(P, W, None, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False)
+    else:
+        lw = token_align_loss(W, P, wm, pm, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True)
+        lp = token_align_loss(P, W, pm, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False)
+    return lw + lp
+
+
+class MedSTLoss(torch.nn.Module):
+    """L = l_ita * L_ITA + l_local * L_local + l_temporal * L_temporal.
+
+    Args:
+        cfg: loss hyper-parameters. faithful: official semantics (see MedSTConfig.faithful).
+        gather: optional callable (tensor) -> (all-ranks tensor with autograd, this rank's row offset),
+            for a global ITA over all ranks (``--gather-with-grad``); None contrasts within the batch.
+    """
+
+    def __init__(self, cfg: LossCfg, faithful: bool = False, gather=None):
+        super().__init__()
+        self.cfg, self.faithful, self.gather = cfg, faithful, gather
+
+    def forward(self, out, model) -> LossOutput:
+        c = self.cfg
+        if self.gather is not None:
+            img_all, off = self.gather(out.img_global)
+            txt_all, _ = self.gather(out.txt_global)
+            l_ita = ita_loss(out.img_global, out.txt_global, c.tau_global, off, img_all, txt_all)
+        else:
+            l_ita = ita_loss(out.img_global, out.txt_global, c.tau_global)
+        l_loc = local_loss(out, model, c, self.faithful)
+        l_tmp = temporal_loss(out.img_global, out.txt_global, out.n_full_series, c)
+        total = c.lambda_ita * l_ita + c.lambda_local * l_loc + c.lambda_temporal * l_tmp
+        return LossOutput(total, l_ita.detach(), l_loc.detach(), l_tmp.detach())

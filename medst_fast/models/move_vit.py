@@ -1,0 +1,144 @@
+"""Mixture-of-View-Experts ViT (medst-spec.md §1.1).
+
+One sequence per study: [CLS, frontal patches, lateral patches]. The lateral view reuses the patch
+embedding and the patch positions (no CLS, no view embedding). Attention (and its LayerNorm) is shared;
+in every block CLS + frontal tokens go through the frontal FFN (``norm2``/``mlp``) and lateral tokens
+through the lateral FFN (``norm2_l``/``mlp_l``). A study without a lateral has its lateral tokens masked
+as attention keys. With frontal images only, the network is exactly a timm ViT-B/16.
+
+Parameter names follow timm/MGCA (``blocks.i.norm1``, ``attn.qkv`` ...) so timm, DeiT, MGCA and the
+official Med-ST checkpoints map by prefix only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import VisionCfg
+from .layers import Mlp, sdpa
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionCfg):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        if x.shape[1] == 1 and w.shape[1] != 1:
+            # A grey X-ray replicated to 3 channels hits the conv as the sum of its channel weights:
+            # folding the weights is exact and reads a third of the pixels.
+            w = w.sum(dim=1, keepdim=True)
+        x = F.conv2d(x, w, self.proj.bias, stride=self.patch_size)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o = sdpa(qkv[0], qkv[1], qkv[2], attn_mask)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class MoVEBlock(nn.Module):
+    def __init__(self, cfg: VisionCfg):
+        super().__init__()
+        d, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.norm1 = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.attn = Attention(d, cfg.heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.mlp = Mlp(d, hidden)
+        if cfg.lateral_expert:
+            self.norm2_l = nn.LayerNorm(d, eps=cfg.ln_eps)
+            self.mlp_l = Mlp(d, hidden)
+
+    def forward(self, x: torch.Tensor, n_frontal: int, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, D) with tokens [:n_frontal] frontal (incl. CLS) and [n_frontal:] lateral."""
+        x = x + self.attn(self.norm1(x), attn_mask)
+        if x.shape[1] == n_frontal:
+            return x + self.mlp(self.norm2(x))
+        f, l = x[:, :n_frontal], x[:, n_frontal:]
+        return x + torch.cat([self.mlp(self.norm2(f)), self.mlp_l(self.norm2_l(l))], dim=1)
+
+
+class MoVEViT(nn.Module):
+    def __init__(self, cfg: VisionCfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        n = cfg.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, cfg.width))
+        self.blocks = nn.ModuleList([MoVEBlock(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_frontal_tokens(self) -> int:
+        return self.cfg.num_patches + 1
+
+    def embed(self, frontal: torch.Tensor, lateral: Optional[torch.Tensor]) -> torch.Tensor:
+        B = frontal.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(frontal)], dim=1) + self.pos_embed
+        if lateral is not None:
+            lt = self.patch_embed(lateral) + self.pos_embed[:, 1:]
+            x = torch.cat([x, lt], dim=1)
+        return x
+
+    def forward_features(
+        self,
+        frontal: torch.Tensor,
+        lateral: Optional[torch.Tensor] = None,
+        has_lateral: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Dense path. Returns the final-LN tokens (B, 1 + P [+ P], D).
+
+        Args:
+            frontal: (B, C, H, W) with C = 1 (grey) or 3.
+            lateral: (B, C, H, W) or None for the single-view (evaluation) path.
+            has_lateral: (B,) bool; studies where it is False get their lateral tokens masked as keys.
+        """
+        x = self.embed(frontal, lateral)
+        nf = self.num_frontal_tokens
+        mask = None
+        if lateral is not None and has_lateral is not None:
+            # (B, 1, 1, N) boolean "may attend" mask built on the device (the official builds it on the
+            # CPU in a Python loop and copies it every layer).
+            keep = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            keep[:, nf:] = has_lateral.to(device=x.device, dtype=torch.bool)[:, None]
+            mask = keep[:, None, None, :]
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, nf, mask, use_reentrant=False)
+            else:
+                x = blk(x, nf, mask)
+        return self.norm(x)
+
+    def forward(self, frontal, lateral=None, has_lateral=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (CLS (B, D), patch tokens (B, P or 2P, D))."""
+        x = self.forward_features(frontal, lateral, has_lateral)
+        return x[:, 0], x[:, 1:]
