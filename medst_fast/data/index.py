@@ -1,0 +1,185 @@
+"""The prepared series index: studies.csv + series.json + meta.json (docs/interfaces.md).
+
+Written by ``python -m medst_fast.data.prepare`` (MIMIC-CXR) and ``medst_fast.data.manifest`` (generic CSV);
+read by ``SeriesDataset`` and the DALI loader. Only the standard library is used here so that a loader can
+read an index without pandas. Every file is written atomically (temp file + rename) so an interrupted run
+never leaves a half-written index that a later run would trust.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Iterable, List, Optional, Union
+
+INDEX_VERSION = 1
+SPLITS = ("train", "valid", "test")
+STUDY_COLUMNS = (
+    "row", "subject_id", "study_id", "split", "order", "study_datetime", "frontal_path", "lateral_path",
+    "frontal_dicom", "lateral_dicom", "text", "n_tokens",
+)
+_INT_COLUMNS = ("row", "order", "n_tokens")
+
+
+@dataclass
+class Study:
+    """One row of studies.csv. ``lateral_path``/``lateral_dicom`` are "" when the study has no lateral."""
+
+    row: int
+    subject_id: str
+    study_id: str
+    split: str
+    order: int
+    study_datetime: str
+    frontal_path: str
+    lateral_path: str
+    frontal_dicom: str
+    lateral_dicom: str
+    text: str
+    n_tokens: int
+
+    @property
+    def has_lateral(self) -> bool:
+        return bool(self.lateral_path)
+
+    def __getitem__(self, key):  # dict-style access, so code written against "list of dicts" also works
+        return getattr(self, key)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SeriesIndex:
+    """In-memory index. ``studies[i].row == i``; ``series[split]`` lists row ids, time-ordered per series."""
+
+    def __init__(self, studies: List[Study], series: Dict[str, List[List[int]]], meta: dict, root: Optional[str] = None):
+        self.studies = list(studies)
+        self.series = {s: [list(map(int, x)) for x in series.get(s, [])] for s in SPLITS}
+        self.meta = dict(meta)
+        self.meta.setdefault("version", INDEX_VERSION)
+        self.meta.setdefault("skipped", {})
+        self.root = root  # the folder the index was loaded from / saved to
+        self._validate(where=root or "<memory>")
+
+    # -- accessors ---------------------------------------------------------------------------------------
+    @property
+    def image_root(self) -> str:
+        return self.meta.get("image_root", "")
+
+    def path(self, rel: str) -> str:
+        """Absolute path of an image path stored in studies.csv (relative to ``image_root``)."""
+        if not rel:
+            raise ValueError("empty image path (a study without a lateral has lateral_path == '')")
+        return rel if os.path.isabs(rel) else os.path.join(self.image_root, rel)
+
+    def series_studies(self, split: str, i: int) -> List[Study]:
+        return [self.studies[r] for r in self.series[split][i]]
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def _validate(self, where: str) -> None:
+        for i, s in enumerate(self.studies):
+            if s.row != i:
+                raise ValueError(f"{where}/studies.csv: field 'row' of line {i + 2} is {s.row}, expected {i}")
+            if s.split not in SPLITS:
+                raise ValueError(f"{where}/studies.csv: field 'split' of row {i} is {s.split!r}, not one of {SPLITS}")
+            if not s.frontal_path:
+                raise ValueError(f"{where}/studies.csv: field 'frontal_path' of row {i} is empty")
+        n = len(self.studies)
+        for split, chunks in self.series.items():
+            for k, chunk in enumerate(chunks):
+                if not 1 <= len(chunk) <= 4:
+                    raise ValueError(f"{where}/series.json: series {split}[{k}] has {len(chunk)} studies (1..4 allowed)")
+                for r in chunk:
+                    if not 0 <= r < n:
+                        raise ValueError(f"{where}/series.json: series {split}[{k}] refers to row {r}, "
+                                         f"but studies.csv has {n} rows")
+                    if self.studies[r].split != split:
+                        raise ValueError(f"{where}/series.json: row {r} is listed under {split!r} but its "
+                                         f"'split' field is {self.studies[r].split!r}")
+
+    # -- io --------------------------------------------------------------------------------------------------
+    def save(self, out: Union[str, os.PathLike]) -> "SeriesIndex":
+        """Write the three files atomically; meta.json last so its presence marks a complete index."""
+        out = os.fspath(out)
+        os.makedirs(out, exist_ok=True)
+        lines = _StringSink()
+        w = csv.DictWriter(lines, fieldnames=STUDY_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for s in self.studies:
+            w.writerow(asdict(s))
+        atomic_write_text(os.path.join(out, "studies.csv"), lines.getvalue())
+        atomic_write_text(os.path.join(out, "series.json"), json.dumps(self.series, separators=(",", ":")) + "\n")
+        atomic_write_text(os.path.join(out, "meta.json"), json.dumps(self.meta, indent=1, sort_keys=True) + "\n")
+        self.root = out
+        return self
+
+    @classmethod
+    def load(cls, out: Union[str, os.PathLike, "SeriesIndex"]) -> "SeriesIndex":
+        if isinstance(out, SeriesIndex):
+            return out
+        out = os.fspath(out)
+        for name in ("studies.csv", "series.json", "meta.json"):
+            if not os.path.isfile(os.path.join(out, name)):
+                raise FileNotFoundError(f"{os.path.join(out, name)}: missing; is {out} a prepared index folder?")
+        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("version") != INDEX_VERSION:
+            raise ValueError(f"{out}/meta.json: field 'version' is {meta.get('version')!r}, expected {INDEX_VERSION}")
+        with open(os.path.join(out, "series.json"), encoding="utf-8") as f:
+            series = json.load(f)
+        studies = list(_read_studies(os.path.join(out, "studies.csv")))
+        return cls(studies, series, meta, root=out)
+
+
+def _read_studies(path: str) -> Iterable[Study]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in STUDY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        names = [fl.name for fl in fields(Study)]
+        for line, rec in enumerate(reader, start=2):
+            kw = {}
+            for k in names:
+                v = rec[k] if rec[k] is not None else ""
+                if k in _INT_COLUMNS:
+                    try:
+                        v = int(v)
+                    except ValueError:
+                        raise ValueError(f"{path}: field {k!r} on line {line} is {v!r}, not an integer") from None
+                kw[k] = v
+            yield Study(**kw)
+
+
+class _StringSink:
+    def __init__(self):
+        self._parts: List[str] = []
+
+    def write(self, s: str) -> int:
+        self._parts.append(s)
+        return len(s)
+
+    def getvalue(self) -> str:
+        return "".join(self._parts)
+
+
+def cut_series(rows_in_time_order: List[int], length: int = 4) -> List[List[int]]:
+    """Non-overlapping chunks of ``length``; the remainder chunk (1..length-1) is kept (spec §3.4)."""
+    return [rows_in_time_order[i:i + length] for i in range(0, len(rows_in_time_order), length)]
