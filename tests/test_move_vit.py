@@ -1,0 +1,139 @@
+"""MoVE ViT against an independent einsum reference that loops over views."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medst_fast
+from medst_fast.config import VisionCfg
+from medst_fast.models.move_vit import MoVEViT
+
+
+def _cfg(**kw):
+    base = dict(img_size=32, patch_size=8, width=24, depth=2, heads=3, mlp_ratio=2.0)
+    base.update(kw)
+    return VisionCfg(**base)
+
+
+def _ln(x, mod):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
+
+
+def _ffn(x, mlp):
+    h = torch.einsum("bnd,hd->bnh", x, mlp.fc1.weight) + mlp.fc1.bias
+    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return torch.einsum("bnh,dh->bnd", h, mlp.fc2.weight) + mlp.fc2.bias
+
+
+def reference_forward(vit: MoVEViT, frontal, lateral=None, has_lateral=None):
+    """Plain re-derivation of spec §1.1: patchify by unfold, explicit softmax attention, per-view FFN loop."""
+    cfg = vit.cfg
+    p = cfg.patch_size
+
+    def patchify(img):
+        if img.shape[1] == 1:
+            img = img.expand(-1, 3, -1, -1)
+        cols = F.unfold(img, p, stride=p)  # (B, C*p*p, N)
+        w = vit.patch_embed.proj.weight.reshape(cfg.width, -1)
+        return torch.einsum("bkn,dk->bnd", cols, w) + vit.patch_embed.proj.bias
+
+    B = frontal.shape[0]
+    x = torch.cat([vit.cls_token.expand(B, -1, -1), patchify(frontal)], 1) + vit.pos_embed
+    nf = x.shape[1]
+    views = [x]
+    if lateral is not None:
+        views.append(patchify(lateral) + vit.pos_embed[:, 1:])
+    x = torch.cat(views, 1)
+    N = x.shape[1]
+    keep = torch.ones(B, N, dtype=torch.bool)
+    if lateral is not None and has_lateral is not None:
+        keep[:, nf:] = has_lateral[:, None]
+    H, Dh = cfg.heads, cfg.width // cfg.heads
+    for blk in vit.blocks:
+        h = _ln(x, blk.norm1)
+        qkv = torch.einsum("bnd,ed->bne", h, blk.attn.qkv.weight) + blk.attn.qkv.bias
+        q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(Dh)
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        o = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v).reshape(B, N, -1)
+        x = x + torch.einsum("bnd,ed->bne", o, blk.attn.proj.weight) + blk.attn.proj.bias
+        outs = [_ffn(_ln(x[:, :nf], blk.norm2), blk.mlp)]
+        if N > nf:
+            outs.append(_ffn(_ln(x[:, nf:], blk.norm2_l), blk.mlp_l))
+        x = x + torch.cat(outs, 1)
+    return _ln(x, vit.norm)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("lat", ["none", "all", "mixed"])
+def test_move_vit_matches_reference_forward_and_grads(B, lat):
+    torch.set_default_dtype(torch.float64)
+    try:
+        vit = MoVEViT(_cfg())
+        f = torch.randn(B, 3, 32, 32, requires_grad=True)
+        l = torch.randn(B, 3, 32, 32, requires_grad=True) if lat != "none" else None
+        has = None
+        if lat == "mixed":
+            has = torch.arange(B) % 2 == 0
+        elif lat == "all":
+            has = torch.ones(B, dtype=torch.bool)
+        out = vit.forward_features(f, l, has)
+        ref = reference_forward(vit, f, l, has)
+        assert out.shape == (B, 17 + (16 if l is not None else 0), 24)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        g = torch.randn_like(out)
+        inputs = [f] + ([l] if l is not None else []) + list(vit.parameters())
+        ga = torch.autograd.grad(out, inputs, g, allow_unused=True)
+        gb = torch.autograd.grad(ref, inputs, g, allow_unused=True)
+        for a, b in zip(ga, gb):
+            if a is None or b is None:
+                assert a is None or not a.abs().any()
+                continue
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_absent_lateral_equals_single_view():
+    """A study whose lateral is masked must produce exactly the single-view (plain ViT) CLS and frontal tokens."""
+    vit = MoVEViT(_cfg()).eval()
+    f = torch.randn(2, 3, 32, 32)
+    junk = torch.randn(2, 3, 32, 32) * 5
+    two = vit.forward_features(f, junk, torch.tensor([False, False]))
+    one = vit.forward_features(f)
+    torch.testing.assert_close(two[:, :17], one, atol=1e-5, rtol=1e-5)
+    # and with a present lateral the frontal tokens do change
+    two_present = vit.forward_features(f, junk, torch.tensor([True, True]))
+    assert (two_present[:, :17] - one).abs().max() > 1e-3
+
+
+def test_grey_input_equals_replicated_rgb():
+    vit = MoVEViT(_cfg()).eval()
+    g = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(vit.forward_features(g), vit.forward_features(g.expand(-1, 3, -1, -1)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_vit_b16_parameter_count_matches_spec():
+    m = medst_fast.create_model("medst_vit_b16")
+    trunk = sum(p.numel() for p in m.visual.parameters())
+    # spec §1.1: ViT-B/16 85.80M + 12 lateral MLPs 56.67M + 12 x 1,536 norm2_l = ~142.5M
+    assert trunk == 85_798_656 + 12 * 4_722_432 + 12 * 1_536
+    frontal_only = sum(p.numel() for n, p in m.visual.named_parameters() if "_l." not in n)
+    assert abs(frontal_only / 1e6 - 85.80) < 0.01
+
+
+def test_grad_checkpointing_same_grads():
+    vit = MoVEViT(_cfg()).train()
+    f, l = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    has = torch.tensor([True, False])
+    out = vit.forward_features(f, l, has).sum()
+    g1 = torch.autograd.grad(out, list(vit.parameters()))
+    vit.grad_checkpointing = True
+    out2 = vit.forward_features(f, l, has).sum()
+    g2 = torch.autograd.grad(out2, list(vit.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
