@@ -17,7 +17,7 @@ def test_import_needs_only_torch():
         " 'tqdm', 'torchvision', 'pandas']:\n"
         "    sys.modules[m] = None\n"
         "import medst_fast\n"
-        "m = medst_fast.create_model('medst_tiny')\n"
+        "m = medst_fast.create_model('medst_tiny').eval()\n"
         "import torch\n"
         "print(m.encode_image(torch.randn(1, 1, 96, 96)).shape)\n"
     )
