@@ -191,3 +191,24 @@ def test_tiny_full_loss_forward_backward(vocab_path):
         # text positions beyond 112 / PAD embeddings may be gradient-free
         assert all("out_proj" in n for n in no_grad), no_grad
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_packed_encoder_gives_same_default_loss(vocab_path):
+    """float64 so that any difference is a semantic one, not reordered fp32 rounding."""
+    tok = medst_fast.get_tokenizer(vocab_path)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = medst_fast.create_model("medst_tiny", text={"hidden_dropout": 0.0, "attn_dropout": 0.0})
+        batch = _batch(model, tok)
+        crit = MedSTLoss(model.cfg.loss)
+        model.packed = False
+        dense = crit(model(batch), model).total
+        g_dense = torch.autograd.grad(dense, list(model.visual.parameters()))
+        model.packed = True
+        packed = crit(model(batch), model).total
+        g_packed = torch.autograd.grad(packed, list(model.visual.parameters()))
+        torch.testing.assert_close(packed, dense, atol=1e-10, rtol=1e-10)
+        for a, b in zip(g_packed, g_dense):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -137,3 +137,33 @@ def test_grad_checkpointing_same_grads():
     g2 = torch.autograd.grad(out2, list(vit.parameters()))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("has", [[True], [False], [True, False, True], [False, False, True, False, True, True, False]])
+def test_packed_path_equals_dense_forward_and_grads(has):
+    torch.set_default_dtype(torch.float64)
+    try:
+        vit = MoVEViT(_cfg())
+        B = len(has)
+        has_t = torch.tensor(has)
+        f = torch.randn(B, 1, 32, 32, requires_grad=True)
+        l = torch.randn(B, 1, 32, 32, requires_grad=True)
+        cls_p, pat_p = vit(f, l, has_t, packed=True)
+        cls_d, pat_d = vit(f, l, has_t)
+        torch.testing.assert_close(cls_p, cls_d, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(pat_p[:, :16], pat_d[:, :16], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(pat_p[has_t, 16:], pat_d[has_t, 16:], atol=1e-10, rtol=1e-10)
+        assert not pat_p[~has_t, 16:].any()  # absent laterals are not computed at all
+        # gradients of a loss that, like the default semantics, ignores absent-lateral tokens
+        w = torch.randn_like(pat_d) * torch.cat([torch.ones(B, 16), has_t[:, None].double().expand(B, 16)], 1)[..., None]
+        gc = torch.randn_like(cls_d)
+        inputs = [f, l] + list(vit.parameters())
+        ga = torch.autograd.grad((pat_p * w).sum() + (cls_p * gc).sum(), inputs, allow_unused=True)
+        gb = torch.autograd.grad((pat_d * w).sum() + (cls_d * gc).sum(), inputs, allow_unused=True)
+        for a, b in zip(ga, gb):
+            if a is None or b is None:
+                assert (a is None or not a.any()) and (b is None or not b.any())
+                continue
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -33,6 +33,9 @@ class MedST(nn.Module):
         v, t, h = cfg.vision, cfg.text, cfg.head
         self.visual = MoVEViT(v)
         self.text = TextBert(t, faithful_positions=cfg.faithful)
+        # Packed two-view sequences skip absent laterals (default semantics only: the faithful mode computes
+        # them, spec §2.2 (c)). None = on CUDA only (on the CPU the padded fallback gains nothing).
+        self.packed: Optional[bool] = None
         self.visual_global_head = ProjectionHead(v.width, h.hidden, h.embed_dim)
         self.visual_local_head = ProjectionHead(v.width, h.hidden, h.embed_dim)
         self.text_global_head = ProjectionHead(t.hidden, h.hidden, h.embed_dim)
@@ -82,7 +85,8 @@ class MedST(nn.Module):
             lateral, has_lat = None, None
         if lateral is not None and has_lat is None:
             has_lat = torch.ones(B, dtype=torch.bool, device=frontal.device)
-        cls, patches = self.visual(frontal, lateral, has_lat)
+        packed = self.packed if self.packed is not None else frontal.is_cuda
+        cls, patches = self.visual(frontal, lateral, has_lat, packed=packed and not self.cfg.faithful)
         P = self.cfg.vision.num_patches
         patch_mask = torch.ones(B, patches.shape[1], dtype=torch.bool, device=frontal.device)
         if lateral is not None:
