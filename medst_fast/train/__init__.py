@@ -1,0 +1,1 @@
+"""The pretraining stack behind ``python -m medst_fast.pretrain`` (argparse, loop, checkpoints, DDP)."""

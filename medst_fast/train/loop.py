@@ -1,0 +1,482 @@
+"""The Med-ST pretraining loop: setup, micro-/optimizer steps, faults, checkpoints, exports.
+
+One host sync per optimizer step, on purpose: the non-finite-loss check must finish before the optimizer
+may touch the weights, and the same small all-reduce carries the stop flag (SIGTERM/SIGINT on any rank)
+and the loss terms for logging, so every rank takes the same decision at the same step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .args import resolve
+from .data import (SeriesBatchSampler, build_dataset, build_wordpiece_vocab, ensure_synthetic, make_loader,
+                   RandomSeriesDataset)
+from .metrics import MetricsWriter, make_progress, memory_gib, setup_logging
+from .schedule import cosine_warmup_lr
+
+log = logging.getLogger("medst_fast")
+
+# Parameters the official model creates but whose outputs are never used (the weighting attention's
+# output projection: only its attention weights enter the loss). They never receive a gradient, so they
+# are frozen: DDP then needs no find_unused_parameters pass, and AdamW skips them exactly as it skips
+# parameters without a gradient in the official run.
+UNUSED_PARAMS = ("word_weighting.out_proj.", "patch_weighting.out_proj.")
+ENCODER_COMPONENTS = ["visual", "visual_global_head"]
+# Arguments that fix the sampler order or the meaning of a step: a resumed run must keep them.
+_RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split", "synthetic_patients")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class PretrainModule(nn.Module):
+    """Model + loss in one module, so DDP sees every parameter used in its forward."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        out = self.model(batch)
+        lo = self.loss_fn(out, self.model)
+        return lo.total, torch.stack([lo.ita, lo.local, lo.temporal]).float()
+
+
+def freeze_unused(model: nn.Module) -> List[str]:
+    names = []
+    for n, p in model.named_parameters():
+        if n.startswith(UNUSED_PARAMS):
+            p.requires_grad_(False)
+            names.append(n)
+    return names
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def build_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
+    if device.type == "cuda":
+        kw["fused"] = True  # one kernel for the whole update
+    return torch.optim.AdamW(params, **kw)
+
+
+def amp_dtype(amp: str) -> Optional[torch.dtype]:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def _ignore_sigint(_worker_id):  # Ctrl-C reaches the whole process group; the main process handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StepRunner:
+    """Forward/backward over the micro-batches of one optimizer step, and the guarded optimizer update."""
+
+    def __init__(self, module: nn.Module, optimizer, device: torch.device, amp: str, accum_steps: int = 1,
+                 clip_grad: Optional[float] = None):
+        self.module, self.opt, self.device = module, optimizer, device
+        self.dtype = amp_dtype(amp)
+        self.accum, self.clip = accum_steps, clip_grad
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def forward_backward(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
+        """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, studies] (no sync)."""
+        stats = torch.zeros(7, device=self.device, dtype=torch.float64)
+        ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)
+        for j, batch in enumerate(batches):
+            sync = (not ddp) or j == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync else self.module.no_sync()  # skip all-reduce until the last micro-step
+            with ctx:
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    total, parts = self.module(batch)
+                self.scaler.scale(total / len(batches)).backward()
+            t = total.detach().double()
+            stats[0] += (~torch.isfinite(t)).double()
+            stats[2] += t / len(batches)
+            stats[3:6] += parts.detach().double() / len(batches)
+            stats[6] += batch["frontal"].shape[0]
+        return stats
+
+    def optimizer_step(self, lr: float) -> Optional[float]:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        norm = None
+        if self.clip:
+            self.scaler.unscale_(self.opt)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    epoch: int
+    interrupted: Optional[int] = None  # the signal number when stopped by SIGTERM/SIGINT
+    last_checkpoint: Optional[str] = None
+    export_dir: Optional[str] = None
+    bad_steps: int = 0
+    last_loss: float = float("nan")
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.raw_args = args
+        self._stop_signal: Optional[int] = None
+        self._old_handlers: Dict[int, Any] = {}
+        self._log_handlers: List[logging.Handler] = []
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        a = self.raw_args
+        want_cuda = (a.device in (None, "cuda")) and torch.cuda.is_available()
+        self.world, self.device = D.init_distributed("cuda" if want_cuda else "cpu")
+        a = self.args = resolve(a, cuda_available=want_cuda)
+        primary = self.world.is_primary
+        if a.kernels:
+            from ..kernels import set_backend
+
+            set_backend(a.kernels)
+
+        out = a.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        self.run_dir = D.broadcast_object(os.path.abspath(out))
+        if primary:
+            os.makedirs(self.run_dir, exist_ok=True)
+        D.barrier()
+        self._log_handlers = setup_logging(self.run_dir, primary)
+
+        # Data first: the vocab (and so the model's vocab size) may come from the synthetic set.
+        vocab = a.vocab or os.environ.get("MEDST_FAST_VOCAB") or None
+        data = a.data
+        if a.dataset_type == "synthetic":
+            if primary:
+                data, syn_vocab = ensure_synthetic(a.cache_dir, a.synthetic_patients, seed=0, workers=a.workers)
+            D.barrier()
+            data, syn_vocab = ensure_synthetic(a.cache_dir, a.synthetic_patients, seed=0)
+            vocab = vocab or syn_vocab
+        elif a.dataset_type == "random" and vocab is None:
+            path = os.path.join(self.run_dir, "vocab.txt")
+            if primary:
+                build_wordpiece_vocab(RandomSeriesDataset(64, None, 8, seed=a.seed).texts(), self.run_dir)
+            D.barrier()
+            vocab = path
+        if vocab is None:
+            raise SystemExit("--vocab is required with --data (e.g. Bio_ClinicalBERT's vocab.txt), or set MEDST_FAST_VOCAB")
+        a.vocab = os.path.abspath(vocab)
+
+        from .. import get_model_config, create_model
+        from ..text.tokenizer import MedSTTokenizer
+
+        cfg = get_model_config(a.model)
+        tok = MedSTTokenizer(a.vocab, max_length=cfg.text.max_length)
+        overrides: Dict[str, Any] = {"faithful": True if a.faithful else None,
+                                     "loss": {"lambda_ita": a.lambda_ita, "lambda_local": a.lambda_local,
+                                              "lambda_temporal": a.lambda_temporal}}
+        if tok.vocab_size != cfg.text.vocab_size:
+            log.info("vocab %s has %d tokens; model %s expects %d: using text.vocab_size=%d",
+                     a.vocab, tok.vocab_size, a.model, cfg.text.vocab_size, tok.vocab_size)
+            overrides["text"] = {"vocab_size": tok.vocab_size}
+        set_seed(a.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = create_model(a.model, **overrides)
+        if a.init:
+            from ..convert import load_checkpoint, load_official_checkpoint
+
+            notes = load_checkpoint(model, a.init) if a.init_kind == "auto" else load_official_checkpoint(model, a.init, a.init_kind)
+            log.info("initialised from %s (%s)", a.init, "; ".join(notes or []) or "all keys matched")
+        if a.text_init:
+            from ..convert import load_hf_bert
+
+            load_hf_bert(model, a.text_init)
+            log.info("text tower initialised from %s", a.text_init)
+        if a.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        frozen = freeze_unused(model)
+        self.model = model.to(self.device)
+        self.cfg = model.cfg
+        self.tokenizer = tok
+
+        ds, collate = build_dataset(a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.seed,
+                                    a.replicate_collate_bug, self.run_dir)
+        self.sampler = SeriesBatchSampler(len(ds), a.batch_series, self.world.rank, self.world.world_size, a.seed)
+        self.loader = make_loader(ds, self.sampler, collate, a.workers, a.seed, pin_memory=self.device.type == "cuda")
+        self.loader.worker_init_fn = _ignore_sigint
+        self.steps_per_epoch = len(self.sampler) // a.accum_steps
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"an epoch has {len(self.sampler)} batches per rank, fewer than --accum-steps {a.accum_steps}")
+        self.total_steps = self.steps_per_epoch * a.epochs
+        if a.max_steps:
+            self.total_steps = min(self.total_steps, a.max_steps)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, a, self.device)
+        from ..losses import MedSTLoss
+
+        loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful, gather=D.make_gather(a.gather_with_grad))
+        module: nn.Module = PretrainModule(self.model, loss_fn)
+        if a.compile:
+            module = torch.compile(module)
+        if self.world.distributed:
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+        self.runner = StepRunner(module, self.optimizer, self.device, a.amp, a.accum_steps, a.clip_grad)
+
+        self.step, self.epoch, self.step_in_epoch, self.bad_total = 0, 0, 0, 0
+        resume_path = ckpt.resolve_resume(a.resume, self.run_dir)
+        self.resumed_from = None
+        if resume_path:
+            self._load(resume_path)
+        else:
+            if a.resume == "auto":
+                log.info("--resume auto: no checkpoint in %s, starting a new run", self.run_dir)
+            set_seed(a.seed + self.world.rank)  # dropout differs per rank, data order is the sampler's
+        if primary:
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(self._args_dict(), f, indent=2, sort_keys=True)
+        n_par = sum(p.numel() for p in self.model.parameters())
+        log.info("model %s (%.1f M parameters, %d frozen as unused), device %s x %d, amp %s, data %s (%d series)",
+                 a.model, n_par / 1e6, len(frozen), self.device, self.world.world_size, a.amp,
+                 data or a.dataset_type, len(ds))
+        log.info("batch: %d series per rank, %d per step over %d rank(s), %d effective with --accum-steps %d; "
+                 "%d steps per epoch, %d steps in total", a.batch_series, a.batch_series * self.world.world_size,
+                 self.world.world_size, a.batch_series * self.world.world_size * a.accum_steps, a.accum_steps,
+                 self.steps_per_epoch, self.total_steps)
+
+    def _args_dict(self) -> Dict[str, Any]:
+        d = dict(vars(self.args))
+        d["world_size"] = self.world.world_size
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _state(self) -> Dict[str, Any]:
+        rngs = D.all_gather_object(ckpt.capture_rng())
+        return {
+            "format": ckpt.FORMAT_VERSION,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.runner.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "bad_steps": self.bad_total,
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "args": self._args_dict(),
+        }
+
+    def save(self) -> Optional[str]:
+        state = self._state()  # collective: every rank takes part
+        path = None
+        if self.world.is_primary:
+            path = ckpt.save_checkpoint(state, self.run_dir, self.step, self.args.keep)
+            log.info("checkpoint %s", path)
+        D.barrier()
+        self.last_ckpt = ckpt.ckpt_path(self.run_dir, self.step)
+        return path
+
+    def _load(self, path: str) -> None:
+        st = ckpt.load_checkpoint(path)
+        a = st["args"]
+        bad = [f"--{k.replace('_', '-')} {a.get(k)!r} -> {getattr(self.args, k)!r}"
+               for k in _RESUME_FIXED if k in a and a.get(k) != getattr(self.args, k)]
+        if a.get("world_size", 1) != self.world.world_size:
+            bad.append(f"world size {a.get('world_size')} -> {self.world.world_size}")
+        if st["config"] != self.cfg.to_dict():
+            bad.append("model config differs")
+        if bad:
+            raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order or "
+                                       f"the model: {'; '.join(bad)}")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"{path}: state does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+        if st.get("scaler"):
+            self.runner.scaler.load_state_dict(st["scaler"])
+        self.step, self.epoch, self.step_in_epoch = int(st["step"]), int(st["epoch"]), int(st["step_in_epoch"])
+        self.bad_total = int(st.get("bad_steps", 0))
+        rngs = st["rng"]
+        ckpt.restore_rng(rngs[self.world.rank] if isinstance(rngs, list) else rngs)
+        self.resumed_from = path
+        log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.step, self.epoch,
+                 self.step_in_epoch)
+
+    # -- signals ----------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now
+        self._stop_signal = signum
+        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                    signal.Signals(signum).name)
+
+    def _install_signals(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+                pass
+
+    def _restore_signals(self) -> None:
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        self._old_handlers = {}
+
+    # -- loop -------------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        a = self.args
+        primary = self.world.is_primary
+        self.last_ckpt = self.resumed_from
+        writer = MetricsWriter(self.run_dir, a.report_to, resume_step=self.step if self.resumed_from else None) if primary else None
+        bar = make_progress(self.total_steps, self.step, a.progress, primary)
+        result = TrainResult(self.run_dir, self.step, self.epoch, bad_steps=self.bad_total)
+        self._install_signals()
+        bad_run = 0
+        t0 = time.perf_counter()
+        t_log, studies_log = t0, 0.0
+        acc = np.zeros(4)
+        n_acc = 0
+        try:
+            self.module_train(True)
+            while self.step < self.total_steps and self.epoch < a.epochs:
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch * a.accum_steps)
+                it = iter(self.loader)
+                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    lr = cosine_warmup_lr(self.step, self.total_steps, a.lr, a.min_lr, a.warmup_frac)
+                    batches = [batch_to(next(it), self.device) for _ in range(a.accum_steps)]
+                    stats = self.runner.forward_backward(batches)
+                    stats[1] = 1.0 if self._stop_signal is not None else 0.0
+                    if self.world.distributed:
+                        dist.all_reduce(stats)
+                    s = stats.tolist()  # the one host sync per step (see module docstring)
+                    W = self.world.world_size
+                    if s[0] > 0:
+                        self.runner.skip_step()
+                        bad_run += 1
+                        self.bad_total += 1
+                        log.warning("step %d: non-finite loss (%s); update skipped (%d in a row, %d in total)",
+                                    self.step + 1, s[2] / W, bad_run, self.bad_total)
+                        if bad_run >= a.max_bad_steps:
+                            raise TrainingDiverged(
+                                f"stopping: the loss was NaN/inf in {bad_run} consecutive steps (up to step "
+                                f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
+                                f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
+                                f"--clip-grad, or use --amp bf16/none instead of fp16.")
+                    else:
+                        bad_run = 0
+                        self.runner.optimizer_step(lr)
+                        acc += np.array(s[2:6]) / W
+                        n_acc += 1
+                        result.last_loss = s[2] / W
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    studies_log += s[6]
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(f"ep {self.epoch + 1}/{a.epochs} loss {s[2] / W:.3f} "
+                                            f"ita {s[3] / W:.3f} loc {s[4] / W:.3f} tcc {s[5] / W:.3f} lr {lr:.2e} "
+                                            f"mem {memory_gib(self.device):.2f}G")
+                    if self.step % a.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        rate = studies_log / max(now - t_log, 1e-9)
+                        m = acc / max(n_acc, 1)
+                        row = dict(step=self.step, epoch=self.epoch + 1, loss=m[0], ita=m[1], local=m[2], temporal=m[3],
+                                   lr=lr, studies_per_s=rate, studies_per_s_per_rank=rate / W,
+                                   mem_gib=memory_gib(self.device), bad_steps=self.bad_total, elapsed_s=now - t0)
+                        if primary:
+                            writer.write(row)
+                            msg = (f"step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{a.epochs} "
+                                   f"loss {m[0]:.4f} (ita {m[1]:.4f} local {m[2]:.4f} tcc {m[3]:.4f}) "
+                                   f"{rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} mem {row['mem_gib']:.2f} GiB")
+                            (bar.write if bar is not None else log.info)(msg)
+                            if bar is not None:
+                                log.debug(msg)
+                        t_log, studies_log, acc, n_acc = now, 0.0, np.zeros(4), 0
+                    stop = s[1] > 0
+                    if stop or self.step % a.save_every == 0 or self.step == self.total_steps:
+                        if self.step_in_epoch == self.steps_per_epoch:
+                            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                        self.save()
+                    if stop:
+                        sig = self._stop_signal if self._stop_signal is not None else signal.SIGTERM
+                        log.warning("stopped by signal at step %d; resume with --resume auto --out %s",
+                                    self.step, self.run_dir)
+                        result.interrupted = int(sig)
+                        return self._finish(result, writer, bar, export=False)
+                del it
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            return self._finish(result, writer, bar, export=not a.no_export)
+        finally:
+            self._restore_signals()
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+
+    def module_train(self, mode: bool) -> None:
+        self.runner.module.train(mode)
+
+    def _finish(self, result: TrainResult, writer, bar, export: bool) -> TrainResult:
+        result.step, result.epoch, result.bad_steps = self.step, self.epoch, self.bad_total
+        if self.last_ckpt is None or not self.last_ckpt.endswith(f"ckpt-{self.step:08d}.pt"):
+            self.save()
+        result.last_checkpoint = self.last_ckpt
+        if export and self.world.is_primary:
+            from ..hub import save_pretrained
+
+            final = save_pretrained(self.model, os.path.join(self.run_dir, "final"))
+            shutil.copyfile(self.args.vocab, os.path.join(final, "vocab.txt"))
+            save_pretrained(self.model, os.path.join(self.run_dir, "final_encoder"), components=ENCODER_COMPONENTS)
+            result.export_dir = final
+            log.info("exported %s (full model + vocab.txt) and %s (image encoder)", final,
+                     os.path.join(self.run_dir, "final_encoder"))
+        D.barrier()
+        return result
+
+    def close(self) -> None:
+        for h in self._log_handlers:
+            log.removeHandler(h)
+            h.close()
+        D.cleanup()
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    t = Trainer(args)
+    try:
+        t.setup()
+        return t.run()
+    finally:
+        t.close()
