@@ -1,0 +1,175 @@
+"""MS-CXR-T temporal image classification (medst-spec.md §5.1).
+
+Pair feature = [current || previous] normalised global embeddings (frontal, single-view path); a linear
+SVC scored with StratifiedKFold (no shuffle) after ``df.sample(frac=1, random_state=seed)`` of the whole
+CSV; per finding, rows with that label. Reports accuracy (the official score) and macro-accuracy
+(balanced accuracy, what BioViL-T reports), each as mean and population std over the seeds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import common
+from .metrics import mean_std, svc_cross_val
+from .report import TaskResult
+
+log = logging.getLogger("medst_fast")
+
+CSV_NAME = "MS_CXR_T_temporal_image_classification_v1.0.0.csv"
+FINDINGS = ("consolidation", "edema", "pleural_effusion", "pneumonia", "pneumothorax")
+LABELS = {"improving": 0, "stable": 1, "worsening": 2}
+SEEDS = (42, 100, 666)
+FOLDS = (5, 10)
+METADATA_NAMES = ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-metadata.csv.gz")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".dcm")
+
+
+def read_csv(path) -> "pd.DataFrame":
+    cols = ["dicom_id", "previous_dicom_id", "study_id", "subject_id"] + [f"{f}_progression" for f in FINDINGS]
+    df = common.read_csv_checked(path, cols, dtype={"dicom_id": str, "previous_dicom_id": str})
+    for f in FINDINGS:
+        col = f"{f}_progression"
+        bad = df[col].notna() & ~df[col].isin(list(LABELS))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(f"{path}: column {col!r} row {i + 2} has {df[col].iloc[i]!r}; "
+                             f"expected one of {list(LABELS)} or empty")
+    for c in ("dicom_id", "previous_dicom_id"):
+        if df[c].isna().any():
+            raise ValueError(f"{path}: column {c!r} has empty values (row {int(np.flatnonzero(df[c].isna())[0]) + 2})")
+    return df
+
+
+class ImageResolver:
+    """dicom_id -> image file under ``roots`` (tried in order), for any of the layouts in use:
+
+    1. the official flattened copy ``files/<dicom_id>.jpg`` (or ``<dicom_id>.jpg`` at the root);
+    2. the MIMIC-CXR-JPG tree ``files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg``, via the metadata CSV
+       (``metadata`` or ``mimic-cxr-2.0.0-metadata.csv[.gz]`` in a root or its parent);
+    3. otherwise one walk of the tree indexing files by name.
+    """
+
+    def __init__(self, roots: Sequence[str], metadata: Optional[str] = None):
+        self.roots = [os.fspath(r) for r in roots if r and os.path.isdir(r)]
+        if not self.roots:
+            raise FileNotFoundError(f"image root(s) not found: {list(roots)}")
+        self.metadata = metadata or self._find_metadata()
+        self._tree: Optional[Dict[str, str]] = None
+        self._walked: Optional[Dict[str, str]] = None
+
+    def _find_metadata(self) -> Optional[str]:
+        for r in self.roots:
+            for d in (r, os.path.dirname(os.path.abspath(r))):
+                for n in METADATA_NAMES:
+                    if os.path.isfile(os.path.join(d, n)):
+                        return os.path.join(d, n)
+        return None
+
+    def _tree_index(self) -> Dict[str, str]:
+        if self._tree is None:
+            self._tree = {}
+            if self.metadata:
+                md = common.read_csv_checked(self.metadata, ["dicom_id", "subject_id", "study_id"],
+                                             usecols=["dicom_id", "subject_id", "study_id"], dtype=str)
+                for d, subj, study in zip(md["dicom_id"], md["subject_id"], md["study_id"]):
+                    self._tree[d] = os.path.join("files", f"p{subj[:2]}", f"p{subj}", f"s{study}", f"{d}.jpg")
+        return self._tree
+
+    def _walk_index(self) -> Dict[str, str]:
+        if self._walked is None:
+            log.info("indexing images under %s (no flattened copy or metadata CSV found)", self.roots)
+            self._walked = {}
+            for r in self.roots:
+                for dirpath, _, files in os.walk(r):
+                    for f in files:
+                        stem, ext = os.path.splitext(f)
+                        if ext.lower() in IMAGE_EXTS:
+                            self._walked.setdefault(stem, os.path.join(dirpath, f))
+        return self._walked
+
+    def find(self, dicom_id: str) -> Optional[str]:
+        for r in self.roots:
+            for p in (os.path.join(r, "files", dicom_id + ".jpg"), os.path.join(r, dicom_id + ".jpg")):
+                if os.path.isfile(p):
+                    return p
+        rel = self._tree_index().get(dicom_id)
+        if rel:
+            # the MIMIC tree sits beside its metadata CSV, whichever root the CSV was found from
+            for r in self.roots + ([os.path.dirname(self.metadata)] if self.metadata else []):
+                if os.path.isfile(os.path.join(r, rel)):
+                    return os.path.join(r, rel)
+        return self._walk_index().get(dicom_id)
+
+    def resolve(self, dicom_ids: Sequence[str]) -> Dict[str, str]:
+        out, missing = {}, []
+        for d in dict.fromkeys(dicom_ids):
+            p = self.find(d)
+            if p is None:
+                missing.append(d)
+            else:
+                out[d] = p
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) not found under {self.roots} "
+                                    f"(metadata: {self.metadata}); first: {missing[:5]}")
+        return out
+
+
+def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, folds: Sequence[int] = FOLDS,
+             findings: Sequence[str] = FINDINGS) -> Dict:
+    """The protocol on precomputed features. Returns {(finding, k): {"acc": [per seed], "macro": [...]}},
+    with finding "average" the mean over findings per seed (as the official script averages)."""
+    out: Dict = {}
+    for seed in seeds:
+        shuffled = df.sample(frac=1, random_state=seed)  # the whole CSV, then per-finding filtering
+        for k in folds:
+            per_seed_acc, per_seed_mac = [], []
+            for f in findings:
+                col = f"{f}_progression"
+                sub = shuffled[shuffled[col].notna()]
+                X = np.concatenate([common.stack_rows(feats, list(sub["dicom_id"])),
+                                    common.stack_rows(feats, list(sub["previous_dicom_id"]))], axis=1)
+                y = sub[col].map(LABELS).to_numpy()
+                accs, maccs = svc_cross_val(X, y, k)
+                a, m = float(np.mean(accs)), float(np.mean(maccs))
+                rec = out.setdefault((f, k), {"acc": [], "macro": [], "n": len(y)})
+                rec["acc"].append(a)
+                rec["macro"].append(m)
+                per_seed_acc.append(a)
+                per_seed_mac.append(m)
+            rec = out.setdefault(("average", k), {"acc": [], "macro": [], "n": None})
+            rec["acc"].append(float(np.mean(per_seed_acc)))
+            rec["macro"].append(float(np.mean(per_seed_mac)))
+    return out
+
+
+def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = None,
+             seeds: Sequence[int] = SEEDS, folds: Sequence[int] = FOLDS, batch_size: int = 64,
+             workers: int = 0) -> TaskResult:
+    df = read_csv(csv_path)
+    labelled = df[[f"{f}_progression" for f in FINDINGS]].notna().any(axis=1)
+    df = df[labelled]
+    resolver = ImageResolver(images, metadata)
+    ids = list(df["dicom_id"]) + list(df["previous_dicom_id"])
+    paths = resolver.resolve(ids)
+    by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
+                                       desc="MS-CXR-T images")
+    feats = {d: by_path[p] for d, p in paths.items()}
+    scores = classify(df, feats, seeds, folds)
+    res = TaskResult("msxrt_image", meta={"csv": os.fspath(csv_path), "pairs": len(df), "images": len(paths),
+                                          "seeds": list(seeds), "classifier": "SVC(kernel='linear', C=1)"})
+    for k in folds:
+        for f in list(FINDINGS) + ["average"]:
+            rec = scores[(f, k)]
+            for metric, key in (("accuracy", "acc"), ("macro_accuracy", "macro")):
+                m, s = mean_std(rec[key])
+                res.add(f, f"{metric}_cv{k}", m, s, rec["n"], "official score" if key == "acc" else "BioViL-T metric")
+    return res
+
+
+def find_csv(data) -> str:
+    """``data``: the CSV itself or a folder holding it (the MS-CXR-T release folder)."""
+    return common.find_file(data, [CSV_NAME], "MS-CXR-T image classification CSV")

@@ -1,0 +1,85 @@
+"""MS-CXR-T temporal sentence similarity (medst-spec.md §5.2).
+
+RadGraph subset; score = cosine of the normalised global text embeddings of the two sentences; label
+1 for paraphrase, 0 for contradiction. Reports AUROC, the official accuracy (threshold chosen by the
+best *test* fold, applied to all pairs; optimistic) and an honest 10-fold accuracy (threshold from the
+training folds, scored on the held-out fold, averaged over folds).
+
+Sentences are cleaned as in pretraining (``medst_fast.text.clean_report``) and joined with " ";
+``official_join=True`` joins them with "" as the official evaluation does (spec §6.1 item 8).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import common
+from .metrics import auroc, honest_threshold_accuracy, official_threshold_accuracy
+from .report import TaskResult
+
+CSV_NAME = "MS_CXR_T_temporal_sentence_similarity_v1.0.0.csv"
+CATEGORIES = {"paraphrase": 1, "contradiction": 0}
+
+
+def read_pairs(path, subset: str = "RadGraph"):
+    """Returns (sentence_1 list, sentence_2 list, labels array).
+
+    Columns are taken by name when the header has them, else by position as the official code reads
+    them (``itertuples()`` fields 2-4: the 2nd-4th CSV columns after ``subset_name``).
+    """
+    df = common.read_csv_checked(path, ["subset_name"], dtype=str, keep_default_na=False)
+    names = ("sentence_1", "sentence_2", "category")
+    if all(n in df.columns for n in names):
+        s1, s2, cat = (df[n] for n in names)
+    else:
+        if df.shape[1] < 4:
+            raise ValueError(f"{path}: expected columns subset_name, sentence_1, sentence_2, category; "
+                             f"found {list(df.columns)}")
+        s1, s2, cat = (df.iloc[:, i] for i in (1, 2, 3))
+    keep = np.ones(len(df), dtype=bool) if subset in (None, "all") else (df["subset_name"] == subset).to_numpy()
+    if not keep.any():
+        raise ValueError(f"{path}: no rows with subset_name == {subset!r} "
+                         f"(found {sorted(df['subset_name'].unique())[:10]})")
+    cats = cat.str.strip().str.lower()
+    bad = keep & ~cats.isin(list(CATEGORIES)).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: column 'category' row {i + 2} has {cat.iloc[i]!r}; expected paraphrase/contradiction")
+    labels = cats[keep].map(CATEGORIES).to_numpy().astype(np.int64)
+    return list(s1[keep]), list(s2[keep]), labels
+
+
+def clean(sentences, official_join: bool = False):
+    from ..text.report import clean_report
+
+    return [clean_report(s, joiner="" if official_join else " ")[0] for s in sentences]
+
+
+def similarities(model, tokenizer, s1, s2, official_join: bool = False, batch_size: int = 256) -> np.ndarray:
+    e1 = common.embed_texts(model, tokenizer, clean(s1, official_join), batch_size, desc="sentences 1")
+    e2 = common.embed_texts(model, tokenizer, clean(s2, official_join), batch_size, desc="sentences 2")
+    return (e1 * e2).sum(-1).numpy().astype(np.float64)
+
+
+def evaluate(model, tokenizer, csv_path, subset: str = "RadGraph", official_join: bool = False,
+             n_splits: int = 10, batch_size: int = 256) -> TaskResult:
+    s1, s2, y = read_pairs(csv_path, subset)
+    sim = similarities(model, tokenizer, s1, s2, official_join, batch_size)
+    return score(sim, y, subset, n_splits, meta={"csv": os.fspath(csv_path), "pairs": len(y),
+                                                   "join": '"" (official)' if official_join else '" "'})
+
+
+def score(sim: np.ndarray, y: np.ndarray, subset: str = "RadGraph", n_splits: int = 10, meta=None) -> TaskResult:
+    res = TaskResult("msxrt_sentence", meta=dict(meta or {}))
+    n = len(y)
+    res.add(subset, "auroc", auroc(y, sim), n=n)
+    acc, thr = official_threshold_accuracy(sim, y, n_splits)
+    res.add(subset, "accuracy_official", acc, n=n, note=f"threshold {thr:.3f} chosen by the best test fold")
+    m, s, _ = honest_threshold_accuracy(sim, y, n_splits)
+    res.add(subset, f"accuracy_cv{n_splits}", m, s, n, note="threshold from training folds; std over folds")
+    return res
+
+
+def find_csv(data) -> str:
+    return common.find_file(data, [CSV_NAME], "MS-CXR-T sentence similarity CSV")

@@ -1,0 +1,112 @@
+"""Zero-shot RSNA pneumonia (medst-spec.md §5.3).
+
+Split: ``stage_2_train_labels.csv`` grouped per patient (Target 1 if any box), sorted by patientId (pandas
+groupby order), ``train_test_split(test_size=0.30, random_state=0)``, then the 30% split 50/50 into test
+(first) and valid. Prompts: BioViL's. Class text embedding = normalise(mean of the *unnormalised* prompt
+embeddings); score = cosine with the normalised image embedding; predict pneumonia if pos > neg.
+Reports accuracy, F1, a score-based AUROC (on pos - neg) and the official "AUROC" of the hard
+predictions (which equals balanced accuracy), labelled as such.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .metrics import accuracy, auroc, f1_binary
+from .report import TaskResult
+
+LABELS_CSV = "stage_2_train_labels.csv"
+IMAGE_DIR = "stage_2_train_images"
+POSITIVE_PROMPTS = (
+    "Findings consistent with pneumonia",
+    "Findings suggesting pneumonia",
+    "This opacity can represent pneumonia",
+    "Findings are most compatible with pneumonia",
+)
+NEGATIVE_PROMPTS = (
+    "There is no pneumonia",
+    "No evidence of pneumonia",
+    "No evidence of acute pneumonia",
+    "No signs of pneumonia",
+)
+
+
+def official_split(labels_csv):
+    """Returns {"train", "valid", "test"} -> DataFrame(patientId, Target), as the official preprocessing."""
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the RSNA split needs scikit-learn: pip install scikit-learn") from e
+    df = common.read_csv_checked(labels_csv, ["patientId", "Target"], dtype={"patientId": str})
+    bad = ~df["Target"].isin([0, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(f"{labels_csv}: column 'Target' row {i + 2} has {df['Target'].iloc[i]!r}; expected 0/1")
+    per_patient = df.groupby("patientId")["Target"].max().reset_index()  # sorted by patientId
+    train, test_val = train_test_split(per_patient, test_size=0.30, random_state=0)
+    test, valid = train_test_split(test_val, test_size=0.5, random_state=0)
+    return {"train": train, "valid": valid, "test": test}
+
+
+def image_path(image_dir: str, patient_id: str) -> str:
+    p = os.path.join(image_dir, patient_id + ".dcm")
+    if os.path.isfile(p):
+        return p
+    for ext in (".png", ".jpg"):  # converted copies of the Kaggle set
+        if os.path.isfile(os.path.join(image_dir, patient_id + ext)):
+            return os.path.join(image_dir, patient_id + ext)
+    return p  # read_image raises with this name
+
+
+@torch.inference_mode()
+def class_embedding(model, tokenizer, prompts, official_join: bool = False) -> torch.Tensor:
+    from ..text.report import clean_report
+
+    texts = [clean_report(p, joiner="" if official_join else " ")[0] for p in prompts]
+    e = common.embed_texts(model, tokenizer, texts, normalize=False, desc="prompts")
+    return F.normalize(e.mean(0), dim=0)
+
+
+def score(y, pos: np.ndarray, neg: np.ndarray, meta=None, subset: str = "test") -> TaskResult:
+    pred = (pos > neg).astype(np.int64)
+    res = TaskResult("rsna_zeroshot", meta=dict(meta or {}))
+    n = len(y)
+    res.add(subset, "accuracy", accuracy(y, pred), n=n)
+    res.add(subset, "f1", f1_binary(y, pred), n=n)
+    res.add(subset, "auroc", auroc(y, pos - neg), n=n, note="score-based: pos - neg similarity")
+    res.add(subset, "auroc_hard_official", auroc(y, pred), n=n,
+            note="official: AUROC of hard predictions (= balanced accuracy)")
+    return res
+
+
+def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] = None,
+             official_join: bool = False, batch_size: int = 64, workers: int = 0,
+             max_images: Optional[int] = None) -> TaskResult:
+    labels_csv = common.find_file(data, [LABELS_CSV], "RSNA stage_2_train_labels.csv")
+    image_dir = images or os.path.join(os.path.dirname(labels_csv), IMAGE_DIR)
+    splits = official_split(labels_csv)
+    if split == "all":
+        import pandas as pd
+
+        df = pd.concat(list(splits.values()))
+    elif split in splits:
+        df = splits[split]
+    else:
+        raise ValueError(f"unknown RSNA split {split!r}; use train, valid, test or all")
+    if max_images:
+        df = df.iloc[:max_images]
+    y = df["Target"].to_numpy().astype(np.int64)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"{labels_csv}: the {split} split has only one class; cannot score")
+    img = common.embed_images(model, [image_path(image_dir, p) for p in df["patientId"]], batch_size=batch_size,
+                              workers=workers, desc=f"RSNA {split}")
+    pos_t = class_embedding(model, tokenizer, POSITIVE_PROMPTS, official_join)
+    neg_t = class_embedding(model, tokenizer, NEGATIVE_PROMPTS, official_join)
+    pos, neg = (img @ pos_t).numpy(), (img @ neg_t).numpy()
+    return score(y, pos, neg, subset=split,
+                 meta={"labels": labels_csv, "split": split, "images": len(y), "positives": int(y.sum())})

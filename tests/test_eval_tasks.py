@@ -1,0 +1,369 @@
+"""End to end: each evaluation task on tiny files written here in the real formats, with medst_tiny.
+
+The numbers are checked against the same protocol computed directly (embeddings from a plain forward,
+sklearn for the classifier/metric), so a wiring error (pair order, wrong image, split) fails.
+"""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medst_fast
+from medst_fast.eval import common, covidx_probe, msxrt_image, msxrt_sentence, rsna_zeroshot
+
+FINDINGS = msxrt_image.FINDINGS
+PROG = ["improving", "stable", "worsening"]
+
+
+# -- writers for the real formats ------------------------------------------------------------------
+def _save_jpg(path, arr):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path, quality=95)
+
+
+def _image(rng, level, h=72, w=60):
+    a = rng.normal(60, 20, (h, w))
+    a[h // 4: h // 2, w // 4: 3 * w // 4] += level
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def write_msxrt(root, n=24, seed=0):
+    """MIMIC-CXR-JPG tree + metadata CSV at ``root``; the MS-CXR-T CSV in root/ms-cxr-t/."""
+    rng = np.random.default_rng(seed)
+    meta, rows = [], []
+    for i in range(n):
+        subj, cur_s, prev_s = 10000000 + i, 50000000 + 2 * i, 50000000 + 2 * i + 1
+        cur, prev = f"{i:08x}-cur", f"{i:08x}-prv"
+        for d, s, lvl in ((cur, cur_s, 40 * (i % 3)), (prev, prev_s, 40)):
+            _save_jpg(os.path.join(root, "files", f"p{str(subj)[:2]}", f"p{subj}", f"s{s}", f"{d}.jpg"),
+                      _image(rng, lvl))
+            meta.append((d, subj, s, "PA"))
+        labels = [PROG[i % 3] if (i + j) % 2 == 0 else "" for j in range(len(FINDINGS))]
+        rows.append([cur, prev, cur_s, subj] + labels)
+    pd.DataFrame(meta, columns=["dicom_id", "subject_id", "study_id", "ViewPosition"]).to_csv(
+        os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"), index=False)
+    d = os.path.join(root, "ms-cxr-t")
+    os.makedirs(d, exist_ok=True)
+    cols = ["dicom_id", "previous_dicom_id", "study_id", "subject_id"] + [f"{f}_progression" for f in FINDINGS]
+    path = os.path.join(d, msxrt_image.CSV_NAME)
+    pd.DataFrame(rows, columns=cols).to_csv(path, index=False)
+    return path
+
+
+SENTENCES = [
+    ("Small right pleural effusion has increased.", "Interval increase in right effusion.", "paraphrase"),
+    ("Small right pleural effusion has increased.", "Right effusion has decreased.", "contradiction"),
+    ("Edema is unchanged.", "Stable pulmonary edema.", "paraphrase"),
+    ("Edema is unchanged.", "Worsening pulmonary edema.", "contradiction"),
+    ("Left lower lobe consolidation is improving.", "Improving left consolidation.", "paraphrase"),
+    ("Left lower lobe consolidation is improving.", "Left consolidation is worse.", "contradiction"),
+    ("Pneumothorax has resolved.", "No residual pneumothorax.", "paraphrase"),
+    ("Pneumothorax has resolved.", "Pneumothorax is larger.", "contradiction"),
+    ("Heart size is stable. No new effusion.", "Unchanged heart size. No effusion.", "paraphrase"),
+    ("Heart size is stable. No new effusion.", "New effusion.", "contradiction"),
+]
+
+
+def write_sentences(path, header=("subset_name", "sentence_1", "sentence_2", "category")):
+    rows = [("RadGraph", a, b, c) for a, b, c in SENTENCES * 2]
+    rows += [("CheXpert", "New edema.", "Edema is new.", "paraphrase")] * 3
+    pd.DataFrame(rows, columns=list(header)).to_csv(path, index=False)
+    return path
+
+
+def write_dicom(path, arr, mono1=False):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.PixelData = np.ascontiguousarray(arr.astype(np.uint16)).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_rsna(d, n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    img_dir = os.path.join(d, "stage_2_train_images")
+    os.makedirs(img_dir, exist_ok=True)
+    rows = []
+    for i in range(n):
+        pid = f"{rng.integers(0, 2**32):08x}-{i:04d}"
+        target = i % 2
+        if target:  # positives: one label row per box, one or two boxes
+            for _ in range(1 + i % 3 // 2):
+                rows.append((pid, 100.0, 200.0, 50.0, 60.0, 1))
+        else:
+            rows.append((pid, None, None, None, None, 0))
+        a = (_image(rng, 120 * target, 64, 64).astype(np.uint16) * 16)
+        write_dicom(os.path.join(img_dir, pid + ".dcm"), 4095 - a if i % 5 == 0 else a, mono1=i % 5 == 0)
+    df = pd.DataFrame(rows, columns=["patientId", "x", "y", "width", "height", "Target"])
+    df.to_csv(os.path.join(d, rsna_zeroshot.LABELS_CSV), index=False)
+    return d
+
+
+def write_covidx(d, n_train=30, n_test=9, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = ["normal", "pneumonia", "COVID-19"]
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = []
+        for i in range(n):
+            lab = i % 3
+            fname = f"{split}_{i:03d}.png"
+            _save_jpg(os.path.join(d, split, fname), _image(rng, 90 * lab, 80, 64))
+            lines.append(f"{500 + i} {fname} {labels[lab]} synth\n")
+        with open(os.path.join(d, f"{split}.txt"), "w") as f:
+            f.writelines(lines)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return medst_fast.create_model("medst_tiny").eval()
+
+
+def _direct_embed(model, paths):
+    x = torch.stack([common.eval_transform(common.read_image(p), model.cfg.vision.img_size) for p in paths])
+    with torch.no_grad():
+        return model.encode_image(x).numpy()
+
+
+# -- MS-CXR-T image --------------------------------------------------------------------------------
+def test_msxrt_image_end_to_end_matches_direct_protocol(tmp_path, model):
+    ms = pytest.importorskip("sklearn.model_selection")
+    svm = pytest.importorskip("sklearn.svm")
+    csv = write_msxrt(str(tmp_path))
+    res = msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], seeds=(42, 100), folds=(2, 3), batch_size=7)
+    assert len(res.rows) == 2 * 6 * 2  # folds x (5 findings + average) x (accuracy, macro)
+    df = pd.read_csv(csv, dtype=str)
+    f = "edema"
+    accs = []
+    for seed in (42, 100):
+        sub = df.sample(frac=1, random_state=seed).dropna(subset=[f"{f}_progression"])
+        ids = list(sub["dicom_id"]) + list(sub["previous_dicom_id"])
+        paths = [os.path.join(tmp_path, "files", f"p{s[:2]}", f"p{s}", f"s{st}", f"{d}.jpg")
+                 for d, s, st in zip(ids, list(sub["subject_id"]) * 2,
+                                     list(sub["study_id"]) + [str(int(x) + 1) for x in sub["study_id"]])]
+        e = _direct_embed(model, paths)
+        X = np.concatenate([e[: len(sub)], e[len(sub):]], axis=1)
+        y = sub[f"{f}_progression"].map(msxrt_image.LABELS).to_numpy()
+        accs.append(ms.cross_val_score(svm.SVC(kernel="linear"), X, y, cv=3).mean())
+    assert res.get(f, "accuracy_cv3") == pytest.approx(np.mean(accs), abs=1e-6)
+    for r in res.rows:
+        assert 0.0 <= r["value"] <= 1.0
+
+
+def test_msxrt_csv_errors_name_file_and_field(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("dicom_id,previous_dicom_id,study_id,subject_id,consolidation_progression,edema_progression,"
+                 "pleural_effusion_progression,pneumonia_progression,pneumothorax_progression\n"
+                 "a,b,1,2,better,,,,\n")
+    with pytest.raises(ValueError, match=r"bad.csv.*consolidation_progression.*row 2"):
+        msxrt_image.read_csv(p)
+    p.write_text("dicom_id,study_id\na,1\n")
+    with pytest.raises(ValueError, match="previous_dicom_id"):
+        msxrt_image.read_csv(p)
+
+
+# -- MS-CXR-T sentences ----------------------------------------------------------------------------
+def test_sentence_cleaning_join():
+    s = ["Effusion is larger. No pneumothorax."]
+    assert msxrt_sentence.clean(s) == ["effusion is larger no pneumothorax"]
+    assert msxrt_sentence.clean(s, official_join=True) == ["effusion is largerno pneumothorax"]
+
+
+def test_sentence_reader_by_name_and_by_position(tmp_path):
+    a = write_sentences(str(tmp_path / "a.csv"))
+    s1, s2, y = msxrt_sentence.read_pairs(a)
+    assert len(y) == 20 and y.sum() == 10 and s1[0] == SENTENCES[0][0] and s2[1] == SENTENCES[1][1]
+    # different header names: columns 1-3 by position, as the official itertuples() row[2:5]
+    b = write_sentences(str(tmp_path / "b.csv"), header=("subset_name", "s1", "s2", "cat"))
+    s1b, s2b, yb = msxrt_sentence.read_pairs(b)
+    assert s1b == s1 and s2b == s2 and np.array_equal(yb, y)
+    # the extra-column layout with names (e.g. a study_id column before the sentences)
+    c = tmp_path / "c.csv"
+    df = pd.read_csv(a)
+    df.insert(1, "study_id", range(len(df)))
+    df.to_csv(c, index=False)
+    assert msxrt_sentence.read_pairs(c)[0] == s1
+    assert len(msxrt_sentence.read_pairs(a, subset="all")[2]) == 23
+    with pytest.raises(ValueError, match="subset_name == 'nope'"):
+        msxrt_sentence.read_pairs(a, subset="nope")
+    df.loc[3, "category"] = "neutral"
+    df.to_csv(c, index=False)
+    with pytest.raises(ValueError, match=r"c.csv.*category.*row 5"):
+        msxrt_sentence.read_pairs(c)
+
+
+def test_msxrt_sentence_end_to_end(tmp_path, model, vocab_path):
+    sk = pytest.importorskip("sklearn.metrics")
+    tok = common.load_tokenizer(vocab_path, model)
+    csv = write_sentences(str(tmp_path / msxrt_sentence.CSV_NAME))
+    res = msxrt_sentence.evaluate(model, tok, csv)
+    s1, s2, y = msxrt_sentence.read_pairs(csv)
+    with torch.no_grad():
+        e1 = model.encode_text(**{k: v for k, v in tok(msxrt_sentence.clean(s1)).items() if k != "word_slots"})
+        e2 = model.encode_text(**{k: v for k, v in tok(msxrt_sentence.clean(s2)).items() if k != "word_slots"})
+    sim = (e1 * e2).sum(-1).numpy()
+    assert res.get("RadGraph", "auroc") == pytest.approx(sk.roc_auc_score(y, sim), abs=1e-6)
+    from medst_fast.eval.metrics import honest_threshold_accuracy, official_threshold_accuracy
+
+    assert res.get("RadGraph", "accuracy_official") == pytest.approx(official_threshold_accuracy(sim, y)[0])
+    assert res.get("RadGraph", "accuracy_cv10") == pytest.approx(honest_threshold_accuracy(sim, y)[0])
+    off = msxrt_sentence.evaluate(model, tok, csv, official_join=True)
+    assert off.meta["join"].startswith('""')
+
+
+# -- RSNA ------------------------------------------------------------------------------------------
+def test_read_dicom_by_hand(tmp_path):
+    a = np.array([[0, 100], [300, 400]], np.uint16)
+    write_dicom(str(tmp_path / "m2.dcm"), a)
+    write_dicom(str(tmp_path / "m1.dcm"), a, mono1=True)
+    # 255/400 scale: 0, 63.75 -> 64, 191.25 -> 191, 255; MONOCHROME1 then inverted (255 - x)
+    assert common.read_image(tmp_path / "m2.dcm").tolist() == [[0, 64], [191, 255]]
+    assert common.read_image(tmp_path / "m1.dcm").tolist() == [[255, 191], [64, 0]]
+    write_dicom(str(tmp_path / "z.dcm"), np.zeros((2, 2), np.uint16))
+    assert common.read_image(tmp_path / "z.dcm").tolist() == [[0, 0], [0, 0]]
+
+
+def test_rsna_official_split(tmp_path):
+    ms = pytest.importorskip("sklearn.model_selection")
+    d = write_rsna(str(tmp_path), n=60)
+    sp = rsna_zeroshot.official_split(os.path.join(d, rsna_zeroshot.LABELS_CSV))
+    assert (len(sp["train"]), len(sp["test"]), len(sp["valid"])) == (42, 9, 9)
+    raw = pd.read_csv(os.path.join(d, rsna_zeroshot.LABELS_CSV))
+    pids = sorted(raw["patientId"].unique())  # pandas groupby order
+    tgt = [int(raw.loc[raw.patientId == p, "Target"].max()) for p in pids]
+    _, tv = ms.train_test_split(list(zip(pids, tgt)), test_size=0.3, random_state=0)
+    test, valid = ms.train_test_split(tv, test_size=0.5, random_state=0)
+    assert list(sp["test"]["patientId"]) == [p for p, _ in test]
+    assert list(sp["valid"]["Target"]) == [t for _, t in valid]
+    assert set(sp["train"]["patientId"]).isdisjoint(sp["test"]["patientId"])
+
+
+def test_rsna_zeroshot_end_to_end(tmp_path, model, vocab_path):
+    d = write_rsna(str(tmp_path), n=60)
+    tok = common.load_tokenizer(vocab_path, model)
+    res = rsna_zeroshot.evaluate(model, tok, d, split="all", batch_size=16)
+    assert res.meta["images"] == 60
+    # direct: prompts -> unnormalised embeddings -> mean -> normalise; images -> normalised embeddings
+    sp = rsna_zeroshot.official_split(os.path.join(d, rsna_zeroshot.LABELS_CSV))
+    df = pd.concat([sp["train"], sp["valid"], sp["test"]])
+    img = _direct_embed(model, [os.path.join(d, "stage_2_train_images", p + ".dcm") for p in df["patientId"]])
+
+    def cls(prompts):
+        enc = tok([msxrt_sentence.clean([p])[0] for p in prompts])
+        with torch.no_grad():
+            e = model.encode_text(enc["input_ids"], enc["attention_mask"], normalize=False)
+        m = e.mean(0)
+        return (m / m.norm()).numpy()
+
+    pos, neg = img @ cls(rsna_zeroshot.POSITIVE_PROMPTS), img @ cls(rsna_zeroshot.NEGATIVE_PROMPTS)
+    y = df["Target"].to_numpy()
+    pred = pos > neg
+    assert res.get("all", "accuracy") == pytest.approx(np.mean(pred == y), abs=1e-9)
+    from medst_fast.eval.metrics import auroc, balanced_accuracy
+
+    assert res.get("all", "auroc") == pytest.approx(auroc(y, pos - neg), abs=1e-5)
+    assert res.get("all", "auroc_hard_official") == pytest.approx(balanced_accuracy(y, pred.astype(int)))
+    test = rsna_zeroshot.evaluate(model, tok, d)  # default: the official test split
+    assert test.meta["images"] == 9
+
+
+def test_rsna_bad_labels(tmp_path):
+    p = tmp_path / rsna_zeroshot.LABELS_CSV
+    p.write_text("patientId,x,y,width,height,Target\na,,,,,2\n")
+    with pytest.raises(ValueError, match="Target"):
+        rsna_zeroshot.official_split(p)
+
+
+# -- COVIDx ----------------------------------------------------------------------------------------
+def test_covidx_reader_and_splits(tmp_path):
+    d = write_covidx(str(tmp_path))
+    sp = covidx_probe.official_splits(d, 0.5)
+    assert (len(sp["train"]), len(sp["valid"]), len(sp["test"])) == (12, 6, 9)
+    full = covidx_probe.official_splits(d, 1.0)
+    assert set(sp["train"]["filename"]) <= set(full["train"]["filename"])
+    assert sorted(full["test"]["labels"].unique()) == [0, 1, 2]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "train.txt").write_text("1 a.png positive rsna\n")
+    with pytest.raises(ValueError, match=r"train.txt: line 1: label 'positive'"):
+        covidx_probe.read_list(tmp_path / "bin" / "train.txt")
+    with pytest.raises(ValueError, match="too few"):
+        covidx_probe.official_splits(d, 0.01)
+
+
+def test_train_head_separable_features_and_early_stopping():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 4
+
+    def make(n):
+        y = torch.arange(n) % 3
+        return centers[y] + torch.randn(n, 16, generator=g), y
+
+    xtr, ytr = make(60)
+    xva, yva = make(30)
+    xte, yte = make(30)
+    # batch 8: enough optimizer steps at lr 5e-4 to separate 60 points
+    head = covidx_probe.train_head(xtr, ytr, xva, yva, max_epochs=100, patience=5, batch_size=8)
+    assert (head(xte).argmax(-1) == yte).float().mean().item() == 1.0
+    # validation labels that contradict training: the first epochs are the best, training stops early
+    calls = []
+    orig = torch.nn.functional.cross_entropy
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    torch.nn.functional.cross_entropy = spy
+    try:
+        covidx_probe.train_head(xtr, ytr, xva, (yva + 1) % 3, max_epochs=100, patience=3, batch_size=60)
+    finally:
+        torch.nn.functional.cross_entropy = orig
+    assert len(calls) < 2 * 100  # one train batch + one validation per epoch; stopped well before 100 epochs
+
+
+def test_covidx_probe_end_to_end(tmp_path, model):
+    d = write_covidx(str(tmp_path))
+    res = covidx_probe.evaluate(model, d, pcts=(0.5, 1.0), max_epochs=20, patience=5)
+    assert [r["subset"] for r in res.rows] == ["50%", "100%"]
+    assert res.rows[0]["note"] == "12 training images" and res.rows[1]["n"] == 9
+    for r in res.rows:
+        assert 0.0 <= r["value"] <= 1.0
+    # the image features the probe used are the model's final-LN CLS
+    p = os.path.join(d, "test", "test_000.png")
+    f = common.embed_images(model, [p], fn=lambda m, x: m.image_features(x))
+    assert f.shape == (1, model.cfg.vision.width)
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def test_cli_writes_table(tmp_path, model, vocab_path):
+    from medst_fast.eval.__main__ import main
+
+    medst_fast.save_pretrained(model, tmp_path / "ckpt")
+    csv = write_sentences(str(tmp_path / msxrt_sentence.CSV_NAME))
+    res = main(["msxrt-sentence", "--checkpoint", str(tmp_path / "ckpt"), "--vocab", vocab_path,
+                "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    md = open(tmp_path / "out" / "msxrt_sentence.md").read()
+    assert "accuracy_official" in md and "msxrt-sentence --checkpoint" in md
+    rows = pd.read_csv(tmp_path / "out" / "msxrt_sentence.csv")
+    assert set(rows["metric"]) == {"auroc", "accuracy_official", "accuracy_cv10"}
+    assert rows.loc[rows.metric == "auroc", "value"].item() == pytest.approx(res.get("RadGraph", "auroc"))
+    write_msxrt(str(tmp_path / "mimic"))
+    res2 = main(["msxrt-image", "--random-init", "medst_tiny", "--data", str(tmp_path / "mimic" / "ms-cxr-t"),
+                 "--seeds", "42", "--folds", "2", "--workers", "0", "--out", str(tmp_path / "out")])
+    assert res2.meta["model"].startswith("random init medst_tiny")
+    assert os.path.isfile(tmp_path / "out" / "msxrt_image.csv")
+    with pytest.raises(ValueError, match="--vocab"):
+        main(["msxrt-sentence", "--random-init", "medst_tiny", "--data", str(tmp_path), "--out", str(tmp_path)])
