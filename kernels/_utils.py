@@ -57,12 +57,74 @@ def interpreting() -> bool:
 _warned = set()
 
 
+@torch.compiler.assume_constant_result
+def _triton_enabled() -> bool:
+    # A plain constant for torch.compile: dynamo cannot trace the lru_cache/os.environ reads below, and the
+    # answer does not change while a compiled graph lives (set_backend after compiling needs a recompile).
+    return _backend == "triton" and has_triton()
+
+
+@functools.lru_cache(None)
+def interpreter_ready() -> bool:
+    """True when Triton itself was imported under TRITON_INTERPRET=1.
+
+    Triton wraps its own ``triton.language`` helpers (``tl.zeros``, ``tl.sum``, ...) at import time, so the
+    interpreter only works when the variable was set before the first ``import triton`` in the process.
+    """
+    if not has_triton():
+        return False
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(std.zeros, InterpretedFunction)
+
+
+@torch.compiler.assume_constant_result
+def _interpret_enabled() -> bool:
+    if not interpreting():
+        return False
+    if not interpreter_ready():
+        if "interp" not in _warned:
+            _warned.add("interp")
+            log.info("medst_fast: TRITON_INTERPRET=1 was set after Triton was imported; using the PyTorch reference")
+        return False
+    return True
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton path should run for these tensors."""
-    if _backend != "triton" or not has_triton():
+    if not _triton_enabled():
         return False
-    ok = all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
-    if not ok and "device" not in _warned:
+    ok = all(t.is_cuda for t in tensors) or (_interpret_enabled() and all(t.device.type == "cpu" for t in tensors))
+    if not ok and not torch.compiler.is_compiling() and "device" not in _warned:
         _warned.add("device")
         log.info("medst_fast: tensors are not on a CUDA device; the fused ops use the PyTorch reference")
     return ok
+
+
+_kernel_cache = {}
+
+
+def jit_kernel(fn):
+    """``triton.jit(fn)`` for the current mode (compiled, or the CPU interpreter under TRITON_INTERPRET=1).
+
+    Kernels are plain functions in the op modules (string annotations via ``from __future__ import
+    annotations``) so that importing an op never imports Triton, and so that a process can run both the
+    compiled kernels on CUDA tensors and the interpreter on CPU tensors: Triton picks the mode when
+    ``triton.jit`` is applied, so it is applied here, lazily, once per mode.
+    """
+    key = (fn, interpreting())
+    k = _kernel_cache.get(key)
+    if k is None:
+        import triton
+        import triton.language as tl
+
+        fn.__globals__.setdefault("tl", tl)
+        if fn.__globals__["tl"] is None:
+            fn.__globals__["tl"] = tl
+        k = _kernel_cache[key] = triton.jit(fn)
+    return k
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
