@@ -140,6 +140,8 @@ def test_classify_protocol_matches_direct_official_computation():
             assert out[(f, 3)]["acc"][s_i] == pytest.approx(ref)
             per.append(ref)
         assert out[("average", 3)]["acc"][s_i] == pytest.approx(np.mean(per))
+    with pytest.raises(ValueError, match="fewer than the 40 CV folds"):
+        classify(df, feats, seeds=(42,), folds=(40,))
 
 
 def test_mean_std_is_population_std():

@@ -133,6 +133,8 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
                 X = np.concatenate([common.stack_rows(feats, list(sub["dicom_id"])),
                                     common.stack_rows(feats, list(sub["previous_dicom_id"]))], axis=1)
                 y = sub[col].map(LABELS).to_numpy()
+                if len(y) < k:
+                    raise ValueError(f"{col}: {len(y)} labelled pairs, fewer than the {k} CV folds")
                 accs, maccs = svc_cross_val(X, y, k)
                 a, m = float(np.mean(accs)), float(np.mean(maccs))
                 rec = out.setdefault((f, k), {"acc": [], "macro": [], "n": len(y)})
