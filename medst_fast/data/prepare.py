@@ -166,6 +166,22 @@ def _cache_one(src: str, dst: Optional[str], size: int, draft: bool) -> Optional
     return None
 
 
+def remove_stale_temps(folder: str) -> int:
+    """Delete the temp files (".tmp-*") an interrupted run left in a cache folder; returns how many."""
+    n = 0
+    if not os.path.isdir(folder):
+        return 0
+    for d, _, files in os.walk(folder):
+        for f in files:
+            if f.startswith(".tmp-"):
+                try:
+                    os.unlink(os.path.join(d, f))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
+
+
 def _work_chunk(chunk: List[Tuple[str, Optional[str], int, bool]]) -> List[Optional[str]]:
     return [_cache_one(*job) for job in chunk]
 
@@ -282,6 +298,10 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
 
     # -- images: check (or cache) the chosen frontal/lateral; on failure fall back to the next candidate
     image_root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else jpg_root
+    if cache_size:
+        skipped_tmp = remove_stale_temps(image_root)
+        if skipped_tmp:
+            log.info("removed %d partial cache files left by an interrupted run", skipped_tmp)
     status: Dict[str, Optional[str]] = {}
 
     def job(st, dicom):

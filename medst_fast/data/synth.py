@@ -403,6 +403,7 @@ def generate(out_dir, patients: int = 100, seed: int = 0, image_size: Optional[T
                 "change": None if prev is None else {f: change_label(prev[f], st["findings"][f])
                                                      for f in FINDINGS if prev[f] or st["findings"][f]},
                 "split": "valid" if pl["split"] == "validate" else pl["split"], "drop": drop,
+                "report": "missing" if st["missing_report"] else "empty" if st["empty_report"] else "ok",
             }
             prev = st["findings"]
         gt_patients[str(subject)] = {"studies": study_ids, "trends": pl["trends"], "side": pl["side"],

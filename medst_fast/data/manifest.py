@@ -1,0 +1,260 @@
+"""Generic CSV manifest -> series index (docs/interfaces.md ``manifest.py``).
+
+A manifest has one row per image with: patient, study time or order, view, image path, report text (and an
+optional split). Any dataset (CheXpert Plus, PadChest, a PACS export, ../shared/data/covid-cxr) can then be
+used without code. Column names are auto-detected from common spellings or given with ``columns=``:
+
+    roles: patient, time, view, image, text, split
+    e.g. columns={"patient": "patient_id", "time": "offset_days", "view": "view_kind", "image": "file",
+                  "text": "clinical_notes"}
+
+Images of one patient with the same time form one study. The view is mapped to frontal (PA, AP, AP Supine,
+"frontal", ...) or lateral (L, LL, LATERAL, "lateral"); anything else is skipped and counted. Studies with a
+blank time cannot be placed in time, so each becomes a series of its own (it still trains the image-text
+losses, never the temporal one). Rows are ordered numerically when every time parses as a number, else as text.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, OrderedDict
+from typing import Dict, List, Optional, Union
+
+from .index import SPLITS, SeriesIndex, Study, cut_series
+
+log = logging.getLogger("medst_fast")
+
+_CANDIDATES = {
+    "patient": ("patient_id", "patient", "subject_id", "patientid", "PatientID"),
+    "time": ("offset_days", "study_datetime", "study_time", "time", "date", "order", "StudyDate", "study_order"),
+    "view": ("view_kind", "view", "ViewPosition", "view_position", "projection"),
+    "image": ("file", "path", "image", "image_path", "filename", "Path"),
+    "text": ("report", "text", "clinical_notes", "findings", "notes", "report_text"),
+    "split": ("split",),
+}
+_FRONTAL = {"frontal", "pa", "ap", "ap supine", "ap erect", "ap semi erect", "postero-anterior", "antero-posterior"}
+_LATERAL = {"lateral", "l", "ll", "rl", "lateral left", "left lateral", "latéral"}
+_SPLIT_NAMES = {"train": "train", "valid": "valid", "validate": "valid", "val": "valid", "test": "test"}
+
+
+def view_kind(v) -> Optional[str]:
+    """'frontal', 'lateral' or None for a view label."""
+    if not isinstance(v, str):
+        return None
+    v = " ".join(v.strip().lower().replace("_", " ").split())
+    if v in _FRONTAL or v.startswith(("pa ", "ap ")):
+        return "frontal"
+    if v in _LATERAL:
+        return "lateral"
+    return None
+
+
+def _resolve_columns(cols: List[str], given: Optional[Dict[str, str]], path: str) -> Dict[str, Optional[str]]:
+    given = dict(given or {})
+    unknown = set(given) - set(_CANDIDATES)
+    if unknown:
+        raise ValueError(f"columns=: unknown role(s) {sorted(unknown)}; roles are {sorted(_CANDIDATES)}")
+    out = {}
+    for role, cands in _CANDIDATES.items():
+        if role in given:
+            if given[role] not in cols:
+                raise ValueError(f"{path}: column {given[role]!r} (role {role!r}) not found; columns are {cols}")
+            out[role] = given[role]
+        else:
+            out[role] = next((c for c in cands if c in cols), None)
+    for role in ("patient", "view", "image", "text"):
+        if out[role] is None:
+            raise ValueError(f"{path}: no column for {role!r} (tried {list(_CANDIDATES[role])}); pass columns={{{role!r}: ...}}")
+    return out
+
+
+def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_size: Optional[int] = None,
+                        workers: Optional[int] = 0, columns: Optional[Dict[str, str]] = None, mode: str = "study",
+                        split: str = "train", progress: bool = False) -> SeriesIndex:
+    """Build the index format of prepare.py from a manifest CSV.
+
+    Args:
+        image_root: image paths in the CSV are relative to it (default: the CSV's folder).
+        cache_size: write a resized JPEG cache (longer side) and point the index at it; None = no cache.
+        mode: "study" (the first frontal of a study, PA before AP, then file order) or "official_rows"
+            (one row per frontal image).
+        split: the split of every row when the CSV has no split column.
+    """
+    import pandas as pd
+
+    from ..text import clean_report
+    from .prepare import _run_jobs
+
+    csv_path = os.path.abspath(os.fspath(csv_path))
+    out = os.path.abspath(os.fspath(out))
+    image_root = os.path.abspath(image_root or os.path.dirname(csv_path))
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if mode not in ("study", "official_rows"):
+        raise ValueError(f"mode must be 'study' or 'official_rows', got {mode!r}")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
+    except Exception as e:
+        raise ValueError(f"{csv_path}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+    col = _resolve_columns(list(df.columns), columns, csv_path)
+    skipped: Counter = Counter()
+
+    times = df[col["time"]] if col["time"] else pd.Series([None] * len(df))
+    numeric = True
+    for t in times:
+        if isinstance(t, str) and t.strip():
+            try:
+                float(t)
+            except ValueError:
+                numeric = False
+                break
+
+    studies: "OrderedDict[tuple, dict]" = OrderedDict()
+    for pos in range(len(df)):
+        rec = df.iloc[pos]
+        patient, img, kind = rec[col["patient"]], rec[col["image"]], view_kind(rec[col["view"]])
+        if not isinstance(patient, str) or not patient.strip():
+            raise ValueError(f"{csv_path}: field {col['patient']!r} is empty on data line {pos + 1}")
+        if not isinstance(img, str) or not img.strip():
+            raise ValueError(f"{csv_path}: field {col['image']!r} is empty on data line {pos + 1}")
+        if kind is None:
+            skipped["unknown_view"] += 1
+            continue
+        t = times.iloc[pos]
+        t = t.strip() if isinstance(t, str) and t.strip() else None
+        if t is not None and numeric:
+            t = float(t)
+        spl = split
+        if col["split"]:
+            raw = rec[col["split"]]
+            if raw not in _SPLIT_NAMES:
+                raise ValueError(f"{csv_path}: field {col['split']!r} on data line {pos + 1} is {raw!r}, expected train/valid/test")
+            spl = _SPLIT_NAMES[raw]
+        # blank time: one study per image group is impossible to place; key by position so it stands alone
+        key = (spl, patient.strip(), t if t is not None else ("untimed", pos))
+        st = studies.setdefault(key, {"frontal": [], "lateral": [], "text": None, "pos": pos, "time": t})
+        raw_view = rec[col["view"]] if isinstance(rec[col["view"]], str) else ""
+        if kind == "frontal":
+            st["frontal"].append((0 if raw_view.strip().upper() == "PA" else 1, pos, img.strip()))
+        else:
+            st["lateral"].append((pos, img.strip()))
+        text = rec[col["text"]]
+        if st["text"] is None and isinstance(text, str) and text.strip():
+            st["text"] = text
+
+    # untimed lateral-only "studies" keyed by position never meet their frontal: merge a patient's untimed
+    # images that share nothing else only when the patient has exactly one untimed frontal group.
+    _merge_untimed(studies)
+
+    jobs, keep = [], []
+    for key, st in studies.items():
+        if not st["frontal"]:
+            skipped["no_frontal"] += 1
+            continue
+        if st["text"] is None:
+            skipped["missing_report"] += 1
+            continue
+        text, n_tok = clean_report(st["text"])
+        if n_tok < 3:
+            skipped["short_report"] += 1
+            continue
+        st["frontal"].sort()
+        keep.append((key, st, text, n_tok))
+
+    def job(rel):
+        src = rel if os.path.isabs(rel) else os.path.join(image_root, rel)
+        dst = os.path.join(out, f"images_{int(cache_size)}", _cache_rel(rel)) if cache_size else None
+        return (src, dst, int(cache_size or 0), True)
+
+    if cache_size:
+        from .prepare import remove_stale_temps
+
+        remove_stale_temps(os.path.join(out, f"images_{int(cache_size)}"))
+    paths = sorted({p for _, st, _, _ in keep for p in [f[2] for f in st["frontal"]] + [l[1] for l in st["lateral"]]})
+    res = dict(zip(paths, _run_jobs([job(p) for p in paths], workers or 0, progress, "manifest images")))
+    for r in res.values():
+        if r:
+            skipped[r] += 1
+
+    root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else image_root
+    rel_out = (lambda p: _cache_rel(p)) if cache_size else (lambda p: p)
+    rows = []
+    for key, st, text, n_tok in keep:
+        fronts = [f for f in st["frontal"] if res[f[2]] is None]
+        if not fronts:
+            skipped["no_readable_frontal"] += 1
+            continue
+        lat = next((p for _, p in st["lateral"] if res[p] is None), "")
+        chosen = fronts[:1] if mode == "study" else sorted(fronts, key=lambda f: f[1])
+        for f in chosen:
+            rows.append((key, st, f[2], lat, text, n_tok))
+    untimed_last = lambda k: (0, k[2], "") if not isinstance(k[2], tuple) else (1, 0, str(k[2][1]).zfill(12))  # noqa: E731
+    rows.sort(key=lambda r: (r[0][0], r[0][1], untimed_last(r[0]), r[1]["pos"]))
+
+    studies_out, per = [], OrderedDict()
+    for key, st, front, lat, text, n_tok in rows:
+        spl, patient, t = key
+        untimed = isinstance(t, tuple)
+        group = per.setdefault((spl, patient, t if untimed else "timed"), [])
+        r = len(studies_out)
+        studies_out.append(Study(
+            row=r, subject_id=patient, study_id=f"{patient}/{'untimed-%d' % st['pos'] if untimed else t}", split=spl,
+            order=len(group), study_datetime="" if untimed else str(t), frontal_path=rel_out(front),
+            lateral_path=rel_out(lat) if lat else "", frontal_dicom=os.path.splitext(os.path.basename(front))[0],
+            lateral_dicom=os.path.splitext(os.path.basename(lat))[0] if lat else "", text=text, n_tokens=n_tok))
+        group.append(r)
+    series = {s: [] for s in SPLITS}
+    for (spl, _, _), members in per.items():
+        series[spl].extend(cut_series(members, 4))
+    meta = {"image_root": root, "source": f"manifest:{csv_path}", "mode": mode, "columns": col,
+            "cache_size": int(cache_size or 0), "skipped": dict(sorted(skipped.items())), "version": 1,
+            "counts": {"rows": len(studies_out), "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
+                       **{f"series_{s}": len(series[s]) for s in SPLITS}}}
+    idx = SeriesIndex(studies_out, series, meta).save(out)
+    log.info("manifest %s: %d rows, %d train series; skipped %s", csv_path, len(studies_out),
+             len(series["train"]), dict(skipped) or "nothing")
+    return idx
+
+
+def _cache_rel(rel: str) -> str:
+    """Cache path for a manifest image: keep the relative layout, force .jpg, neutralise absolute paths."""
+    rel = rel.lstrip("/\\") if os.path.isabs(rel) else rel
+    rel = os.path.normpath(rel).replace("..", "__")
+    return os.path.splitext(rel)[0] + ".jpg"
+
+
+def _merge_untimed(studies: "OrderedDict[tuple, dict]") -> None:
+    """A patient's untimed images are one study when that is unambiguous (at most one frontal among them,
+    e.g. a PA + L pair with a blank date); otherwise each untimed image stays alone."""
+    groups: Dict[tuple, List[tuple]] = OrderedDict()
+    for key in list(studies):
+        if isinstance(key[2], tuple):
+            groups.setdefault(key[:2], []).append(key)
+    for (spl, patient), keys in groups.items():
+        if len(keys) < 2:
+            continue
+        n_front = sum(len(studies[k]["frontal"]) for k in keys)
+        if n_front > 1:
+            continue
+        first = studies[keys[0]]
+        for k in keys[1:]:
+            other = studies.pop(k)
+            first["frontal"] += other["frontal"]
+            first["lateral"] += other["lateral"]
+            if first["text"] is None:
+                first["text"] = other["text"]
+
+
+class ManifestDataset:
+    """A ``SeriesDataset`` over a manifest CSV: builds (or reuses) the index in ``out`` first.
+
+    ``ManifestDataset(csv, out, split, tokenizer, img_size, train, **index_kwargs)`` returns a SeriesDataset.
+    """
+
+    def __new__(cls, csv_path, out, split: str = "train", tokenizer=None, img_size: int = 224, train: bool = True,
+                rebuild: bool = False, **index_kwargs):
+        from .dataset import SeriesDataset
+
+        if rebuild or not os.path.isfile(os.path.join(os.fspath(out), "meta.json")):
+            index_from_manifest(csv_path, out, split=split if split in SPLITS else "train", **index_kwargs)
+        return SeriesDataset(out, split, tokenizer=tokenizer, img_size=img_size, train=train)
