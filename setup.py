@@ -1,10 +1,18 @@
 """medst_fast packaging.
 
 ``kernels/`` (the Triton ops) is installed as ``medst_fast.kernels``. The optional C++/CUDA extension
-``medst_fast._C`` in ``csrc/`` is built through CMakeLists.txt when possible and skipped otherwise; every op
-in it has a PyTorch fallback.
+``medst_fast._C`` in ``csrc/`` is built with torch.utils.cpp_extension when torch is importable at build time
+(``pip install --no-build-isolation -e .``, or ``python setup.py build_ext --inplace``); its CUDA kernels are
+compiled only when nvcc and a CUDA build of torch are present. Any failure skips the extension with a message,
+so installing never fails because of it; every op in it has a PyTorch fallback. Environment switches:
+``MEDST_FAST_NO_EXT=1`` (skip the extension), ``MEDST_FAST_NO_CUDA_EXT=1`` (CPU kernels only),
+``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0;10.0+PTX" when no GPU is visible), ``MAX_JOBS``.
+CMakeLists.txt builds the same library outside setuptools.
 """
+import glob
 import os
+import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -18,6 +26,81 @@ def read_version():
     return ns["__version__"]
 
 
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _skip(reason):
+    print(f"medst_fast: not building the C++/CUDA extension medst_fast._C ({reason}); "
+          "the PyTorch fallbacks will be used", file=sys.stderr)
+    return [], {}
+
+
+def extension_build():
+    """(ext_modules, cmdclass) for medst_fast._C, or ([], {}) with a message when it cannot be built."""
+    if _flag("MEDST_FAST_NO_EXT"):
+        return _skip("MEDST_FAST_NO_EXT is set")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as e:  # the usual case under pip's build isolation
+        return _skip(f"torch is not importable at build time: {type(e).__name__}: {e}; "
+                     "use `pip install --no-build-isolation -e .` to build it")
+    csrc = "csrc"
+    if not os.path.isfile(os.path.join(here, csrc, "ops.cpp")):
+        return _skip("csrc/ops.cpp not found")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else shutil.which("nvcc")
+    with_cuda = bool(torch.version.cuda) and bool(nvcc) and os.path.exists(nvcc) and not _flag("MEDST_FAST_NO_CUDA_EXT")
+    # at::parallel_for expands to an OpenMP region in the header, so the CPU kernel needs -fopenmp itself.
+    cxx = ["-O3", "-fopenmp"]
+    sources = [os.path.join(csrc, "ops.cpp")]
+    kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(here, csrc)])
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # Without a visible GPU torch would target every arch it knows: slow and pointless. A100, H100/H200,
+            # B200 natively; PTX for anything newer.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0;10.0+PTX"
+        sources += sorted(glob.glob(os.path.join(csrc, "*.cu")))
+        # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper such as /usr/local/bin/nvcc gives a root
+        # without lib64/, so also link against the first toolkit that really has libcudart.
+        roots = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                 os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+        for root in filter(None, roots):
+            if glob.glob(os.path.join(root, "lib64", "libcudart.so*")):
+                kw["library_dirs"] = [os.path.join(root, "lib64")]
+                kw["include_dirs"].append(os.path.join(root, "include"))
+                break
+        cxx.append("-DMEDST_FAST_WITH_CUDA")
+        kw["extra_compile_args"]["nvcc"] = ["-O3", "-DMEDST_FAST_WITH_CUDA"]
+        ext = cpp_extension.CUDAExtension("medst_fast._C", sources, **kw)
+    else:
+        print("medst_fast: building medst_fast._C without CUDA kernels "
+              f"(torch CUDA {torch.version.cuda}, nvcc {nvcc or 'not found'})", file=sys.stderr)
+        ext = cpp_extension.CppExtension("medst_fast._C", sources, **kw)
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Skips the extension, with a message, instead of failing the install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # compiler missing, CUDA/torch mismatch, ...
+                print(f"medst_fast: building medst_fast._C failed ({type(e).__name__}: {e}); "
+                      "continuing without it, the PyTorch fallbacks will be used", file=sys.stderr)
+                self.extensions = []
+
+        def get_outputs(self):
+            return super().get_outputs() if self.extensions else []
+
+        def get_output_mapping(self):
+            return super().get_output_mapping() if self.extensions else {}
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=bool(shutil.which("ninja")))}
+
+
+ext_modules, cmdclass = extension_build()
 packages = find_packages(include=["medst_fast", "medst_fast.*"]) + ["medst_fast.kernels"]
 
 setup(
@@ -39,4 +122,6 @@ setup(
                 "scikit-learn>=1.2", "pydicom>=2.4"],
     },
     entry_points={"console_scripts": ["medst-pretrain=medst_fast.pretrain:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,173 @@
+"""Med-ST image transform as one batched op: resize longer side to R, zero-pad to R x R, crop S x S, normalise.
+
+Definition (docs/interfaces.md, medst-spec §3.6), shared by every backend so they agree to rounding error:
+
+* geometry, as the official ``resize_img``: if H >= W the height becomes R and the width ``(W*R)//H``, else
+  the width becomes R and the height ``(H*R)//W`` (integer floor; the official floors a float product, which
+  only differs when that product rounds below an integer). The resized image is placed in a zero R x R canvas
+  at ``top = (R - h')//2``, ``left = (R - w')//2`` (the official pads floor before, ceil after).
+* resampling, separable, in float32 without intermediate rounding:
+    - ``"area"`` (default): exact area averaging, each output pixel is the mean of the input it covers with
+      fractional coverage at the borders: cv2 INTER_AREA, which the official code uses. Weights are ratios
+      of integers, so every backend computes them exactly.
+    - ``"bilinear"``: antialiased triangle filter, exactly ``F.interpolate(mode="bilinear", antialias=True,
+      align_corners=False)`` (= PIL BILINEAR, = DALI INTERP_LINEAR with antialias). The DALI graph can do
+      only this one; ``medst_fast.data.dali_pipeline`` uses it when asked for it.
+* crop S x S at per-image offsets ``(y0, x0)`` in canvas coordinates (train: uniform like torchvision
+  RandomCrop; eval: ``round((R - S)/2)`` like CenterCrop), then ``(x/255 - 0.5)/0.5``.
+
+``resize_pad_crop_normalize`` runs the C++/CUDA op ``medst_fast::resize_pad_crop_normalize`` (one kernel
+launch per batch on CUDA) when ``medst_fast._C`` is built, else ``resize_pad_crop_normalize_ref``, a per
+image PyTorch path that is the reference the op is tested against.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("medst_fast")
+
+FILTERS = {"area": 0, "bilinear": 1}
+
+
+def resize_target(img_size: int) -> int:
+    """R = round(S * 256 / 224): 256 for S=224, 110 for S=96."""
+    return int(round(img_size * 256 / 224))
+
+
+def resize_geometry(h: int, w: int, resize_to: int) -> Tuple[int, int, int, int]:
+    """(h', w', top, left) of the resized image inside the R x R canvas."""
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image has an empty side: height={h}, width={w}")
+    if h >= w:
+        nh, nw = resize_to, max(1, (w * resize_to) // h)
+    else:
+        nh, nw = max(1, (h * resize_to) // w), resize_to
+    return nh, nw, (resize_to - nh) // 2, (resize_to - nw) // 2
+
+
+def center_offset(resize_to: int, out_size: int) -> int:
+    """torchvision CenterCrop's offset (Python round: half to even)."""
+    return int(round((resize_to - out_size) / 2.0))
+
+
+def crop_offsets(n: int, resize_to: int, out_size: int, train: bool,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(n, 2) int64 crop origins (y0, x0): uniform in [0, R-S] when training, centred otherwise.
+
+    Drawn on the CPU from ``generator`` so a run is reproducible whichever backend decodes the images.
+    """
+    if out_size > resize_to:
+        raise ValueError(f"crop size {out_size} is larger than the padded size {resize_to}")
+    if train:
+        return torch.randint(0, resize_to - out_size + 1, (n, 2), generator=generator, dtype=torch.long)
+    return torch.full((n, 2), center_offset(resize_to, out_size), dtype=torch.long)
+
+
+def area_weights(in_size: int, out_size: int, dtype=torch.float64) -> torch.Tensor:
+    """(out, in) exact area-averaging matrix: overlap of [o*in, (o+1)*in) and [k*out, (k+1)*out), / in."""
+    o = torch.arange(out_size, dtype=torch.long).unsqueeze(1)
+    k = torch.arange(in_size, dtype=torch.long).unsqueeze(0)
+    lo = torch.maximum(o * in_size, k * out_size)
+    hi = torch.minimum((o + 1) * in_size, (k + 1) * out_size)
+    return (hi - lo).clamp_min(0).to(dtype) / in_size
+
+
+def _as_2d_uint8(img: torch.Tensor, i: int) -> torch.Tensor:
+    if img.dtype != torch.uint8:
+        raise TypeError(f"images[{i}]: dtype {img.dtype}, expected torch.uint8 (a decoded grey image)")
+    if img.dim() == 3 and img.shape[0] == 1:
+        img = img[0]
+    if img.dim() != 2:
+        raise ValueError(f"images[{i}]: shape {tuple(img.shape)}, expected (H, W) or (1, H, W)")
+    return img
+
+
+def resize_pad_crop_normalize_ref(images: Sequence[torch.Tensor], out_size: int, resize_to: int,
+                                  offsets: torch.Tensor, filter: str = "area") -> torch.Tensor:
+    """Per-image PyTorch reference. images: list of uint8 (H_i, W_i) or (1, H_i, W_i). -> float32 (B, 1, S, S)."""
+    if filter not in FILTERS:
+        raise ValueError(f"filter={filter!r}, expected one of {sorted(FILTERS)}")
+    offsets = _check_offsets(offsets, len(images), resize_to, out_size)
+    device = images[0].device if len(images) else torch.device("cpu")
+    out = torch.empty(len(images), 1, out_size, out_size, dtype=torch.float32, device=device)
+    for i, img in enumerate(images):
+        img = _as_2d_uint8(img, i)
+        h, w = img.shape
+        nh, nw, top, left = resize_geometry(h, w, resize_to)
+        x = img.to(torch.float32)
+        if filter == "area":
+            wy = area_weights(h, nh).to(device=device, dtype=torch.float32)
+            wx = area_weights(w, nw).to(device=device, dtype=torch.float32)
+            r = wy @ x @ wx.t()
+        else:
+            r = F.interpolate(x[None, None], size=(nh, nw), mode="bilinear", align_corners=False,
+                              antialias=True)[0, 0]
+        canvas = torch.zeros(resize_to, resize_to, dtype=torch.float32, device=device)
+        canvas[top:top + nh, left:left + nw] = r
+        y0, x0 = int(offsets[i, 0]), int(offsets[i, 1])
+        out[i, 0] = (canvas[y0:y0 + out_size, x0:x0 + out_size] / 255.0 - 0.5) / 0.5
+    return out
+
+
+def _check_offsets(offsets, n: int, resize_to: int, out_size: int) -> torch.Tensor:
+    offsets = torch.as_tensor(offsets, dtype=torch.long).cpu()
+    if offsets.shape != (n, 2):
+        raise ValueError(f"offsets: shape {tuple(offsets.shape)}, expected ({n}, 2) (y0, x0) per image")
+    if n and (offsets.min() < 0 or offsets.max() > resize_to - out_size):
+        raise ValueError(f"offsets: crop origins must lie in [0, {resize_to - out_size}] "
+                         f"(R={resize_to}, S={out_size})")
+    return offsets
+
+
+_warned = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.info(msg)
+
+
+def resize_pad_crop_normalize(images: Sequence[torch.Tensor], out_size: int, resize_to: int,
+                              offsets: torch.Tensor, filter: str = "area",
+                              use_ext: Optional[bool] = None) -> torch.Tensor:
+    """Batched Med-ST transform of decoded grey images (see module docstring).
+
+    Args:
+        images: list of uint8 tensors (H_i, W_i) or (1, H_i, W_i), all on one device (torchvision's
+            ``decode_jpeg`` output can be passed as is).
+        out_size: S. resize_to: R (>= S). offsets: (B, 2) crop origins (y0, x0), see ``crop_offsets``.
+        filter: "area" (default, cv2 INTER_AREA) or "bilinear" (antialiased, = F.interpolate).
+        use_ext: force (True) or forbid (False) the compiled op; None uses it when it is built.
+    Returns:
+        float32 (B, 1, S, S) on the images' device.
+    """
+    if filter not in FILTERS:
+        raise ValueError(f"filter={filter!r}, expected one of {sorted(FILTERS)}")
+    images = [_as_2d_uint8(im, i).contiguous() for i, im in enumerate(images)]
+    if len(images) == 0:
+        return torch.empty(0, 1, out_size, out_size)
+    devices = {im.device for im in images}
+    if len(devices) != 1:
+        raise ValueError(f"images: all images must be on one device, got {sorted(map(str, devices))}")
+    offsets = _check_offsets(offsets, len(images), resize_to, out_size)
+    from . import ext
+
+    op = ext.op("resize_pad_crop_normalize") if use_ext is not False else None
+    if op is None:
+        if use_ext:
+            raise RuntimeError("use_ext=True but medst_fast._C is not built: " + ext.load_error())
+        _log_once("resize_pad_crop_normalize: using the per-image PyTorch path (medst_fast._C not loaded)")
+        return resize_pad_crop_normalize_ref(images, out_size, resize_to, offsets, filter)
+    dev = images[0].device
+    if dev.type == "cuda" and not ext.has_cuda():
+        if use_ext:
+            raise RuntimeError("use_ext=True but medst_fast._C was built without CUDA")
+        _log_once("resize_pad_crop_normalize: medst_fast._C has no CUDA kernel; using the PyTorch path on GPU")
+        return resize_pad_crop_normalize_ref(images, out_size, resize_to, offsets, filter)
+    return op(images, offsets, resize_to, out_size, FILTERS[filter])
+
