@@ -100,14 +100,12 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     skipped: Counter = Counter()
 
     times = df[col["time"]] if col["time"] else pd.Series([None] * len(df))
-    numeric = True
-    for t in times:
-        if isinstance(t, str) and t.strip():
-            try:
-                float(t)
-            except ValueError:
-                numeric = False
-                break
+    # Times sort numerically when most of them are numbers (offsets, orders); values such as "?" are then
+    # treated as blank (untimed) and counted. Otherwise they sort as text (ISO dates sort correctly).
+    filled = [t.strip() for t in times if isinstance(t, str) and t.strip()]
+    n_num = sum(1 for t in filled if _is_number(t))
+    numeric = bool(filled) and n_num * 2 > len(filled)
+    unparsed = 0
 
     studies: "OrderedDict[tuple, dict]" = OrderedDict()
     for pos in range(len(df)):
@@ -123,7 +121,10 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         t = times.iloc[pos]
         t = t.strip() if isinstance(t, str) and t.strip() else None
         if t is not None and numeric:
-            t = float(t)
+            if _is_number(t):
+                t = float(t)
+            else:
+                t, unparsed = None, unparsed + 1
         spl = split
         if col["split"]:
             raw = rec[col["split"]]
@@ -208,12 +209,20 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         series[spl].extend(cut_series(members, 4))
     meta = {"image_root": root, "source": f"manifest:{csv_path}", "mode": mode, "columns": col,
             "cache_size": int(cache_size or 0), "skipped": dict(sorted(skipped.items())), "version": 1,
-            "counts": {"rows": len(studies_out), "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
+            "counts": {"rows": len(studies_out), "unparsed_times": unparsed, "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
                        **{f"series_{s}": len(series[s]) for s in SPLITS}}}
     idx = SeriesIndex(studies_out, series, meta).save(out)
     log.info("manifest %s: %d rows, %d train series; skipped %s", csv_path, len(studies_out),
              len(series["train"]), dict(skipped) or "nothing")
     return idx
+
+
+def _is_number(t: str) -> bool:
+    try:
+        float(t)
+        return True
+    except ValueError:
+        return False
 
 
 def _cache_rel(rel: str) -> str:
