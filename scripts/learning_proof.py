@@ -78,6 +78,8 @@ def pretrain(variant, index_dir, vocab, work, steps, seed, lr, batch_series):
     log(f"{variant}: pretraining {steps} steps")
     t0 = time.time()
     res = trainer.main(argv)
+    if res.interrupted:  # the trainer stops cleanly on SIGTERM/SIGINT; do not go on to the next variant
+        raise SystemExit(f"{variant}: pretraining interrupted by signal {res.interrupted} at step {res.step}")
     log(f"{variant}: done in {time.time() - t0:.0f}s, last loss {res.last_loss:.4f}")
     return res.export_dir or final, argv, time.time() - t0
 
