@@ -1,0 +1,224 @@
+"""MoVE FFN op (kernels/move_ffn.py) against its PyTorch reference.
+
+The ``test_interp_*`` tests run the Triton kernels on CPU tensors in a child pytest started with
+TRITON_INTERPRET=1 (Triton must see the variable before its first import; setting it in this process would
+switch the whole session to the interpreter). See tests/test_ops_local_align.py for the same pattern.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medst_fast.kernels import _utils
+from medst_fast.kernels import move_ffn as mf
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover
+    HAS_TRITON = False
+
+IN_INTERPRETER = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and _utils.interpreter_ready()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton does not import here")
+def test_kernels_under_interpreter():
+    if IN_INTERPRETER:
+        pytest.skip("already in the interpreter process: the test_interp_* tests run directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
+                        os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if not IN_INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported: run by test_kernels_under_interpreter")
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = mf._fwd_triton, mf._bwd_triton
+    monkeypatch.setattr(mf, "_fwd_triton", lambda *a: calls.__setitem__("fwd", calls["fwd"] + 1) or fwd(*a))
+    monkeypatch.setattr(mf, "_bwd_triton", lambda *a: calls.__setitem__("bwd", calls["bwd"] + 1) or bwd(*a))
+    yield calls
+    _utils.set_backend(old)
+
+
+def packed_views(studies, patches, lateral_every):
+    """view ids of packed studies [CLS, frontal patches, lateral patches if present], study-major."""
+    ids = []
+    for s in range(studies):
+        ids += [0] * (1 + patches)
+        if lateral_every and s % lateral_every == 0:
+            ids += [1] * patches
+    return torch.tensor(ids)
+
+
+def make_params(D, H, dtype=torch.float32):
+    p = [1 + 0.2 * torch.randn(2, D), 0.1 * torch.randn(2, D), torch.randn(2, H, D) / D ** 0.5,
+         0.1 * torch.randn(2, H), torch.randn(2, D, H) / H ** 0.5, 0.1 * torch.randn(2, D)]
+    return [t.to(dtype).requires_grad_() for t in p]
+
+
+NAMES = ["out", "dx", "d_ln_w", "d_ln_b", "d_fc1_w", "d_fc1_b", "d_fc2_w", "d_fc2_b"]
+
+
+def run(fn, x, vid, params, gout):
+    out = fn(x, vid, *params, 1e-6)
+    grads = torch.autograd.grad(out, [x] + params, gout)
+    return [out.detach().float()] + [g.float() for g in grads]
+
+
+def assert_close_rel(got, ref, rtol, name):
+    scale = ref.abs().max().item()
+    err = (got - ref).abs().max().item()
+    tol = rtol * scale if scale > 0 else 1e-6
+    assert err <= tol, f"{name}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+# (studies, patches per view, lateral on every k-th study (0 = none), D, H)
+CASES = [
+    (1, 4, 0, 32, 64),     # one frontal-only study: the lateral expert gets no tokens
+    (1, 6, 1, 48, 80),     # one two-view study, D and H not powers of two
+    (3, 9, 2, 32, 96),     # studies 0 and 2 with a lateral
+    (7, 9, 3, 32, 64),     # 7 studies crossing several 64-slot tiles
+    (7, 5, 1, 64, 128),
+]
+
+
+@pytest.mark.parametrize("studies,patches,lat,D,H", CASES)
+def test_interp_triton_matches_reference_fp32(interpret, studies, patches, lat, D, H):
+    vid = packed_views(studies, patches, lat)
+    x = torch.randn(vid.numel(), D, requires_grad=True)
+    params = make_params(D, H)
+    gout = torch.randn_like(x)
+    ref = run(mf.move_ffn_ref, x, vid, params, gout)
+    got = run(mf.move_ffn, x, vid, params, gout)
+    assert interpret == {"fwd": 1, "bwd": 1}, "the Triton kernels did not run"
+    for name, g, r in zip(NAMES, got, ref):
+        assert torch.isfinite(g).all(), name
+        assert_close_rel(g, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("studies,patches,lat", [(3, 9, 2), (1, 6, 0)])
+def test_interp_triton_bf16_error_rule(interpret, studies, patches, lat):
+    """err(kernel, fp32 ref) <= 2 * err(torch bf16, fp32 ref) + 1e-6 for the output and every gradient."""
+    D, H = 32, 64
+    vid = packed_views(studies, patches, lat)
+    x32 = torch.randn(vid.numel(), D, requires_grad=True)
+    p32 = make_params(D, H)
+    gout32 = torch.randn_like(x32)
+    x16 = x32.detach().bfloat16().requires_grad_()
+    p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+    ref = run(mf.move_ffn_ref, x32, vid, p32, gout32)
+    torch_bf16 = run(mf.move_ffn_ref, x16, vid, p16, gout32.bfloat16())
+    got = run(mf.move_ffn, x16, vid, p16, gout32.bfloat16())
+    assert interpret["fwd"] == 1
+    for name, g, t, r in zip(NAMES, got, torch_bf16, ref):
+        err_k, err_t = (g - r).abs().max().item(), (t - r).abs().max().item()
+        assert err_k <= 2 * err_t + 1e-6, f"{name}: kernel err {err_k:.3e} vs torch bf16 err {err_t:.3e}"
+
+
+def test_interp_routing_reused_across_blocks(interpret):
+    """One routing, two stacked blocks with different weights: equals two reference blocks."""
+    vid = packed_views(3, 5, 2)
+    x = torch.randn(vid.numel(), 32, requires_grad=True)
+    p1, p2 = make_params(32, 64), make_params(32, 64)
+    r = mf.build_routing(vid)
+    y = mf.move_ffn(mf.move_ffn(x, vid, *p1, 1e-6, routing=r), vid, *p2, 1e-6, routing=r)
+    y_ref = mf.move_ffn_ref(mf.move_ffn_ref(x, vid, *p1, 1e-6), vid, *p2, 1e-6)
+    assert_close_rel(y.detach(), y_ref.detach(), 1e-5, "out")
+    g, g_ref = torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y_ref.sum(), x)[0]
+    assert_close_rel(g, g_ref, 1e-5, "dx")
+
+
+@pytest.mark.parametrize("studies,patches,lat", [(1, 4, 0), (3, 9, 2), (7, 5, 1)])
+def test_routing_layout(studies, patches, lat):
+    vid = packed_views(studies, patches, lat)
+    r = mf.build_routing(vid)
+    rows, te, seg = r.rows.long(), r.tile_expert.long(), r.seg.long()
+    # every token sits in exactly one slot, inside the segment of its own expert
+    assert sorted(rows[rows >= 0].tolist()) == list(range(vid.numel()))
+    slot_e = te.repeat_interleave(mf.BLOCK_M)
+    assert torch.equal(slot_e[rows >= 0], vid[rows[rows >= 0]])
+    for e in range(2):
+        n_e = int((vid == e).sum())
+        assert int(seg[e + 1] - seg[e]) == -(-n_e // mf.BLOCK_M) * mf.BLOCK_M
+        assert (te[seg[e] // mf.BLOCK_M: seg[e + 1] // mf.BLOCK_M] == e).all()
+    assert (te[seg[2] // mf.BLOCK_M:] == -1).all()
+    # tokens keep their order within an expert (stable grouping)
+    for e in range(2):
+        seg_rows = rows[seg[e]:seg[e + 1]]
+        seg_rows = seg_rows[seg_rows >= 0]
+        assert torch.equal(seg_rows, (vid == e).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("studies,patches,lat", [(1, 4, 0), (3, 9, 2)])
+def test_slot_layout_torch_twin_matches_reference(monkeypatch, studies, patches, lat):
+    """The op's PyTorch implementation (used where the kernels cannot run) against move_ffn_ref."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vid = packed_views(studies, patches, lat)
+    x = torch.randn(vid.numel(), 48, requires_grad=True)
+    params = make_params(48, 80)
+    gout = torch.randn_like(x)
+    r = mf.build_routing(vid)
+    ref = run(mf.move_ffn_ref, x, vid, params, gout)
+    got = run(lambda x, v, *p: mf.move_ffn_slots(x, r, *p), x, vid, params, gout)
+    for name, g, rr in zip(NAMES, got, ref):
+        assert_close_rel(g, rr, 1e-5, name)
+
+
+def test_backend_switch_and_cpu_fallback(monkeypatch):
+    vid = packed_views(2, 4, 1)
+    x = torch.randn(vid.numel(), 32)
+    params = [p.detach() for p in make_params(32, 64)]
+    called = []
+    monkeypatch.setattr(mf, "_move_ffn_fwd_op", lambda *a: called.append(1) or (mf.move_ffn_ref(
+        a[0], vid, *a[4:10], a[10]),))
+    monkeypatch.setattr(_utils, "_interpret_enabled", lambda: True)
+    old = _utils.get_backend()
+    try:
+        _utils.set_backend("torch")
+        out = mf.move_ffn(x, vid, *params, 1e-6)
+        assert called == []
+        if HAS_TRITON:
+            _utils.set_backend("triton")
+            out2 = mf.move_ffn(x, vid, *params, 1e-6)
+            assert called == [1]
+            assert torch.allclose(out, out2)
+    finally:
+        _utils.set_backend(old)
+    monkeypatch.setattr(_utils, "_interpret_enabled", lambda: False)
+    called.clear()
+    mf.move_ffn(x, vid, *params, 1e-6)  # CPU tensors without the interpreter: reference path
+    assert called == []
+
+
+def test_bad_shapes_raise_clear_errors():
+    vid = packed_views(1, 4, 1)
+    params = [p.detach() for p in make_params(32, 64)]
+    with pytest.raises(ValueError, match="move_ffn.py"):
+        mf.move_ffn(torch.randn(2, vid.numel(), 32), vid, *params)
+    with pytest.raises(ValueError, match="view_id"):
+        mf.build_routing(vid.float())
+
+
+def test_torch_compile_fullgraph_custom_op(monkeypatch):
+    """Dynamo traces the custom op through its fake and autograd registrations (CPU: its PyTorch twin)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch._dynamo.reset()
+    vid = packed_views(3, 4, 2)
+    r = mf.build_routing(vid)
+    x = torch.randn(vid.numel(), 32, requires_grad=True)
+    params = make_params(32, 64)
+    gout = torch.randn_like(x)
+    compiled = torch.compile(lambda x, v, *p: mf.move_ffn_slots(x, r, *p), fullgraph=True, backend="aot_eager")
+    got = run(compiled, x, vid, params, gout)
+    ref = run(mf.move_ffn_ref, x, vid, params, gout)
+    for name, g, rr in zip(NAMES, got, ref):
+        assert_close_rel(g, rr, 1e-5, name)
