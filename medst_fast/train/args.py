@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="model config name (default: medst_tiny on CPU, medst_vit_b16 on GPU)")
+    g.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config field, e.g. vision.img_size=64 or text.max_length=64 (repeatable; JSON values)")
     g.add_argument("--faithful", action="store_true", help="official semantics, quirks included (MedSTConfig.faithful)")
     g.add_argument("--init", default=None, help="initial weights: official Med-ST or MGCA checkpoint (converted)")
     g.add_argument("--init-kind", default="auto", choices=["auto", "medst", "mgca"],
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "random tensors (throughput tests, no I/O)")
     g.add_argument("--cache-dir", default=None, help="cache for the synthetic set (default: $MEDST_FAST_CACHE or ~/.cache/medst_fast)")
     g.add_argument("--synthetic-patients", type=int, default=DEFAULT_SYNTHETIC_PATIENTS, help="patients in the synthetic set")
+    g.add_argument("--random-series", type=int, default=64, help="series in the --dataset-type random set")
     g.add_argument("--split", default="train", help="index split to train on")
     g.add_argument("--batch-series", type=int, default=10, help="series (up to 4 studies each) per step per rank")
     g.add_argument("--workers", type=int, default=None, help="data-loader worker processes per rank (default: from CPU count)")
@@ -134,6 +137,20 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     bad_reports = [r for r in _report_list(a.report_to) if r not in ("tensorboard",)]
     if bad_reports:
         bad(f"--report-to: unknown backend(s) {bad_reports}; supported: tensorboard")
+
+
+def parse_overrides(items: List[str]) -> dict:
+    """["vision.img_size=64", ...] -> {"vision.img_size": 64}; values parsed as JSON, else kept as text."""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"--model-override {it!r}: expected KEY=VALUE, e.g. vision.img_size=64")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
 
 
 def _report_list(s: str) -> List[str]:

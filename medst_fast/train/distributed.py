@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -99,7 +100,11 @@ def gather_with_grad(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     sizes = [int(s.item()) for s in sizes_t]  # host sync: shapes must be known to pad and slice
     m = max(sizes)
     xp = x if x.shape[0] == m else torch.cat([x, x.new_zeros((m - x.shape[0],) + tuple(x.shape[1:]))])
-    parts = dfn.all_gather(xp)
+    with warnings.catch_warnings():
+        # torch 2.9+ marks this API deprecated in favour of _functional_collectives, whose autograd gather
+        # needs reduce_scatter in backward, which gloo (CPU runs and tests) lacks; this one works everywhere.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dfn.all_gather(xp)
     out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
     return out, sum(sizes[:rank])
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .args import resolve
+from .args import parse_overrides, resolve
 from .data import (SeriesBatchSampler, build_dataset, build_wordpiece_vocab, ensure_synthetic, make_loader,
                    RandomSeriesDataset)
 from .metrics import MetricsWriter, make_progress, memory_gib, setup_logging
@@ -43,7 +43,7 @@ log = logging.getLogger("medst_fast")
 UNUSED_PARAMS = ("word_weighting.out_proj.", "patch_weighting.out_proj.")
 ENCODER_COMPONENTS = ["visual", "visual_global_head"]
 # Arguments that fix the sampler order or the meaning of a step: a resumed run must keep them.
-_RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split", "synthetic_patients")
+_RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split", "synthetic_patients", "random_series")
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,11 +202,15 @@ class Trainer:
         from .. import get_model_config, create_model
         from ..text.tokenizer import MedSTTokenizer
 
-        cfg = get_model_config(a.model)
+        overrides: Dict[str, Any] = dict(parse_overrides(a.model_override))
+        overrides.update({"faithful": True if a.faithful else None,
+                          "loss": {"lambda_ita": a.lambda_ita, "lambda_local": a.lambda_local,
+                                   "lambda_temporal": a.lambda_temporal}})
+        try:
+            cfg = get_model_config(a.model).replace(**overrides)
+        except ValueError as e:
+            raise SystemExit(f"--model {a.model} / --model-override: {e}") from None
         tok = MedSTTokenizer(a.vocab, max_length=cfg.text.max_length)
-        overrides: Dict[str, Any] = {"faithful": True if a.faithful else None,
-                                     "loss": {"lambda_ita": a.lambda_ita, "lambda_local": a.lambda_local,
-                                              "lambda_temporal": a.lambda_temporal}}
         if tok.vocab_size != cfg.text.vocab_size:
             log.info("vocab %s has %d tokens; model %s expects %d: using text.vocab_size=%d",
                      a.vocab, tok.vocab_size, a.model, cfg.text.vocab_size, tok.vocab_size)
@@ -231,7 +235,7 @@ class Trainer:
         self.tokenizer = tok
 
         ds, collate = build_dataset(a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.seed,
-                                    a.replicate_collate_bug, self.run_dir)
+                                    a.replicate_collate_bug, self.run_dir, n_random=a.random_series)
         self.sampler = SeriesBatchSampler(len(ds), a.batch_series, self.world.rank, self.world.world_size, a.seed)
         self.loader = make_loader(ds, self.sampler, collate, a.workers, a.seed, pin_memory=self.device.type == "cuda")
         self.loader.worker_init_fn = _ignore_sigint
@@ -373,7 +377,8 @@ class Trainer:
             while self.step < self.total_steps and self.epoch < a.epochs:
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch * a.accum_steps)
                 it = iter(self.loader)
-                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                epoch_now = self.epoch
+                while self.epoch == epoch_now and self.step < self.total_steps:
                     lr = cosine_warmup_lr(self.step, self.total_steps, a.lr, a.min_lr, a.warmup_frac)
                     batches = [batch_to(next(it), self.device) for _ in range(a.accum_steps)]
                     stats = self.runner.forward_backward(batches)
@@ -402,22 +407,25 @@ class Trainer:
                         result.last_loss = s[2] / W
                     self.step += 1
                     self.step_in_epoch += 1
+                    log_epoch = self.epoch + 1
+                    if self.step_in_epoch == self.steps_per_epoch:  # position saved = start of the next epoch
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     studies_log += s[6]
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix_str(f"ep {self.epoch + 1}/{a.epochs} loss {s[2] / W:.3f} "
+                        bar.set_postfix_str(f"ep {log_epoch}/{a.epochs} loss {s[2] / W:.3f} "
                                             f"ita {s[3] / W:.3f} loc {s[4] / W:.3f} tcc {s[5] / W:.3f} lr {lr:.2e} "
                                             f"mem {memory_gib(self.device):.2f}G")
                     if self.step % a.log_every == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
                         rate = studies_log / max(now - t_log, 1e-9)
                         m = acc / max(n_acc, 1)
-                        row = dict(step=self.step, epoch=self.epoch + 1, loss=m[0], ita=m[1], local=m[2], temporal=m[3],
+                        row = dict(step=self.step, epoch=log_epoch, loss=m[0], ita=m[1], local=m[2], temporal=m[3],
                                    lr=lr, studies_per_s=rate, studies_per_s_per_rank=rate / W,
                                    mem_gib=memory_gib(self.device), bad_steps=self.bad_total, elapsed_s=now - t0)
                         if primary:
                             writer.write(row)
-                            msg = (f"step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{a.epochs} "
+                            msg = (f"step {self.step}/{self.total_steps} epoch {log_epoch}/{a.epochs} "
                                    f"loss {m[0]:.4f} (ita {m[1]:.4f} local {m[2]:.4f} tcc {m[3]:.4f}) "
                                    f"{rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} mem {row['mem_gib']:.2f} GiB")
                             (bar.write if bar is not None else log.info)(msg)
@@ -426,8 +434,6 @@ class Trainer:
                         t_log, studies_log, acc, n_acc = now, 0.0, np.zeros(4), 0
                     stop = s[1] > 0
                     if stop or self.step % a.save_every == 0 or self.step == self.total_steps:
-                        if self.step_in_epoch == self.steps_per_epoch:
-                            self.epoch, self.step_in_epoch = self.epoch + 1, 0
                         self.save()
                     if stop:
                         sig = self._stop_signal if self._stop_signal is not None else signal.SIGTERM
@@ -436,8 +442,6 @@ class Trainer:
                         result.interrupted = int(sig)
                         return self._finish(result, writer, bar, export=False)
                 del it
-                if self.step_in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
             return self._finish(result, writer, bar, export=not a.no_export)
         finally:
             self._restore_signals()
