@@ -1,0 +1,157 @@
+"""Per-op benchmarks: fused local alignment and MoVE FFN against the PyTorch reference path and an eager path
+laid out like the official Med-ST code, on the same device in the same run (fwd + bwd).
+
+    pytest benchmarks/bench_ops.py --benchmark [--bench-csv PATH] -s
+
+On a machine without CUDA it runs tiny shapes only (the fused ops then take their reference path) and says
+so: those rows check that the benchmark runs, they are not performance numbers.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from _common import append_rows, bench, env_info, peak_gib, print_table
+from medst_fast.kernels import local_align as la
+from medst_fast.kernels import move_ffn as mf
+from medst_fast.kernels._utils import use_triton
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DT = torch.bfloat16 if CUDA else torch.float32
+COLS = ["op", "impl", "shape", "ms", "ms_p20", "ms_p80", "tflops", "speedup_vs_ref", "peak_gib", "gpu_name"]
+
+
+def _note():
+    if not CUDA:
+        print("\n[bench_ops] no CUDA device: tiny CPU shapes only, Triton paths fall back to the reference; "
+              "these rows are not performance numbers")
+
+
+def _finish(rows, bench_csv):
+    ref_ms = {r["op"]: r["ms"] for r in rows if r["impl"] == "reference"}
+    env = env_info()
+    for r in rows:
+        r["speedup_vs_ref"] = round(ref_ms[r["op"]] / r["ms"], 3) if r["op"] in ref_ms else ""
+        for k in ("ms", "ms_p20", "ms_p80"):
+            r[k] = round(r[k], 4)
+        r.update(env)
+        r["device_note"] = "" if CUDA else "cpu-tiny-not-a-performance-number"
+    print()
+    print_table(rows, COLS)
+    append_rows(bench_csv, rows)
+
+
+# ---------------------------------------------------------------------------------------- local alignment
+def official_style_local_loss(q, c, mha: nn.MultiheadAttention, tau: float, renorm: bool):
+    """One direction as the official module computes it: bmm + softmax + bmm, nn.MultiheadAttention for the
+    token weights, cross_entropy over the (B, Tq, Tq) similarity in both directions."""
+    B, Tq, _ = q.shape
+    attn = torch.softmax(torch.bmm(q, c.transpose(1, 2)) / tau, dim=-1)
+    ctx = torch.bmm(attn, c)
+    if renorm:
+        ctx = F.normalize(ctx, dim=-1)
+    a = F.normalize(q * ctx, dim=-1)
+    _, w = mha(a.mean(1, keepdim=True), a, a)
+    w = w.squeeze(1)
+    w = w / w.sum(1, keepdim=True)
+    s = torch.bmm(q, ctx.transpose(1, 2)) / tau
+    tgt = torch.arange(Tq, device=q.device).repeat(B)
+    row = F.cross_entropy(s.reshape(B * Tq, Tq), tgt, reduction="none")
+    col = F.cross_entropy(s.transpose(1, 2).reshape(B * Tq, Tq), tgt, reduction="none")
+    return (w.reshape(-1) * (row + col) / 2).sum() / B
+
+
+def local_flops(B, W, P, d):
+    # matmul flops of both directions: scores + context (2 x 2BTqTcd) and the Tq x Tq similarity (2BTq^2d)
+    fwd = 2 * (2 * 2 * B * W * P * d) + 2 * B * W * W * d + 2 * B * P * P * d
+    return 3 * fwd  # forward + backward (backward ~ 2x forward)
+
+
+def test_local_alignment(bench_csv):
+    _note()
+    B, W, P, d = (64, 111, 392, 128) if CUDA else (2, 11, 24, 32)
+    words = F.normalize(torch.randn(B, W, d, device=DEV), dim=-1).to(DT).requires_grad_()
+    patches = F.normalize(torch.randn(B, P, d, device=DEV), dim=-1).to(DT).requires_grad_()
+    mha_w = nn.MultiheadAttention(d, 1, batch_first=True).to(DEV)
+    mha_p = nn.MultiheadAttention(d, 1, batch_first=True).to(DEV)
+    args_w = (mha_w.in_proj_weight, mha_w.in_proj_bias)
+    args_p = (mha_p.in_proj_weight, mha_p.in_proj_bias)
+    params = [words, patches, *args_w, *args_p]
+
+    def step(loss_fn):
+        def run():
+            loss = loss_fn()
+            torch.autograd.grad(loss, params, allow_unused=True)
+        return run
+
+    impls = {
+        "fused": lambda: la.token_align_loss(words, patches, None, None, *args_w, 0.1, True)
+        + la.token_align_loss(patches, words, None, None, *args_p, 0.1, False),
+        "reference": lambda: la.token_align_loss_ref(words, patches, None, None, *args_w, 0.1, True)
+        + la.token_align_loss_ref(patches, words, None, None, *args_p, 0.1, False),
+        "official_eager": lambda: official_style_local_loss(words, patches, mha_w, 0.1, True)
+        + official_style_local_loss(patches, words, mha_p, 0.1, False),
+    }
+    fused_path = "triton" if use_triton(words, patches) else "reference-fallback"
+    flops = local_flops(B, W, P, d)
+    rows = []
+    for name, fn in impls.items():
+        t = bench(step(fn))
+        rows.append({"op": "local_align_fwd_bwd", "impl": name if name != "fused" else f"fused({fused_path})",
+                     "shape": f"B{B} W{W} P{P} d{d} {str(DT).split('.')[-1]}", **t,
+                     "tflops": round(flops / t["ms"] / 1e9, 2), "peak_gib": round(peak_gib(step(fn)), 3)})
+    _finish(rows, bench_csv)
+
+
+# ------------------------------------------------------------------------------------------------- MoVE FFN
+class _Mlp(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_move_ffn(bench_csv):
+    _note()
+    B, n_front, D, H = (64, 197, 768, 3072) if CUDA else (2, 5, 32, 64)
+    N = 2 * n_front - 1  # CLS + frontal + lateral patches
+    norm, norm_l = nn.LayerNorm(D, eps=1e-6).to(DEV, DT), nn.LayerNorm(D, eps=1e-6).to(DEV, DT)
+    mlp, mlp_l = _Mlp(D, H).to(DEV, DT), _Mlp(D, H).to(DEV, DT)
+    x3 = torch.randn(B, N, D, device=DEV, dtype=DT, requires_grad=True)
+    vid = torch.cat([torch.zeros(n_front), torch.ones(N - n_front)]).long().repeat(B).to(DEV)
+    stack = lambda a, b: torch.stack([a, b]).detach().requires_grad_()  # noqa: E731
+    ln_w, ln_b = stack(norm.weight, norm_l.weight), stack(norm.bias, norm_l.bias)
+    w1, b1 = stack(mlp.fc1.weight, mlp_l.fc1.weight), stack(mlp.fc1.bias, mlp_l.fc1.bias)
+    w2, b2 = stack(mlp.fc2.weight, mlp_l.fc2.weight), stack(mlp.fc2.bias, mlp_l.fc2.bias)
+    x = x3.detach().reshape(B * N, D).requires_grad_()
+    routing = mf.build_routing(vid)
+    gy3 = torch.randn_like(x3)
+    gy = gy3.reshape(B * N, D)
+    packed = [x, ln_w, ln_b, w1, b1, w2, b2]
+    official = [x3, *norm.parameters(), *norm_l.parameters(), *mlp.parameters(), *mlp_l.parameters()]
+
+    def official_fwd():  # the official MoVE block: strided slices, two experts, cat, one residual add
+        f, lat = x3[:, :n_front], x3[:, n_front:]
+        return x3 + torch.cat([mlp(norm(f)), mlp_l(norm_l(lat))], dim=1)
+
+    impls = {
+        "triton": (lambda: mf.move_ffn(x, vid, ln_w, ln_b, w1, b1, w2, b2, 1e-6, routing=routing), packed, gy),
+        "reference": (lambda: mf.move_ffn_ref(x, vid, ln_w, ln_b, w1, b1, w2, b2, 1e-6), packed, gy),
+        "official_eager": (official_fwd, official, gy3),
+    }
+    path = "triton" if use_triton(x) else "reference-fallback"
+    flops = 3 * 2 * 2 * B * N * D * H  # two GEMMs, forward + backward
+    rows = []
+    for name, (fn, params, g) in impls.items():
+        def run(fn=fn, params=params, g=g):
+            torch.autograd.grad(fn(), params, g)
+        t = bench(run)
+        rows.append({"op": "move_ffn_fwd_bwd", "impl": name if name != "triton" else f"triton({path})",
+                     "shape": f"B{B} N{N} D{D} H{H} {str(DT).split('.')[-1]}", **t,
+                     "tflops": round(flops / t["ms"] / 1e9, 2), "peak_gib": round(peak_gib(run), 3)})
+    _finish(rows, bench_csv)
