@@ -57,7 +57,14 @@ def interpreting() -> bool:
 _warned = set()
 
 
-@torch.compiler.assume_constant_result
+def _constant_for_compile(fn):
+    # What torch.compiler.assume_constant_result does, without importing torch._dynamo (which imports Triton
+    # and costs seconds) when medst_fast is imported.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_for_compile
 def _triton_enabled() -> bool:
     # A plain constant for torch.compile: dynamo cannot trace the lru_cache/os.environ reads below, and the
     # answer does not change while a compiled graph lives (set_backend after compiling needs a recompile).
@@ -79,7 +86,7 @@ def interpreter_ready() -> bool:
     return isinstance(std.zeros, InterpretedFunction)
 
 
-@torch.compiler.assume_constant_result
+@_constant_for_compile
 def _interpret_enabled() -> bool:
     if not interpreting():
         return False
