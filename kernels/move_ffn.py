@@ -344,6 +344,14 @@ def _bwd_triton(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rs
 
 # The same slot-layout computation in PyTorch: the ops' implementation where the kernels cannot run (CPU
 # without the interpreter, e.g. torch.compile tests), and a second check of the layout logic.
+def _per_expert(ec, fn):
+    # every slot through every expert, keeping its own: 2x the flops but no (slots, H, D) weight gather
+    out = fn(0)
+    for i in range(1, N_EXPERTS):
+        out = torch.where((ec == i)[:, None], fn(i), out)
+    return out
+
+
 def _slot_expert(rows, tile_expert):
     return tile_expert.long().repeat_interleave(rows.numel() // tile_expert.numel())
 
@@ -357,9 +365,9 @@ def _fwd_torch(x, rows, tile_expert, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps
     rstd = torch.rsqrt(xs.var(1, unbiased=False) + eps)
     h = ((xs - mean[:, None]) * rstd[:, None] * ln_w[ec].float() + ln_b[ec].float()) * ok[:, None]
     h = h.to(x.dtype)
-    z1 = (torch.einsum("md,mhd->mh", h.float(), fc1_w[ec].float()) + fc1_b[ec].float()).to(x.dtype)
+    z1 = _per_expert(ec, lambda i: h.float() @ fc1_w[i].float().t() + fc1_b[i].float()).to(x.dtype)
     g = F.gelu(z1.float()).to(x.dtype)
-    y = (torch.einsum("mh,mdh->md", g.float(), fc2_w[ec].float()) + fc2_b[ec].float()).to(x.dtype)
+    y = _per_expert(ec, lambda i: g.float() @ fc2_w[i].float().t() + fc2_b[i].float()).to(x.dtype)
     out = x.index_add(0, rows.long()[ok], y[ok])
     return out, h, mean, rstd, z1, g
 
@@ -371,8 +379,8 @@ def _bwd_torch(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rst
     dy = torch.where(ok[:, None], dout[rows.long().clamp_min(0)], 0).float()
     zf = z1.float()
     gelu_grad = 0.5 * (1 + torch.erf(zf / math.sqrt(2))) + zf * torch.exp(-0.5 * zf * zf) / math.sqrt(2 * math.pi)
-    dz1 = (torch.einsum("md,mdh->mh", dy, fc2_w[ec].float()) * gelu_grad * ok[:, None]).to(x.dtype)
-    dh = torch.einsum("mh,mhd->md", dz1.float(), fc1_w[ec].float())
+    dz1 = (_per_expert(ec, lambda i: dy @ fc2_w[i].float()) * gelu_grad * ok[:, None]).to(x.dtype)
+    dh = _per_expert(ec, lambda i: dz1.float() @ fc1_w[i].float())
     oh = F.one_hot(ec, N_EXPERTS).float() * ok[:, None]  # (M, E)
     dw2 = torch.einsum("me,md,mh->edh", oh, dy, g.float())
     db2 = oh.t() @ dy
