@@ -148,9 +148,10 @@ def test_msxrt_files(tree):
                 prev["findings"]["pleural_effusion"], cur["findings"]["pleural_effusion"])
     with open(os.path.join(root, "msxrt", "MS_CXR_T_temporal_sentence_similarity_v1.0.0.csv")) as f:
         raw = list(csv.reader(f))
-    assert raw[0][2:5] == ["sentence_1", "sentence_2", "category"]
-    assert {r[4] for r in raw[1:]} == {"paraphrase", "contradiction"}
-    assert any(r[0] == "RadGraph" for r in raw[1:])
+    # the official reader takes itertuples() fields 2..4 = CSV columns 1..3
+    assert raw[0][1:4] == ["sentence_1", "sentence_2", "category"]
+    assert {r[3] for r in raw[1:]} == {"paraphrase", "contradiction"}
+    assert any(r[4] == "RadGraph" for r in raw[1:])
 
 
 def test_rsna_dicoms_and_covidx(tree):

@@ -488,10 +488,11 @@ def _write_msxrt(out_dir: str, gt: dict) -> dict:
             pairs.append(("RadGraph", up[int(srng.integers(0, 3))], down[int(srng.integers(0, 3))], "contradiction"))
             pairs.append(("RadGraph", same[int(srng.integers(0, 3))], up[int(srng.integers(0, 3))], "contradiction"))
         pairs.append(("CheXpert", f"New {name}.", f"{name.capitalize()} is new.", "paraphrase"))
-    # column order puts sentence_1, sentence_2, category at positions 2..4 (the official code reads row[2:5])
-    srows = [[sub, str(50000000 + i), s1, s2, cat] for i, (sub, s1, s2, cat) in enumerate(pairs)]
+    # The official reader takes itertuples() fields 2..4, i.e. CSV columns 1..3 (field 0 is the index), so
+    # sentence_1, sentence_2, category sit right after one leading column, and subset_name comes after them.
+    srows = [[str(50000000 + i), s1, s2, cat, sub] for i, (sub, s1, s2, cat) in enumerate(pairs)]
     with open(os.path.join(d, "MS_CXR_T_temporal_sentence_similarity_v1.0.0.csv"), "w", encoding="utf-8") as f:
-        f.write(_csv_text(("subset_name", "study_id", "sentence_1", "sentence_2", "category"), srows))
+        f.write(_csv_text(("study_id", "sentence_1", "sentence_2", "category", "subset_name"), srows))
     return {"image_pairs": len(rows), "sentence_pairs": len(srows)}
 
 

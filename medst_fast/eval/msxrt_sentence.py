@@ -26,7 +26,7 @@ def read_pairs(path, subset: str = "RadGraph"):
     """Returns (sentence_1 list, sentence_2 list, labels array).
 
     Columns are taken by name when the header has them, else by position as the official code reads
-    them (``itertuples()`` fields 2-4: the 2nd-4th CSV columns after ``subset_name``).
+    them (``itertuples()`` fields 2-4, i.e. CSV columns 1-3: field 0 is the index).
     """
     df = common.read_csv_checked(path, ["subset_name"], dtype=str, keep_default_na=False)
     names = ("sentence_1", "sentence_2", "category")
