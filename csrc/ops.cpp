@@ -42,12 +42,13 @@ std::vector<ImageGeom> build_geometry(const std::vector<at::Tensor>& images, con
     g.h = im.size(-2);
     g.w = im.size(-1);
     TORCH_CHECK(g.h > 0 && g.w > 0, "resize_pad_crop_normalize: images[", b, "] is empty");
-    if (g.h >= g.w) {  // the official resize_img: ties resize the height
+    // The official resize_img: ties resize the height; the shorter side truncates the same float64 product.
+    if (g.h >= g.w) {
       g.nh = resize_to;
-      g.nw = std::max<int64_t>(1, (g.w * resize_to) / g.h);
+      g.nw = std::max<int64_t>(1, (int64_t)((double)g.w * ((double)resize_to / (double)g.h)));
     } else {
       g.nw = resize_to;
-      g.nh = std::max<int64_t>(1, (g.h * resize_to) / g.w);
+      g.nh = std::max<int64_t>(1, (int64_t)((double)g.h * ((double)resize_to / (double)g.w)));
     }
     g.top = (resize_to - g.nh) / 2;
     g.left = (resize_to - g.nw) / 2;

@@ -2,9 +2,9 @@
 
 Definition (docs/interfaces.md, medst-spec §3.6), shared by every backend so they agree to rounding error:
 
-* geometry, as the official ``resize_img``: if H >= W the height becomes R and the width ``(W*R)//H``, else
-  the width becomes R and the height ``(H*R)//W`` (integer floor; the official floors a float product, which
-  only differs when that product rounds below an integer). The resized image is placed in a zero R x R canvas
+* geometry, as the official ``resize_img``: if H >= W the height becomes R and the width
+  ``int(W * (R / H))`` (the same float64 product the official truncates, so sizes agree to the pixel), else
+  the width becomes R and the height ``int(H * (R / W))``. The resized image is placed in a zero R x R canvas
   at ``top = (R - h')//2``, ``left = (R - w')//2`` (the official pads floor before, ceil after).
 * resampling, separable, in float32 without intermediate rounding:
     - ``"area"`` (default): exact area averaging, each output pixel is the mean of the input it covers with
@@ -43,9 +43,9 @@ def resize_geometry(h: int, w: int, resize_to: int) -> Tuple[int, int, int, int]
     if h <= 0 or w <= 0:
         raise ValueError(f"image has an empty side: height={h}, width={w}")
     if h >= w:
-        nh, nw = resize_to, max(1, (w * resize_to) // h)
+        nh, nw = resize_to, max(1, int(w * (resize_to / h)))
     else:
-        nh, nw = max(1, (h * resize_to) // w), resize_to
+        nh, nw = max(1, int(h * (resize_to / w))), resize_to
     return nh, nw, (resize_to - nh) // 2, (resize_to - nw) // 2
 
 
