@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..config import VisionCfg
 from .layers import Mlp, sdpa
 from .packing import PackedViews, pack_views, packed_attention
+from ..kernels import use_triton
 
 
 class PatchEmbed(nn.Module):
@@ -69,6 +70,17 @@ class MoVEBlock(nn.Module):
         qkv = self.attn.qkv(self.norm1(x)).view(x.shape[0], 3, self.attn.heads, -1)
         o = packed_attention(qkv, pk)
         x = x + self.attn.proj(o.reshape(x.shape[0], -1))
+        if pk.routing is not None and x.dtype in (torch.bfloat16, torch.float16):
+            # Fused Triton MoVE FFN (LayerNorm, fc1+bias+GELU, fc2+bias, residual; tokens routed by view).
+            # Only for a half-precision residual stream: under fp32 autocast the kernel would run in fp32.
+            from medst_fast.kernels.move_ffn import move_ffn
+
+            f, l = (self.norm2, self.mlp), (self.norm2_l, self.mlp_l)
+            return move_ffn(
+                x, pk.view_id, torch.stack([f[0].weight, l[0].weight]), torch.stack([f[0].bias, l[0].bias]),
+                torch.stack([f[1].fc1.weight, l[1].fc1.weight]), torch.stack([f[1].fc1.bias, l[1].fc1.bias]),
+                torch.stack([f[1].fc2.weight, l[1].fc2.weight]), torch.stack([f[1].fc2.bias, l[1].fc2.bias]),
+                self.norm2.eps, routing=pk.routing)
         xf = x.index_select(0, pk.frontal_idx)
         delta = torch.zeros_like(x).index_copy(0, pk.frontal_idx, self.mlp(self.norm2(xf)))
         if pk.lateral_idx.numel():
@@ -164,6 +176,10 @@ class MoVEViT(nn.Module):
         lat_rows = has.nonzero().flatten()  # note: a host sync, once per forward, to size the buffer
         lt = self.patch_embed(lateral.index_select(0, lat_rows)) + self.pos_embed[:, 1:]
         pk = pack_views(has, lat_rows, P)
+        if self.cfg.lateral_expert and use_triton(fr):
+            from medst_fast.kernels.move_ffn import build_routing
+
+            pk.routing = build_routing(pk.view_id)  # once per forward, shared by every block
         x = fr.new_zeros(pk.total, fr.shape[-1])
         x = x.index_copy(0, pk.frontal_idx, fr.reshape(-1, fr.shape[-1]))
         if lat_rows.numel():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ class PackedViews:
     lateral_idx: torch.Tensor  # (n_lat*P,) buffer rows of lateral tokens of studies that have one
     dense_idx: torch.Tensor  # (total,) row in a (B*max_len) padded layout, for the masked-SDPA fallback
     lengths: torch.Tensor  # (B,) tokens per study
+    view_id: torch.Tensor  # (total,) long: 0 = CLS/frontal, 1 = lateral
+    routing: Optional[object] = None  # kernels.move_ffn.MoveRouting when the fused FFN runs
 
 
 def pack_views(has: torch.Tensor, lat_rows: torch.Tensor, P: int) -> PackedViews:
@@ -43,7 +46,8 @@ def pack_views(has: torch.Tensor, lat_rows: torch.Tensor, P: int) -> PackedViews
     pos = torch.arange(total, device=dev) - starts.index_select(0, seq)
     dense_idx = seq * max_len + pos
     cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-    return PackedViews(B, total, max_len, cu, frontal_idx, lateral_idx, dense_idx, lengths)
+    view_id = torch.zeros(total, dtype=torch.long, device=dev).index_fill_(0, lateral_idx, 1)
+    return PackedViews(B, total, max_len, cu, frontal_idx, lateral_idx, dense_idx, lengths, view_id)
 
 
 _varlen = None
