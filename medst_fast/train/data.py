@@ -235,8 +235,4 @@ def build_dataset(kind: str, data: Optional[str], split: str, tokenizer, img_siz
     ds = ds_mod.SeriesDataset(data, split, tokenizer, img_size, train=True)
     if len(ds) == 0:
         raise ValueError(f"{data}: split {split!r} has no series")
-
-    def collate(items):
-        return ds_mod.collate_series(items, replicate_official_bug=replicate_collate_bug)
-
-    return ds, collate
+    return ds, ds_mod.SeriesCollate(replicate_official_bug=replicate_collate_bug)

@@ -59,7 +59,10 @@ class PretrainModule(nn.Module):
 
     def forward(self, batch):
         out = self.model(batch)
-        lo = self.loss_fn(out, self.model)
+        # The losses run outside autocast, in fp32 (they upcast their inputs): softmax/logsumexp over
+        # similarity logits with masked -inf/finfo.min entries must not be recast to bf16/fp16 by autocast.
+        with torch.autocast(out.img_global.device.type, enabled=False):
+            lo = self.loss_fn(out, self.model)
         return lo.total, torch.stack([lo.ita, lo.local, lo.temporal]).float()
 
 

@@ -1,0 +1,151 @@
+"""End-to-end trainer runs: the README command on CPU, exports, faults (NaN, SIGTERM), AMP, flags."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medst_fast
+from medst_fast.pretrain import main
+from medst_fast.train import checkpoint as ck
+from medst_fast.train import loop as loop_mod
+from medst_fast.train.loop import TrainingDiverged
+
+SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
+
+
+def _argv(out, vocab, *extra):
+    return ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out), "--workers", "0",
+            "--batch-series", "2", "--log-every", "1", *SMALL, *extra]
+
+
+def test_readme_main_command(tmp_path):
+    """`python -m medst_fast.pretrain` with all defaults on CPU: synthetic data, medst_tiny, 8 epochs, exports."""
+    env = dict(os.environ, MEDST_FAST_CACHE=str(tmp_path / "cache"))
+    env.pop("MEDST_FAST_VOCAB", None)
+    r = subprocess.run([sys.executable, "-m", "medst_fast.pretrain"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    args = json.loads((run / "args.json").read_text())
+    assert (args["model"], args["amp"], args["device"], args["dataset_type"], args["epochs"]) == (
+        "medst_tiny", "none", "cpu", "synthetic", 8)
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,epoch,loss,ita,local,temporal,lr,studies_per_s")
+    last = dict(zip(rows[0].split(","), rows[-1].split(",")))
+    assert int(last["epoch"]) == 8 and all(float(last[k]) == float(last[k]) for k in ("loss", "ita", "local", "temporal"))
+    assert "studies/s" in r.stderr and "lr" in r.stderr
+
+    model = medst_fast.from_pretrained(str(run / "final")).eval()  # the full export, with its vocab
+    tok = medst_fast.get_tokenizer(str(run / "final" / "vocab.txt"))
+    ckpt = ck.load_checkpoint(ck.list_checkpoints(str(run))[-1])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    with torch.no_grad():
+        e = model.encode_text(**{k: v for k, v in tok(["no acute process"]).items() if k != "word_slots"})
+    assert e.shape == (1, model.cfg.head.embed_dim)
+    enc = medst_fast.from_pretrained(str(run / "final_encoder")).eval()  # image encoder only
+    x = torch.zeros(2, 1, enc.cfg.vision.img_size, enc.cfg.vision.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_image(x), model.encode_image(x))
+    cache = tmp_path / "cache"
+    (syn,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
+    assert (syn / "COMPLETE").is_file() and (syn / "vocab.txt").is_file()
+
+
+def test_reuses_synthetic_cache(tmp_path, monkeypatch):
+    from medst_fast.train import data
+
+    calls = []
+    monkeypatch.setattr(data, "synthetic_root", lambda c, p, s: str(tmp_path / "syn"))
+    os.makedirs(tmp_path / "syn" / "index")
+    (tmp_path / "syn" / "COMPLETE").write_text("ok\n")
+    import medst_fast.data.synth as synth
+
+    monkeypatch.setattr(synth, "generate", lambda *a, **k: calls.append(1))
+    idx, vocab = data.ensure_synthetic(str(tmp_path), 40)
+    assert calls == [] and idx == str(tmp_path / "syn" / "index") and vocab == str(tmp_path / "syn" / "vocab.txt")
+
+
+def _inject(monkeypatch, on_call):
+    """Wrap PretrainModule.forward: on_call(n) may return a factor for the loss (e.g. nan) or act (signal)."""
+    orig = loop_mod.PretrainModule.forward
+    count = {"n": 0}
+
+    def fwd(self, batch):
+        count["n"] += 1
+        total, parts = orig(self, batch)
+        f = on_call(count["n"])
+        return (total * f, parts) if f is not None else (total, parts)
+
+    monkeypatch.setattr(loop_mod.PretrainModule, "forward", fwd)
+
+
+def test_nan_step_is_skipped(tmp_path, vocab_path, monkeypatch):
+    _inject(monkeypatch, lambda n: float("nan") if n == 2 else None)
+    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "4", "--no-export"))
+    assert res.step == 4 and res.bad_steps == 1
+    st = ck.load_checkpoint(res.last_checkpoint)
+    steps = {float(s["step"]) for s in st["optimizer"]["state"].values()}
+    assert steps == {3.0}  # 4 steps, one update skipped
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+def test_consecutive_nans_stop_with_clear_message(tmp_path, vocab_path, monkeypatch):
+    _inject(monkeypatch, lambda n: float("inf") if n >= 3 else None)
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf in 3 consecutive steps .*--max-bad-steps 3"):
+        main(_argv(tmp_path / "r", vocab_path, "--max-steps", "10", "--max-bad-steps", "3", "--save-every", "2"))
+    st = ck.load_checkpoint(ck.list_checkpoints(str(tmp_path / "r"))[-1])
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_checkpoint_and_exits(tmp_path, vocab_path, monkeypatch, sig):
+    before = signal.getsignal(sig)
+    _inject(monkeypatch, lambda n: os.kill(os.getpid(), sig) if n == 2 else None)
+    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "6", "--save-every", "100"))
+    assert res.interrupted == int(sig) and res.step == 2 and res.export_dir is None
+    assert res.last_checkpoint == ck.ckpt_path(str(tmp_path / "r"), 2) and os.path.isfile(res.last_checkpoint)
+    assert signal.getsignal(sig) == before  # handlers restored
+    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "6", "--resume", "auto", "--no-export"))
+    assert res.step == 6 and res.interrupted is None
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cpu(tmp_path, vocab_path, amp):
+    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--amp", amp, "--no-export"))
+    st = ck.load_checkpoint(res.last_checkpoint)
+    assert res.bad_steps == 0 and res.last_loss == res.last_loss
+    assert bool(st["scaler"]) == (amp == "fp16")  # GradScaler only for fp16
+    assert all(v.dtype != torch.bfloat16 for v in st["model"].values())  # master weights stay fp32
+
+
+def test_grad_checkpointing_same_result(tmp_path, vocab_path):
+    a = main(_argv(tmp_path / "a", vocab_path, "--max-steps", "2", "--no-export"))
+    b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "2", "--no-export", "--grad-checkpointing"))
+    wa, wb = ck.load_checkpoint(a.last_checkpoint)["model"], ck.load_checkpoint(b.last_checkpoint)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_init_from_export_and_lr_zero_keeps_weights(tmp_path, vocab_path):
+    a = main(_argv(tmp_path / "a", vocab_path, "--max-steps", "1"))
+    init = os.path.join(a.export_dir, "model.safetensors")
+    b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "1", "--init", init, "--lr", "0", "--min-lr", "0",
+                   "--seed", "7", "--no-export"))
+    wa = medst_fast.from_pretrained(a.export_dir).state_dict()
+    wb = ck.load_checkpoint(b.last_checkpoint)["model"]
+    for k, v in wa.items():
+        if "running_" in k or "num_batches" in k:
+            continue  # BatchNorm statistics do move in a training step
+        assert torch.equal(v, wb[k]), k
+
+
+def test_missing_vocab_with_data_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDST_FAST_VOCAB", raising=False)
+    os.makedirs(tmp_path / "idx")
+    with pytest.raises(SystemExit, match="--vocab is required"):
+        main(["--data", str(tmp_path / "idx"), "--out", str(tmp_path / "r")])
