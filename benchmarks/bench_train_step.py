@@ -16,7 +16,6 @@ On CPU the shapes are tiny (medst_tiny, 2 series) and the rows are marked as not
 """
 import os
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -22,12 +22,20 @@ def _argv(out, vocab, *extra):
             "--batch-series", "2", "--log-every", "1", *SMALL, *extra]
 
 
-def test_readme_main_command(tmp_path):
-    """`python -m medst_fast.pretrain` with all defaults on CPU: synthetic data, medst_tiny, 8 epochs, exports."""
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory):
+    """`python -m medst_fast.pretrain` with all defaults, in a fresh folder with an empty cache."""
+    tmp_path = tmp_path_factory.mktemp("readme")
     env = dict(os.environ, MEDST_FAST_CACHE=str(tmp_path / "cache"))
     env.pop("MEDST_FAST_VOCAB", None)
     r = subprocess.run([sys.executable, "-m", "medst_fast.pretrain"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=600)
+    return tmp_path, r
+
+
+def test_readme_main_command(readme_run):
+    """Defaults on CPU: synthetic data, medst_tiny, 8 epochs, metrics, checkpoints and both exports."""
+    tmp_path, r = readme_run
     assert r.returncode == 0, r.stderr[-4000:]
     (run,) = list((tmp_path / "runs").iterdir())
     args = json.loads((run / "args.json").read_text())
@@ -54,6 +62,29 @@ def test_readme_main_command(tmp_path):
     cache = tmp_path / "cache"
     (syn,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
     assert (syn / "COMPLETE").is_file() and (syn / "vocab.txt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["index", "manifest"])
+def test_data_flag(readme_run, tmp_path, kind):
+    """--data with a prepared index folder or a generic manifest CSV (+ --vocab)."""
+    from medst_fast.data.index import SeriesIndex
+
+    cache = readme_run[0] / "cache"
+    (syn,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
+    data = str(syn / "index")
+    if kind == "manifest":
+        idx = SeriesIndex.load(data)
+        lines = ["patient_id,order,view,file,report"]
+        for st in idx.studies:
+            if st.split == "train":
+                lines.append(f"{st.subject_id},{st.order},PA,{idx.path(st.frontal_path)},{st.text}")
+        data = str(tmp_path / "manifest.csv")
+        open(data, "w").write("\n".join(lines) + "\n")
+    res = main(["--data", data, "--vocab", str(syn / "vocab.txt"), "--out", str(tmp_path / "r"), "--workers", "0",
+                "--batch-series", "4", "--max-steps", "2", "--no-export", "--log-every", "1"])
+    assert res.step == 2 and res.last_loss == res.last_loss
+    if kind == "manifest":
+        assert (tmp_path / "r" / "manifest_index" / "meta.json").is_file()
 
 
 def test_reuses_synthetic_cache(tmp_path, monkeypatch):

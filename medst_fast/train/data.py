@@ -218,18 +218,12 @@ def collate_pretokenized(items: List[Dict[str, Any]], series_len: int = 4) -> Di
 
 # -- dataset factory -----------------------------------------------------------------------------------------
 def build_dataset(kind: str, data: Optional[str], split: str, tokenizer, img_size: int, seed: int,
-                  replicate_collate_bug: bool, work_dir: str, n_random: int = 64) -> Tuple[Dataset, Callable]:
-    """(dataset of series, collate) for ``--dataset-type`` kind."""
+                  replicate_collate_bug: bool, n_random: int = 64) -> Tuple[Dataset, Callable]:
+    """(dataset of series, collate) for ``--dataset-type`` kind; a manifest must already be an index folder."""
     if kind == "random":
         return RandomSeriesDataset(n_random, tokenizer, img_size, seed=seed), collate_pretokenized
     from ..data import dataset as ds_mod
 
-    if kind == "manifest":
-        from ..data import manifest
-
-        index_dir = os.path.join(work_dir, "manifest_index")
-        manifest.index_from_manifest(data, index_dir)
-        data = index_dir
     if kind not in ("index", "manifest", "synthetic"):
         raise ValueError(f"unknown dataset type {kind!r}")
     ds = ds_mod.SeriesDataset(data, split, tokenizer, img_size, train=True)

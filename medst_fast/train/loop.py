@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -163,6 +161,7 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._old_handlers: Dict[int, Any] = {}
         self._log_handlers: List[logging.Handler] = []
+        self._log_level = log.level  # restored by close(): main() may be called from tests or notebooks
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -237,8 +236,16 @@ class Trainer:
         self.cfg = model.cfg
         self.tokenizer = tok
 
+        if a.dataset_type == "manifest":  # convert once, on rank 0, into the run folder
+            from ..data import manifest
+
+            index_dir = os.path.join(self.run_dir, "manifest_index")
+            if primary:
+                manifest.index_from_manifest(data, index_dir)
+            D.barrier()
+            data = index_dir
         ds, collate = build_dataset(a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.seed,
-                                    a.replicate_collate_bug, self.run_dir, n_random=a.random_series)
+                                    a.replicate_collate_bug, n_random=a.random_series)
         self.sampler = SeriesBatchSampler(len(ds), a.batch_series, self.world.rank, self.world.world_size, a.seed)
         self.loader = make_loader(ds, self.sampler, collate, a.workers, a.seed, pin_memory=self.device.type == "cuda")
         self.loader.worker_init_fn = _ignore_sigint
@@ -477,6 +484,7 @@ class Trainer:
         for h in self._log_handlers:
             log.removeHandler(h)
             h.close()
+        log.setLevel(self._log_level)
         D.cleanup()
 
 
