@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,13 +68,21 @@ def crop_offsets(n: int, resize_to: int, out_size: int, train: bool,
     return torch.full((n, 2), center_offset(resize_to, out_size), dtype=torch.long)
 
 
+def area_weights_np(in_size: int, out_size: int, dtype=np.float64) -> np.ndarray:
+    """(out, in) exact area-averaging matrix: overlap of [o*in, (o+1)*in) and [k*out, (k+1)*out), / in.
+
+    numpy, so it is safe inside forked DataLoader workers (torch's inherited intra-op pool can deadlock).
+    """
+    o = np.arange(out_size, dtype=np.int64)[:, None]
+    k = np.arange(in_size, dtype=np.int64)[None, :]
+    lo = np.maximum(o * in_size, k * out_size)
+    hi = np.minimum((o + 1) * in_size, (k + 1) * out_size)
+    return (np.clip(hi - lo, 0, None) / in_size).astype(dtype)
+
+
 def area_weights(in_size: int, out_size: int, dtype=torch.float64) -> torch.Tensor:
-    """(out, in) exact area-averaging matrix: overlap of [o*in, (o+1)*in) and [k*out, (k+1)*out), / in."""
-    o = torch.arange(out_size, dtype=torch.long).unsqueeze(1)
-    k = torch.arange(in_size, dtype=torch.long).unsqueeze(0)
-    lo = torch.maximum(o * in_size, k * out_size)
-    hi = torch.minimum((o + 1) * in_size, (k + 1) * out_size)
-    return (hi - lo).clamp_min(0).to(dtype) / in_size
+    """Torch view of :func:`area_weights_np` (one definition for every backend)."""
+    return torch.from_numpy(area_weights_np(in_size, out_size)).to(dtype)
 
 
 def _as_2d_uint8(img: torch.Tensor, i: int) -> torch.Tensor:

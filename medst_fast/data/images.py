@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from ..ops_image import area_weights_np
+
 log = logging.getLogger("medst_fast")
 
 
@@ -62,16 +64,24 @@ def to_gray8(img: Image.Image, path: str = "<image>") -> Image.Image:
 
 
 def resize_longer(img: Image.Image, longer: int) -> Image.Image:
-    """Resize so the longer side is ``longer`` with area-like filtering (PIL BOX ~ cv2 INTER_AREA).
+    """Resize so the longer side is ``longer`` by exact area averaging (cv2 INTER_AREA when shrinking).
 
-    The shorter side is truncated, int(side * scale), as the official ``resize_img`` does; resizing an image
+    The same weights as :func:`medst_fast.ops_image.area_weights`, so the PIL loader, the cache written by
+    prepare and the batched GPU/extension op share one definition; rounded to uint8 as cv2 does. The
+    shorter side is truncated, int(side * scale), as the official ``resize_img`` does; resizing an image
     that already has the target longer side is then a no-op (a cached image is not resampled twice)."""
     w, h = img.size
     s = longer / max(w, h)
-    size = (longer, max(1, int(h * s))) if w >= h else (max(1, int(w * s)), longer)
-    if size == (w, h):
+    nw, nh = (longer, max(1, int(h * s))) if w >= h else (max(1, int(w * s)), longer)
+    if (nw, nh) == (w, h):
         return img
-    return img.resize(size, Image.BOX if s < 1 else Image.BILINEAR)
+    # numpy, not torch: this runs inside forked DataLoader workers, where torch's intra-op thread pool
+    # inherited from the parent can deadlock.
+    a = np.asarray(img, dtype=np.uint8).astype(np.float32)
+    wy = area_weights_np(h, nh, np.float32)
+    wx = area_weights_np(w, nw, np.float32)
+    r = np.clip(np.rint(wy @ a @ wx.T), 0, 255).astype(np.uint8)
+    return Image.fromarray(r, mode="L")
 
 
 def read_resized(path: str, longer: int, draft: bool = True) -> Image.Image:
