@@ -115,10 +115,11 @@ setup(
     package_data={"medst_fast": ["model_configs/*.json"]},
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
-        "train": ["tokenizers>=0.15", "safetensors>=0.4", "pillow>=9", "tqdm"],
-        "eval": ["scikit-learn>=1.2", "pydicom>=2.4"],
+        # prepare (run by the trainer on its built-in synthetic data) reads the MIMIC CSVs with pandas
+        "train": ["tokenizers>=0.15", "safetensors>=0.4", "pillow>=9", "tqdm", "pandas>=1.5", "pydicom>=2.4"],
+        "eval": ["scikit-learn>=1.2", "pydicom>=2.4", "pandas>=1.5"],
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=7", "tokenizers>=0.15", "safetensors>=0.4", "pillow>=9", "tqdm",
+        "dev": ["pytest>=7", "tokenizers>=0.15", "safetensors>=0.4", "pillow>=9", "tqdm", "pandas>=1.5",
                 "scikit-learn>=1.2", "pydicom>=2.4"],
     },
     entry_points={"console_scripts": ["medst-pretrain=medst_fast.pretrain:main"]},
