@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,11 +96,15 @@ class SeededItems(Dataset):
             torch.set_rng_state(th)
 
 
+def _ignore_sigint(_worker_id):  # Ctrl-C reaches the whole process group; the main process handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: SeriesBatchSampler, collate: Callable, workers: int, seed: int,
                 pin_memory: bool) -> DataLoader:
     g = torch.Generator().manual_seed(seed)  # never touch the global RNG when an iterator is created
     return DataLoader(SeededItems(dataset, seed), batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory, generator=g, persistent_workers=False,
+                      pin_memory=pin_memory, generator=g, persistent_workers=False, worker_init_fn=_ignore_sigint,
                       prefetch_factor=4 if workers > 0 else None)
 
 

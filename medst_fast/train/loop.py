@@ -94,10 +94,6 @@ def amp_dtype(amp: str) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
-def _ignore_sigint(_worker_id):  # Ctrl-C reaches the whole process group; the main process handles it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class StepRunner:
     """Forward/backward over the micro-batches of one optimizer step, and the guarded optimizer update."""
 
@@ -248,7 +244,6 @@ class Trainer:
                                     a.replicate_collate_bug, n_random=a.random_series)
         self.sampler = SeriesBatchSampler(len(ds), a.batch_series, self.world.rank, self.world.world_size, a.seed)
         self.loader = make_loader(ds, self.sampler, collate, a.workers, a.seed, pin_memory=self.device.type == "cuda")
-        self.loader.worker_init_fn = _ignore_sigint
         self.steps_per_epoch = len(self.sampler) // a.accum_steps
         if self.steps_per_epoch == 0:
             raise SystemExit(f"an epoch has {len(self.sampler)} batches per rank, fewer than --accum-steps {a.accum_steps}")
