@@ -68,16 +68,21 @@ def crop_offsets(n: int, resize_to: int, out_size: int, train: bool,
     return torch.full((n, 2), center_offset(resize_to, out_size), dtype=torch.long)
 
 
-def area_weights_np(in_size: int, out_size: int, dtype=np.float64) -> np.ndarray:
-    """(out, in) exact area-averaging matrix: overlap of [o*in, (o+1)*in) and [k*out, (k+1)*out), / in.
-
-    numpy, so it is safe inside forked DataLoader workers (torch's inherited intra-op pool can deadlock).
-    """
+def area_overlap_np(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) integer overlaps of [o*in, (o+1)*in) and [k*out, (k+1)*out); each row sums to ``in_size``."""
     o = np.arange(out_size, dtype=np.int64)[:, None]
     k = np.arange(in_size, dtype=np.int64)[None, :]
     lo = np.maximum(o * in_size, k * out_size)
     hi = np.minimum((o + 1) * in_size, (k + 1) * out_size)
-    return (np.clip(hi - lo, 0, None) / in_size).astype(dtype)
+    return np.clip(hi - lo, 0, None)
+
+
+def area_weights_np(in_size: int, out_size: int, dtype=np.float64) -> np.ndarray:
+    """(out, in) exact area-averaging matrix: the overlaps divided by ``in_size``.
+
+    numpy, so it is safe inside forked DataLoader workers (torch's inherited intra-op pool can deadlock).
+    """
+    return (area_overlap_np(in_size, out_size) / in_size).astype(dtype)
 
 
 def area_weights(in_size: int, out_size: int, dtype=torch.float64) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ..ops_image import area_weights_np
+from ..ops_image import area_overlap_np
 
 log = logging.getLogger("medst_fast")
 
@@ -75,12 +75,13 @@ def resize_longer(img: Image.Image, longer: int) -> Image.Image:
     nw, nh = (longer, max(1, int(h * s))) if w >= h else (max(1, int(w * s)), longer)
     if (nw, nh) == (w, h):
         return img
-    # numpy, not torch: this runs inside forked DataLoader workers, where torch's intra-op thread pool
-    # inherited from the parent can deadlock.
-    a = np.asarray(img, dtype=np.uint8).astype(np.float32)
-    wy = area_weights_np(h, nh, np.float32)
-    wx = area_weights_np(w, nw, np.float32)
-    r = np.clip(np.rint(wy @ a @ wx.T), 0, 255).astype(np.uint8)
+    # Integer overlaps in float64: every partial sum is an integer below 2**53 (<= 255*h*w), so the BLAS
+    # products are exact whatever the thread count or summation order, and the rounding to uint8 is
+    # reproducible across processes (a resumed cache is byte-identical). numpy, not torch: this runs
+    # inside forked DataLoader workers, where torch's inherited intra-op pool can deadlock.
+    a = np.asarray(img, dtype=np.uint8).astype(np.float64)
+    t = area_overlap_np(h, nh).astype(np.float64) @ a @ area_overlap_np(w, nw).astype(np.float64).T
+    r = np.clip(np.rint(t / float(h * w)), 0, 255).astype(np.uint8)
     return Image.fromarray(r, mode="L")
 
 
