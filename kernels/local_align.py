@@ -38,6 +38,11 @@ def token_align_loss_ref(
     renorm_context: bool = True,
 ) -> torch.Tensor:
     """Reference. q: (B, Tq, d), c: (B, Tc, d), masks (B, T) bool or None; MHA in_proj (3d, d), (3d,)."""
+    with torch.autocast(q.device.type, enabled=False):  # fp32 maths even when called under autocast
+        return _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context)
+
+
+def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context):
     B, Tq, d = q.shape
     neg = torch.finfo(torch.float32).min
     qf, cf = q.float(), c.float()

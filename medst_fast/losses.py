@@ -106,6 +106,11 @@ class MedSTLoss(torch.nn.Module):
         self.cfg, self.faithful, self.gather = cfg, faithful, gather
 
     def forward(self, out, model) -> LossOutput:
+        # The losses run in fp32 even under autocast: logits / 0.07 and 1/variance terms need the range.
+        with torch.autocast(out.img_global.device.type, enabled=False):
+            return self._forward(out, model)
+
+    def _forward(self, out, model) -> LossOutput:
         c = self.cfg
         if self.gather is not None:
             img_all, off = self.gather(out.img_global)

@@ -212,3 +212,18 @@ def test_packed_encoder_gives_same_default_loss(vocab_path):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_losses_under_autocast_equal_fp32(vocab_path):
+    tok = medst_fast.get_tokenizer(vocab_path)
+    model = medst_fast.create_model("medst_tiny", text={"hidden_dropout": 0.0, "attn_dropout": 0.0})
+    out = model(_batch(model, tok))
+    crit = MedSTLoss(model.cfg.loss)
+    ref = crit(out, model).total
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = crit(out, model).total
+        mha = model.word_weighting
+        direct = token_align_loss_ref(out.word_local, out.patch_local, out.word_mask, out.patch_mask,
+                                      mha.in_proj_weight, mha.in_proj_bias)
+    torch.testing.assert_close(got, ref)
+    assert direct.dtype == torch.float32
