@@ -15,30 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from medst_fast.kernels import _utils
+
+from _interp import HAS_TRITON, IN_INTERPRETER, run_interp_tests_in_child
 from medst_fast.kernels import local_align as la
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - CPU wheels without Triton
-    HAS_TRITON = False
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton does not import here")
 
 
-IN_INTERPRETER = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and _utils.interpreter_ready()
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton does not import here")
 def test_kernels_under_interpreter():
     if IN_INTERPRETER:
         pytest.skip("already in the interpreter process: the test_interp_* tests run directly")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
-                        os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+    run_interp_tests_in_child(__file__)
 
 
 @pytest.fixture

@@ -1,0 +1,29 @@
+"""Running a test module's ``test_interp_*`` tests under Triton's CPU interpreter, in a child pytest.
+
+Triton reads TRITON_INTERPRET only before its first import, and setting it in the main test process would
+switch every other test (and any CUDA kernel) to the interpreter; so each kernel test module runs its
+interpreter tests in a child process with the variable set.
+"""
+import os
+import subprocess
+import sys
+
+from medst_fast.kernels import _utils
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - CPU wheels without Triton
+    HAS_TRITON = False
+
+IN_INTERPRETER = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and _utils.interpreter_ready()
+
+
+def run_interp_tests_in_child(test_file: str) -> None:
+    """Run ``-k test_interp_`` of ``test_file`` with TRITON_INTERPRET=1; assert they ran and passed."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
+                        os.path.abspath(test_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
