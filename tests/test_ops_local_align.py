@@ -248,3 +248,23 @@ def test_torch_compile_fullgraph(monkeypatch, entry):
     got = loss_and_grads(compiled, q, c, q_mask, c_mask, w, b, True, gout)
     for name, g, r in zip(["loss", "dq", "dc", "dw", "db"], got, ref):
         assert_close_rel(g, r, 1e-5, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm", CASES + [(64, 111, 392, 128, "words", "lateral", True),
+                                                          (64, 392, 111, 128, "lateral", "words", False)])
+def test_cuda_fused_matches_reference(B, Tq, Tc, d, qm, cm, renorm):
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    try:
+        q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, qm, cm)
+        q, c, w, b = (t.detach().cuda().requires_grad_() for t in (q, c, w, b))
+        q_mask = q_mask.cuda() if q_mask is not None else None
+        c_mask = c_mask.cuda() if c_mask is not None else None
+        gout = torch.tensor(1.3, device="cuda")
+        ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout)
+        got = loss_and_grads(la.token_align_loss, q, c, q_mask, c_mask, w, b, renorm, gout)
+        for name, g, r in zip(["loss", "dq", "dc", "d_in_proj_weight", "d_in_proj_bias"], got, ref):
+            assert_close_rel(g, r, 1e-4, name)
+    finally:
+        _utils.set_backend(old)
