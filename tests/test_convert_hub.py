@@ -194,3 +194,15 @@ def test_config_json_round_trip_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="bad.json"):
         medst_fast.add_model_config(tmp_path / "bad.json")
     assert {"medst_tiny", "medst_vit_b16"} <= set(medst_fast.list_models())
+
+
+def test_readme_drop_in_snippet(tmp_path, vocab_path):
+    m = medst_fast.create_model("medst_tiny").eval()
+    medst_fast.save_pretrained(m, tmp_path / "m")
+    m = medst_fast.create_model("medst_tiny", pretrained=str(tmp_path / "m")).eval()
+    tok = medst_fast.get_tokenizer(vocab_path)
+    img = torch.randn(2, 1, 96, 96)
+    z_img, z_txt = m.encode_image(img), m.encode_text(**tok(["small left effusion", "no pneumothorax"]))
+    assert z_img.shape == z_txt.shape == (2, 32)
+    torch.testing.assert_close(z_img.norm(dim=-1), torch.ones(2))
+    assert m.image_features(img).shape == (2, 64)

@@ -64,7 +64,9 @@ class MedST(nn.Module):
         e = self.visual_global_head(cls)
         return F.normalize(e, dim=-1) if normalize else e
 
-    def encode_text(self, input_ids, attention_mask=None, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask=None, word_slots=None, normalize: bool = True) -> torch.Tensor:
+        """Global report embedding (B, E). ``word_slots`` is accepted (and unused) so ``**tokenizer(texts)`` works."""
+        del word_slots  # the global embedding reads the [CLS] state only
         cls, _, _ = self.text(input_ids, attention_mask)
         e = self.text_global_head(cls)
         return F.normalize(e, dim=-1) if normalize else e
