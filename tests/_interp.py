@@ -27,3 +27,27 @@ def run_interp_tests_in_child(test_file: str) -> None:
                         os.path.abspath(test_file)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+
+
+def triton_backend_counting(monkeypatch, module, fwd_name: str, bwd_name: str):
+    """Generator for an ``interpret`` fixture: select the Triton backend and count forward/backward launches
+    of ``module.<fwd_name>`` / ``module.<bwd_name>``, so a test can assert the kernels really ran."""
+    import pytest
+
+    if not IN_INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported: run by test_kernels_under_interpreter")
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    calls = {"fwd": 0, "bwd": 0}
+    for key, name in (("fwd", fwd_name), ("bwd", bwd_name)):
+        orig = getattr(module, name)
+
+        def counted(*a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        _utils.set_backend(old)

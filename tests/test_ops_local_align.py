@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from medst_fast.kernels import _utils
 
-from _interp import HAS_TRITON, IN_INTERPRETER, run_interp_tests_in_child
+from _interp import HAS_TRITON, IN_INTERPRETER, run_interp_tests_in_child, triton_backend_counting
 from medst_fast.kernels import local_align as la
 
 
@@ -35,25 +35,7 @@ def test_kernels_under_interpreter():
 @pytest.fixture
 def interpret(monkeypatch):
     """Run the Triton kernels on CPU tensors and count that they really ran."""
-    if not IN_INTERPRETER:
-        pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported: run by test_kernels_under_interpreter")
-    old = _utils.get_backend()
-    _utils.set_backend("triton")
-    calls = {"fwd": 0, "bwd": 0}
-    fwd, bwd = la._softmax_rows_triton, la._softmax_rows_bwd_triton
-
-    def count_fwd(*a, **k):
-        calls["fwd"] += 1
-        return fwd(*a, **k)
-
-    def count_bwd(*a, **k):
-        calls["bwd"] += 1
-        return bwd(*a, **k)
-
-    monkeypatch.setattr(la, "_softmax_rows_triton", count_fwd)
-    monkeypatch.setattr(la, "_softmax_rows_bwd_triton", count_bwd)
-    yield calls
-    _utils.set_backend(old)
+    yield from triton_backend_counting(monkeypatch, la, "_softmax_rows_triton", "_softmax_rows_bwd_triton")
 
 
 def make_inputs(B, Tq, Tc, d, q_mask_kind, c_mask_kind, dtype=torch.float32):

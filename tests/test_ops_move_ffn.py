@@ -10,7 +10,7 @@ import torch
 
 from medst_fast.kernels import _utils
 
-from _interp import HAS_TRITON, IN_INTERPRETER, run_interp_tests_in_child
+from _interp import HAS_TRITON, IN_INTERPRETER, run_interp_tests_in_child, triton_backend_counting
 from medst_fast.kernels import move_ffn as mf
 
 
@@ -25,16 +25,7 @@ def test_kernels_under_interpreter():
 
 @pytest.fixture
 def interpret(monkeypatch):
-    if not IN_INTERPRETER:
-        pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported: run by test_kernels_under_interpreter")
-    old = _utils.get_backend()
-    _utils.set_backend("triton")
-    calls = {"fwd": 0, "bwd": 0}
-    fwd, bwd = mf._fwd_triton, mf._bwd_triton
-    monkeypatch.setattr(mf, "_fwd_triton", lambda *a: calls.__setitem__("fwd", calls["fwd"] + 1) or fwd(*a))
-    monkeypatch.setattr(mf, "_bwd_triton", lambda *a: calls.__setitem__("bwd", calls["bwd"] + 1) or bwd(*a))
-    yield calls
-    _utils.set_backend(old)
+    yield from triton_backend_counting(monkeypatch, mf, "_fwd_triton", "_bwd_triton")
 
 
 def packed_views(studies, patches, lateral_every):
