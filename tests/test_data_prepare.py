@@ -158,7 +158,7 @@ def test_killed_process_then_rerun_gives_the_same_index(tree, tmp_path):
     """SIGKILL the CLI (and its worker pool) while it writes the cache, then rerun it."""
     root, _ = tree
     clean = tmp_path / "clean"
-    prep.prepare_mimic(root, root, clean, cache_size=40, workers=0, progress=False)
+    prep.prepare_mimic(root, root, clean, cache_size=40, workers=0, progress=False, draft=False)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medst_fast.data.prepare", "mimic", "--jpg-root", root, "--reports", root,
            "--out", str(out), "--cache-size", "40", "--workers", "2", "--no-draft"]
@@ -176,10 +176,22 @@ def test_killed_process_then_rerun_gives_the_same_index(tree, tmp_path):
         for f in fs:
             if f.endswith(".jpg") and not f.startswith(".tmp-"):
                 Image.open(os.path.join(d, f)).load()
-    r = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "skipped:" in r.stderr
     _same_index(clean, out)
+
+
+def test_rerun_with_other_decode_settings_is_refused(tree, tmp_path):
+    """A resumed cache must not mix draft and full decodes: the second run names the stamp file and field."""
+    root, _ = tree
+    out = tmp_path / "o"
+    prep.prepare_mimic(root, root, out, cache_size=32, workers=0, progress=False, draft=False)
+    before = sorted(p.name for p in (out / "images_32").rglob("*.jpg"))
+    with pytest.raises(ValueError, match=r"cache-params\.json.*'draft'"):
+        prep.prepare_mimic(root, root, out, cache_size=32, workers=0, progress=False, draft=True)
+    assert sorted(p.name for p in (out / "images_32").rglob("*.jpg")) == before  # nothing written is lost
+    prep.prepare_mimic(root, root, out, cache_size=32, workers=0, progress=False, draft=False)  # same settings resume
 
 
 def test_cli_and_no_cache_points_at_the_jpg_root(tree, tmp_path):

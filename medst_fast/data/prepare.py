@@ -30,7 +30,7 @@ import zipfile
 from collections import Counter, OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .index import SPLITS, SeriesIndex, Study, cut_series
+from .index import SPLITS, SeriesIndex, Study, atomic_write_text, cut_series
 
 log = logging.getLogger("medst_fast")
 
@@ -182,6 +182,33 @@ def remove_stale_temps(folder: str) -> int:
     return n
 
 
+CACHE_STAMP = ".cache-params.json"
+
+
+def check_cache_stamp(folder: str, size: int, draft: bool) -> None:
+    """Record how a cache folder is decoded, or refuse to add to one made with other settings.
+
+    A rerun resumes by keeping every cache file that exists; mixing draft and full decodes (or two sizes)
+    in one folder would give a cache no single run could reproduce, so the first run writes its settings
+    and later runs must match them.
+    """
+    want = {"cache_size": int(size), "draft": bool(draft)}
+    path = os.path.join(folder, CACHE_STAMP)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                have = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable cache settings ({e}); delete the folder to rebuild it") from e
+        for k, v in want.items():
+            if have.get(k) != v:
+                raise ValueError(f"{path}: field {k!r} is {have.get(k)!r} but this run asks for {v!r}; "
+                                 f"rerun with the same settings (--no-draft / --cache-size) or use a new --out")
+        return
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_text(path, json.dumps(want, sort_keys=True) + "\n")
+
+
 def _work_chunk(chunk: List[Tuple[str, Optional[str], int, bool]]) -> List[Optional[str]]:
     return [_cache_one(*job) for job in chunk]
 
@@ -299,6 +326,7 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
     # -- images: check (or cache) the chosen frontal/lateral; on failure fall back to the next candidate
     image_root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else jpg_root
     if cache_size:
+        check_cache_stamp(image_root, int(cache_size), draft)
         skipped_tmp = remove_stale_temps(image_root)
         if skipped_tmp:
             log.info("removed %d partial cache files left by an interrupted run", skipped_tmp)
