@@ -63,6 +63,9 @@ class LossCfg:
     lambda_ita: float = 1.0
     lambda_local: float = 1.0
     lambda_temporal: float = 1.0
+    # The two halves of the temporal loss (the official sums them with weight 1): an ablation knob.
+    lambda_fmc: float = 1.0
+    lambda_rmr: float = 1.0
 
 
 @dataclass

@@ -45,8 +45,9 @@ def _pairwise_neg_sq_l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def cycle_alignment_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.1, variance_lambda: float = 0.001,
-                         huber_delta: float = 2.0) -> torch.Tensor:
-    """One direction U -> V of Med-ST's temporal loss: FMC + RMR (spec §2.3). u, v: (S, T, d) series."""
+                         huber_delta: float = 2.0, w_fmc: float = 1.0, w_rmr: float = 1.0) -> torch.Tensor:
+    """One direction U -> V of Med-ST's temporal loss: w_fmc * FMC + w_rmr * RMR (spec §2.3; the official
+    weights are 1 and 1). u, v: (S, T, d) series."""
     S, T, _ = u.shape
     u, v = u.float(), v.float()
     # FMC: T-way classification of the one-hop U -> V similarities against the identity.
@@ -64,7 +65,7 @@ def cycle_alignment_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.1, var
     var_loss = torch.exp(-log_var) * err ** 2 + variance_lambda * log_var
     lin_loss = huber_delta * (err.abs() - 0.5 * huber_delta)
     rmr = torch.where(err.abs() < huber_delta, var_loss, lin_loss).mean()
-    return fmc + rmr
+    return w_fmc * fmc + w_rmr * rmr
 
 
 def temporal_loss(img: torch.Tensor, txt: torch.Tensor, n_full: int, cfg: LossCfg) -> torch.Tensor:
@@ -74,7 +75,8 @@ def temporal_loss(img: torch.Tensor, txt: torch.Tensor, n_full: int, cfg: LossCf
         return img.new_zeros(()).float() + 0.0 * (img.sum() + txt.sum())
     u = img[: n_full * T].reshape(n_full, T, -1)
     v = txt[: n_full * T].reshape(n_full, T, -1)
-    kw = dict(tau=cfg.tau_temporal, variance_lambda=cfg.variance_lambda, huber_delta=cfg.huber_delta)
+    kw = dict(tau=cfg.tau_temporal, variance_lambda=cfg.variance_lambda, huber_delta=cfg.huber_delta,
+              w_fmc=cfg.lambda_fmc, w_rmr=cfg.lambda_rmr)
     return cycle_alignment_loss(u, v, **kw) + cycle_alignment_loss(v, u, **kw)
 
 

@@ -164,6 +164,64 @@ def test_msxrt_image_end_to_end_matches_direct_protocol(tmp_path, model):
         assert 0.0 <= r["value"] <= 1.0
 
 
+def _add_laterals(root, every=2, seed=1):
+    """A LATERAL image for every ``every``-th MS-CXR-T study (current and previous), added to the metadata."""
+    rng = np.random.default_rng(seed)
+    md_path = os.path.join(root, "mimic-cxr-2.0.0-metadata.csv")
+    md = pd.read_csv(md_path, dtype=str)
+    rows = []
+    for k, (d, subj, study) in enumerate(zip(md.dicom_id, md.subject_id, md.study_id)):
+        if k % every == 0:
+            lat = d + "-lat"
+            _save_jpg(os.path.join(root, "files", f"p{subj[:2]}", f"p{subj}", f"s{study}", f"{lat}.jpg"),
+                      _image(rng, 80 * (k % 3)))
+            rows.append((lat, subj, study, "LATERAL"))
+    md = pd.concat([md, pd.DataFrame(rows, columns=md.columns)])
+    md.to_csv(md_path, index=False)
+    return {r[2]: r[0] for r in rows}
+
+
+def test_msxrt_image_study_views_use_the_lateral(tmp_path, model):
+    ms = pytest.importorskip("sklearn.model_selection")
+    svm = pytest.importorskip("sklearn.svm")
+    csv = write_msxrt(str(tmp_path))
+    lat_of_study = _add_laterals(str(tmp_path))
+    res = msxrt_image.evaluate(model, csv, [str(tmp_path)], seeds=(42,), folds=(3,), batch_size=5, views="study")
+    df = pd.read_csv(csv, dtype=str)
+    assert res.meta["views"] == "study" and res.meta["laterals"] == len(lat_of_study) > 0
+    f = "pleural_effusion"
+    sub = df.sample(frac=1, random_state=42).dropna(subset=[f"{f}_progression"])
+    S = model.cfg.vision.img_size
+
+    def study_embed(ids, studies, subjects):
+        xf, xl, has = [], [], []
+        for d, st, sj in zip(ids, studies, subjects):
+            folder = os.path.join(tmp_path, "files", f"p{sj[:2]}", f"p{sj}", f"s{st}")
+            xf.append(common.eval_transform(common.read_image(os.path.join(folder, f"{d}.jpg")), S))
+            lat = lat_of_study.get(st)
+            xl.append(common.eval_transform(common.read_image(os.path.join(folder, f"{lat}.jpg")), S) if lat
+                      else torch.zeros_like(xf[-1]))
+            has.append(lat is not None)
+        with torch.no_grad():
+            return model.encode_image(torch.stack(xf), torch.stack(xl), torch.tensor(has)).numpy()
+
+    cur = study_embed(sub.dicom_id, sub.study_id, sub.subject_id)
+    prev = study_embed(sub.previous_dicom_id, [str(int(x) + 1) for x in sub.study_id], sub.subject_id)
+    X, y = np.concatenate([cur, prev], axis=1), sub[f"{f}_progression"].map(msxrt_image.LABELS).to_numpy()
+    want = ms.cross_val_score(svm.SVC(kernel="linear"), X, y, cv=3).mean()
+    assert res.get(f, "accuracy_cv3") == pytest.approx(want, abs=1e-6)
+    # the lateral changes the features: the frontal-only run differs on at least one finding
+    fr = msxrt_image.evaluate(model, csv, [str(tmp_path)], seeds=(42,), folds=(3,), batch_size=5)
+    assert fr.meta["views"] == "frontal" and fr.meta["laterals"] == 0
+    cfg = model.cfg.to_dict()
+    cfg["vision"]["lateral_expert"] = False
+    frontal_only = medst_fast.MedST(type(model.cfg).from_dict(cfg)).eval()
+    with pytest.raises(ValueError, match="lateral expert"):
+        msxrt_image.evaluate(frontal_only, csv, [str(tmp_path)], seeds=(42,), folds=(3,), views="study")
+    with pytest.raises(ValueError, match="views"):
+        msxrt_image.evaluate(model, csv, [str(tmp_path)], views="both")
+
+
 def test_msxrt_csv_errors_name_file_and_field(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("dicom_id,previous_dicom_id,study_id,subject_id,consolidation_progression,edema_progression,"
@@ -279,6 +337,37 @@ def test_rsna_zeroshot_end_to_end(tmp_path, model, vocab_path):
     assert res.get("all", "auroc_hard_official") == pytest.approx(balanced_accuracy(y, pred.astype(int)))
     test = rsna_zeroshot.evaluate(model, tok, d)  # default: the official test split
     assert test.meta["images"] == 9
+
+
+def test_rsna_custom_prompts(tmp_path, model, vocab_path):
+    import json
+
+    d = write_rsna(str(tmp_path), n=40)
+    tok = common.load_tokenizer(vocab_path, model)
+    pos_p, neg_p = ["There is a large right pneumonia."], ["No pneumonia.", "Lungs are clear."]
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps({"positive": pos_p, "negative": neg_p}))
+    assert rsna_zeroshot.read_prompts(f) == (pos_p, neg_p)
+    res = rsna_zeroshot.evaluate(model, tok, d, split="all", prompts=(pos_p, neg_p))
+    assert res.meta["prompts"] == "custom"
+    sp = rsna_zeroshot.official_split(os.path.join(d, rsna_zeroshot.LABELS_CSV))
+    df = pd.concat([sp["train"], sp["valid"], sp["test"]])
+    img = _direct_embed(model, [os.path.join(d, "stage_2_train_images", p + ".dcm") for p in df["patientId"]])
+    score = img @ rsna_zeroshot.class_embedding(model, tok, pos_p).numpy() - img @ rsna_zeroshot.class_embedding(
+        model, tok, neg_p).numpy()
+    from medst_fast.eval.metrics import auroc
+
+    assert res.get("all", "auroc") == pytest.approx(auroc(df["Target"].to_numpy(), score), abs=1e-5)
+    biovil = rsna_zeroshot.evaluate(model, tok, d, split="all")
+    assert biovil.get("all", "auroc") != pytest.approx(res.get("all", "auroc"), abs=1e-9)
+    for bad, field in (({"positive": ["a"]}, "negative"), ({"positive": [], "negative": ["b"]}, "positive"),
+                       ({"positive": ["a"], "negative": [""]}, "negative")):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"prompts.json.*'{field}'"):
+            rsna_zeroshot.read_prompts(f)
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match="prompts.json"):
+        rsna_zeroshot.read_prompts(f)
 
 
 def test_rsna_bad_labels(tmp_path):

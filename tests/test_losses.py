@@ -23,8 +23,8 @@ def test_ita_hand_case():
     assert ita_loss(u, v, tau).item() == pytest.approx(l_i2t + l_t2i, rel=1e-6)  # directions summed
 
 
-def tcc_reference(u, v, tau, lam, delta):
-    """One series at a time, straight from the TCC definitions (spec §2.3)."""
+def tcc_reference(u, v, tau, lam, delta, parts=False):
+    """One series at a time, straight from the TCC definitions (spec §2.3). parts: return (FMC, RMR)."""
     total_fmc, total_rmr, n = 0.0, 0.0, 0
     for s in range(u.shape[0]):
         U, V = u[s], v[s]
@@ -45,7 +45,25 @@ def tcc_reference(u, v, tau, lam, delta):
             else:
                 total_rmr = total_rmr + delta * (err.abs() - 0.5 * delta)
             n += 1
+    if parts:
+        return total_fmc / n, total_rmr / n
     return total_fmc / n + total_rmr / n
+
+
+def test_fmc_and_rmr_weights_scale_each_half():
+    u = F.normalize(torch.randn(3, 4, 5, dtype=torch.float64), dim=-1).requires_grad_()
+    v = F.normalize(torch.randn(3, 4, 5, dtype=torch.float64), dim=-1)
+    fmc, rmr = tcc_reference(u, v, 0.1, 0.001, 2.0, parts=True)
+    for wf, wr in ((1.0, 0.0), (0.0, 1.0), (0.3, 2.0)):
+        got = cycle_alignment_loss(u, v, 0.1, 0.001, 2.0, w_fmc=wf, w_rmr=wr)
+        want = wf * fmc + wr * rmr
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)  # the loss runs in fp32
+        torch.testing.assert_close(torch.autograd.grad(got, u)[0].double(), torch.autograd.grad(want, u, retain_graph=True)[0],
+                                   atol=1e-5, rtol=1e-4)
+    cfg = LossCfg(lambda_rmr=0.0)
+    img, txt = u.detach().reshape(12, 5), v.reshape(12, 5)
+    assert temporal_loss(img, txt, 3, cfg).item() == pytest.approx(
+        (fmc + tcc_reference(v, u.detach(), 0.1, 0.001, 2.0, parts=True)[0]).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("S,T,d", [(1, 4, 2), (3, 4, 8), (2, 5, 3)])

@@ -110,6 +110,16 @@ def test_absent_lateral_equals_single_view():
     assert (two_present[:, :17] - one).abs().max() > 1e-3
 
 
+def test_frontal_only_vit_refuses_a_lateral():
+    import dataclasses
+
+    vit = MoVEViT(dataclasses.replace(_cfg(), lateral_expert=False)).eval()
+    f = torch.randn(2, 3, 32, 32)
+    assert vit.forward_features(f).shape[1] == 17
+    with pytest.raises(ValueError, match="no lateral expert"):
+        vit.forward_features(f, f, torch.tensor([True, True]))
+
+
 def test_grey_input_equals_replicated_rgb():
     vit = MoVEViT(_cfg()).eval()
     g = torch.randn(2, 1, 32, 32)

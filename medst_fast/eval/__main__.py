@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--subset", default="RadGraph", help="MS-CXR-T sentence subset_name ('all' for every row)")
     t.add_argument("--official-join", action="store_true",
                    help='join cleaned sentences with "" as the official evaluation does (default " ")')
+    t.add_argument("--views", choices=["frontal", "study"], default="frontal",
+                   help="MS-CXR-T image: 'frontal' (official) or 'study' (adds the study's lateral; MoVE models)")
+    t.add_argument("--prompts", help="RSNA: JSON {\"positive\": [...], \"negative\": [...]} replacing BioViL's")
     t.add_argument("--split", default="test", help="RSNA split: test (default), valid, train, all")
     t.add_argument("--pcts", type=_floats, default=[0.01, 0.1, 1.0], help="COVIDx training fractions")
     t.add_argument("--max-epochs", type=int, default=200, help="COVIDx probe epochs (early stopping)")
@@ -63,7 +66,7 @@ def run(args) -> TaskResult:
         csv = msxrt_image.find_csv(args.data)
         roots = [args.images] if args.images else [os.path.dirname(csv), os.path.dirname(os.path.dirname(csv))]
         res = msxrt_image.evaluate(model, csv, roots, args.metadata, args.seeds, args.folds, args.batch_size,
-                                   args.workers)
+                                   args.workers, views=args.views)
     elif task == "msxrt-sentence":
         from . import msxrt_sentence
 
@@ -74,8 +77,9 @@ def run(args) -> TaskResult:
         from . import rsna_zeroshot
 
         tok = common.load_tokenizer(args.vocab, model)
+        prompts = rsna_zeroshot.read_prompts(args.prompts) if args.prompts else None
         res = rsna_zeroshot.evaluate(model, tok, args.data, args.split, args.images, args.official_join,
-                                     args.batch_size, args.workers)
+                                     args.batch_size, args.workers, prompts=prompts)
     else:
         from . import covidx_probe
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -161,6 +161,24 @@ class ImageListDataset(torch.utils.data.Dataset):
         return eval_transform(read_image(self.paths[i]), self.size)
 
 
+class StudyListDataset(torch.utils.data.Dataset):
+    """(frontal, lateral or None) path pairs -> (frontal, lateral, has_lateral); an absent lateral is zeros."""
+
+    def __init__(self, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], size: int):
+        self.pairs = [(os.fspath(f), None if l is None else os.fspath(l)) for f, l in pairs]
+        self.size = size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        f, l = self.pairs[i]
+        xf = eval_transform(read_image(f), self.size)
+        if l is None:
+            return xf, torch.zeros_like(xf), False
+        return xf, eval_transform(read_image(l), self.size), True
+
+
 def _progress(it, desc: str, total: int):
     try:
         from tqdm.auto import tqdm
@@ -189,6 +207,24 @@ def embed_images(model, paths: Sequence[PathLike], fn: Optional[Callable] = None
     out = []
     for x in _progress(loader, desc, len(loader)):
         out.append(fn(model, x.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def embed_studies(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], batch_size: int = 64,
+                  workers: int = 0, desc: str = "studies") -> torch.Tensor:
+    """Normalised global embeddings of (frontal, lateral) studies; a None lateral gives the single-view
+    embedding (the MoVE model masks the absent view). Needs a model with a lateral expert."""
+    if not model.cfg.vision.lateral_expert:
+        raise ValueError("this model has no lateral expert (vision.lateral_expert = false): embed frontals only")
+    if len(pairs) == 0:
+        raise ValueError("no studies to embed")
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(StudyListDataset(pairs, model.cfg.vision.img_size), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    out = []
+    for xf, xl, has in _progress(loader, desc, len(loader)):
+        out.append(model.encode_image(xf.to(device), xl.to(device), has.to(device)).float().cpu())
     return torch.cat(out)
 
 

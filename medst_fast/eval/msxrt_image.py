@@ -60,6 +60,7 @@ class ImageResolver:
         self.metadata = metadata or self._find_metadata()
         self._tree: Optional[Dict[str, str]] = None
         self._walked: Optional[Dict[str, str]] = None
+        self._lateral: Optional[Dict[str, str]] = None
 
     def _find_metadata(self) -> Optional[str]:
         for r in self.roots:
@@ -103,6 +104,23 @@ class ImageResolver:
                 if os.path.isfile(os.path.join(r, rel)):
                     return os.path.join(r, rel)
         return self._walk_index().get(dicom_id)
+
+    def lateral_of(self, dicom_id: str) -> Optional[str]:
+        """The lateral (ViewPosition LATERAL, else LL) dicom_id of ``dicom_id``'s study, from the metadata CSV."""
+        if self._lateral is None:
+            if not self.metadata:
+                raise FileNotFoundError(f"views='study' needs the MIMIC-CXR metadata CSV (ViewPosition) under "
+                                        f"{self.roots} or given with --metadata")
+            md = common.read_csv_checked(self.metadata, ["dicom_id", "study_id", "ViewPosition"],
+                                         usecols=["dicom_id", "study_id", "ViewPosition"], dtype=str)
+            lat: Dict[str, str] = {}
+            for view in ("LATERAL", "LL"):  # a true lateral first, as the pre-processing pairs them
+                rows = md[md["ViewPosition"] == view]
+                for d, study in zip(rows["dicom_id"], rows["study_id"]):
+                    lat.setdefault(study, d)
+            study_of = dict(zip(md["dicom_id"], md["study_id"]))
+            self._lateral = {d: lat[s] for d, s in study_of.items() if s in lat and lat[s] != d}
+        return self._lateral.get(dicom_id)
 
     def resolve(self, dicom_ids: Sequence[str]) -> Dict[str, str]:
         out, missing = {}, []
@@ -150,18 +168,32 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
 
 def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = None,
              seeds: Sequence[int] = SEEDS, folds: Sequence[int] = FOLDS, batch_size: int = 64,
-             workers: int = 0) -> TaskResult:
+             workers: int = 0, views: str = "frontal") -> TaskResult:
+    """``views``: "frontal" is the official protocol (each listed frontal alone); "study" adds the lateral of
+    the same study (from the metadata CSV) where there is one, which is how a MoVE model sees a study."""
+    if views not in ("frontal", "study"):
+        raise ValueError(f"views must be 'frontal' or 'study', got {views!r}")
     df = read_csv(csv_path)
     labelled = df[[f"{f}_progression" for f in FINDINGS]].notna().any(axis=1)
     df = df[labelled]
     resolver = ImageResolver(images, metadata)
-    ids = list(df["dicom_id"]) + list(df["previous_dicom_id"])
+    ids = list(dict.fromkeys(list(df["dicom_id"]) + list(df["previous_dicom_id"])))
     paths = resolver.resolve(ids)
-    by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
-                                       desc="MS-CXR-T images")
-    feats = {d: by_path[p] for d, p in paths.items()}
+    n_lat = 0
+    if views == "frontal":
+        by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
+                                           desc="MS-CXR-T images")
+        feats = {d: by_path[p] for d, p in paths.items()}
+    else:
+        lats = {d: resolver.lateral_of(d) for d in ids}
+        lat_paths = resolver.resolve([l for l in lats.values() if l])
+        pairs = [(paths[d], lat_paths[lats[d]] if lats[d] else None) for d in ids]
+        n_lat = sum(l is not None for _, l in pairs)
+        emb = common.embed_studies(model, pairs, batch_size=batch_size, workers=workers, desc="MS-CXR-T studies")
+        feats = {d: emb[i].numpy() for i, d in enumerate(ids)}
     scores = classify(df, feats, seeds, folds)
     res = TaskResult("msxrt_image", meta={"csv": os.fspath(csv_path), "pairs": len(df), "images": len(paths),
+                                          "views": views, "laterals": n_lat,
                                           "seeds": list(seeds), "classifier": "SVC(kernel='linear', C=1)"})
     for k in folds:
         for f in list(FINDINGS) + ["average"]:

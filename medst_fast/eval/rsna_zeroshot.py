@@ -9,8 +9,9 @@ predictions (which equals balanced accuracy), labelled as such.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +35,26 @@ NEGATIVE_PROMPTS = (
     "No evidence of acute pneumonia",
     "No signs of pneumonia",
 )
+
+
+def read_prompts(path) -> Tuple[List[str], List[str]]:
+    """A JSON file {"positive": [...], "negative": [...]} -> (positive, negative) prompt lists.
+
+    BioViL's prompts are written in MIMIC report language; a model trained on other text (another
+    vocabulary, other phrasing) is fairly tested with prompts in its own training language."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read prompts ({e})") from None
+    out = []
+    for k in ("positive", "negative"):
+        v = d.get(k) if isinstance(d, dict) else None
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
+            raise ValueError(f"{path}: field {k!r} must be a non-empty list of non-empty strings")
+        out.append(list(v))
+    return out[0], out[1]
 
 
 def official_split(labels_csv):
@@ -86,7 +107,9 @@ def score(y, pos: np.ndarray, neg: np.ndarray, meta=None, subset: str = "test") 
 
 def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] = None,
              official_join: bool = False, batch_size: int = 64, workers: int = 0,
-             max_images: Optional[int] = None) -> TaskResult:
+             max_images: Optional[int] = None, prompts: Optional[Tuple[Sequence[str], Sequence[str]]] = None
+             ) -> TaskResult:
+    """``prompts``: (positive, negative) lists replacing BioViL's (see ``read_prompts``)."""
     labels_csv = common.find_file(data, [LABELS_CSV], "RSNA stage_2_train_labels.csv")
     image_dir = images or os.path.join(os.path.dirname(labels_csv), IMAGE_DIR)
     splits = official_split(labels_csv)
@@ -105,8 +128,10 @@ def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] 
         raise ValueError(f"{labels_csv}: the {split} split has only one class; cannot score")
     img = common.embed_images(model, [image_path(image_dir, p) for p in df["patientId"]], batch_size=batch_size,
                               workers=workers, desc=f"RSNA {split}")
-    pos_t = class_embedding(model, tokenizer, POSITIVE_PROMPTS, official_join)
-    neg_t = class_embedding(model, tokenizer, NEGATIVE_PROMPTS, official_join)
+    pos_p, neg_p = prompts if prompts is not None else (POSITIVE_PROMPTS, NEGATIVE_PROMPTS)
+    pos_t = class_embedding(model, tokenizer, pos_p, official_join)
+    neg_t = class_embedding(model, tokenizer, neg_p, official_join)
     pos, neg = (img @ pos_t).numpy(), (img @ neg_t).numpy()
     return score(y, pos, neg, subset=split,
-                 meta={"labels": labels_csv, "split": split, "images": len(y), "positives": int(y.sum())})
+                 meta={"labels": labels_csv, "split": split, "images": len(y), "positives": int(y.sum()),
+                       "prompts": "BioViL" if prompts is None else "custom"})

@@ -147,6 +147,8 @@ class MoVEViT(nn.Module):
             lateral: (B, C, H, W) or None for the single-view (evaluation) path.
             has_lateral: (B,) bool; studies where it is False get their lateral tokens masked as keys.
         """
+        if lateral is not None and not self.cfg.lateral_expert:
+            raise ValueError("this ViT has no lateral expert (vision.lateral_expert = false); pass lateral=None")
         x = self.embed(frontal, lateral)
         nf = self.num_frontal_tokens
         mask = None

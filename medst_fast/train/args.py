@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-ita", type=float, default=1.0)
     g.add_argument("--lambda-local", type=float, default=1.0)
     g.add_argument("--lambda-temporal", type=float, default=1.0)
+    g.add_argument("--lambda-fmc", type=float, default=1.0, help="weight of FMC inside the temporal loss (ablation)")
+    g.add_argument("--lambda-rmr", type=float, default=1.0, help="weight of RMR inside the temporal loss (ablation)")
     g.add_argument("--gather-with-grad", action="store_true",
                    help="global contrastive loss over all ranks' batches (the official contrasts within a GPU)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")

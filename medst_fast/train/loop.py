@@ -203,7 +203,8 @@ class Trainer:
         overrides: Dict[str, Any] = dict(parse_overrides(a.model_override))
         overrides.update({"faithful": True if a.faithful else None,
                           "loss": {"lambda_ita": a.lambda_ita, "lambda_local": a.lambda_local,
-                                   "lambda_temporal": a.lambda_temporal}})
+                                   "lambda_temporal": a.lambda_temporal, "lambda_fmc": a.lambda_fmc,
+                                   "lambda_rmr": a.lambda_rmr}})
         try:
             cfg = get_model_config(a.model).replace(**overrides)
         except ValueError as e:
