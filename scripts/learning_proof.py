@@ -60,6 +60,19 @@ SYNTH_PROMPTS = {
     "negative": ["No pneumonia.", "No consolidation.", "No acute cardiopulmonary process."],
 }
 
+# Per-finding prompts for zero-shot on the evaluation tree's own studies (its CheXpert-format labels).
+FINDING_PROMPTS = {
+    "Consolidation": (["There is a moderate consolidation in the right lower lobe.",
+                       "There is a large consolidation in the left lower lobe."], ["No consolidation."]),
+    "Edema": (["There is a moderate pulmonary edema.", "There is a severe pulmonary edema."], ["No pulmonary edema."]),
+    "Pleural Effusion": (["There is a moderate right pleural effusion.", "There is a large left pleural effusion."],
+                         ["No pleural effusion."]),
+    "Pneumonia": (["There is a moderate pneumonia in the right lower lobe.",
+                   "There is a severe pneumonia in the left lower lobe."], ["No pneumonia."]),
+    "Pneumothorax": (["There is a moderate right pneumothorax.", "There is a large left pneumothorax."],
+                     ["No pneumothorax."]),
+}
+
 
 def log(msg):
     print(f"[learning_proof {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -168,6 +181,41 @@ def evaluate(model, tok, eval_raw, prompts_file, seeds, folds):
     out["zs_synth"] = rsna_zeroshot.evaluate(model, tok, rsna, split="all", batch_size=64,
                                              prompts=rsna_zeroshot.read_prompts(prompts_file))
     out["probe"] = temporal_probe(model, csv, roots)
+    out["zs_findings"] = findings_zeroshot(model, tok, eval_raw)
+    return out
+
+
+def findings_zeroshot(model, tok, eval_raw):
+    """Zero-shot AUROC per finding on the evaluation tree's studies (positive 1.0 vs negative 0.0 in its
+    mimic-cxr-2.0.0-chexpert.csv.gz), frontal-only and with the study's lateral. Same image domain as
+    training, unlike the RSNA-format set (square 256-px canvases, 12-bit pixels stretched by their maximum)."""
+    import numpy as np
+    import pandas as pd
+
+    from medst_fast.eval import common, rsna_zeroshot
+    from medst_fast.eval.metrics import auroc
+
+    md = pd.read_csv(os.path.join(eval_raw, "mimic-cxr-2.0.0-metadata.csv.gz"), dtype=str)
+    chex = pd.read_csv(os.path.join(eval_raw, "mimic-cxr-2.0.0-chexpert.csv.gz"), dtype={"study_id": str})
+    path = lambda r: os.path.join(eval_raw, "files", f"p{r.subject_id[:2]}", f"p{r.subject_id}",  # noqa: E731
+                                  f"s{r.study_id}", f"{r.dicom_id}.jpg")
+    frontal, lateral = {}, {}
+    for r in md.itertuples():
+        if r.ViewPosition in ("PA", "AP"):
+            frontal.setdefault(r.study_id, path(r))
+        elif r.ViewPosition in ("LATERAL", "LL"):
+            lateral.setdefault(r.study_id, path(r))
+    studies = [s for s in chex.study_id if s in frontal]
+    e_f = common.embed_images(model, [frontal[s] for s in studies]).numpy()
+    e_s = (common.embed_studies(model, [(frontal[s], lateral.get(s)) for s in studies]).numpy()
+           if model.cfg.vision.lateral_expert else e_f)
+    lab = chex.set_index("study_id").loc[studies]
+    out = {}
+    for col, (pos, neg) in FINDING_PROMPTS.items():
+        t = (rsna_zeroshot.class_embedding(model, tok, pos) - rsna_zeroshot.class_embedding(model, tok, neg)).numpy()
+        keep = lab[col].isin([0.0, 1.0]).to_numpy()
+        y = lab[col].to_numpy()[keep].astype(int)
+        out[col] = (auroc(y, e_f[keep] @ t), auroc(y, e_s[keep] @ t))
     return out
 
 
@@ -278,6 +326,10 @@ def main(argv=None):
         row.update({"zs_biovil_auroc": ev["zs_biovil"].get("all", "auroc"),
                     "zs_synth_auroc": ev["zs_synth"].get("all", "auroc"),
                     "zs_synth_acc": ev["zs_synth"].get("all", "accuracy"), "probe_macro": ev["probe"]})
+        zf = ev["zs_findings"]
+        row.update({"zs_mimic_frontal": sum(a for a, _ in zf.values()) / len(zf),
+                    "zs_mimic_study": sum(b for _, b in zf.values()) / len(zf),
+                    "zs_pneumonia_study": zf["Pneumonia"][1]})
         per_run[n] = row
         log(f"{n}: " + ", ".join(f"{c} {x:.4f}" for c, x in row.items()))
     # one row per variant: the mean over its seeds
@@ -295,12 +347,16 @@ def write(a, table, members, per_run, results, secs, cmds, losses, total_s, k, a
 
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     cols = ["frontal_acc", "frontal_macro", "study_acc", "study_macro"] + [f"{f}_study_macro" for f in FINDINGS] + \
-           ["zs_biovil_auroc", "zs_synth_auroc", "zs_synth_acc", "probe_macro"]
+           ["zs_mimic_frontal", "zs_mimic_study", "zs_pneumonia_study", "zs_biovil_auroc", "zs_synth_auroc",
+            "zs_synth_acc", "probe_macro"]
     short = {f"{f}_study_macro": f[:5] for f in FINDINGS}
     lines = ["# Proof that pretraining learns (synthetic MIMIC-CXR, medst_tiny, CPU)", "",
              "Command:", "", "```",
              "python scripts/learning_proof.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])), "```", "",
-             f"Total wall time {total_s / 60:.1f} min on {os.cpu_count()} CPU cores (torch {torch.__version__}), "
+             f"Total wall time {total_s / 60:.1f} min"
+             + (" (some training runs were reused from an earlier call: see the commands below)"
+                if any(v is None for v in secs.values()) else "")
+             + f" on {os.cpu_count()} CPU cores (torch {torch.__version__}), "
              f"training runs one thread each, {a.parallel} at a time. Training tree: {a.patients} synthetic patients "
              f"(seed {a.seed}); evaluation tree: {a.eval_patients} other patients (seed {a.seed + 1000}) and {a.rsna} "
              f"RSNA-format DICOMs. Stage 1: {a.steps} steps of {a.batch_series} series at lr {a.lr} from random "
@@ -309,15 +365,19 @@ def write(a, table, members, per_run, results, secs, cmds, losses, total_s, k, a
              f"Temporal image classification (MS-CXR-T format): linear SVC (C=1) on [current || previous] embeddings, "
              f"{k}-fold CV, mean over seeds 42/100/666; accuracy and macro-accuracy in %, chance macro-accuracy "
              "33.3. `frontal_*`: the official frontal-only features; `study_*` and the per-finding columns: the "
-             "study's lateral added (frontal-only models: their frontal features). Zero-shot (RSNA format, all "
-             "images): score-based AUROC with BioViL's prompts and with prompts in the synthetic reports' phrasing "
-             "(accuracy in %). `probe_macro`: diagnostic, standardised study features, balanced logistic "
-             "regression, macro-accuracy in %.", "",
+             "study's lateral added (frontal-only models: their frontal features). Zero-shot, score-based AUROC: "
+             "`zs_mimic_*` on the evaluation tree's own studies (its CheXpert-format labels, positive vs negative, "
+             "prompts in the synthetic reports' phrasing, mean over the 5 findings; frontal-only or with the "
+             "lateral), `zs_pneumonia_study` that AUROC for pneumonia with the lateral; `zs_biovil_auroc` / "
+             "`zs_synth_*` on the RSNA-format set with BioViL's prompts / synthetic-phrasing prompts (accuracy "
+             "in %). `probe_macro`: diagnostic, standardised study features, balanced logistic regression, "
+             "macro-accuracy in %.", "",
              "| variant | runs | " + " | ".join(short.get(c, c) for c in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for v, row in table.items():
         lines.append(f"| {v} | {len(members[v])} | " + " | ".join(
-            f"{row[c]:.3f}" if "auroc" in c else f"{100 * row[c]:.1f}" for c in cols) + " |")
+            f"{row[c]:.3f}" if c.startswith("zs_") and c != "zs_synth_acc" else f"{100 * row[c]:.1f}"  # AUROCs
+            for c in cols) + " |")
     lines += ["", "Per seed (study_macro / frontal_macro / zs_synth_auroc):", ""]
     for v in ("full", "no_temporal"):
         if v in members:
@@ -339,9 +399,11 @@ def write(a, table, members, per_run, results, secs, cmds, losses, total_s, k, a
           t["full"]["study_macro"] > t["random"]["study_macro"])
     check("pretraining above random weights, temporal classification (official frontal-only features, avg "
           "macro-accuracy)", t["full"]["frontal_macro"] > t["random"]["frontal_macro"])
-    check("pretraining above random weights, zero-shot (synthetic-phrasing prompts, AUROC)",
+    check("pretraining above random weights, zero-shot on the evaluation tree's studies (frontal-only, mean AUROC "
+          "over the findings)", t["full"]["zs_mimic_frontal"] > t["random"]["zs_mimic_frontal"])
+    check("pretraining above random weights, zero-shot on the RSNA-format set (synthetic-phrasing prompts, AUROC)",
           t["full"]["zs_synth_auroc"] > t["random"]["zs_synth_auroc"])
-    check("pretraining above random weights, zero-shot (BioViL prompts, AUROC)",
+    check("pretraining above random weights, zero-shot on the RSNA-format set (BioViL prompts, AUROC)",
           t["full"]["zs_biovil_auroc"] > t["random"]["zs_biovil_auroc"])
     check("the temporal loss helps the temporal task (study features, avg macro-accuracy, full vs no_temporal, "
           "seed means)", t["full"]["study_macro"] > t["no_temporal"]["study_macro"])
@@ -349,6 +411,8 @@ def write(a, table, members, per_run, results, secs, cmds, losses, total_s, k, a
           "seed means)", t["full"]["frontal_macro"] > t["no_temporal"]["frontal_macro"])
     check("the lateral view helps the lateral-dominant finding (pneumonia, study features, macro-accuracy, "
           "full vs no_lateral)", t["full"]["pneumonia_study_macro"] > t["no_lateral"]["pneumonia_study_macro"])
+    check("the lateral view helps the lateral-dominant finding (pneumonia zero-shot AUROC with the lateral, "
+          "full vs no_lateral)", t["full"]["zs_pneumonia_study"] > t["no_lateral"]["zs_pneumonia_study"])
     lines += ["", "## Training commands", ""]
     for n, c in cmds.items():
         s = secs.get(n)
