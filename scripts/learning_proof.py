@@ -229,19 +229,12 @@ def temporal_probe(model, csv, roots):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from medst_fast.eval import common, msxrt_image
+    from medst_fast.eval import msxrt_image
 
     df = msxrt_image.read_csv(csv)
-    res = msxrt_image.ImageResolver(roots)
     ids = sorted(set(df.dicom_id) | set(df.previous_dicom_id))
-    paths = res.resolve(ids)
-    if model.cfg.vision.lateral_expert:
-        lats = {d: res.lateral_of(d) for d in ids}
-        lat_paths = res.resolve([l for l in lats.values() if l])
-        e = common.embed_studies(model, [(paths[d], lat_paths[lats[d]] if lats[d] else None) for d in ids])
-    else:
-        e = common.embed_images(model, [paths[d] for d in ids])
-    emb = dict(zip(ids, e.numpy()))
+    views = "study" if model.cfg.vision.lateral_expert else "frontal"
+    emb, _ = msxrt_image.image_features(model, msxrt_image.ImageResolver(roots), ids, views)
     scores = []
     for f in FINDINGS:
         col = df[f + "_progression"]

@@ -168,10 +168,9 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         return (src, dst, int(cache_size or 0), True)
 
     if cache_size:
-        from .prepare import check_cache_stamp, remove_stale_temps
+        from .prepare import open_cache
 
-        check_cache_stamp(os.path.join(out, f"images_{int(cache_size)}"), int(cache_size), True)
-        remove_stale_temps(os.path.join(out, f"images_{int(cache_size)}"))
+        open_cache(os.path.join(out, f"images_{int(cache_size)}"), int(cache_size), True)
     paths = sorted({p for _, st, _, _ in keep for p in [f[2] for f in st["frontal"]] + [l[1] for l in st["lateral"]]})
     res = dict(zip(paths, _run_jobs([job(p) for p in paths], workers or 0, progress, "manifest images")))
     for r in res.values():

@@ -185,6 +185,14 @@ def remove_stale_temps(folder: str) -> int:
 CACHE_STAMP = ".cache-params.json"
 
 
+def open_cache(folder: str, size: int, draft: bool) -> None:
+    """Ready a cache folder for a (possibly resumed) run: check its decode settings, drop partial files."""
+    check_cache_stamp(folder, size, draft)
+    removed = remove_stale_temps(folder)
+    if removed:
+        log.info("removed %d partial cache files left by an interrupted run in %s", removed, folder)
+
+
 def check_cache_stamp(folder: str, size: int, draft: bool) -> None:
     """Record how a cache folder is decoded, or refuse to add to one made with other settings.
 
@@ -326,10 +334,7 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
     # -- images: check (or cache) the chosen frontal/lateral; on failure fall back to the next candidate
     image_root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else jpg_root
     if cache_size:
-        check_cache_stamp(image_root, int(cache_size), draft)
-        skipped_tmp = remove_stale_temps(image_root)
-        if skipped_tmp:
-            log.info("removed %d partial cache files left by an interrupted run", skipped_tmp)
+        open_cache(image_root, int(cache_size), draft)
     status: Dict[str, Optional[str]] = {}
 
     def job(st, dicom):

@@ -166,6 +166,23 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
     return out
 
 
+def image_features(model, resolver: ImageResolver, ids: Sequence[str], views: str = "frontal", batch_size: int = 64,
+                   workers: int = 0):
+    """dicom_id -> normalised global embedding, and how many of them had a lateral added.
+
+    ``views``: "frontal" embeds each image alone; "study" adds the lateral of its study (``lateral_of``)."""
+    paths = resolver.resolve(ids)
+    if views == "frontal":
+        by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
+                                           desc="MS-CXR-T images")
+        return {d: by_path[paths[d]] for d in ids}, 0
+    lats = {d: resolver.lateral_of(d) for d in ids}
+    lat_paths = resolver.resolve([l for l in lats.values() if l])
+    pairs = [(paths[d], lat_paths[lats[d]] if lats[d] else None) for d in ids]
+    emb = common.embed_studies(model, pairs, batch_size=batch_size, workers=workers, desc="MS-CXR-T studies")
+    return {d: emb[i].numpy() for i, d in enumerate(ids)}, sum(l is not None for _, l in pairs)
+
+
 def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = None,
              seeds: Sequence[int] = SEEDS, folds: Sequence[int] = FOLDS, batch_size: int = 64,
              workers: int = 0, views: str = "frontal") -> TaskResult:
@@ -178,21 +195,9 @@ def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = N
     df = df[labelled]
     resolver = ImageResolver(images, metadata)
     ids = list(dict.fromkeys(list(df["dicom_id"]) + list(df["previous_dicom_id"])))
-    paths = resolver.resolve(ids)
-    n_lat = 0
-    if views == "frontal":
-        by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
-                                           desc="MS-CXR-T images")
-        feats = {d: by_path[p] for d, p in paths.items()}
-    else:
-        lats = {d: resolver.lateral_of(d) for d in ids}
-        lat_paths = resolver.resolve([l for l in lats.values() if l])
-        pairs = [(paths[d], lat_paths[lats[d]] if lats[d] else None) for d in ids]
-        n_lat = sum(l is not None for _, l in pairs)
-        emb = common.embed_studies(model, pairs, batch_size=batch_size, workers=workers, desc="MS-CXR-T studies")
-        feats = {d: emb[i].numpy() for i, d in enumerate(ids)}
+    feats, n_lat = image_features(model, resolver, ids, views, batch_size, workers)
     scores = classify(df, feats, seeds, folds)
-    res = TaskResult("msxrt_image", meta={"csv": os.fspath(csv_path), "pairs": len(df), "images": len(paths),
+    res = TaskResult("msxrt_image", meta={"csv": os.fspath(csv_path), "pairs": len(df), "images": len(ids),
                                           "views": views, "laterals": n_lat,
                                           "seeds": list(seeds), "classifier": "SVC(kernel='linear', C=1)"})
     for k in folds:
