@@ -80,7 +80,12 @@ def set_seed(seed: int) -> None:
 
 
 def batch_to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    lat = batch.get("has_lateral")
+    if torch.is_tensor(lat) and lat.device.type == "cpu":
+        # The model builds its packing plan from the host copy, so the forward needs no device->host sync.
+        out["has_lateral_host"] = lat
+    return out
 
 
 def build_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:
