@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medst_fast.config import TextCfg
-from medst_fast.models.text_bert import TextBert, merge_word_pieces
+from medst_fast.models.text_bert import TextBert, merge_word_pieces, official_walk_slots
 from medst_fast.text import MedSTTokenizer, clean_report, split_sections
 
 
@@ -28,8 +28,8 @@ def test_split_sections():
     assert s["IMPRESSION"] == "Effusion, improving."
 
 
-def official_style_slots(tokens):
-    """Word slots the way the official aggregate_tokens groups pieces: '##' continues, first [SEP] is a word."""
+def corrected_slots(tokens):
+    """The default grouping: '##' continues a word, the first [SEP] is a word of its own, always emitted."""
     slots, slot, started = [], -1, False
     for t in tokens:
         if t == "[SEP]" and slot >= 0 and not started:
@@ -46,16 +46,125 @@ def official_style_slots(tokens):
     return slots
 
 
-def test_tokenizer_slots_match_official_grouping(vocab_path):
+def official_aggregate(h, tokens):
+    """The official ``aggregate_tokens`` for one report, written as its Python loop.
+
+    It zips the L token features and ids with the last layer's CLS attention over positions 1..L-1 (L-1
+    entries), so it can visit tokens 0..L-2 only. Returns (words (L-1, D), filled (L-1,)) after dropping
+    the CLS slot, zero-padded as the official code pads.
+    """
+    L, D = h.shape
+    cls_attention = [0.0] * (L - 1)  # only its length matters to the walk
+    words, bank = [], []
+    for emb, tok, _ in zip(h, tokens, cls_attention):
+        if tok == "[SEP]":
+            words.append(torch.stack(bank).sum(0))
+            words.append(emb)
+            break
+        if not tok.startswith("##"):
+            if bank:
+                words.append(torch.stack(bank).sum(0))
+            bank = [emb]
+        else:
+            bank.append(emb)
+    out = torch.cat([torch.stack(words), h.new_zeros(L - len(words), D)])
+    filled = torch.arange(L) < len(words)
+    return out[1:], filled[1:]
+
+
+def test_tokenizer_slots_give_every_word_a_slot(vocab_path):
     tok = MedSTTokenizer(vocab_path)
     texts = ["small pleural effusion unchangedness x_y since prior", "", "a " * 200]
     enc = tok(texts)
     assert enc["input_ids"].shape == (3, 112)
     for b in range(3):
         toks = tok.convert_ids_to_tokens(enc["input_ids"][b].tolist())
-        assert enc["word_slots"][b].tolist() == official_style_slots(toks)
+        assert enc["word_slots"][b].tolist() == corrected_slots(toks)
     assert enc["attention_mask"][2].all()  # truncated to 112 with [SEP] last
     assert tok.convert_ids_to_tokens([enc["input_ids"][2, -1]]) == ["[SEP]"]
+
+
+def corrected_aggregate(h, tokens):
+    """The default merge written as a loop over ``corrected_slots``: every word and [SEP] get a slot."""
+    L, D = h.shape
+    out, filled = [h.new_zeros(D) for _ in range(L)], [False] * L
+    for t, s in enumerate(corrected_slots(tokens)):
+        if s >= 0:
+            out[s] = out[s] + h[t]
+            filled[s] = True
+    return torch.stack(out)[1:], torch.tensor(filled)[1:]
+
+
+_TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "small", "left", "pleural", "eff", "##usion",
+               "un", "##change", "##d", "no", "pneumo", "##thorax", "a"]
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(_TINY_VOCAB) + "\n")
+    return lambda n: MedSTTokenizer(tmp_path / "vocab.txt", max_length=n)
+
+
+# short (reaches [SEP]); exactly full with a one-piece last word; truncated inside a multi-piece word;
+# truncated right after a word start; a report one token shorter than the limit (nothing lost)
+_REPORTS = ["small left effusion", "small left pleural unchanged no effusion a",
+            "no pneumothorax unchanged effusion pneumothorax pneumothorax", "unchanged small left a pleural a no",
+            "small pleural a no a"]
+
+
+@pytest.mark.parametrize("n", [8, 9, 12])
+def test_faithful_merge_matches_the_official_walk(tiny_tokenizer, n):
+    """Faithful mode reproduces the official loop (111 of 112 entries visited); the default keeps every word."""
+    tok = tiny_tokenizer(n)
+    enc = tok(_REPORTS)
+    assert enc["attention_mask"][:, -1].any() and not enc["attention_mask"][:, -1].all()  # both cases present
+    cfg = TextCfg(vocab_size=len(_TINY_VOCAB), hidden=8, layers=1, heads=2, intermediate=16, max_length=n)
+    for faithful in (True, False):
+        m = TextBert(cfg, faithful_positions=faithful).eval()
+        h = m.forward_hidden(enc["input_ids"], enc["attention_mask"]).detach().double().requires_grad_(True)
+        merged, filled = merge_word_pieces(h, official_walk_slots(enc["word_slots"]) if faithful else enc["word_slots"])
+        got, got_f = merged[:, 1:], filled[:, 1:]
+        for b in range(len(_REPORTS)):
+            toks = tok.convert_ids_to_tokens(enc["input_ids"][b].tolist())
+            if faithful:
+                ref, ref_f = official_aggregate(h[b], toks)
+            else:
+                ref, ref_f = corrected_aggregate(h[b], toks)
+            torch.testing.assert_close(got[b], ref, atol=1e-12, rtol=1e-12)
+            assert torch.equal(got_f[b], ref_f)
+            g = torch.randn_like(ref)
+            ga, = torch.autograd.grad(got[b], h, g, retain_graph=True)
+            gb, = torch.autograd.grad(ref, h, g, retain_graph=True)
+            torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-12)
+        # the tower applies the same rule from its faithful switch, on the device, without a host sync
+        _, words, wmask = m(enc["input_ids"], enc["attention_mask"], enc["word_slots"])
+        torch.testing.assert_close(words.double(), got.detach(), atol=1e-6, rtol=1e-6)  # fp32 sums vs fp64
+        assert torch.equal(wmask, got_f)
+    full = enc["attention_mask"][:, -1].bool()
+    lost = (enc["word_slots"] >= 0) & (official_walk_slots(enc["word_slots"]) < 0)
+    assert lost[full].any(dim=1).all() and not lost[~full].any()  # only reports that fill every position lose words
+
+
+def test_model_faithful_switch_reaches_the_word_merge():
+    import medst_fast
+
+    assert medst_fast.create_model("medst_tiny", faithful=True).text.faithful_words is True
+    assert medst_fast.create_model("medst_tiny").text.faithful_words is False
+
+
+def test_faithful_merge_at_the_real_length(vocab_path):
+    """112 tokens, the official max_length: a truncated report loses its last word and [SEP], others nothing."""
+    tok = MedSTTokenizer(vocab_path)
+    enc = tok(["a " * 200, "small pleural effusion unchangedness " * 40, "no pneumothorax"])
+    h = torch.randn(3, 112, 6, dtype=torch.float64)
+    merged, filled = merge_word_pieces(h, official_walk_slots(enc["word_slots"]))
+    for b in range(3):
+        ref, ref_f = official_aggregate(h[b], tok.convert_ids_to_tokens(enc["input_ids"][b].tolist()))
+        torch.testing.assert_close(merged[b, 1:], ref, atol=1e-12, rtol=1e-12)
+        assert torch.equal(filled[b, 1:], ref_f)
+    n_default = enc["word_slots"].amax(1).tolist()  # slots the default grouping fills (CLS excluded)
+    # exactly two slots are lost on a truncated report (the word in progress and [SEP]), none otherwise
+    assert filled[:, 1:].sum(1).tolist() == [n_default[0] - 2, n_default[1] - 2, n_default[2]]
 
 
 def test_tokenizer_missing_vocab_is_clear(tmp_path):

@@ -3,7 +3,8 @@
 Parameter names follow Hugging Face ``BertModel`` so a local BioClinicalBERT directory loads by name.
 The official encoder is BLIP's ``med.py`` BERT in text mode: no token-type embedding, CLS of the last
 layer as the report feature, word pieces summed into words (slot 0 = [CLS], [SEP] a word of its own,
-empty slots zero), 111 word slots after dropping CLS.
+empty slots zero), 111 word slots after dropping CLS. Faithful mode also reproduces which words the official
+merge never emits on a report that fills every position (``official_walk_slots``, spec §1.2).
 """
 from __future__ import annotations
 
@@ -126,13 +127,37 @@ def merge_word_pieces(h: torch.Tensor, word_slots: torch.Tensor) -> Tuple[torch.
     return merged, filled[:-1].view(B, L)
 
 
+def official_walk_slots(word_slots: torch.Tensor) -> torch.Tensor:
+    """The word slots the official merge actually fills: -1 for every token whose word it never emits.
+
+    The official ``aggregate_tokens`` walks the L token ids zipped with the CLS attention over positions
+    1..L-1, so it visits tokens 0..L-2 only. A word is emitted when the walk reaches the start of the next
+    word or [SEP]. On a report that fills all L positions ([SEP] at L-1) the walk ends inside the last
+    word: that word and [SEP] get no slot (they stay zero and count as PAD). A shorter report reaches its
+    [SEP] and loses nothing. With slots increasing along the sequence, that is: when the last position
+    holds a token, drop every slot >= the largest slot among tokens 0..L-2. Pure tensor ops (no host sync).
+
+    Args:
+        word_slots: (B, L) long, as the tokenizer writes them (-1 for padding).
+    Returns:
+        (B, L) long with the never-emitted tokens set to -1.
+    """
+    full = word_slots[:, -1] >= 0
+    in_progress = word_slots[:, :-1].amax(dim=1)  # the word the walk is still assembling when it stops
+    lost = full[:, None] & (word_slots >= in_progress[:, None])
+    return torch.where(lost, torch.full_like(word_slots, -1), word_slots)
+
+
 class TextBert(nn.Module):
-    def __init__(self, cfg: TextCfg, faithful_positions: bool = False):
+    def __init__(self, cfg: TextCfg, faithful_positions: bool = False, faithful_words: Optional[bool] = None):
         super().__init__()
         self.cfg = cfg
         # Official quirk (medst-spec §6.1 item 12): token_type_ids land in the position_ids slot, so every
         # token reads position row 0. Kept only in faithful mode.
         self.faithful_positions = faithful_positions
+        # Official quirk (spec §1.2): the word merge never emits the last word and [SEP] of a report that
+        # fills every position. Follows faithful_positions unless set, so MedSTConfig.faithful drives both.
+        self.faithful_words = faithful_positions if faithful_words is None else faithful_words
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
         self.grad_checkpointing = False
@@ -172,5 +197,7 @@ class TextBert(nn.Module):
         h = self.forward_hidden(input_ids, attention_mask)
         if word_slots is None:
             return h[:, 0], None, None
+        if self.faithful_words:
+            word_slots = official_walk_slots(word_slots)
         merged, filled = merge_word_pieces(h, word_slots)
         return h[:, 0], merged[:, 1:], filled[:, 1:]

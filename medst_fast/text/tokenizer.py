@@ -4,7 +4,11 @@ Med-ST sums the word pieces of each word into one word embedding (official ``agg
 loop with ``.item()`` per token). Here the tokenizer emits, for every token, the slot its word occupies:
 slot 0 is [CLS], words follow in order, [SEP] takes the slot after the last word, PAD tokens get -1. The
 text encoder then merges with one ``index_add_`` on the device. Pieces starting with "##" continue the
-previous word in both schemes, so the slots agree with the official merge token for token.
+previous word in both schemes, so on every report shorter than ``max_length`` the slots agree with the
+official merge token for token. On a report that fills all ``max_length`` positions they do not: the
+official walk stops one token early and never emits the last word and [SEP]. These slots give both their
+slot (the corrected default); faithful mode drops them in the text tower
+(``medst_fast.models.text_bert.official_walk_slots``), so the tokenizer output is the same in both modes.
 """
 from __future__ import annotations
 
