@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MedSTConfig
+from ..kernels import use_triton
 from .layers import ProjectionHead
 from .move_vit import MoVEViT
 from .text_bert import TextBert
@@ -24,6 +25,9 @@ class MedSTOutput:
     word_mask: torch.Tensor  # (B, L-1) bool: word slot filled (PAD False)
     n_full_series: int  # rows [:n_full_series * series_len] form complete series, in order
     img_cls: Optional[torch.Tensor] = None  # (B, D) final-LN CLS (the COVIDx probe feature)
+    # The autocast dtype the forward ran under (None: no autocast). The losses run outside autocast, in
+    # fp32, but the local alignment's big products use this dtype as autocast would (losses.local_loss).
+    amp_dtype: Optional[torch.dtype] = None
 
 
 class MedST(nn.Module):
@@ -34,7 +38,8 @@ class MedST(nn.Module):
         self.visual = MoVEViT(v)
         self.text = TextBert(t, faithful_positions=cfg.faithful)
         # Packed two-view sequences skip absent laterals (default semantics only: the faithful mode computes
-        # them, spec §2.2 (c)). None = on CUDA only (on the CPU the padded fallback gains nothing).
+        # them, spec §2.2 (c)). None = wherever the fused kernels run (CUDA, or Triton's CPU interpreter);
+        # on the CPU the padded fallback gains nothing.
         self.packed: Optional[bool] = None
         self.visual_global_head = ProjectionHead(v.width, h.hidden, h.embed_dim)
         self.visual_local_head = ProjectionHead(v.width, h.hidden, h.embed_dim)
@@ -76,9 +81,34 @@ class MedST(nn.Module):
         return self.visual(frontal, lateral, has_lateral)[0]
 
     # -- pretraining forward ------------------------------------------------------------------
+    def _packs(self, batch: Mapping[str, torch.Tensor]) -> bool:
+        if self.cfg.faithful or not self.cfg.vision.lateral_expert or batch.get("lateral") is None:
+            return False
+        if self.packed is not None:
+            return self.packed
+        return batch["frontal"].is_cuda or use_triton(batch["frontal"])
+
+    def prepare_batch(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        """Adds the packing plan (``batch["packing"]``) built on the host, for a batch already on its device.
+
+        Call it outside ``torch.compile`` (the trainer does): the plan's sizes are data-dependent on the
+        host, so building it inside a compiled region would break the graph. Reads ``has_lateral_host``
+        (the collate's CPU tensor) when present, else ``has_lateral`` (one device read if it is on a GPU).
+        """
+        out = dict(batch)
+        if self._packs(out) and out.get("packing") is None:
+            has = out.get("has_lateral_host")
+            if has is None:
+                has = out.get("has_lateral")
+            if has is None:
+                has = torch.ones(out["frontal"].shape[0], dtype=torch.bool)
+            out["packing"] = self.visual.packing_plan(has, out["frontal"].device)
+        return out
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> MedSTOutput:
         """batch: frontal (B,C,H,W), lateral (B,C,H,W) or absent, has_lateral (B,), input_ids,
-        attention_mask, word_slots (B, L), n_full_series (int)."""
+        attention_mask, word_slots (B, L), n_full_series (int); optional ``has_lateral_host`` (the CPU copy
+        of has_lateral) or ``packing`` (:meth:`prepare_batch`) for a forward without host syncs."""
         frontal = batch["frontal"]
         lateral = batch.get("lateral")
         has_lat = batch.get("has_lateral")
@@ -87,8 +117,13 @@ class MedST(nn.Module):
             lateral, has_lat = None, None
         if lateral is not None and has_lat is None:
             has_lat = torch.ones(B, dtype=torch.bool, device=frontal.device)
-        packed = self.packed if self.packed is not None else frontal.is_cuda
-        cls, patches = self.visual(frontal, lateral, has_lat, packed=packed and not self.cfg.faithful)
+        if self._packs(batch):
+            plan = batch.get("packing")
+            if plan is None:
+                plan = self.prepare_batch(batch)["packing"]
+            cls, patches = self.visual(frontal, lateral, has_lat, packed=True, plan=plan)
+        else:
+            cls, patches = self.visual(frontal, lateral, has_lat)
         P = self.cfg.vision.num_patches
         patch_mask = torch.ones(B, patches.shape[1], dtype=torch.bool, device=frontal.device)
         if lateral is not None:
@@ -103,5 +138,7 @@ class MedST(nn.Module):
         txt_g = F.normalize(self.text_global_head(t_cls), dim=-1)
         patch_l = F.normalize(self.visual_local_head(patches, pm), dim=-1)
         word_l = F.normalize(self.text_local_head(words, wm), dim=-1)
+        dev = frontal.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return MedSTOutput(img_g, txt_g, patch_l, word_l, patch_mask, word_mask,
-                           int(batch.get("n_full_series", 0)), cls)
+                           int(batch.get("n_full_series", 0)), cls, amp)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import VisionCfg
 from .layers import Mlp, sdpa
-from .packing import PackedViews, pack_views, packed_attention
+from .packing import PackedViews, packed_attention, plan_packing
 from ..kernels import use_triton
 
 
@@ -70,9 +70,10 @@ class MoVEBlock(nn.Module):
         qkv = self.attn.qkv(self.norm1(x)).view(x.shape[0], 3, self.attn.heads, -1)
         o = packed_attention(qkv, pk)
         x = x + self.attn.proj(o.reshape(x.shape[0], -1))
-        if pk.routing is not None and x.dtype in (torch.bfloat16, torch.float16):
+        if pk.routing is not None:
             # Fused Triton MoVE FFN (LayerNorm, fc1+bias+GELU, fc2+bias, residual; tokens routed by view).
-            # Only for a half-precision residual stream: under fp32 autocast the kernel would run in fp32.
+            # Under autocast the residual stream stays fp32 (as in the eager module) and the op runs its
+            # GEMMs in the autocast dtype with fp32 accumulation (kernels/move_ffn.py, compute_dtype).
             from medst_fast.kernels.move_ffn import move_ffn
 
             f, l = (self.norm2, self.mlp), (self.norm2_l, self.mlp_l)
@@ -82,10 +83,10 @@ class MoVEBlock(nn.Module):
                 torch.stack([f[1].fc2.weight, l[1].fc2.weight]), torch.stack([f[1].fc2.bias, l[1].fc2.bias]),
                 self.norm2.eps, routing=pk.routing)
         xf = x.index_select(0, pk.frontal_idx)
-        delta = torch.zeros_like(x).index_copy(0, pk.frontal_idx, self.mlp(self.norm2(xf)))
-        if pk.lateral_idx.numel():
+        delta = torch.zeros_like(x).index_copy(0, pk.frontal_idx, self.mlp(self.norm2(xf)).to(x.dtype))
+        if pk.lateral_idx.shape[0]:  # a Python int from the host-built plan: no sync
             xl = x.index_select(0, pk.lateral_idx)
-            delta = delta.index_copy(0, pk.lateral_idx, self.mlp_l(self.norm2_l(xl)))
+            delta = delta.index_copy(0, pk.lateral_idx, self.mlp_l(self.norm2_l(xl)).to(x.dtype))
         return x + delta
 
     def forward(self, x: torch.Tensor, n_frontal: int, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -165,27 +166,35 @@ class MoVEViT(nn.Module):
                 x = blk(x, nf, mask)
         return self.norm(x)
 
-    def forward_packed(self, frontal, lateral, has_lateral) -> Tuple[torch.Tensor, torch.Tensor]:
+    def packing_plan(self, has_lateral: torch.Tensor, device: torch.device) -> PackedViews:
+        """The packing plan for a batch, built on the host (see models/packing.py) and moved to ``device``.
+
+        ``has_lateral`` should be the collate's CPU tensor; a device tensor is read back once (one sync).
+        The fused FFN's expert routing is part of the plan when the Triton path will run on ``device``.
+        """
+        host = has_lateral if has_lateral.device.type == "cpu" else has_lateral.cpu()
+        routing = self.cfg.lateral_expert and use_triton(torch.empty(0, device=device))
+        return plan_packing(host, self.cfg.num_patches, routing=routing).to(device)
+
+    def forward_packed(self, frontal, lateral, has_lateral=None, plan: Optional[PackedViews] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Packed path: absent laterals cost nothing (197 tokens instead of 393 for a frontal-only study).
 
         Returns (CLS (B, D), patch tokens (B, 2P, D)) with zeros in the lateral slots of studies without
         one; CLS and every present token equal the dense path's (attention per study via varlen flash
-        attention on CUDA, masked SDPA elsewhere).
+        attention on CUDA, masked SDPA elsewhere). ``plan`` (from :meth:`packing_plan`) is built from
+        ``has_lateral`` when omitted; pass it to keep the forward free of host syncs and compilable.
         """
         B, P = frontal.shape[0], self.cfg.num_patches
-        has = has_lateral.to(device=frontal.device, dtype=torch.bool)
+        pk = plan if plan is not None else self.packing_plan(has_lateral, frontal.device)
+        if pk.batch != B or pk.patches != P:
+            raise ValueError(f"packing plan is for {pk.batch} studies of {pk.patches} patches; the batch has "
+                             f"{B} studies of {P}")
         fr = self.embed(frontal, None)  # (B, 1+P, D)
-        lat_rows = has.nonzero().flatten()  # note: a host sync, once per forward, to size the buffer
-        lt = self.patch_embed(lateral.index_select(0, lat_rows)) + self.pos_embed[:, 1:]
-        pk = pack_views(has, lat_rows, P)
-        if self.cfg.lateral_expert and use_triton(fr):
-            from medst_fast.kernels.move_ffn import build_routing
-
-            pk.routing = build_routing(pk.view_id)  # once per forward, shared by every block
+        lt = self.patch_embed(lateral.index_select(0, pk.lat_rows)) + self.pos_embed[:, 1:]
         x = fr.new_zeros(pk.total, fr.shape[-1])
         x = x.index_copy(0, pk.frontal_idx, fr.reshape(-1, fr.shape[-1]))
-        if lat_rows.numel():
-            x = x.index_copy(0, pk.lateral_idx, lt.reshape(-1, lt.shape[-1]))
+        x = x.index_copy(0, pk.lateral_idx, lt.reshape(-1, lt.shape[-1]).to(x.dtype))
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk.forward_packed, x, pk, use_reentrant=False)
@@ -194,12 +203,13 @@ class MoVEViT(nn.Module):
         x = self.norm(x)
         D = x.shape[-1]
         front = x.index_select(0, pk.frontal_idx).view(B, P + 1, D)
-        lat = x.new_zeros(B, P, D).index_copy(0, lat_rows, x.index_select(0, pk.lateral_idx).view(-1, P, D))
+        lat = x.new_zeros(B, P, D).index_copy(0, pk.lat_rows, x.index_select(0, pk.lateral_idx).view(-1, P, D))
         return front[:, 0], torch.cat([front[:, 1:], lat], dim=1)
 
-    def forward(self, frontal, lateral=None, has_lateral=None, packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, frontal, lateral=None, has_lateral=None, packed: bool = False,
+                plan: Optional[PackedViews] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (CLS (B, D), patch tokens (B, P or 2P, D)). ``packed`` skips absent laterals' compute."""
-        if packed and lateral is not None and has_lateral is not None:
-            return self.forward_packed(frontal, lateral, has_lateral)
+        if packed and lateral is not None and (has_lateral is not None or plan is not None):
+            return self.forward_packed(frontal, lateral, has_lateral, plan)
         x = self.forward_features(frontal, lateral, has_lateral)
         return x[:, 0], x[:, 1:]

@@ -3,11 +3,16 @@
 Studies are laid end to end in one (N_tokens, D) buffer (sequence-major, ``cu_seqlens`` as flash
 attention expects), so a frontal-only study runs 1+P tokens instead of 1+2P. Expert routing uses the
 precomputed token indices of each view instead of fixed slices.
+
+The plan (every index tensor and every size) is a function of ``has_lateral`` alone, which the collate
+knows on the host. :func:`plan_packing` therefore builds it on the CPU and ships it to the device with the
+batch: the forward then issues no ``nonzero``/``repeat_interleave``/``bincount`` and never waits for the
+device to report how many laterals there are (the sizes are Python ints before any kernel runs).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -28,9 +33,29 @@ class PackedViews:
     lengths: torch.Tensor  # (B,) tokens per study
     view_id: torch.Tensor  # (total,) long: 0 = CLS/frontal, 1 = lateral
     routing: Optional[object] = None  # kernels.move_ffn.MoveRouting when the fused FFN runs
+    lat_rows: Optional[torch.Tensor] = None  # (n_lat,) long: the studies that have a lateral
+    patches: int = 0  # P, patches per view
+
+    @property
+    def n_lateral(self) -> int:
+        return (self.total - self.batch * (self.patches + 1)) // max(self.patches, 1)
+
+    def to(self, device, non_blocking: bool = True) -> "PackedViews":
+        """The same plan on ``device``: host-to-device copies only (no device-to-host read)."""
+        def mv(t):
+            return t.to(device, non_blocking=non_blocking) if torch.is_tensor(t) else t
+
+        routing = self.routing
+        if routing is not None:
+            routing = type(routing)(*(mv(t) for t in routing))
+        return replace(self, cu_seqlens=mv(self.cu_seqlens), frontal_idx=mv(self.frontal_idx),
+                       lateral_idx=mv(self.lateral_idx), dense_idx=mv(self.dense_idx), lengths=mv(self.lengths),
+                       view_id=mv(self.view_id), routing=routing, lat_rows=mv(self.lat_rows))
 
 
 def pack_views(has: torch.Tensor, lat_rows: torch.Tensor, P: int) -> PackedViews:
+    """The plan computed with tensor ops on ``has``'s device (kept for callers that hold only device
+    tensors; :func:`plan_packing` is the sync-free entry point)."""
     dev = has.device
     B = has.shape[0]
     nf = P + 1
@@ -47,7 +72,27 @@ def pack_views(has: torch.Tensor, lat_rows: torch.Tensor, P: int) -> PackedViews
     dense_idx = seq * max_len + pos
     cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     view_id = torch.zeros(total, dtype=torch.long, device=dev).index_fill_(0, lateral_idx, 1)
-    return PackedViews(B, total, max_len, cu, frontal_idx, lateral_idx, dense_idx, lengths, view_id)
+    return PackedViews(B, total, max_len, cu, frontal_idx, lateral_idx, dense_idx, lengths, view_id,
+                       lat_rows=lat_rows.long(), patches=P)
+
+
+def plan_packing(has_lateral: torch.Tensor, P: int, routing: bool = False) -> PackedViews:
+    """The packing plan of a batch, built on the host from a CPU ``has_lateral`` (B,) bool tensor.
+
+    ``routing=True`` also builds the fused MoVE FFN's expert tile routing (kernels/move_ffn.py), which
+    depends on the same view ids. Move the result with :meth:`PackedViews.to`.
+    """
+    if has_lateral.device.type != "cpu":
+        raise ValueError("plan_packing: has_lateral must be a CPU tensor (the plan is built on the host); "
+                         "pass the collate's has_lateral before moving the batch to the device")
+    has = has_lateral.to(torch.bool).reshape(-1)
+    lat_rows = has.nonzero().flatten()  # host tensor: no device sync
+    pk = pack_views(has, lat_rows, P)
+    if routing:
+        from ..kernels.move_ffn import build_routing
+
+        pk.routing = build_routing(pk.view_id)
+    return pk
 
 
 _varlen = None
