@@ -161,3 +161,41 @@ def test_report_markdown_and_csv(tmp_path):
     assert r.get("RadGraph", "auroc") == 0.8125
     with pytest.raises(KeyError):
         r.get("RadGraph", "f1")
+
+
+def test_auroc_refuses_nan_scores():
+    # argsort puts NaN last, so the old ranks called an all-NaN score perfect (1.0)
+    with pytest.raises(ValueError, match=r"4 of 4 rows of scores/predictions are not finite"):
+        M.auroc([0, 0, 1, 1], [np.nan] * 4)
+    with pytest.raises(ValueError, match=r"1 of 4 rows .*first at row 2"):
+        M.auroc([0, 0, 1, 1], [0.1, 0.2, np.inf, 0.4])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_metric_refuses_non_finite_input(bad):
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 0, 1, 0])
+    s = np.linspace(0.1, 0.9, 10)
+    s[3] = bad
+    calls = [lambda: M.accuracy(y, s), lambda: M.balanced_accuracy(y, s), lambda: M.f1_binary(y, s),
+             lambda: M.auroc(y, s), lambda: M.best_threshold(s, y), lambda: M.official_threshold_accuracy(s, y, 2),
+             lambda: M.honest_threshold_accuracy(s, y, 2), lambda: M.mean_std([0.5, bad]),
+             lambda: M.auroc(np.where(np.arange(10) == 4, bad, y), np.linspace(0, 1, 10))]  # bad labels too
+    for call in calls:
+        with pytest.raises(ValueError, match="not finite"):
+            call()
+    pytest.importorskip("sklearn.svm")
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    X[7, 1] = bad
+    with pytest.raises(ValueError, match=r"SVC cross-validation: 1 of 10 rows of classifier features .*row 7"):
+        M.svc_cross_val(X, y, 2)
+
+
+def test_require_finite_names_task_rows_and_first_item():
+    good = np.ones((3, 4), dtype=np.float32)
+    assert M.require_finite(good, "x", "t") is not None
+    assert M.require_finite(np.array(["a", "b"], dtype=object), "labels") is not None  # strings pass
+    bad = good.copy()
+    bad[1, 2] = np.nan
+    bad[2, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^rsna_zeroshot: 2 of 3 rows of image embeddings .*row 1, patientId b"):
+        M.require_finite(bad, "image embeddings", "rsna_zeroshot", names=["patientId a", "patientId b", "c"])

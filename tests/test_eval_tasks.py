@@ -456,3 +456,57 @@ def test_cli_writes_table(tmp_path, model, vocab_path):
     assert os.path.isfile(tmp_path / "out" / "msxrt_image.csv")
     with pytest.raises(ValueError, match="--vocab"):
         main(["msxrt-sentence", "--random-init", "medst_tiny", "--data", str(tmp_path), "--out", str(tmp_path)])
+
+
+# -- non-finite outputs are refused -----------------------------------------------------------------
+def _nan_model(model, part):
+    """A copy of the model whose image (final LayerNorm: CLS and embeddings) or text global head outputs NaN."""
+    import copy
+
+    m = copy.deepcopy(model)
+    param = m.visual.norm.weight if part == "image" else next(m.text_global_head.parameters())
+    with torch.no_grad():
+        param.fill_(float("nan"))
+    return m
+
+
+def test_rsna_with_nan_image_embeddings_is_an_error(tmp_path, model, vocab_path):
+    d = write_rsna(str(tmp_path), n=40)
+    tok = common.load_tokenizer(vocab_path, model)
+    # the old code scored this model 0.75 "AUROC" (NaN similarities ranked as numbers)
+    with pytest.raises(ValueError, match=r"rsna_zeroshot: 40 of 40 rows of image embeddings \(all split\) are not "
+                                         r"finite.*row 0, patientId"):
+        rsna_zeroshot.evaluate(_nan_model(model, "image"), tok, d, split="all")
+    with pytest.raises(ValueError, match=r"rsna_zeroshot: 4 of 4 rows of prompt embeddings"):
+        rsna_zeroshot.evaluate(_nan_model(model, "text"), tok, d, split="all")
+    y = np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="rsna_zeroshot: 1 of 4 rows of negative-prompt similarities"):
+        rsna_zeroshot.score(y, np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.1, np.nan, 0.3, 0.4]))
+
+
+def test_msxrt_with_nan_embeddings_is_an_error(tmp_path, model, vocab_path):
+    pytest.importorskip("sklearn.svm")
+    csv = write_msxrt(str(tmp_path), n=12)
+    with pytest.raises(ValueError, match=r"msxrt_image: 24 of 24 rows of image embeddings \(views=frontal\).*dicom_id"):
+        msxrt_image.evaluate(_nan_model(model, "image"), csv, [os.path.dirname(csv)], seeds=(42,), folds=(2,))
+    scsv = write_sentences(str(tmp_path / msxrt_sentence.CSV_NAME))
+    tok = common.load_tokenizer(vocab_path, model)
+    with pytest.raises(ValueError, match=r"msxrt_sentence: \d+ of \d+ rows of sentence_1 embeddings"):
+        msxrt_sentence.evaluate(_nan_model(model, "text"), tok, scsv)
+    with pytest.raises(ValueError, match="msxrt_sentence: 1 of 4 rows of sentence-pair similarities"):
+        msxrt_sentence.score(np.array([0.2, np.nan, 0.5, 0.9]), np.array([0, 1, 0, 1]), n_splits=2)
+
+
+def test_covidx_refuses_nan_features_and_zero_epochs(tmp_path, model):
+    from medst_fast.eval.__main__ import main
+
+    d = write_covidx(str(tmp_path))
+    with pytest.raises(ValueError, match=r"covidx_probe: 39 of 39 rows of image features"):
+        covidx_probe.evaluate(_nan_model(model, "image"), d, pcts=(1.0,), max_epochs=2)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        main(["covidx-probe", "--random-init", "medst_tiny", "--data", d, "--max-epochs", "0", "--workers", "0",
+              "--out", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out" / "covidx_probe.csv")  # no table for an untrained probe
+    with pytest.raises(ValueError, match="patience"):
+        covidx_probe.train_head(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.zeros(3, 2),
+                                torch.zeros(3, dtype=torch.long), patience=0)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import common
+from .metrics import require_finite
 from .report import TaskResult
 
 CLASSES = {"normal": 0, "pneumonia": 1, "covid-19": 2, "covid19": 2, "covid": 2}
@@ -70,6 +71,7 @@ def official_splits(data, data_pct: float = 1.0):
 def train_head(xtr, ytr, xva, yva, n_classes: int = 3, lr: float = 5e-4, weight_decay: float = 1e-6,
                batch_size: int = 96, max_epochs: int = 200, patience: int = 10, seed: int = 0) -> torch.nn.Linear:
     """Linear head on fixed features with early stopping on validation loss; returns the best head."""
+    _check_schedule(max_epochs, patience)
     torch.manual_seed(seed)
     device = xtr.device
     head = torch.nn.Linear(xtr.shape[1], n_classes).to(device)
@@ -97,8 +99,19 @@ def train_head(xtr, ytr, xva, yva, n_classes: int = 3, lr: float = 5e-4, weight_
     return head.eval()
 
 
+def _check_schedule(max_epochs: int, patience: int) -> None:
+    # With no epoch the "best" head is the random initialisation, and its test accuracy would be reported
+    # as a probe result.
+    if int(max_epochs) < 1:
+        raise ValueError(f"covidx_probe: max_epochs must be >= 1 (got {max_epochs}); with 0 epochs the head "
+                         "is never trained and its accuracy means nothing")
+    if int(patience) < 1:
+        raise ValueError(f"covidx_probe: patience must be >= 1 epoch (got {patience})")
+
+
 def evaluate(model, data, pcts: Sequence[float] = PCTS, max_epochs: int = 200, patience: int = 10,
              batch_size: int = 64, workers: int = 0, seed: int = 0) -> TaskResult:
+    _check_schedule(max_epochs, patience)  # before minutes of feature extraction
     data = os.fspath(data)
     full = official_splits(data, 1.0)
     folder = {"train": "train", "valid": "train", "test": "test"}
@@ -107,6 +120,8 @@ def evaluate(model, data, pcts: Sequence[float] = PCTS, max_epochs: int = 200, p
     # Frozen backbone: features once, for every image any data_pct can use.
     feats = common.unique_embeddings(model, all_paths, fn=lambda m, x: m.image_features(x),
                                      batch_size=batch_size, workers=workers, desc="COVIDx images")
+    require_finite(np.stack([feats[p] for p in all_paths]), "image features (final-LN CLS)", "covidx_probe",
+                   names=all_paths)
     device = next(model.parameters()).device
 
     def tensors(df, split):

@@ -5,9 +5,36 @@ works without sklearn; only the SVC protocol needs sklearn.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+
+def require_finite(values, what: str, task: str = "evaluation", names: Optional[Sequence] = None) -> np.ndarray:
+    """Return ``values`` as an array, or raise when any entry is NaN or infinite.
+
+    A NaN score sorts as a number in no metric (argsort puts it last, comparisons are all False), so a
+    model that outputs NaN would get a plausible-looking score instead of an error. Rows are the first
+    axis (one image, pair or sentence each); the message names the task, what was checked and how many
+    of its rows are bad; ``names`` (one per row: an image path, a dicom id) names the first bad row.
+    """
+    a = np.asarray(values)
+    num = a
+    if a.dtype == object:
+        try:
+            num = a.astype(np.float64)
+        except (TypeError, ValueError):  # labels given as strings: nothing numeric to check
+            return a
+    if num.dtype.kind not in "fc" or num.size == 0:  # integers, booleans and strings are always finite
+        return a
+    bad = ~np.isfinite(num)
+    if bad.any():
+        rows = bad.reshape(len(a), -1).any(axis=1) if a.ndim > 1 else bad
+        first = int(np.flatnonzero(rows)[0])
+        where = f"row {first}" + (f", {names[first]}" if names is not None and len(names) == len(a) else "")
+        raise ValueError(f"{task}: {int(rows.sum())} of {len(a)} rows of {what} are not finite (NaN/inf; first at "
+                         f"{where}); no score is reported for non-finite outputs")
+    return a
 
 
 def _arrays(y, p):
@@ -16,7 +43,7 @@ def _arrays(y, p):
         raise ValueError(f"labels {y.shape} and predictions {p.shape} differ in length")
     if y.size == 0:
         raise ValueError("empty labels")
-    return y, p
+    return require_finite(y, "labels", "metric"), require_finite(p, "scores/predictions", "metric")
 
 
 def accuracy(y, pred) -> float:
@@ -83,7 +110,8 @@ def best_threshold(sim, y, grid=THRESHOLD_GRID) -> Tuple[float, float]:
 
     Starts from (t=0, acc=0) as the official loop does. Returns (threshold, accuracy).
     """
-    sim, y = np.asarray(sim, dtype=np.float64), np.asarray(y).astype(bool)
+    y, sim = _arrays(y, sim)
+    sim, y = sim.astype(np.float64), y.astype(bool)
     best_t, best_acc = 0.0, 0.0
     for t in grid:
         acc = float(np.mean((sim > t) == y))
@@ -99,7 +127,8 @@ def official_threshold_accuracy(sim, y, n_splits: int = 10, grid=THRESHOLD_GRID)
     threshold of the fold whose *test* accuracy is highest (first one on ties; 0 if all are 0) and apply
     it to every pair. Optimistic: the test folds choose the threshold. Returns (accuracy, threshold).
     """
-    sim, y = np.asarray(sim, dtype=np.float64), np.asarray(y).astype(bool)
+    y, sim = _arrays(y, sim)
+    sim, y = sim.astype(np.float64), y.astype(bool)
     chosen, best_test = 0.0, 0.0
     for tr, te in kfold_indices(len(y), n_splits):
         t, _ = best_threshold(sim[tr], y[tr], grid)
@@ -112,7 +141,8 @@ def official_threshold_accuracy(sim, y, n_splits: int = 10, grid=THRESHOLD_GRID)
 def honest_threshold_accuracy(sim, y, n_splits: int = 10, grid=THRESHOLD_GRID) -> Tuple[float, float, List[float]]:
     """Cross-validated accuracy: each fold's threshold is picked on its training folds only and scored
     on the fold. Returns (mean, std over folds, per-fold accuracies)."""
-    sim, y = np.asarray(sim, dtype=np.float64), np.asarray(y).astype(bool)
+    y, sim = _arrays(y, sim)
+    sim, y = sim.astype(np.float64), y.astype(bool)
     accs = []
     for tr, te in kfold_indices(len(y), n_splits):
         t, _ = best_threshold(sim[tr], y[tr], grid)
@@ -129,6 +159,8 @@ def svc_cross_val(X: np.ndarray, y: np.ndarray, n_splits: int, C: float = 1.0) -
         from sklearn.svm import SVC
     except ImportError as e:  # pragma: no cover
         raise ImportError("the MS-CXR-T image protocol needs scikit-learn: pip install scikit-learn") from e
+    require_finite(X, "classifier features", "SVC cross-validation")
+    require_finite(y, "labels", "SVC cross-validation")
     accs, maccs = [], []
     for tr, te in StratifiedKFold(n_splits=n_splits).split(X, y):
         pred = SVC(kernel="linear", C=C).fit(X[tr], y[tr]).predict(X[te])
@@ -139,5 +171,5 @@ def svc_cross_val(X: np.ndarray, y: np.ndarray, n_splits: int, C: float = 1.0) -
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     """Mean and population std (np.std, ddof=0, as the official script reports seeds)."""
-    v = np.asarray(values, dtype=np.float64)
+    v = require_finite(np.asarray(values, dtype=np.float64), "per-seed scores", "mean_std")
     return float(v.mean()), float(v.std())

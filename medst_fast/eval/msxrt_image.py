@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import common
-from .metrics import mean_std, svc_cross_val
+from .metrics import mean_std, require_finite, svc_cross_val
 from .report import TaskResult
 
 log = logging.getLogger("medst_fast")
@@ -175,12 +175,23 @@ def image_features(model, resolver: ImageResolver, ids: Sequence[str], views: st
     if views == "frontal":
         by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
                                            desc="MS-CXR-T images")
-        return {d: by_path[paths[d]] for d in ids}, 0
+        feats = {d: by_path[paths[d]] for d in ids}
+        _check_features(feats, ids, "frontal")
+        return feats, 0
     lats = {d: resolver.lateral_of(d) for d in ids}
     lat_paths = resolver.resolve([l for l in lats.values() if l])
     pairs = [(paths[d], lat_paths[lats[d]] if lats[d] else None) for d in ids]
     emb = common.embed_studies(model, pairs, batch_size=batch_size, workers=workers, desc="MS-CXR-T studies")
-    return {d: emb[i].numpy() for i, d in enumerate(ids)}, sum(l is not None for _, l in pairs)
+    feats = {d: emb[i].numpy() for i, d in enumerate(ids)}
+    _check_features(feats, ids, "study")
+    return feats, sum(l is not None for _, l in pairs)
+
+
+def _check_features(feats: Dict[str, np.ndarray], ids: Sequence[str], views: str) -> None:
+    """A NaN embedding would reach the SVC (which raises deep inside sklearn) or a metric: refuse it here."""
+    if ids:
+        require_finite(np.stack([feats[d] for d in ids]), f"image embeddings (views={views})", "msxrt_image",
+                       names=[f"dicom_id {d}" for d in ids])
 
 
 def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = None,

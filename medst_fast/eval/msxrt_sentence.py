@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from . import common
-from .metrics import auroc, honest_threshold_accuracy, official_threshold_accuracy
+from .metrics import auroc, honest_threshold_accuracy, official_threshold_accuracy, require_finite
 from .report import TaskResult
 
 CSV_NAME = "MS_CXR_T_temporal_sentence_similarity_v1.0.0.csv"
@@ -59,6 +59,8 @@ def clean(sentences, official_join: bool = False):
 def similarities(model, tokenizer, s1, s2, official_join: bool = False, batch_size: int = 256) -> np.ndarray:
     e1 = common.embed_texts(model, tokenizer, clean(s1, official_join), batch_size, desc="sentences 1")
     e2 = common.embed_texts(model, tokenizer, clean(s2, official_join), batch_size, desc="sentences 2")
+    for name, e, s in (("sentence_1", e1, s1), ("sentence_2", e2, s2)):
+        require_finite(e.numpy(), f"{name} embeddings", "msxrt_sentence", names=[repr(x) for x in s])
     return (e1 * e2).sum(-1).numpy().astype(np.float64)
 
 
@@ -71,6 +73,7 @@ def evaluate(model, tokenizer, csv_path, subset: str = "RadGraph", official_join
 
 
 def score(sim: np.ndarray, y: np.ndarray, subset: str = "RadGraph", n_splits: int = 10, meta=None) -> TaskResult:
+    sim = require_finite(sim, "sentence-pair similarities", "msxrt_sentence")
     res = TaskResult("msxrt_sentence", meta=dict(meta or {}))
     n = len(y)
     res.add(subset, "auroc", auroc(y, sim), n=n)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import common
-from .metrics import accuracy, auroc, f1_binary
+from .metrics import accuracy, auroc, f1_binary, require_finite
 from .report import TaskResult
 
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -90,10 +90,14 @@ def class_embedding(model, tokenizer, prompts, official_join: bool = False) -> t
 
     texts = [clean_report(p, joiner="" if official_join else " ")[0] for p in prompts]
     e = common.embed_texts(model, tokenizer, texts, normalize=False, desc="prompts")
+    require_finite(e.numpy(), "prompt embeddings", "rsna_zeroshot", names=[repr(p) for p in prompts])
     return F.normalize(e.mean(0), dim=0)
 
 
 def score(y, pos: np.ndarray, neg: np.ndarray, meta=None, subset: str = "test") -> TaskResult:
+    # pos > neg is False for NaN, so NaN scores would silently predict "no pneumonia" for every image
+    require_finite(pos, "positive-prompt similarities", "rsna_zeroshot")
+    require_finite(neg, "negative-prompt similarities", "rsna_zeroshot")
     pred = (pos > neg).astype(np.int64)
     res = TaskResult("rsna_zeroshot", meta=dict(meta or {}))
     n = len(y)
@@ -128,6 +132,8 @@ def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] 
         raise ValueError(f"{labels_csv}: the {split} split has only one class; cannot score")
     img = common.embed_images(model, [image_path(image_dir, p) for p in df["patientId"]], batch_size=batch_size,
                               workers=workers, desc=f"RSNA {split}")
+    require_finite(img.numpy(), f"image embeddings ({split} split)", "rsna_zeroshot",
+                   names=[f"patientId {p}" for p in df["patientId"]])
     pos_p, neg_p = prompts if prompts is not None else (POSITIVE_PROMPTS, NEGATIVE_PROMPTS)
     pos_t = class_embedding(model, tokenizer, pos_p, official_join)
     neg_t = class_embedding(model, tokenizer, neg_p, official_join)
