@@ -61,3 +61,10 @@ def info() -> dict:
     """For ``python -m medst_fast.env``."""
     ok = load()
     return {"loaded": ok, "cuda": has_cuda() if ok else False, "error": "" if ok else _state["error"]}
+
+
+def status() -> str:
+    """One line for ``python -m medst_fast.env``: loaded (with or without CUDA kernels), or why not."""
+    if load():
+        return "built and loaded (" + ("CPU + CUDA kernels" if has_cuda() else "CPU kernels only") + ")"
+    return f"not loaded ({_state['error']})"
