@@ -10,11 +10,8 @@ from medst_fast.data.manifest import ManifestDataset, index_from_manifest, view_
 
 
 @pytest.fixture(scope="module")
-def covid_csv(shared_dir):
-    p = os.path.join(shared_dir, "data", "covid-cxr", "manifest.csv")
-    if not os.path.isfile(p):
-        pytest.skip("covid-cxr manifest not available")
-    return p
+def covid_csv(shared_file):
+    return shared_file("data", "covid-cxr", "manifest.csv")
 
 
 def test_view_kind():

@@ -82,3 +82,32 @@ def test_import_needs_only_torch():
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 32])" in out.stdout
     assert "PyTorch reference (Triton not installed)" in out.stdout
+
+
+def _run_suite_without_shared(tmp_path, require):
+    """Run a two-test suite with the real conftest and a shared folder that does not exist."""
+    d = tmp_path / "suite" / "tests"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "conftest.py").write_text(open(os.path.join(os.path.dirname(__file__), "conftest.py")).read())
+    (d / "test_needs_shared.py").write_text("def test_vocab(vocab_path):\n    pass\n\n"
+                                            "def test_plain():\n    pass\n")
+    env = {**os.environ, "MEDST_SHARED_DIR": str(tmp_path / "no_shared"), "MEDST_REQUIRE_SHARED": require}
+    return subprocess.run([sys.executable, "-m", "pytest", str(d), "-q", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path / "suite"))
+
+
+def test_missing_shared_resources_fail_ci_and_are_named_for_users(tmp_path):
+    user = _run_suite_without_shared(tmp_path, "0")
+    assert user.returncode == 0, user.stdout + user.stderr
+    assert "1 passed, 1 skipped" in user.stdout
+    # a plain -q run names what the skip was missing
+    assert f"1 test(s) skipped: missing shared resource: {tmp_path / 'no_shared'}" in user.stdout
+    ci = _run_suite_without_shared(tmp_path, "1")
+    assert ci.returncode == 1, ci.stdout + ci.stderr
+    assert "1 passed" in ci.stdout and "1 error" in ci.stdout and "skipped" not in ci.stdout
+    assert "MEDST_REQUIRE_SHARED=1" in ci.stdout and str(tmp_path / "no_shared") in ci.stdout
+
+
+def test_ci_script_requires_shared_resources_before_the_tests():
+    text = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
+    assert text.index("export MEDST_REQUIRE_SHARED=1") < text.index('eval "$cmd"')
