@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 
 import torch
 
@@ -110,6 +111,42 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 _kernel_cache = {}
+_globals_cache = {}
+
+
+def triton_helper(fn):
+    """Mark a plain function as a Triton device helper that kernels of its module may call.
+
+    :func:`jit_kernel` jits it in the same mode as the calling kernel (compiled or interpreted), so that
+    helpers, like kernels, cost no Triton import until the first launch.
+    """
+    fn._triton_helper = True
+    return fn
+
+
+def _mode_globals(module_globals: dict, mode: bool) -> dict:
+    # One copy of a module's globals per mode, with ``tl`` bound and every helper jitted for that mode; the
+    # kernels of the module are rebuilt over it, so the module itself is never rebound (a process may hold
+    # compiled and interpreted kernels side by side).
+    key = (module_globals["__name__"], mode)
+    g = _globals_cache.get(key)
+    if g is None:
+        import triton
+        import triton.language as tl
+
+        g = dict(module_globals)
+        g["tl"] = tl
+        for name, v in module_globals.items():
+            if getattr(v, "_triton_helper", False):
+                g[name] = triton.jit(_rebind(v, g))
+        _globals_cache[key] = g
+    return g
+
+
+def _rebind(fn, g: dict):
+    f = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    f.__qualname__, f.__module__, f.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return f
 
 
 def jit_kernel(fn):
@@ -124,13 +161,18 @@ def jit_kernel(fn):
     k = _kernel_cache.get(key)
     if k is None:
         import triton
-        import triton.language as tl
 
-        fn.__globals__.setdefault("tl", tl)
-        if fn.__globals__["tl"] is None:
-            fn.__globals__["tl"] = tl
-        k = _kernel_cache[key] = triton.jit(fn)
+        k = _kernel_cache[key] = triton.jit(_rebind(fn, _mode_globals(fn.__globals__, key[1])))
     return k
+
+
+def launch(fn, grid, *args, **meta):
+    """Launch kernel ``fn`` (a plain function, see :func:`jit_kernel`) on ``grid``.
+
+    Every launcher goes through here, so tests can count launches and the sm_90 compile test can record
+    exactly which specialisations the launchers ask for without a GPU.
+    """
+    jit_kernel(fn)[grid](*args, **meta)
 
 
 def next_pow2(n: int) -> int:

@@ -15,7 +15,16 @@
 * Backward: grouped GEMM dz1 = (dy W2_e) * gelu'(z1) (gathers dy by slot); grouped GEMM dh = dz1 W1_e;
   weight/bias gradients by a per-expert reduction kernel over each expert's slot segment; LayerNorm
   backward scatters dx (+ the residual's dy) to token order and writes per-program partial LN-weight sums.
-All products accumulate in fp32; intermediates (h, z1, gelu(z1), dz1) are stored in the input dtype.
+
+Mixed precision (``compute_dtype``, by default the autocast dtype when autocast is on): the GEMM operands
+(h, gelu(z1), dy, dz1 and the weights) are in the compute dtype, every product accumulates in fp32. With an
+fp32 residual stream under bf16 autocast this is what the eager module computes: LayerNorm reads and computes
+fp32, h / z1 / gelu(z1) are bf16, the branch is rounded to bf16 and added to the fp32 residual; dx and the
+parameter gradients come back in the parameters' dtype (fp32 master weights: fp32). The biases are added in
+fp32 unrounded. The custom ops have no autocast registration, deliberately: for an op without an autocast
+kernel the Autocast dispatch key falls through, so autocast never re-casts their inputs (a registered
+autocast kernel would cast x to bf16 and lose the fp32 residual stream); the dtype decision is the explicit
+``compute_dtype`` argument, and the implementations run with autocast off.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import interpreting, jit_kernel, next_pow2, use_triton
+from ._utils import interpreting, launch, next_pow2, triton_helper, use_triton
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
@@ -80,8 +89,32 @@ def build_routing(view_id: torch.Tensor, n_experts: int = N_EXPERTS, block_m: in
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+@triton_helper
+def _round(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in dtype DT, returned as fp32 (a later store into DT is exact).
+
+    Triton's CPU interpreter truncates on bf16 casts and stores, so there the rounding is done on the bits.
+    """
+    if INTERP and DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton_helper
+def _operand(x, CT: tl.constexpr, INTERP: tl.constexpr):
+    """A GEMM operand tile in the compute dtype CT. The interpreter has no bf16 matmul (numpy holds bf16 as
+    raw uint16), so there it stays fp32 holding CT-rounded values: the same products, exactly, as CT x CT
+    with fp32 accumulation."""
+    if INTERP:
+        return _round(x.to(tl.float32), CT, INTERP)
+    else:
+        return x.to(CT)
+
+
 def _ln_fwd_kernel(X, ROWS, TILE_E, LNW, LNB, H, MEAN, RSTD, D, eps,
-                   SUB: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   SUB: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # SUB slot rows per program (a full BLOCK_M x D tile would not fit in registers at D = 768).
     pid = tl.program_id(0)
     tile = pid // (BLOCK_M // SUB)
@@ -100,16 +133,14 @@ def _ln_fwd_kernel(X, ROWS, TILE_E, LNW, LNB, H, MEAN, RSTD, D, eps,
         b = tl.load(LNB + e * D + cols, mask=cm, other=0.0).to(tl.float32)
         h = xc * rstd[:, None] * w[None, :] + b[None, :]
         h = tl.where(r[:, None] >= 0, h, 0.0)  # padding slots are exact zeros: the weight-gradient sums read them
-        if RNE:  # interpreter only: its bf16 stores truncate; round to nearest even first
-            h_u = h.to(tl.uint32, bitcast=True)
-            h = ((h_u + 0x7FFF + ((h_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        h = _round(h, H.dtype.element_ty, INTERP)  # LayerNorm in fp32, its output in the compute dtype
         tl.store(H + slots.to(tl.int64)[:, None] * D + cols[None, :], h, mask=cm[None, :])
         tl.store(MEAN + slots, mean)
         tl.store(RSTD + slots, rstd)
 
 
 def _ln_bwd_kernel(DH, X, ROWS, TILE_E, LNW, MEAN, RSTD, DOUT, DX, DWP, DBP, D,
-                   SUB: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   SUB: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     tile = pid // (BLOCK_M // SUB)
     e = tl.load(TILE_E + tile)
@@ -132,24 +163,23 @@ def _ln_bwd_kernel(DH, X, ROWS, TILE_E, LNW, MEAN, RSTD, DOUT, DX, DWP, DBP, D,
         c2 = tl.sum(gw, 1) / D
         dx = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         dy = tl.load(DOUT + r64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        dx = dx + dy  # + the residual branch
-        if RNE:  # interpreter only: its bf16 stores truncate; round to nearest even first
-            dx_u = dx.to(tl.uint32, bitcast=True)
-            dx = ((dx_u + 0x7FFF + ((dx_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        dx = _round(dx + dy, DX.dtype.element_ty, INTERP)  # + the residual branch
         tl.store(DX + r64[:, None] * D + cols[None, :], dx, mask=m2)
         tl.store(DWP + pid * D + cols, tl.sum(dh * xhat, 0), mask=cm)
         tl.store(DBP + pid * D + cols, tl.sum(dh, 0), mask=cm)
 
 
 def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, N, K, stride_be, stride_bn, stride_bk,
-                       A_GATHER: tl.constexpr, EPI: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
+                       A_GATHER: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[m, n] = epilogue(sum_k A[m, k] B_e[n, k]) for the slot tile m of expert e = TILE_E[tile].
 
-    EPI 0: C = acc.  1: AUX = acc + bias_e (pre-activation), C = gelu(AUX).
-    2: C[ROWS[m]] = acc + bias_e + RES[ROWS[m]] (scatter to token order).  3: C = acc * gelu'(AUX).
+    The compute dtype CT is the weights' dtype: A tiles are taken to CT, products accumulate in fp32.
+    EPI 0: C = acc.  1: AUX = round_CT(acc + bias_e) (pre-activation), C = round_CT(gelu(AUX)).
+    2: C[ROWS[m]] = RES[ROWS[m]] + round_CT(acc + bias_e) (scatter to token order).  3: C = acc * gelu'(AUX).
     A_GATHER: A is in token order and is read through ROWS (padding slots read zeros).
     """
+    CT: tl.constexpr = B.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(TILE_E + pid_m)
@@ -174,57 +204,36 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, N, K, stride_be, s
             a = tl.load(A + a_row[:, None] * K + kk[None, :], mask=a_ok[:, None] & km[None, :], other=0.0)
             b = tl.load(b_base + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=km[:, None] & nm[None, :],
                         other=0.0)
-            if IEEE:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, b.to(a.dtype))
+            acc += tl.dot(_operand(a, CT, INTERP), _operand(b, CT, INTERP), input_precision=PREC)
         c_off = rm.to(tl.int64)[:, None] * N + rn[None, :]
         if EPI == 0:
             tl.store(C + c_off, acc, mask=nm[None, :])
         elif EPI == 1:
             z = acc + tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-            if RNE:  # interpreter only: its bf16 stores truncate; round to nearest even first
-                z_u = z.to(tl.uint32, bitcast=True)
-                z = ((z_u + 0x7FFF + ((z_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            z = _round(z, CT, INTERP)  # the stored pre-activation: backward's gelu' reads the same value
             tl.store(AUX + c_off, z, mask=nm[None, :])
-            # exact GELU from the stored (input-dtype) pre-activation, so backward's gelu' sees the same z
-            z = tl.load(AUX + c_off, mask=nm[None, :], other=0.0).to(tl.float32)
-            g = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-            if RNE:  # interpreter only: its bf16 stores truncate; round to nearest even first
-                g_u = g.to(tl.uint32, bitcast=True)
-                g = ((g_u + 0x7FFF + ((g_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            g = _round(0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), CT, INTERP)  # exact GELU
             tl.store(C + c_off, g, mask=nm[None, :])
         elif EPI == 2:
             ok = (r >= 0)[:, None] & nm[None, :]
             o_off = r.to(tl.int64)[:, None] * N + rn[None, :]
             res = tl.load(RES + o_off, mask=ok, other=0.0).to(tl.float32)
             y = acc + tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-            # round the branch to the output dtype before the residual add, as the eager module does
-            if RNE:  # interpreter only: its bf16 casts truncate; round to nearest even
-                y_u = y.to(tl.uint32, bitcast=True)
-                y = ((y_u + 0x7FFF + ((y_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            else:
-                y = y.to(C.dtype.element_ty).to(tl.float32)
-            y = res + y
-            if RNE:  # interpreter only: its bf16 stores truncate; round to nearest even first
-                y_u = y.to(tl.uint32, bitcast=True)
-                y = ((y_u + 0x7FFF + ((y_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            # the branch is rounded to the compute dtype before the residual add, as the eager module does
+            y = _round(res + _round(y, CT, INTERP), C.dtype.element_ty, INTERP)
             tl.store(C + o_off, y, mask=ok)
         else:
             z = tl.load(AUX + c_off, mask=nm[None, :], other=0.0).to(tl.float32)
             cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
             pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-            dz = acc * (cdf + z * pdf)
-            if RNE:  # interpreter only: its bf16 stores truncate; round to nearest even first
-                dz_u = dz.to(tl.uint32, bitcast=True)
-                dz = ((dz_u + 0x7FFF + ((dz_u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            tl.store(C + c_off, dz, mask=nm[None, :])
+            tl.store(C + c_off, _round(acc * (cdf + z * pdf), CT, INTERP), mask=nm[None, :])
 
 
 def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, DB, N, K,
-                          A_GATHER: tl.constexpr, IEEE: tl.constexpr,
+                          A_GATHER: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """DW[e, n, k] = sum over expert e's slots m of A[m, n] BM[m, k]; DB[e, n] = sum_m A[m, n] (pid_k == 0)."""
+    CT: tl.constexpr = BM.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     e = tl.program_id(2)
@@ -247,10 +256,7 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, DB, N, K,
             a_ok = rm >= 0
         a = tl.load(A + a_row[:, None] * N + rn[None, :], mask=a_ok[:, None] & nm[None, :], other=0.0)
         b = tl.load(BM + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=km[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(tl.trans(a).to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(a), b.to(a.dtype))
+        acc += tl.dot(tl.trans(_operand(a, CT, INTERP)), _operand(b, CT, INTERP), input_precision=PREC)
         dbias += tl.sum(a.to(tl.float32), 0)
     tl.store(DW + e * N * K + rn[:, None] * K + rk[None, :], acc, mask=nm[:, None] & km[None, :])
     if pid_k == 0:
@@ -261,15 +267,10 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, DB, N, K,
 _SUB = 4
 
 
-def _ieee(a: torch.Tensor) -> bool:
-    # fp32 inputs get exact fp32 products (the tests' 1e-5); bf16/fp16 tiles feed the tensor cores as is.
-    # Triton's CPU interpreter has no bf16 matmul (numpy holds bf16 as raw uint16), so there the tiles are
-    # upcast: the same products, exactly, as bf16 x bf16 with fp32 accumulation.
-    return a.dtype == torch.float32 or interpreting()
-
-
-def _rne(t: torch.Tensor) -> bool:
-    return t.dtype == torch.bfloat16 and interpreting()
+def _prec(compute_dtype: torch.dtype) -> str:
+    # fp32 compute gets exact fp32 products (the tests' 1e-5). The interpreter always multiplies in fp32: its
+    # operand tiles hold compute-dtype-rounded values (see _operand).
+    return "ieee" if compute_dtype == torch.float32 or interpreting() else "tf32"
 
 
 def _gemm_blocks(n: int, k: int):
@@ -280,10 +281,11 @@ def _mm(a, rows, tile_expert, w, stride_be, stride_bn, stride_bk, n, k, c, *, ga
         aux=None, res=None):
     bn, bk = _gemm_blocks(n, k)
     grid = (tile_expert.numel(), triton_cdiv(n, bn))
-    jit_kernel(_grouped_mm_kernel)[grid](
-        a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
-        res if res is not None else c, n, k, stride_be, stride_bn, stride_bk,
-        A_GATHER=gather, EPI=epi, IEEE=_ieee(a), RNE=_rne(c if epi != 0 else a), BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+    launch(_grouped_mm_kernel, grid,
+           a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
+           res if res is not None else c, n, k, stride_be, stride_bn, stride_bk,
+           A_GATHER=gather, EPI=epi, PREC=_prec(w.dtype), INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=bn,
+           BLOCK_K=bk)
 
 
 def _wgrad(a, rows, bm, seg, n, k, gather):
@@ -291,8 +293,8 @@ def _wgrad(a, rows, bm, seg, n, k, gather):
     dw = torch.empty(N_EXPERTS, n, k, device=a.device, dtype=torch.float32)
     db = torch.empty(N_EXPERTS, n, device=a.device, dtype=torch.float32)
     grid = (triton_cdiv(n, bn), triton_cdiv(k, bk), N_EXPERTS)
-    jit_kernel(_grouped_wgrad_kernel)[grid](a, rows, bm, seg, dw, db, n, k, A_GATHER=gather, IEEE=_ieee(a),
-                                            BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+    launch(_grouped_wgrad_kernel, grid, a, rows, bm, seg, dw, db, n, k, A_GATHER=gather, PREC=_prec(bm.dtype),
+           INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
     return dw, db
 
 
@@ -301,15 +303,16 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _fwd_triton(x, rows, tile_expert, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps):
+    """fc1_w / fc2_w are already in the compute dtype; x, the LayerNorm and the biases keep theirs."""
     n_slots, (n_tok, d), hdim = rows.numel(), x.shape, fc1_w.shape[1]
-    dev, dt = x.device, x.dtype
-    h = torch.empty(n_slots, d, device=dev, dtype=dt)
+    dev, ct = x.device, fc1_w.dtype
+    h = torch.empty(n_slots, d, device=dev, dtype=ct)
     mean = torch.empty(n_slots, device=dev, dtype=torch.float32)
     rstd = torch.empty(n_slots, device=dev, dtype=torch.float32)
-    jit_kernel(_ln_fwd_kernel)[(n_slots // _SUB,)](x, rows, tile_expert, ln_w, ln_b, h, mean, rstd, d, float(eps),
-                                                   SUB=_SUB, RNE=_rne(x), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
-    z1 = torch.empty(n_slots, hdim, device=dev, dtype=dt)
-    g = torch.empty(n_slots, hdim, device=dev, dtype=dt)
+    launch(_ln_fwd_kernel, (n_slots // _SUB,), x, rows, tile_expert, ln_w, ln_b, h, mean, rstd, d, float(eps),
+           SUB=_SUB, INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
+    z1 = torch.empty(n_slots, hdim, device=dev, dtype=ct)
+    g = torch.empty(n_slots, hdim, device=dev, dtype=ct)
     # fc1_w (E, H, D): B_e[n=h, k=d]
     _mm(h, rows, tile_expert, fc1_w, hdim * d, d, 1, hdim, d, g, epi=1, bias=fc1_b, aux=z1)
     out = torch.empty_like(x)
@@ -320,22 +323,23 @@ def _fwd_triton(x, rows, tile_expert, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ep
 
 def _bwd_triton(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rstd, z1, g):
     n_slots, (n_tok, d), hdim = rows.numel(), x.shape, fc1_w.shape[1]
-    dev = x.device
+    dev, ct = x.device, fc1_w.dtype
     dout = dout.contiguous()
-    dz1 = torch.empty(n_slots, hdim, device=dev, dtype=x.dtype)
+    dy = dout.to(ct)  # the GEMMs' operand; the residual gradient and LayerNorm read dout itself
+    dz1 = torch.empty(n_slots, hdim, device=dev, dtype=ct)
     # dz1[m, h] = sum_d dy[m, d] W2_e[d, h] * gelu'(z1): B_e[n=h, k=d] = fc2_w[e, d, h]
-    _mm(dout, rows, tile_expert, fc2_w, d * hdim, 1, hdim, hdim, d, dz1, gather=True, epi=3, aux=z1)
+    _mm(dy, rows, tile_expert, fc2_w, d * hdim, 1, hdim, hdim, d, dz1, gather=True, epi=3, aux=z1)
     dh = torch.empty(n_slots, d, device=dev, dtype=torch.float32)
     # dh[m, d] = sum_h dz1[m, h] W1_e[h, d]: B_e[n=d, k=h] = fc1_w[e, h, d]
     _mm(dz1, rows, tile_expert, fc1_w, hdim * d, 1, d, d, hdim, dh)
-    dw2, db2 = _wgrad(dout, rows, g, seg, d, hdim, gather=True)
+    dw2, db2 = _wgrad(dy, rows, g, seg, d, hdim, gather=True)
     dw1, db1 = _wgrad(dz1, rows, h, seg, hdim, d, gather=False)
     n_prog = n_slots // _SUB
     dx = torch.empty_like(x)
     dwp = torch.zeros(n_prog, d, device=dev, dtype=torch.float32)
     dbp = torch.zeros(n_prog, d, device=dev, dtype=torch.float32)
-    jit_kernel(_ln_bwd_kernel)[(n_prog,)](dh, x, rows, tile_expert, ln_w, mean, rstd, dout, dx, dwp, dbp, d,
-                                          SUB=_SUB, RNE=_rne(x), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
+    launch(_ln_bwd_kernel, (n_prog,), dh, x, rows, tile_expert, ln_w, mean, rstd, dout, dx, dwp, dbp, d,
+           SUB=_SUB, INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
     prog_e = tile_expert.long().clamp_min(0).repeat_interleave(BLOCK_M // _SUB)  # unused programs wrote zeros
     dlnw = torch.zeros(N_EXPERTS, d, device=dev, dtype=torch.float32).index_add_(0, prog_e, dwp)
     dlnb = torch.zeros(N_EXPERTS, d, device=dev, dtype=torch.float32).index_add_(0, prog_e, dbp)
@@ -343,7 +347,8 @@ def _bwd_triton(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rs
 
 
 # The same slot-layout computation in PyTorch: the ops' implementation where the kernels cannot run (CPU
-# without the interpreter, e.g. torch.compile tests), and a second check of the layout logic.
+# without the interpreter, e.g. torch.compile tests), and a second check of the layout logic. Same rounding
+# points as the kernels: products of compute-dtype operands accumulated in fp32.
 def _per_expert(ec, fn):
     # every slot through every expert, keeping its own: 2x the flops but no (slots, H, D) weight gather
     out = fn(0)
@@ -353,66 +358,95 @@ def _per_expert(ec, fn):
 
 
 def _slot_expert(rows, tile_expert):
-    return tile_expert.long().repeat_interleave(rows.numel() // tile_expert.numel())
+    # expand, not repeat_interleave: a view plus a copy, never a host sync
+    return tile_expert.long()[:, None].expand(-1, rows.numel() // tile_expert.numel()).reshape(-1)
+
+
+def _slot_view(rows, tile_expert):
+    e = _slot_expert(rows, tile_expert)
+    ok = (rows >= 0) & (e >= 0)
+    return ok, e.clamp_min(0), rows.long().clamp_min(0)
+
+
+def _scatter_tokens(n_tok, rows, ok, v):
+    # slot rows back to token order; padding slots all land, as zeros, on a spare row n_tok that is dropped
+    dest = torch.where(ok, rows.long(), n_tok)
+    buf = v.new_zeros(n_tok + 1, v.shape[1])
+    return buf.index_copy(0, dest, torch.where(ok[:, None], v, 0))[:n_tok]
 
 
 def _fwd_torch(x, rows, tile_expert, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps):
-    e = _slot_expert(rows, tile_expert)
-    ok = (rows >= 0) & (e >= 0)
-    ec = e.clamp_min(0)
-    xs = torch.where(ok[:, None], x[rows.long().clamp_min(0)], 0).float()
+    ct = fc1_w.dtype
+    ok, ec, r = _slot_view(rows, tile_expert)
+    xs = torch.where(ok[:, None], x[r], 0).float()
     mean = xs.mean(1)
     rstd = torch.rsqrt(xs.var(1, unbiased=False) + eps)
     h = ((xs - mean[:, None]) * rstd[:, None] * ln_w[ec].float() + ln_b[ec].float()) * ok[:, None]
-    h = h.to(x.dtype)
-    z1 = _per_expert(ec, lambda i: h.float() @ fc1_w[i].float().t() + fc1_b[i].float()).to(x.dtype)
-    g = F.gelu(z1.float()).to(x.dtype)
-    y = _per_expert(ec, lambda i: g.float() @ fc2_w[i].float().t() + fc2_b[i].float()).to(x.dtype)
-    out = x.index_add(0, rows.long()[ok], y[ok])
+    h = h.to(ct)
+    z1 = (_per_expert(ec, lambda i: h.float() @ fc1_w[i].float().t()) + fc1_b[ec].float()).to(ct)
+    g = F.gelu(z1.float()).to(ct)
+    y = (_per_expert(ec, lambda i: g.float() @ fc2_w[i].float().t()) + fc2_b[ec].float()).to(ct)
+    out = (x.float() + _scatter_tokens(x.shape[0], rows, ok, y.float())).to(x.dtype)
     return out, h, mean, rstd, z1, g
 
 
 def _bwd_torch(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rstd, z1, g):
-    e = _slot_expert(rows, tile_expert)
-    ok = (rows >= 0) & (e >= 0)
-    ec = e.clamp_min(0)
-    dy = torch.where(ok[:, None], dout[rows.long().clamp_min(0)], 0).float()
+    ct = fc1_w.dtype
+    ok, ec, r = _slot_view(rows, tile_expert)
+    dy = torch.where(ok[:, None], dout[r], 0).float()
+    dyc = dy.to(ct).float()  # the GEMM operand; db2 and the residual use dout itself
     zf = z1.float()
     gelu_grad = 0.5 * (1 + torch.erf(zf / math.sqrt(2))) + zf * torch.exp(-0.5 * zf * zf) / math.sqrt(2 * math.pi)
-    dz1 = (_per_expert(ec, lambda i: dy @ fc2_w[i].float()) * gelu_grad * ok[:, None]).to(x.dtype)
+    dz1 = (_per_expert(ec, lambda i: dyc @ fc2_w[i].float()) * gelu_grad * ok[:, None]).to(ct)
     dh = _per_expert(ec, lambda i: dz1.float() @ fc1_w[i].float())
-    oh = F.one_hot(ec, N_EXPERTS).float() * ok[:, None]  # (M, E)
-    dw2 = torch.einsum("me,md,mh->edh", oh, dy, g.float())
+    oh = ((ec[:, None] == torch.arange(N_EXPERTS, device=ec.device)) & ok[:, None]).float()  # (M, E)
+    dw2 = torch.einsum("me,md,mh->edh", oh, dyc, g.float())
     db2 = oh.t() @ dy
     dw1 = torch.einsum("me,mh,md->ehd", oh, dz1.float(), h.float())
     db1 = oh.t() @ dz1.float()
-    xs = torch.where(ok[:, None], x[rows.long().clamp_min(0)], 0).float()
+    xs = torch.where(ok[:, None], x[r], 0).float()
     xhat = (xs - mean[:, None]) * rstd[:, None] * ok[:, None]
     gw = dh * ln_w[ec].float()
     dxs = (gw - xhat * (xhat * gw).mean(1, keepdim=True) - gw.mean(1, keepdim=True)) * rstd[:, None]
-    dx = dout.float().index_add(0, rows.long()[ok], dxs[ok]).to(x.dtype)
+    dx = (dout.float() + _scatter_tokens(x.shape[0], rows, ok, dxs)).to(x.dtype)
     dlnw = oh.t() @ (dh * xhat)
     dlnb = oh.t() @ dh
     return dx, dlnw, dlnb, dw1, db1, dw2, db2
 
 
 # ------------------------------------------------------------------------------------- custom ops + autograd
+# The ops register no autocast kernel on purpose: the Autocast dispatch key falls through for them, so autocast
+# never re-casts their arguments (it would otherwise cast x to bf16 and lose the fp32 residual stream). The
+# compute dtype is instead an explicit argument, resolved from the autocast state by move_ffn() when it is
+# called, and the implementations below cast the weights themselves and run with autocast off.
+def _compute_weight(w, ct):
+    # (the weight as the GEMMs read it, the copy to save): the copy is returned as an op output, empty when no
+    # cast is needed, so that backward reuses it instead of casting again
+    if w.dtype == ct:
+        return w, w.new_empty(0, dtype=ct)
+    wc = w.to(ct).contiguous()
+    return wc, wc
+
+
 @torch.library.custom_op("medst_fast::move_ffn_fwd", mutates_args=())
 def _move_ffn_fwd_op(x: torch.Tensor, rows: torch.Tensor, tile_expert: torch.Tensor, seg: torch.Tensor,
                      ln_w: torch.Tensor, ln_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor,
-                     fc2_w: torch.Tensor, fc2_b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor]:
-    fn = _fwd_triton if use_triton(x) else _fwd_torch
-    return fn(x, rows, tile_expert, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps)
+                     fc2_w: torch.Tensor, fc2_b: torch.Tensor, eps: float,
+                     compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        (w1, w1_saved), (w2, w2_saved) = _compute_weight(fc1_w, compute_dtype), _compute_weight(fc2_w, compute_dtype)
+        fn = _fwd_triton if use_triton(x) else _fwd_torch
+        return (*fn(x, rows, tile_expert, ln_w, ln_b, w1, fc1_b, w2, fc2_b, eps), w1_saved, w2_saved)
 
 
 @_move_ffn_fwd_op.register_fake
-def _(x, rows, tile_expert, seg, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps):
-    m, hdim = rows.shape[0], fc1_w.shape[1]
+def _(x, rows, tile_expert, seg, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, compute_dtype):
+    m, hdim, ct = rows.shape[0], fc1_w.shape[1], compute_dtype
     f32 = torch.float32
-    return (torch.empty_like(x), x.new_empty(m, x.shape[1]), x.new_empty(m, dtype=f32), x.new_empty(m, dtype=f32),
-            x.new_empty(m, hdim), x.new_empty(m, hdim))
+    saved = [w.new_empty(w.shape if w.dtype != ct else (0,), dtype=ct) for w in (fc1_w, fc2_w)]
+    return (torch.empty_like(x), x.new_empty(m, x.shape[1], dtype=ct), x.new_empty(m, dtype=f32),
+            x.new_empty(m, dtype=f32), x.new_empty(m, hdim, dtype=ct), x.new_empty(m, hdim, dtype=ct), *saved)
 
 
 @torch.library.custom_op("medst_fast::move_ffn_bwd", mutates_args=())
@@ -421,8 +455,9 @@ def _move_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, ti
                      h: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, z1: torch.Tensor,
                      g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = _bwd_triton if use_triton(x) else _bwd_torch
-    return fn(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rstd, z1, g)
+    with torch.autocast(x.device.type, enabled=False):
+        fn = _bwd_triton if use_triton(x) else _bwd_torch
+        return fn(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rstd, z1, g)
 
 
 @_move_ffn_bwd_op.register_fake
@@ -435,9 +470,12 @@ def _(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rstd, z1, g)
 
 
 def _setup(ctx, inputs, output):
-    x, rows, tile_expert, seg, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps = inputs
-    _, h, mean, rstd, z1, g = output
+    x, rows, tile_expert, seg, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, compute_dtype = inputs
+    _, h, mean, rstd, z1, g, w1c, w2c = output
     ctx.dtypes = (ln_w.dtype, ln_b.dtype, fc1_w.dtype, fc1_b.dtype, fc2_w.dtype, fc2_b.dtype)
+    # backward multiplies by the same compute-dtype weights as forward
+    fc1_w = w1c if fc1_w.dtype != compute_dtype else fc1_w
+    fc2_w = w2c if fc2_w.dtype != compute_dtype else fc2_w
     ctx.save_for_backward(x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rstd, z1, g)
 
 
@@ -446,14 +484,26 @@ def _backward(ctx, dout, *_unused):
     dx, dlnw, dlnb, dw1, db1, dw2, db2 = _move_ffn_bwd_op(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h,
                                                           mean, rstd, z1, g)
     grads = [t.to(dt) for t, dt in zip((dlnw, dlnb, dw1, db1, dw2, db2), ctx.dtypes)]
-    return (dx, None, None, None, *grads, None)
+    return (dx, None, None, None, *grads, None, None)
 
 
 _move_ffn_fwd_op.register_autograd(_backward, setup_context=_setup)
 
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The GEMM operand dtype: ``compute_dtype``, else the autocast dtype when autocast is on, else x.dtype."""
+    if compute_dtype is None:
+        dev = x.device.type
+        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if compute_dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"kernels/move_ffn.py: compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype}")
+    return compute_dtype
+
 
 def move_ffn(x, view_id, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps: float = 1e-6,
-             routing: Optional[MoveRouting] = None) -> torch.Tensor:
+             routing: Optional[MoveRouting] = None, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """MoVE FFN with residual over a packed token buffer.
 
     Args:
@@ -463,22 +513,31 @@ def move_ffn(x, view_id, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps: float =
         ln_eps: LayerNorm epsilon (1e-6 in Med-ST's ViT).
         routing: :func:`build_routing(view_id)`, built once per forward and shared by the blocks; built here
             when omitted (Triton path only).
+        compute_dtype: dtype of the GEMM operands (fp32 accumulation). None: the autocast dtype when autocast
+            is on for x's device, else x.dtype. With an fp32 x and bf16 compute (autocast), LayerNorm, the
+            residual and the output stay fp32, the FFN branch is rounded to bf16 before the residual add (as
+            the eager module under autocast), and every gradient has its parameter's dtype.
 
     Returns:
-        (N, D) ``x + FFN_view(LN_view(x))`` with exact GELU.
+        (N, D) ``x + FFN_view(LN_view(x))`` with exact GELU, dtype of x.
     """
     if x.dim() != 2 or ln_w.shape != (N_EXPERTS, x.shape[1]) or fc1_w.dim() != 3 or fc1_w.shape[2] != x.shape[1]:
         raise ValueError(f"kernels/move_ffn.py: expected x (N, D), ln_w ({N_EXPERTS}, D), fc1_w ({N_EXPERTS}, H, D); "
                          f"got x {tuple(x.shape)}, ln_w {tuple(ln_w.shape)}, fc1_w {tuple(fc1_w.shape)}")
+    ct = resolve_compute_dtype(x, compute_dtype)
     if not use_triton(x):
-        return move_ffn_ref(x, view_id, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps)
+        # the eager maths, under autocast when the compute dtype asks for it
+        with torch.autocast(x.device.type, dtype=ct, enabled=ct not in (x.dtype, torch.float32)):
+            return move_ffn_ref(x, view_id, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps)
     if routing is None:
         routing = build_routing(view_id)
     args = [t.contiguous() for t in (x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b)]
-    return _move_ffn_fwd_op(args[0], routing.rows, routing.tile_expert, routing.seg, *args[1:], float(ln_eps))[0]
+    return _move_ffn_fwd_op(args[0], routing.rows, routing.tile_expert, routing.seg, *args[1:], float(ln_eps),
+                            ct)[0]
 
 
-def move_ffn_slots(x, routing: MoveRouting, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps: float = 1e-6):
+def move_ffn_slots(x, routing: MoveRouting, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps: float = 1e-6,
+                   compute_dtype: Optional[torch.dtype] = None):
     """The custom op itself (Triton or its PyTorch slot-layout twin): for tests and torch.compile checks."""
     return _move_ffn_fwd_op(x, routing.rows, routing.tile_expert, routing.seg, ln_w, ln_b, fc1_w, fc1_b, fc2_w,
-                            fc2_b, float(ln_eps))[0]
+                            fc2_b, float(ln_eps), resolve_compute_dtype(x, compute_dtype))[0]

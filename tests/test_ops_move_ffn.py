@@ -103,6 +103,89 @@ def test_interp_triton_bf16_error_rule(interpret, studies, patches, lat):
         assert err_k <= 2 * err_t + 1e-6, f"{name}: kernel err {err_k:.3e} vs torch bf16 err {err_t:.3e}"
 
 
+def _autocast_rule(fn, studies, patches, lat, D, H, check_dtypes=True):
+    """Mixed precision as the trainer runs it: fp32 residual stream and master weights under bf16 autocast.
+
+    err(fn, fp32 ref) <= 2 * err(eager module under CPU autocast, fp32 ref) for the output and every gradient,
+    and every result keeps fp32 (output, dx, parameter gradients)."""
+    vid = packed_views(studies, patches, lat)
+    x = torch.randn(vid.numel(), D, requires_grad=True)
+    params = make_params(D, H)
+    gout = torch.randn_like(x)
+    ref = run(mf.move_ffn_ref, x, vid, params, gout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = run(mf.move_ffn_ref, x, vid, params, gout)
+        out = fn(x, vid, *params, 1e-6)
+        grads = torch.autograd.grad(out, [x] + params, gout)
+    if check_dtypes:
+        assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    got = [out.detach()] + list(grads)
+    ratios = {}
+    for name, g, t, r in zip(NAMES, got, eager, ref):
+        err_k, err_t = (g - r).abs().max().item(), (t - r).abs().max().item()
+        assert err_t > 0, f"{name}: the eager autocast run shows no bf16 error; the comparison would be empty"
+        assert err_k <= 2 * err_t, f"{name}: fused err {err_k:.3e} vs eager autocast err {err_t:.3e}"
+        ratios[name] = err_k / err_t
+    return ratios
+
+
+@pytest.mark.parametrize("studies,patches,lat,D,H", [(3, 9, 2, 48, 80), (1, 6, 0, 32, 64)])
+def test_interp_triton_autocast_bf16_rule(interpret, studies, patches, lat, D, H):
+    _autocast_rule(mf.move_ffn, studies, patches, lat, D, H)
+    assert interpret == {"fwd": 1, "bwd": 1}, "the Triton kernels did not run"
+
+
+@pytest.mark.parametrize("studies,patches,lat,D,H", [(3, 9, 2, 48, 80), (7, 5, 1, 64, 128)])
+def test_torch_twin_autocast_bf16_rule(monkeypatch, studies, patches, lat, D, H):
+    """The op's PyTorch twin (CPU without the interpreter) under autocast: same rule, fp32 results."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _autocast_rule(lambda x, v, *p: mf.move_ffn_slots(x, mf.build_routing(v), *p), studies, patches, lat, D, H)
+
+
+def test_autocast_does_not_recast_the_op(monkeypatch):
+    """Autocast registers nothing for the op: under bf16 autocast an explicit fp32 compute dtype gives the same
+    bits as without autocast, and the saved intermediates keep the compute dtype."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vid = packed_views(3, 5, 2)
+    r = mf.build_routing(vid)
+    x = torch.randn(vid.numel(), 32)
+    params = [p.detach() for p in make_params(32, 64)]
+    plain = mf.move_ffn_slots(x, r, *params, compute_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = mf.move_ffn_slots(x, r, *params, compute_dtype=torch.float32)
+        outs = mf._move_ffn_fwd_op(x, r.rows, r.tile_expert, r.seg, *params, 1e-6, torch.bfloat16)
+    assert torch.equal(plain, same)
+    assert [t.dtype for t in outs[:6]] == [torch.float32, torch.bfloat16, torch.float32, torch.float32,
+                                           torch.bfloat16, torch.bfloat16]
+    assert mf.resolve_compute_dtype(x, None) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mf.resolve_compute_dtype(x, None) == torch.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        mf.resolve_compute_dtype(x, torch.int8)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype,ct", [(torch.float32, torch.float32, torch.float32),
+                                                (torch.float32, torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.bfloat16, torch.bfloat16)])
+def test_fake_impls_match_real_for_every_dtype_mix(monkeypatch, x_dtype, w_dtype, ct):
+    """torch.library.opcheck: schema, fake tensors (shapes and dtypes of every output), autograd registration."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vid = packed_views(2, 5, 1)
+    r = mf.build_routing(vid)
+    x = torch.randn(vid.numel(), 16, dtype=x_dtype, requires_grad=True)
+    params = [p.detach().to(w_dtype).requires_grad_() for p in make_params(16, 32)]
+    args = (x, r.rows, r.tile_expert, r.seg, *params, 1e-6, ct)
+    torch.library.opcheck(mf._move_ffn_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                 "test_autograd_registration"))
+    outs = mf._move_ffn_fwd_op(*args)
+    dout = torch.randn_like(x)
+    w1 = outs[6] if outs[6].numel() else params[2]
+    w2 = outs[7] if outs[7].numel() else params[4]
+    bwd_args = (dout, x.detach(), r.rows, r.tile_expert, r.seg, params[0].detach(), w1.detach(), w2.detach(),
+                *[t.detach() for t in outs[1:6]])
+    torch.library.opcheck(mf._move_ffn_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_interp_routing_reused_across_blocks(interpret):
     """One routing, two stacked blocks with different weights: equals two reference blocks."""
     vid = packed_views(3, 5, 2)
