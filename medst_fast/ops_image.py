@@ -1,20 +1,18 @@
-"""Med-ST image transform as one batched op: resize longer side to R, zero-pad to R x R, crop S x S, normalise.
+"""The Med-ST image transform as one batched op: resize the longer side to R, zero-pad to R x R, crop S x S,
+normalise.
 
-Definition (docs/interfaces.md, medst-spec §3.6), shared by every backend so they agree to rounding error:
+The transform is defined in ``medst_fast.data.transforms`` (geometry, crop origins, area weights,
+normalisation); this module is its batched form for decoded images, and re-exports those pieces. What
+is specific to the op:
 
-* geometry, as the official ``resize_img``: if H >= W the height becomes R and the width
-  ``int(W * (R / H))`` (the same float64 product the official truncates, so sizes agree to the pixel), else
-  the width becomes R and the height ``int(H * (R / W))``. The resized image is placed in a zero R x R canvas
-  at ``top = (R - h')//2``, ``left = (R - w')//2`` (the official pads floor before, ceil after).
-* resampling, separable, in float32 without intermediate rounding:
-    - ``"area"`` (default): exact area averaging, each output pixel is the mean of the input it covers with
-      fractional coverage at the borders: cv2 INTER_AREA, which the official code uses. Weights are ratios
-      of integers, so every backend computes them exactly.
+* resampling is separable, in float32, without rounding to uint8 in between (the PIL path rounds once
+  after resizing, so the two agree within half a grey level):
+    - ``"area"`` (default): exact area averaging (cv2 INTER_AREA, as the official code), the weights of
+      ``area_weights_np``;
     - ``"bilinear"``: antialiased triangle filter, exactly ``F.interpolate(mode="bilinear", antialias=True,
       align_corners=False)`` (= PIL BILINEAR, = DALI INTERP_LINEAR with antialias). The DALI graph can do
       only this one; ``medst_fast.data.dali_pipeline`` uses it when asked for it.
-* crop S x S at per-image offsets ``(y0, x0)`` in canvas coordinates (train: uniform like torchvision
-  RandomCrop; eval: ``round((R - S)/2)`` like CenterCrop), then ``(x/255 - 0.5)/0.5``.
+* crop origins come in as a (B, 2) tensor (or list) of ``crop_offsets`` results, one per image.
 
 ``resize_pad_crop_normalize`` runs the C++/CUDA op ``medst_fast::resize_pad_crop_normalize`` (one kernel
 launch per batch on CUDA) when ``medst_fast._C`` is built, else ``resize_pad_crop_normalize_ref``, a per
@@ -23,70 +21,23 @@ image PyTorch path that is the reference the op is tested against.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+# The transform's definition (geometry, crop origins, area weights, normalisation) lives in one module;
+# it is re-exported here because this op is its batched form.
+from .data.transforms import (area_overlap_np, area_weights_np, center_offset, crop_offsets,  # noqa: F401
+                              normalize_pixels, resize_geometry, resize_side)
 
 log = logging.getLogger("medst_fast")
 
 FILTERS = {"area": 0, "bilinear": 1}
 
 
-def resize_target(img_size: int) -> int:
-    """R = round(S * 256 / 224): 256 for S=224, 110 for S=96."""
-    return int(round(img_size * 256 / 224))
-
-
-def resize_geometry(h: int, w: int, resize_to: int) -> Tuple[int, int, int, int]:
-    """(h', w', top, left) of the resized image inside the R x R canvas."""
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image has an empty side: height={h}, width={w}")
-    if h >= w:
-        nh, nw = resize_to, max(1, int(w * (resize_to / h)))
-    else:
-        nh, nw = max(1, int(h * (resize_to / w))), resize_to
-    return nh, nw, (resize_to - nh) // 2, (resize_to - nw) // 2
-
-
-def center_offset(resize_to: int, out_size: int) -> int:
-    """torchvision CenterCrop's offset (Python round: half to even)."""
-    return int(round((resize_to - out_size) / 2.0))
-
-
-def crop_offsets(n: int, resize_to: int, out_size: int, train: bool,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(n, 2) int64 crop origins (y0, x0): uniform in [0, R-S] when training, centred otherwise.
-
-    Drawn on the CPU from ``generator`` so a run is reproducible whichever backend decodes the images.
-    """
-    if out_size > resize_to:
-        raise ValueError(f"crop size {out_size} is larger than the padded size {resize_to}")
-    if train:
-        return torch.randint(0, resize_to - out_size + 1, (n, 2), generator=generator, dtype=torch.long)
-    return torch.full((n, 2), center_offset(resize_to, out_size), dtype=torch.long)
-
-
-def area_overlap_np(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) integer overlaps of [o*in, (o+1)*in) and [k*out, (k+1)*out); each row sums to ``in_size``."""
-    o = np.arange(out_size, dtype=np.int64)[:, None]
-    k = np.arange(in_size, dtype=np.int64)[None, :]
-    lo = np.maximum(o * in_size, k * out_size)
-    hi = np.minimum((o + 1) * in_size, (k + 1) * out_size)
-    return np.clip(hi - lo, 0, None)
-
-
-def area_weights_np(in_size: int, out_size: int, dtype=np.float64) -> np.ndarray:
-    """(out, in) exact area-averaging matrix: the overlaps divided by ``in_size``.
-
-    numpy, so it is safe inside forked DataLoader workers (torch's inherited intra-op pool can deadlock).
-    """
-    return (area_overlap_np(in_size, out_size) / in_size).astype(dtype)
-
-
 def area_weights(in_size: int, out_size: int, dtype=torch.float64) -> torch.Tensor:
-    """Torch view of :func:`area_weights_np` (one definition for every backend)."""
+    """Torch view of :func:`medst_fast.data.transforms.area_weights_np` (one definition for every backend)."""
     return torch.from_numpy(area_weights_np(in_size, out_size)).to(dtype)
 
 
@@ -123,12 +74,14 @@ def resize_pad_crop_normalize_ref(images: Sequence[torch.Tensor], out_size: int,
         canvas = torch.zeros(resize_to, resize_to, dtype=torch.float32, device=device)
         canvas[top:top + nh, left:left + nw] = r
         y0, x0 = int(offsets[i, 0]), int(offsets[i, 1])
-        out[i, 0] = (canvas[y0:y0 + out_size, x0:x0 + out_size] / 255.0 - 0.5) / 0.5
+        out[i, 0] = normalize_pixels(canvas[y0:y0 + out_size, x0:x0 + out_size])
     return out
 
 
 def _check_offsets(offsets, n: int, resize_to: int, out_size: int) -> torch.Tensor:
     offsets = torch.as_tensor(offsets, dtype=torch.long).cpu()
+    if offsets.numel() == 0:
+        offsets = offsets.reshape(0, 2)
     if offsets.shape != (n, 2):
         raise ValueError(f"offsets: shape {tuple(offsets.shape)}, expected ({n}, 2) (y0, x0) per image")
     if n and (offsets.min() < 0 or offsets.max() > resize_to - out_size):
@@ -154,7 +107,8 @@ def resize_pad_crop_normalize(images: Sequence[torch.Tensor], out_size: int, res
     Args:
         images: list of uint8 tensors (H_i, W_i) or (1, H_i, W_i), all on one device (torchvision's
             ``decode_jpeg`` output can be passed as is).
-        out_size: S. resize_to: R (>= S). offsets: (B, 2) crop origins (y0, x0), see ``crop_offsets``.
+        out_size: S. resize_to: R (>= S). offsets: (B, 2) crop origins (y0, x0), one ``crop_offsets``
+            result per image.
         filter: "area" (default, cv2 INTER_AREA) or "bilinear" (antialiased, = F.interpolate).
         use_ext: force (True) or forbid (False) the compiled op; None uses it when it is built.
     Returns:

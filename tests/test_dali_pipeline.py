@@ -1,4 +1,4 @@
-"""DALI loader (CPU pipeline, device_id=None) against the PyTorch path on the real covid-cxr images."""
+"""DALI loader (CPU pipeline: device="cpu") against the PyTorch path and the PIL loader on the real covid-cxr images."""
 import os
 
 import numpy as np
@@ -11,7 +11,7 @@ from PIL import Image  # noqa: E402
 
 from _loader_index import build_index  # noqa: E402
 from medst_fast import ops_image as oi  # noqa: E402
-from medst_fast.data.gpu_loader import make_loader  # noqa: E402
+from medst_fast.data.loaders import build_series_loader  # noqa: E402
 
 GREY = 2.0 / 255.0 + 1e-5  # one grey level after normalisation
 
@@ -31,13 +31,23 @@ def index_dir(covid, tmp_path_factory):
     return out
 
 
+def dali(index_dir, S, bs, train, **kw):
+    return build_series_loader("dali", index_dir, "test", kw.pop("tokenizer", None), S, bs, train, device="cpu",
+                               workers=kw.pop("workers", 2), **kw)
+
+
+def centre(n, S):
+    R = oi.resize_side(S)
+    return torch.tensor([oi.crop_offsets(R, S, False)] * n)
+
+
 def pil_reference(index, batch, S, filter, offsets_f=None, offsets_l=None):
     """PIL decode + the PyTorch reference transform (docs/interfaces.md), row by row of ``batch``."""
     by_id = {s.study_id: s for s in index.studies}
-    R = oi.resize_target(S)
+    R = oi.resize_side(S)
     studies = [by_id[i] for i in batch["study_id"]]
     load = lambda p: torch.from_numpy(np.array(Image.open(index.path(p)).convert("L")))  # noqa: E731
-    cen = oi.crop_offsets(len(studies), R, S, False)
+    cen = centre(len(studies), S)
     fr = oi.resize_pad_crop_normalize_ref([load(s.frontal_path) for s in studies], S, R,
                                           cen if offsets_f is None else offsets_f, filter)
     lat = torch.zeros_like(fr)
@@ -57,7 +67,7 @@ def interior(index, batch, view, S, offsets, margin_extra=1):
     """(B, 1, S, S) mask of crop pixels whose bilinear filter window lies inside the image: DALI clamps to
     the edge there while torch/PIL renormalise the truncated filter, so only these pixels are compared."""
     by_id = {s.study_id: s for s in index.studies}
-    R = oi.resize_target(S)
+    R = oi.resize_side(S)
     mask = torch.zeros(len(batch["study_id"]), 1, S, S, dtype=torch.bool)
     for b, sid in enumerate(batch["study_id"]):
         path = getattr(by_id[sid], view + "_path")
@@ -81,9 +91,8 @@ def test_dali_cpu_eval_matches_pil_reference(index_dir, vocab_path, filter, S):
 
     index = SeriesIndex.load(index_dir)
     tok = MedSTTokenizer(vocab_path)
-    loader = make_loader(index_dir, "test", tok, S, 3, False, backend="dali", filter=filter, device_id=None,
-                         num_threads=2)
-    assert type(loader).__name__ == "DaliSeriesLoader"
+    loader = dali(index_dir, S, 3, False, tokenizer=tok, filter=filter)
+    assert type(loader).__name__ == "DaliSeriesLoader" and loader.backend == "dali"
     n_rows, n_lat = 0, 0
     for batch in loader:
         fr, lat, has = pil_reference(index, batch, S, filter)
@@ -93,7 +102,7 @@ def test_dali_cpu_eval_matches_pil_reference(index_dir, vocab_path, filter, S):
             assert (batch["frontal"] - fr).abs().max() <= GREY
             assert (batch["lateral"] - lat).abs().max() <= GREY
         else:  # DALI's own resize: exact away from the image edges (see interior())
-            cen = oi.crop_offsets(len(fr), oi.resize_target(S), S, False)
+            cen = centre(len(fr), S)
             for view, ref in (("frontal", fr), ("lateral", lat)):
                 m = interior(index, batch, view, S, cen)
                 assert m.float().mean() > 0.5 if view == "frontal" else True
@@ -104,44 +113,39 @@ def test_dali_cpu_eval_matches_pil_reference(index_dir, vocab_path, filter, S):
             assert torch.equal(batch[k], ref_tok[k])
         n_rows += len(fr)
         n_lat += int(has.sum())
-    assert n_rows == len(index.studies) and n_lat > 0
+    whole = len(index.series["test"]) // 3 * 3  # the sampler's whole batches
+    assert n_rows == sum(len(s) for s in index.series["test"][:whole]) and n_lat > 0
     assert sum(loader.bad.values()) == 0
 
 
-def test_dali_batch_layout_matches_series_dataset(index_dir):
-    """Same rows, order and flags as collate_series, and the same pixels for images that shrink by exactly 2
-    (512 x even), the one case where the PyTorch loader's PIL BOX filter is exact area averaging."""
-    ds_mod = pytest.importorskip("medst_fast.data.dataset")
-    ds = ds_mod.SeriesDataset(index_dir, "test", None, img_size=224, train=False)
-    loader = make_loader(index_dir, "test", None, 224, 4, False, backend="dali", device_id=None, num_threads=2)
-    from medst_fast.data.index import SeriesIndex
-
-    index = SeriesIndex.load(index_dir)
-    by_id = {s.study_id: s for s in index.studies}
-    n_cmp = 0
-    for k, batch in enumerate(loader):
-        ref = ds_mod.collate_series([ds[i] for i in range(4 * k, min(4 * k + 4, len(ds)))])
-        for key in ("study_id", "n_full_series"):
-            assert batch[key] == ref[key]
-        for key in ("has_lateral", "series_index", "step"):
-            assert torch.equal(batch[key], ref[key]), key
-        for b, sid in enumerate(batch["study_id"]):
-            s = by_id[sid]
-            for view, path in (("frontal", s.frontal_path), ("lateral", s.lateral_path)):
-                size = Image.open(index.path(path)).size if path else (0, 1)
-                if max(size) == 512 and size[0] % 2 == 0 and size[1] % 2 == 0:
-                    n_cmp += 1
-                    assert (batch[view][b] - ref[view][b]).abs().max() <= GREY, (sid, view)
-    assert n_cmp >= 3
+def test_dali_matches_the_pil_loader(index_dir):
+    """Same batches as the trainer's PIL loader (rows, order, flags) and the same pixels within one grey level,
+    with random crops: both draw them from the per-series seeded RNG."""
+    for train in (False, True):
+        kw = dict(seed=3)
+        pil = build_series_loader("pil", index_dir, "test", None, 224, 4, train, device="cpu", workers=0, **kw)
+        pil.set_epoch(1)
+        d = dali(index_dir, 224, 4, train, **kw)
+        d.set_epoch(1)
+        a, b = list(pil), list(d)
+        assert len(a) == len(b) == len(d) > 0
+        for x, y in zip(a, b):
+            for key in ("study_id", "n_full_series"):
+                assert x[key] == y[key]
+            for key in ("has_lateral", "series_index", "step"):
+                assert torch.equal(x[key], y[key]), key
+            for view in ("frontal", "lateral"):
+                assert (x[view] - y[view]).abs().max() <= GREY, view
 
 
 def test_dali_train_crops_match_nvjpeg_path_and_reproduce(index_dir):
-    kw = dict(seed=5, device_id=None, num_threads=2)
-    a = list(make_loader(index_dir, "test", None, 96, 3, True, backend="dali", filter="area", **kw))
-    b = list(make_loader(index_dir, "test", None, 96, 3, True, backend="dali", filter="area", **kw))
-    c = list(make_loader(index_dir, "test", None, 96, 3, True, backend="dali", filter="bilinear", **kw))
-    kw.pop("device_id"), kw.pop("num_threads")
-    n = list(make_loader(index_dir, "test", None, 96, 3, True, backend="nvjpeg", filter="area", **kw))
+    def epoch(backend, filter="area", e=0):
+        loader = build_series_loader(backend, index_dir, "test", None, 96, 3, True, seed=5, device="cpu", workers=2,
+                                     filter=filter)
+        loader.set_epoch(e)
+        return list(loader)
+
+    a, b, c, n = epoch("dali"), epoch("dali"), epoch("dali", "bilinear"), epoch("nvjpeg")
     assert len(a) == len(b) == len(c) == len(n) > 0
     from medst_fast.data.index import SeriesIndex
 
@@ -163,10 +167,9 @@ def test_dali_train_crops_match_nvjpeg_path_and_reproduce(index_dir):
             ref = fr if view == "frontal" else lat
             assert _maxabs(z[view] - ref, interior(index, w, view, 96, offs)) <= GREY
     assert len(seen_crops) > 3  # crops really are random
-    loader = make_loader(index_dir, "test", None, 96, 3, True, backend="dali", **kw)
-    e0 = [x["frontal"] for x in loader]
-    e1 = [x["frontal"] for x in loader]  # next epoch: new order and crops
-    assert any(u.shape != v.shape or not torch.equal(u, v) for u, v in zip(e0, e1))
+    e1 = epoch("dali", e=1)  # next epoch: new order and crops
+    assert any(u["frontal"].shape != v["frontal"].shape or not torch.equal(u["frontal"], v["frontal"])
+               for u, v in zip(a, e1))
 
 
 def _find_offset(index, sid, view, out, S):
@@ -175,7 +178,7 @@ def _find_offset(index, sid, view, out, S):
     path = getattr(s, view + "_path")
     if not path:
         return torch.zeros(2, dtype=torch.long)
-    R = oi.resize_target(S)
+    R = oi.resize_side(S)
     img = torch.from_numpy(np.array(Image.open(index.path(path)).convert("L")))
     full = oi.resize_pad_crop_normalize_ref([img], R, R, torch.zeros(1, 2, dtype=torch.long))[0, 0]
     for y in range(R - S + 1):
@@ -183,21 +186,6 @@ def _find_offset(index, sid, view, out, S):
             if (full[y:y + S, x:x + S] - out[0]).abs().max() <= GREY:
                 return torch.tensor([y, x])
     raise AssertionError(f"no crop of {path} matches the loader output")
-
-
-def test_dali_shards_partition_series(index_dir):
-    ids = []
-    for shard in range(2):
-        loader = make_loader(index_dir, "test", None, 96, 2, False, backend="dali", device_id=None, num_threads=1,
-                             shard_id=shard, num_shards=2)
-        ids.append([sid for b in loader for sid in b["study_id"]])
-    assert not set(ids[0]) & set(ids[1])
-    from medst_fast.data.index import SeriesIndex
-
-    assert sorted(ids[0] + ids[1]) == sorted(s.study_id for s in SeriesIndex.load(index_dir).studies)
-    counts = [len(make_loader(index_dir, "test", None, 96, 2, True, backend="dali", device_id=None, shard_id=s,
-                              num_shards=3)) for s in range(3)]
-    assert len(set(counts)) == 1  # training: the same number of steps on every rank
 
 
 def test_dali_skips_and_counts_corrupt_images(covid, tmp_path):
@@ -209,11 +197,28 @@ def test_dali_skips_and_counts_corrupt_images(covid, tmp_path):
     junk.write_bytes(b"\xff\xd8" + os.urandom(2000) + b"\xff\xd9")  # valid markers, undecodable body
     out = str(tmp_path / "idx")
     build_index(covid, out, max_studies=3, extra=[(str(trunc), ""), (good, str(junk)), (good, str(tmp_path / "no.jpg"))])
-    loader = make_loader(out, "test", None, 96, 8, False, backend="dali", device_id=None, num_threads=1)
+    loader = dali(out, 96, 2, False, workers=1)
     batches = list(loader)
     ids = [sid for b in batches for sid in b["study_id"]]
     assert len(ids) == 3 + 2  # the truncated frontal drops its study
     last = batches[-1]
     assert not last["has_lateral"][-2:].any()  # undecodable and missing laterals become absent views
-    assert loader.bad["dropped_study"] == 1 and loader.bad["missing_image"] == 1
-    assert loader.bad["unreadable_image"] == 2
+    assert dict(loader.bad) == {"dropped_study": 1, "missing_image": 1, "unreadable_image": 2}
+    pil = build_series_loader("pil", out, "test", None, 96, 2, False, device="cpu", workers=0)
+    assert [sid for b in pil for sid in b["study_id"]] == ids and pil.bad == loader.bad
+
+
+def test_dali_decode_failure_falls_back_to_the_cpu(covid, tmp_path, caplog):
+    """A file that passes the header check but that DALI cannot decode fails the whole DALI batch: the batch
+    is decoded on the CPU instead, so its good images still arrive and only the bad one is counted."""
+    good = os.path.join(covid, "images", sorted(os.listdir(os.path.join(covid, "images")))[0])
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00" + os.urandom(500) + b"\xff\xd9")
+    out = str(tmp_path / "idx")
+    build_index(covid, out, max_studies=2, extra=[(good, str(junk)), (good, good)])
+    for filter in ("area", "bilinear"):
+        loader = dali(out, 96, 2, False, filter=filter)
+        (batch,) = list(loader)
+        assert len(batch["study_id"]) == 4 and batch["has_lateral"][-2:].tolist() == [False, True]
+        assert dict(loader.bad) == {"unreadable_image": 1} and loader.cpu_decoded["decoder_failed"] >= 1
+    assert any("DALI failed on a batch" in r.getMessage() for r in caplog.records)

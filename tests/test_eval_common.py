@@ -38,10 +38,12 @@ def test_eval_transform_geometry_and_normalisation():
     img = np.full((300, 150), 255, np.uint8)
     x = common.eval_transform(img, 96)
     assert x.shape == (1, 96, 96) and x.dtype == torch.float32
-    # R = 110: content columns 27.5..82 of 110 -> after the centre crop (offset 7) columns 20..74
+    # R = 110: the width is int(150 * (110/300)) = int(54.99999999999999) = 54 as the official float64
+    # product truncates (the old eval path computed 150*110/300 = 55), placed at (110-54)//2 = 28; after
+    # the centre crop (offset 7) the content is columns 21..74
     assert x[0, 48, 48] == 1.0 and x[0, 48, 0] == -1.0 and x[0, 0, 48] == 1.0
     cols = torch.nonzero(x[0, 48] > 0).ravel()
-    assert cols.min().item() == (110 - 55) // 2 - 7 and cols.max().item() == (110 - 55) // 2 + 55 - 1 - 7
+    assert cols.min().item() == 28 - 7 and cols.max().item() == 28 + 54 - 1 - 7
 
 
 def test_center_crop_offsets():

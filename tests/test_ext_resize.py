@@ -12,6 +12,11 @@ GREY = 2.0 / 255.0  # one grey level after (x/255 - 0.5)/0.5
 needs_ext = pytest.mark.skipif(not ext.load(), reason=f"medst_fast._C not built ({ext.load_error()})")
 
 
+def _offsets(n, resize_to, out_size, train, generator=None):
+    """(n, 2) crop origins, one ``crop_offsets`` draw per image (top, then left), as the loaders draw them."""
+    return torch.tensor([oi.crop_offsets(resize_to, out_size, train, generator) for _ in range(n)], dtype=torch.long)
+
+
 def _images(sizes, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, s, dtype=torch.uint8, generator=g).to(device) for s in sizes]
@@ -22,7 +27,7 @@ def test_geometry_matches_official_resize_img():
     assert oi.resize_geometry(512, 409, 256) == (256, 204, 0, 26)
     assert oi.resize_geometry(409, 512, 256) == (204, 256, 26, 0)
     assert oi.resize_geometry(300, 300, 256) == (256, 256, 0, 0)
-    assert oi.resize_target(224) == 256 and oi.resize_target(96) == 110
+    assert oi.resize_side(224) == 256 and oi.resize_side(96) == 110
     assert oi.center_offset(256, 224) == 16 and oi.center_offset(439, 384) == 28  # torchvision's round()
 
 
@@ -66,7 +71,7 @@ def test_ext_cpu_matches_ref(filter, resize_to, out_size):
         imgs = imgs[:-1]  # keep the large image for one case only (test time)
     g = torch.Generator().manual_seed(1)
     for train in (True, False):
-        off = oi.crop_offsets(len(imgs), resize_to, out_size, train, g)
+        off = _offsets(len(imgs), resize_to, out_size, train, g)
         got = oi.resize_pad_crop_normalize(imgs, out_size, resize_to, off, filter, use_ext=True)
         ref = oi.resize_pad_crop_normalize_ref(imgs, out_size, resize_to, off, filter)
         assert got.shape == (len(imgs), 1, out_size, out_size) and got.dtype == torch.float32
@@ -89,16 +94,16 @@ def test_ext_accepts_decoder_layout_and_validates():
 
 def test_fallback_without_ext_matches_ref():
     imgs = _images([(50, 70), (90, 20)])
-    off = oi.crop_offsets(2, 40, 32, True, torch.Generator().manual_seed(0))
+    off = _offsets(2, 40, 32, True, torch.Generator().manual_seed(0))
     got = oi.resize_pad_crop_normalize(imgs, 32, 40, off, use_ext=False)
     assert torch.equal(got, oi.resize_pad_crop_normalize_ref(imgs, 32, 40, off))
 
 
 def test_random_offsets_reproducible_and_in_range():
-    a = oi.crop_offsets(64, 256, 224, True, torch.Generator().manual_seed(7))
-    b = oi.crop_offsets(64, 256, 224, True, torch.Generator().manual_seed(7))
+    a = _offsets(64, 256, 224, True, torch.Generator().manual_seed(7))
+    b = _offsets(64, 256, 224, True, torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 32 and len(a.unique()) > 10
-    assert torch.all(oi.crop_offsets(3, 256, 224, False) == 16)
+    assert torch.all(_offsets(3, 256, 224, False) == 16)
 
 
 @needs_ext
@@ -107,7 +112,7 @@ def test_random_offsets_reproducible_and_in_range():
 def test_ext_cuda_matches_ref(filter):
     assert ext.has_cuda(), "medst_fast._C was built without its CUDA kernels"
     imgs = _images(SIZES, device="cuda")
-    off = oi.crop_offsets(len(imgs), 256, 224, True, torch.Generator().manual_seed(2))
+    off = _offsets(len(imgs), 256, 224, True, torch.Generator().manual_seed(2))
     got = oi.resize_pad_crop_normalize(imgs, 224, 256, off, filter, use_ext=True)
     ref = oi.resize_pad_crop_normalize_ref([i.cpu() for i in imgs], 224, 256, off, filter)
     assert got.is_cuda

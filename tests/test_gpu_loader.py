@@ -1,5 +1,5 @@
-"""gpu_loader: JPEG pre-validation, per-rank planning, backend degradation, the nvJPEG(+op) loader on CPU."""
-import logging
+"""nvJPEG back-end and the batched loaders' shared reading: JPEG pre-validation, routing to the CPU decoder,
+the torchvision decoder + op on the CPU against the reference, decode failures."""
 import os
 
 import numpy as np
@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from medst_fast import ops_image as oi
-from medst_fast.data import gpu_loader as gl
+from medst_fast.data import batching as bt
+from medst_fast.data.gpu_loader import NvjpegSeriesLoader
+from medst_fast.data.loaders import build_series_loader
+
+GREY = 2.0 / 255.0 + 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -27,32 +31,57 @@ def index_dir(covid, tmp_path_factory):
     return out
 
 
+def _first_image(covid, k=0):
+    return os.path.join(covid, "images", sorted(os.listdir(os.path.join(covid, "images")))[k])
+
+
 def test_jpeg_size_reads_header_and_rejects_broken_files(covid):
     from PIL import Image
 
-    path = os.path.join(covid, "images", sorted(os.listdir(os.path.join(covid, "images")))[0])
+    path = _first_image(covid)
     data = open(path, "rb").read()
     w, h = Image.open(path).size
-    assert gl.jpeg_size(data, path) == (h, w)
-    with pytest.raises(gl.CorruptImage, match="truncated"):
-        gl.jpeg_size(data[:len(data) // 2], "x.jpg")
-    with pytest.raises(gl.CorruptImage, match="x.png: not a JPEG"):
-        gl.jpeg_size(b"\x89PNG\r\n\x1a\n" + bytes(100), "x.png")
-    with pytest.raises(gl.CorruptImage, match="no frame header"):
-        gl.jpeg_size(b"\xff\xd8\xff\xd9", "y.jpg")
+    assert bt.jpeg_size(data, path) == (h, w)
+    with pytest.raises(bt.CorruptImage, match="truncated"):
+        bt.jpeg_size(data[:len(data) // 2], "x.jpg")
+    with pytest.raises(bt.CorruptImage, match="x.png: not a JPEG"):
+        bt.jpeg_size(b"\x89PNG\r\n\x1a\n" + bytes(100), "x.png")
+    with pytest.raises(bt.CorruptImage, match="no frame header"):
+        bt.jpeg_size(b"\xff\xd8\xff\xd9", "y.jpg")
 
 
-def test_plan_epoch_shards_and_shuffles():
-    ev = [gl.plan_epoch(11, 3, False, 0, 0, r, 2, False) for r in range(2)]
-    flat = [s for r in ev for b in r for s in b]
-    assert sorted(flat) == list(range(11))
-    tr = [gl.plan_epoch(11, 2, True, 0, 0, r, 3, True) for r in range(3)]
-    assert len({len(t) for t in tr}) == 1 and all(len(b) == 2 for t in tr for b in t)
-    ids = [s for t in tr for b in t for s in b]
-    assert len(ids) == len(set(ids))
-    assert gl.plan_epoch(11, 2, True, 1, 0, 0, 1, True) != gl.plan_epoch(11, 2, True, 0, 0, 0, 1, True)
-    with pytest.raises(ValueError, match="shard_id"):
-        gl.plan_epoch(4, 2, True, 0, 0, 2, 2, True)
+def test_gpu_decodable_takes_8bit_grey_and_ycbcr_only(tmp_path):
+    from _loader_index import write_format
+
+    want = {"jpeg": True, "jpeg_rgb": True, "jpeg_progressive": True, "jpeg_cmyk": False}
+    for kind, ok in want.items():
+        p = str(tmp_path / f"{kind}.jpg")
+        write_format(p, kind, 40, 30, seed=1)
+        assert bt.gpu_decodable(open(p, "rb").read()) is ok, kind
+
+
+def test_reader_routes_formats_and_errors(tmp_path):
+    """JPEGs stay encoded; other formats and a failed header check are decoded on the CPU; the rest are errors."""
+    from collections import Counter
+
+    from _loader_index import write_format
+    from medst_fast.data.index import SeriesIndex
+
+    paths = {}
+    for kind, ext in [("jpeg", ".jpg"), ("png16", ".png"), ("jpeg_cmyk", ".jpg"), ("truncated_jpeg", ".jpg")]:
+        paths[kind] = str(tmp_path / f"{kind}{ext}")
+        write_format(paths[kind], kind, 50, 40, seed=2)
+    data = open(paths["jpeg"], "rb").read()
+    paths["trailing"] = str(tmp_path / "trailing.jpg")  # decodable, but the EOI marker is not near the end
+    open(paths["trailing"], "wb").write(data + bytes(200))
+    r = bt.SeriesReader(SeriesIndex([], {}, {"image_root": str(tmp_path)}), "train", 32, False, 0, Counter())
+    assert r.read_image(paths["jpeg"]).encoded == data
+    for kind in ("png16", "jpeg_cmyk", "trailing"):
+        item = r.read_image(paths[kind])
+        assert item.encoded is None and item.pixels.shape == (50, 40) and item.pixels.dtype == np.uint8, kind
+    assert dict(r.cpu_decoded) == {"not_jpeg": 1, "jpeg_format": 1, "jpeg_header": 1}
+    assert "truncated" in str(r.read_image(paths["truncated_jpeg"]))
+    assert "not found" in str(r.read_image(str(tmp_path / "nope.jpg")))
 
 
 def test_nvjpeg_backend_on_cpu_matches_reference(index_dir):
@@ -61,8 +90,8 @@ def test_nvjpeg_backend_on_cpu_matches_reference(index_dir):
     from medst_fast.data.index import SeriesIndex
 
     index = SeriesIndex.load(index_dir)
-    loader = gl.make_loader(index_dir, "test", None, 96, 2, False, backend="nvjpeg", device="cpu")
-    assert isinstance(loader, gl.NvjpegSeriesLoader)
+    loader = build_series_loader("nvjpeg", index_dir, "test", None, 96, 2, False, device="cpu", workers=2)
+    assert isinstance(loader, NvjpegSeriesLoader) and loader.backend == "nvjpeg"
     by_id = {s.study_id: s for s in index.studies}
     rows = 0
     for batch in loader:
@@ -73,45 +102,28 @@ def test_nvjpeg_backend_on_cpu_matches_reference(index_dir):
         assert batch["step"][:4 * full].tolist() == [0, 1, 2, 3] * full
         imgs = [torch.from_numpy(np.array(Image.open(index.path(by_id[s].frontal_path)).convert("L")))
                 for s in batch["study_id"]]
-        ref = oi.resize_pad_crop_normalize_ref(imgs, 96, 110, oi.crop_offsets(B, 110, 96, False))
-        assert (batch["frontal"] - ref).abs().max() <= 2 / 255 + 1e-5
-    assert rows == len(index.studies)
+        ref = oi.resize_pad_crop_normalize_ref(imgs, 96, 110, [oi.crop_offsets(110, 96, False)] * B)
+        assert (batch["frontal"] - ref).abs().max() <= GREY
+    n_series = len(index.series["test"]) // 2 * 2  # the sampler's whole batches
+    assert rows == sum(len(s) for s in index.series["test"][:n_series]) > 0
+    assert sum(loader.bad.values()) == 0 and loader.cpu_decoded == {}
 
 
 def test_nvjpeg_backend_skips_undecodable_frontal(covid, tmp_path):
+    """A file with a valid frame header and a random body passes the header check, fails the batched
+    decoder and the CPU decoder: its study is dropped and counted as the PIL path counts it."""
     from _loader_index import build_index
 
-    good = os.path.join(covid, "images", sorted(os.listdir(os.path.join(covid, "images")))[1])
+    good = _first_image(covid, 1)
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00" + os.urandom(500) + b"\xff\xd9")
     out = str(tmp_path / "idx")
     build_index(covid, out, max_studies=2, extra=[(good, ""), (str(junk), good), (good, "")])
-    loader = gl.make_loader(out, "test", None, 96, 8, False, backend="nvjpeg", device="cpu")
-    (batch,) = list(loader)
-    assert len(batch["study_id"]) == 2 + 2  # the undecodable frontal drops its study
-    assert loader.bad["dropped_study"] == 1 and loader.bad["unreadable_image"] == 1
-    # the dropped study's series is rebuilt without it: rows stay consecutive per series
-    assert batch["step"].tolist()[-2:] == [0, 1]
-
-
-def test_degradation_chain_logs_one_line(index_dir, monkeypatch, caplog):
-    pytest.importorskip("medst_fast.data.dataset")
-    caplog.set_level(logging.INFO, logger="medst_fast")
-    if not torch.cuda.is_available():
-        loader = gl.make_loader(index_dir, "test", None, 96, 2, False, backend="auto", num_workers=0)
-        assert isinstance(loader, torch.utils.data.DataLoader)
-        msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loader:")]
-        assert len(msgs) == 2 and "DALI" in msgs[0] and "PIL" in msgs[1]
-        batch = next(iter(loader))
-        assert batch["frontal"].shape[1:] == (1, 96, 96)
-    caplog.clear()
-    monkeypatch.setattr(gl, "_dali_importable", lambda: "ImportError: No module named 'nvidia.dali'")
-    loader = gl.make_loader(index_dir, "test", None, 96, 2, False, backend="dali", device="cpu")
-    assert isinstance(loader, gl.NvjpegSeriesLoader)
-    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loader:")]
-    assert len(msgs) == 1 and "nvidia.dali" in msgs[0]
-    monkeypatch.setattr(gl, "_torchvision_importable", lambda: "ImportError: torchvision")
-    loader = gl.make_loader(index_dir, "test", None, 96, 2, False, backend="nvjpeg", num_workers=0)
-    assert isinstance(loader, torch.utils.data.DataLoader)
-    with pytest.raises(ValueError, match="backend"):
-        gl.make_loader(index_dir, "test", None, 96, 2, False, backend="gpu")
+    counts = {}
+    for backend in ("nvjpeg", "pil"):
+        loader = build_series_loader(backend, out, "test", None, 96, 2, False, device="cpu", workers=0)
+        (batch,) = list(loader)
+        assert len(batch["study_id"]) == 2 + 2  # the undecodable frontal drops its study
+        assert batch["step"].tolist()[-2:] == [0, 1]  # its series is rebuilt without it, rows consecutive
+        counts[backend] = dict(loader.bad)
+    assert counts["nvjpeg"] == counts["pil"] == {"dropped_study": 1, "unreadable_image": 1}

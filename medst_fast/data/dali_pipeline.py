@@ -1,29 +1,36 @@
-"""NVIDIA DALI backend of the series loader (``make_loader(..., backend="dali")``).
+"""NVIDIA DALI back-end of the series loader (``build_series_loader(backend="dali", ...)``).
 
-The Python side (shared with the nvJPEG loader, ``gpu_loader``) plans the batches per rank, reads and
-validates the JPEG files in a background thread and draws the crop offsets; DALI decodes ("mixed": nvJPEG
-on the GPU; "cpu" with ``device_id=None``) and transforms:
+The shared Python side (``batching``) takes the batches from the trainer's sampler, reads and validates
+the files in a background thread, decodes the non-JPEG ones on the CPU and draws the crop origins; DALI
+decodes the JPEGs ("mixed": nvJPEG on the GPU; "cpu" with ``device_id=None``) and then:
 
-* ``filter="bilinear"``: all in the DALI graph: resize to the exact Med-ST size (per-sample resize_x/y, so
-  the shorter side is truncated as the official code does) with DALI's antialiased linear filter. That is
-  ``F.interpolate(antialias=True)``'s filter, and the outputs agree to rounding except within one filter
-  support (about the downscale factor, in pixels) of the image's edges, where DALI clamps to the edge pixel
-  and torch/PIL renormalise the truncated filter (tests/test_dali_pipeline.py compares the interior); ``slice`` with out-of-bounds padding does the centred
-  zero padding and the crop in one step (its window starts at the crop origin minus the padding); then
-  ``crop_mirror_normalize`` computes (x - 127.5)/127.5 = (x/255 - 0.5)/0.5 into (1, S, S) float.
 * ``filter="area"`` (default, the official cv2 INTER_AREA): DALI has no area filter, so the graph only
   decodes and the ``medst_fast::resize_pad_crop_normalize`` op (one kernel launch) does the rest on the
-  decoded images, zero-copy through DLPack on the GPU.
+  decoded images, zero-copy through DLPack on the GPU, together with the CPU-decoded ones.
+* ``filter="bilinear"``: the JPEGs go through the whole DALI graph: resize to the exact Med-ST size
+  (per-sample resize_x/y, so the shorter side is truncated as the official code does) with DALI's
+  antialiased linear filter. That is ``F.interpolate(antialias=True)``'s filter, and the outputs agree to
+  rounding except within one filter support (about the downscale factor, in pixels) of the image's
+  edges, where DALI clamps to the edge pixel and torch/PIL renormalise the truncated filter
+  (tests/test_dali_pipeline.py compares the interior); ``slice`` with out-of-bounds padding does the
+  centred zero padding and the crop in one step (its window starts at the crop origin minus the
+  padding); ``crop_mirror_normalize`` computes (x - 127.5)/127.5 = (x/255 - 0.5)/0.5 into (1, S, S).
+  CPU-decoded images take the op with the same bilinear filter.
+
+When DALI fails on a batch (a file that passed the header check but does not decode), the pipeline is
+rebuilt and that batch is decoded on the CPU image by image, so nothing is dropped that the CPU decoder
+can read.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .gpu_loader import PlannedBatch, _BatchedSeriesLoader, assemble_batch, drop_rows
+from .batching import BatchedSeriesLoader, ImageItem, jpeg_size
+from .transforms import resize_geometry
 
 log = logging.getLogger("medst_fast")
 
@@ -54,46 +61,97 @@ def build_pipeline(max_batch: int, img_size: int, device_id: Optional[int], num_
     return p
 
 
-class DaliSeriesLoader(_BatchedSeriesLoader):
-    """Args as ``gpu_loader.make_loader``, plus ``device_id`` (default: the current CUDA device, or None =
-    CPU pipeline when there is no GPU) and ``num_threads`` (DALI CPU threads)."""
+def dali_device_id(device: torch.device) -> Optional[int]:
+    """DALI's device_id for a torch device: None (CPU pipeline) for the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
-    name = "dali"
 
-    def __init__(self, *args, device_id: Optional[int] = -1, num_threads: int = 4, **kw):
+class DaliSeriesLoader(BatchedSeriesLoader):
+    """Arguments as ``BatchedSeriesLoader``; ``device`` picks the pipeline (CUDA: "mixed" decode on that
+    GPU, CPU: DALI's CPU pipeline), ``threads`` is also DALI's CPU thread count."""
+
+    backend = "dali"
+
+    def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        if device_id == -1:
-            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-        self.device_id, self.num_threads = device_id, int(num_threads)
-        self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        import nvidia.dali  # noqa: F401  (fail here, not at the first batch, when DALI is missing)
+
+        self.device_id = dali_device_id(self.device)
+        if self.device_id is not None:
+            self.device = torch.device("cuda", self.device_id)
         self.in_graph = self.filter == "bilinear"
-        self.max_batch = 2 * 4 * self.batch_series  # frontal + lateral of every study
+        self.max_batch = 2 * 4 * self.sampler.bs  # frontal + lateral of every study
         self._pipe = None
 
     def _pipeline(self):
         if self._pipe is None:
-            self._pipe = build_pipeline(self.max_batch, self.img_size, self.device_id, self.num_threads,
+            self._pipe = build_pipeline(self.max_batch, self.img_size, self.device_id, self.reader.threads,
                                         self.in_graph)
         return self._pipe
 
-    def _run(self, datas: List[bytes], hws, offsets: torch.Tensor):
+    def _run(self, items: List[ImageItem]):
         p = self._pipeline()
-        p.feed_input("jpegs", [np.frombuffer(d, dtype=np.uint8) for d in datas])
+        p.feed_input("jpegs", [np.frombuffer(it.encoded, dtype=np.uint8) for it in items])
         if self.in_graph:
-            from ..ops_image import resize_geometry
-
             sizes, starts = [], []
-            for (h, w), (y0, x0) in zip(hws, offsets.tolist()):
-                nh, nw, top, left = resize_geometry(h, w, self.resize_to)
+            for it in items:
+                nh, nw, top, left = resize_geometry(*_jpeg_hw(it), self.side)
                 sizes.append(np.array([nh, nw], np.float32))
-                starts.append(np.array([y0 - top, x0 - left], np.int32))
+                starts.append(np.array([it.offset[0] - top, it.offset[1] - left], np.int32))
             p.feed_input("size", sizes)
             p.feed_input("start", starts)
         (out,) = p.run()
         return out
 
+    def _failed(self, e: RuntimeError, n: int) -> None:
+        log.warning("DALI failed on a batch of %d images (%s); decoding them on the CPU", n, str(e).splitlines()[0])
+        self._pipe = None  # a failed DALI pipeline is not reused
+
     # DALI reuses its output buffers on the next run, so outputs are copied into torch-owned memory;
     # feed_ndarray orders the device copy on torch's current stream after DALI's work.
+    def _decode(self, items: List[ImageItem]) -> List[Optional[torch.Tensor]]:
+        try:
+            out = self._run(items)
+        except RuntimeError as e:
+            self._failed(e, len(items))
+            return [None] * len(items)
+        if self.device_id is None:
+            return [torch.from_numpy(np.array(out.at(i))[..., 0]) for i in range(len(out))]
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        res, stream = [], torch.cuda.current_stream(self.device)
+        for i in range(len(out)):
+            t = out[i]
+            dst = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(t, dst, cuda_stream=stream)
+            res.append(dst[..., 0])
+        return res
+
+    def _transform(self, items: List[ImageItem]) -> Tuple[torch.Tensor, List[int]]:
+        if not self.in_graph:
+            return super()._transform(items)
+        jpeg = [k for k, it in enumerate(items) if it.encoded is not None]
+        rest = [k for k in range(len(items)) if items[k].encoded is None]
+        try:
+            dense = self._to_torch_dense(self._run([items[k] for k in jpeg])) if jpeg else None
+        except RuntimeError as e:
+            self._failed(e, len(jpeg))
+            items = list(items)  # the plan keeps its own items; the indices returned refer to both
+            for k in jpeg:  # decode them on the CPU; the op applies the same bilinear filter
+                px = self._fallback(items[k])
+                items[k] = ImageItem(items[k].path, None, px, items[k].offset)
+            return super()._transform(items)
+        outs, ok = [dense] if dense is not None else [], list(jpeg)
+        if rest:
+            o, ok_rest = super()._transform([items[k] for k in rest])
+            outs.append(o)
+            ok += [rest[j] for j in ok_rest]
+        if not outs:
+            return torch.empty(0, 1, self.img_size, self.img_size, device=self.device), []
+        return torch.cat(outs), ok
+
     def _to_torch_dense(self, out) -> torch.Tensor:
         if self.device_id is None:
             return torch.from_numpy(np.array(out.as_tensor()))
@@ -104,56 +162,6 @@ class DaliSeriesLoader(_BatchedSeriesLoader):
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
         return dst
 
-    def _to_torch_list(self, out) -> List[torch.Tensor]:
-        n = len(out)
-        if self.device_id is None:
-            return [torch.from_numpy(np.array(out.at(i))[..., 0]) for i in range(n)]
-        from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        res, stream = [], torch.cuda.current_stream(self.device)
-        for i in range(n):
-            t = out[i]
-            dst = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, dst, cuda_stream=stream)
-            res.append(dst[..., 0])
-        return res
-
-    def _transform(self, plan: PlannedBatch) -> Optional[Dict]:
-        lat_rows = [b for b, x in enumerate(plan.lateral) if x is not None]
-        datas = plan.frontal + [plan.lateral[b] for b in lat_rows]
-        hws = plan.frontal_hw + [plan.lateral_hw[b] for b in lat_rows]
-        offsets = torch.cat([plan.frontal_off, plan.lateral_off[lat_rows]])
-        try:
-            out = self._run(datas, hws, offsets)
-        except RuntimeError as e:
-            # a file passed the header check but failed to decode: find it with PIL, rebuild the pipeline
-            log.warning("DALI failed on a batch (%s); locating the unreadable image(s)", str(e).splitlines()[0])
-            self._pipe = None
-            bad = [k for k, d in enumerate(datas) if not _decodes(d)]
-            if not bad:
-                raise
-            nf = len(plan.frontal)
-            plan = drop_rows(plan, [k for k in bad if k < nf], [lat_rows[k - nf] for k in bad if k >= nf],
-                             self.bad, self.index, self.split)
-            return None if plan is None else self._transform(plan)
-        B = len(plan.rows)
-        if self.in_graph:
-            imgs = self._to_torch_dense(out)
-        else:
-            from ..ops_image import resize_pad_crop_normalize
-
-            imgs = resize_pad_crop_normalize(self._to_torch_list(out), self.img_size, self.resize_to, offsets,
-                                             self.filter)
-        return assemble_batch(self.index, plan, imgs[:B], imgs[B:], self.tokenizer)
-
-
-def _decodes(data: bytes) -> bool:
-    import io
-
-    from PIL import Image
-
-    try:
-        Image.open(io.BytesIO(data)).load()
-        return True
-    except Exception:
-        return False
+def _jpeg_hw(item: ImageItem) -> Tuple[int, int]:
+    return jpeg_size(item.encoded, item.path)

@@ -1,8 +1,9 @@
 """Shared evaluation plumbing: model loading, eval image transform, DICOM/JPEG reading, batched embedding.
 
-The eval transform is the spec's (medst-spec.md §3.6, interfaces.md): resize so the longer side is
-R = round(S*256/224) with area-like downscaling, zero-pad centred to R x R, centre crop S, normalise
-(x/255 - 0.5)/0.5, one channel (the model folds its RGB patch weights, exactly equal to 3 grey channels).
+The eval transform is the training transform with the centre crop (``medst_fast.data.transforms``,
+medst-spec.md §3.6): longer side to R = round(S*256/224) by exact area averaging, zero-pad centred to R x R,
+centre crop S, normalise (x/255 - 0.5)/0.5, one channel (the model folds its RGB patch weights, exactly
+equal to 3 grey channels).
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ..data import transforms as _T
+from ..data.transforms import resize_side
 
 log = logging.getLogger("medst_fast")
 
@@ -68,85 +72,56 @@ def load_tokenizer(vocab: Optional[PathLike], model):
 
 
 # -- images ----------------------------------------------------------------------------------------
-def resize_size(size: int) -> int:
-    """R for crop S: 256 for 224 (the official resize-then-crop ratio)."""
-    return int(round(size * 256 / 224))
-
-
-def resize_pad(img: np.ndarray, scale: int) -> np.ndarray:
-    """Longer side -> ``scale`` (area-like BOX filter), zero-pad centred to scale x scale. uint8 (H, W)."""
-    from PIL import Image
-
-    h, w = img.shape
-    # The short side is truncated, not rounded, as the official resize computes it.
-    if h >= w:
-        nh, nw = scale, max(1, int(w * scale / h))
-    else:
-        nh, nw = max(1, int(h * scale / w)), scale
-    out = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BOX))
-    top, left = (scale - nh) // 2, (scale - nw) // 2
-    canvas = np.zeros((scale, scale), dtype=np.uint8)
-    canvas[top:top + nh, left:left + nw] = out
-    return canvas
+# The evaluation transform is the training pipeline with the centre crop (medst_fast.data.transforms), and
+# images are decoded by the loaders' decoders (medst_fast.data.images), so an image reaches the model with
+# the same pixels in training and in evaluation.
+resize_size = resize_side  # R for crop S (the historical name in this module)
+resize_pad = _T.resize_pad
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """Centre ``size`` x ``size`` crop of a 2-D array, at torchvision CenterCrop's origin."""
     h, w = img.shape
     if h < size or w < size:
         raise ValueError(f"image {h}x{w} is smaller than the crop {size}")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = _T.center_offset(h, size), _T.center_offset(w, size)
     return img[top:top + size, left:left + size]
 
 
 def eval_transform(img: np.ndarray, size: int) -> torch.Tensor:
     """uint8 grey (H, W) -> float32 (1, S, S) normalised to [-1, 1]."""
-    x = center_crop(resize_pad(img, resize_size(size)), size)
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
-    return ((t / 255.0 - 0.5) / 0.5).unsqueeze(0)
+    return _T.eval_transform(img, size)
 
 
 def read_dicom(path: PathLike) -> np.ndarray:
-    """DICOM -> uint8 grey: pixels scaled by 255/max (rounded, saturated), MONOCHROME1 inverted.
+    """DICOM (whatever its extension) -> uint8 grey: pixels scaled by 255/max (rounded, saturated),
+    MONOCHROME1 inverted: the official RSNA reading, by the loaders' decoder."""
+    from ..data.images import read_dicom_gray
 
-    This is the official RSNA reading (a scale to 8 bits, then bitwise-not for MONOCHROME1).
-    """
-    try:
-        import pydicom
-    except ImportError as e:  # pragma: no cover - pydicom is an optional dependency
-        raise ImportError("reading DICOM needs 'pydicom': pip install pydicom") from e
-    ds = pydicom.dcmread(os.fspath(path))
-    x = ds.pixel_array.astype(np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"{path}: expected a single-frame grey DICOM, pixel_array has shape {x.shape}")
-    m = x.max()
-    x = np.clip(np.rint(np.abs(x * (255.0 / m))), 0, 255) if m > 0 else np.zeros_like(x)
-    x = x.astype(np.uint8)
-    if str(getattr(ds, "PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        x = 255 - x
-    return x
+    return _decoded(os.fspath(path), read_dicom_gray)
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Any image file (JPEG/PNG/... or .dcm) -> uint8 grey (H, W). Errors name the file."""
-    path = os.fspath(path)
+def _decoded(path: str, decode) -> np.ndarray:
+    """``decode(path)`` as a uint8 (H, W) array; a missing file raises FileNotFoundError, a bad one
+    ValueError, each naming the file."""
+    from ..data.images import ImageReadError
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
     try:
-        if path.lower().endswith((".dcm", ".dicom")):
-            return read_dicom(path)
-        from PIL import Image
+        a = np.asarray(decode(path))
+    except (ImageReadError, OSError, ValueError) as e:
+        raise ValueError(str(e) if path in str(e) else f"{path}: cannot read image ({e})") from None
+    if a.ndim != 2 or a.dtype != np.uint8:
+        raise ValueError(f"{path}: expected a single-frame grey image, decoded {a.dtype} {a.shape}")
+    return a
 
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                # 16-bit PNGs: scale to 8 bits by the maximum, as for DICOM, instead of clipping.
-                a = np.asarray(im, dtype=np.float64)
-                m = a.max()
-                return (np.rint(a * (255.0 / m)) if m > 0 else np.zeros_like(a)).astype(np.uint8)
-            return np.asarray(im.convert("L"))
-    except (FileNotFoundError, ImportError):
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Any image file (JPEG, PNG 8/16-bit, RGBA, ... or .dcm/.dicom) -> uint8 grey (H, W). Errors name the file."""
+    from ..data.images import load_gray
+
+    return _decoded(os.fspath(path), load_gray)
 
 
 class ImageListDataset(torch.utils.data.Dataset):
