@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from medst_fast.data import cache
 from medst_fast.data import prepare as prep
 from medst_fast.data import synth
 from medst_fast.data.index import SeriesIndex
@@ -121,20 +122,21 @@ def test_reports_from_zip_and_sectioned_csv_agree(tree, tmp_path):
 def _same_index(d1, d2):
     assert filecmp.cmp(os.path.join(d1, "studies.csv"), os.path.join(d2, "studies.csv"), shallow=False)
     assert filecmp.cmp(os.path.join(d1, "series.json"), os.path.join(d2, "series.json"), shallow=False)
-    m1, m2 = SeriesIndex.load(d1).meta, SeriesIndex.load(d2).meta
-    assert m1["skipped"] == m2["skipped"]
-    c1 = sorted(os.path.relpath(os.path.join(d, f), m1["image_root"]) for d, _, fs in os.walk(m1["image_root"]) for f in fs)
-    c2 = sorted(os.path.relpath(os.path.join(d, f), m2["image_root"]) for d, _, fs in os.walk(m2["image_root"]) for f in fs)
+    i1, i2 = SeriesIndex.load(d1), SeriesIndex.load(d2)
+    assert i1.meta["skipped"] == i2.meta["skipped"]
+    r1, r2 = i1.image_root, i2.image_root
+    c1 = sorted(os.path.relpath(os.path.join(d, f), r1) for d, _, fs in os.walk(r1) for f in fs)
+    c2 = sorted(os.path.relpath(os.path.join(d, f), r2) for d, _, fs in os.walk(r2) for f in fs)
     assert c1 == c2 and c1
     for rel in c1[::7]:
-        assert filecmp.cmp(os.path.join(m1["image_root"], rel), os.path.join(m2["image_root"], rel), shallow=False)
+        assert filecmp.cmp(os.path.join(r1, rel), os.path.join(r2, rel), shallow=False)
 
 
 def test_interrupted_then_rerun_gives_the_same_index(tree, tmp_path, monkeypatch):
     root, _ = tree
     clean = tmp_path / "clean"
     prep.prepare_mimic(root, root, clean, cache_size=48, workers=2, progress=False)
-    real, calls = prep._cache_one, {"n": 0}
+    real, calls = cache.check_or_cache, {"n": 0}
 
     def flaky(*a):
         calls["n"] += 1
@@ -142,14 +144,14 @@ def test_interrupted_then_rerun_gives_the_same_index(tree, tmp_path, monkeypatch
             raise RuntimeError("simulated crash in the middle of the cache")
         return real(*a)
 
-    monkeypatch.setattr(prep, "_cache_one", flaky)
+    monkeypatch.setattr(cache, "check_or_cache", flaky)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         prep.prepare_mimic(root, root, out, cache_size=48, workers=0, progress=False)
     assert not (out / "meta.json").exists()  # no index is written by an interrupted run
     done = [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".jpg")]
     assert 0 < len(done) <= 25
-    monkeypatch.setattr(prep, "_cache_one", real)
+    monkeypatch.setattr(cache, "check_or_cache", real)
     prep.prepare_mimic(root, root, out, cache_size=48, workers=0, progress=False)
     _same_index(clean, out)
 

@@ -86,8 +86,8 @@ def resize_longer(img: Image.Image, longer: int) -> Image.Image:
 
 
 def read_resized(path: str, longer: int, draft: bool = True) -> Image.Image:
-    """Decode (draft-mode when ``draft``) and resize so the longer side is exactly ``longer``."""
-    return resize_longer(open_gray(path, draft_longer=longer if draft else None), longer)
+    """Decode (draft-mode when ``draft``; DICOM too) and resize so the longer side is exactly ``longer``."""
+    return resize_longer(load_gray(path, draft_longer=longer if draft else None), longer)
 
 
 def save_jpeg_atomic(img: Image.Image, path: str, quality: int = 95) -> None:

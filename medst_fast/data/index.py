@@ -78,7 +78,12 @@ class SeriesIndex:
     # -- accessors ---------------------------------------------------------------------------------------
     @property
     def image_root(self) -> str:
-        return self.meta.get("image_root", "")
+        """Absolute image root. meta.json stores it relative to the index folder when it lies inside that
+        folder (the image cache), so an index moved together with its cache still finds its images."""
+        root = self.meta.get("image_root", "")
+        if root and not os.path.isabs(root):
+            root = os.path.normpath(os.path.join(self.root or os.getcwd(), root))
+        return root
 
     def path(self, rel: str) -> str:
         """Absolute path of an image path stored in studies.csv (relative to ``image_root``)."""
@@ -126,8 +131,12 @@ class SeriesIndex:
             w.writerow(asdict(s))
         atomic_write_text(os.path.join(out, "studies.csv"), lines.getvalue())
         atomic_write_text(os.path.join(out, "series.json"), json.dumps(self.series, separators=(",", ":")) + "\n")
-        atomic_write_text(os.path.join(out, "meta.json"), json.dumps(self.meta, indent=1, sort_keys=True) + "\n")
+        meta = dict(self.meta)
+        if meta.get("image_root"):
+            meta["image_root"] = portable_root(self.image_root, out)
+        atomic_write_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=1, sort_keys=True) + "\n")
         self.root = out
+        self.meta = meta
         return self
 
     @classmethod
@@ -138,14 +147,39 @@ class SeriesIndex:
         for name in ("studies.csv", "series.json", "meta.json"):
             if not os.path.isfile(os.path.join(out, name)):
                 raise FileNotFoundError(f"{os.path.join(out, name)}: missing; is {out} a prepared index folder?")
-        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = _read_json(os.path.join(out, "meta.json"), dict, "an object")
         if meta.get("version") != INDEX_VERSION:
             raise ValueError(f"{out}/meta.json: field 'version' is {meta.get('version')!r}, expected {INDEX_VERSION}")
-        with open(os.path.join(out, "series.json"), encoding="utf-8") as f:
-            series = json.load(f)
+        series = _read_json(os.path.join(out, "series.json"), dict, "an object {split: [[row, ...], ...]}")
+        for split, chunks in series.items():
+            if not isinstance(chunks, list) or not all(isinstance(c, list) for c in chunks):
+                raise ValueError(f"{out}/series.json: field {split!r} must be a list of row lists")
         studies = list(_read_studies(os.path.join(out, "studies.csv")))
-        return cls(studies, series, meta, root=out)
+        idx = cls(studies, series, meta, root=out)
+        if idx.image_root and not os.path.isdir(idx.image_root):
+            raise FileNotFoundError(f"{out}/meta.json: field 'image_root' is {meta.get('image_root')!r}, and "
+                                    f"{idx.image_root} is not a folder; was the image folder moved or deleted?")
+        return idx
+
+
+def portable_root(image_root: str, index_dir: str) -> str:
+    """``image_root`` as meta.json stores it: relative to the index folder when inside it, else absolute."""
+    image_root, index_dir = os.path.abspath(image_root), os.path.abspath(index_dir)
+    rel = os.path.relpath(image_root, index_dir)
+    inside = rel != os.pardir and not rel.startswith(os.pardir + os.sep) and not os.path.isabs(rel)
+    return rel if inside else image_root
+
+
+def _read_json(path: str, kind: type, what: str):
+    """json.load with errors that name the file (a run killed while writing by hand, a truncated copy)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is truncated or damaged, rerun prepare") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected {what}, found {type(data).__name__}")
+    return data
 
 
 def _read_studies(path: str) -> Iterable[Study]:

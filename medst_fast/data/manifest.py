@@ -9,24 +9,40 @@ used without code. Column names are auto-detected from common spellings or given
                   "text": "clinical_notes"}
 
 Images of one patient with the same time form one study. The view is mapped to frontal (PA, AP, AP Supine,
-"frontal", ...) or lateral (L, LL, LATERAL, "lateral"); anything else is skipped and counted. Studies with a
-blank time cannot be placed in time, so each becomes a series of its own (it still trains the image-text
-losses, never the temporal one). Rows are ordered numerically when every time parses as a number, else as text.
+"frontal", ...) or lateral (L, LL, LATERAL, "lateral"); anything else is skipped and counted (``unknown_view``;
+a study left without a frontal is counted once more as ``no_frontal``).
+
+Times. The time column holds either numbers (offsets in days, as ``offset`` / ``offset_days`` of the COVID-19
+image collection, or orders) or full calendar dates (``2020-03-14``, ``2020-03-14 10:05``, ``20200314``,
+``Mar 14, 2020``, ``14 March 2020``); a column whose name contains "date" must hold dates. A value that is
+neither of the column's kind nor blank, such as "2015" or "2020-03" in a date column or "Mar 14, 2020" among
+offsets, is an error naming the file, the column and the data line (it would otherwise merge or split studies
+silently). Blank values and unknown markers ("?", "unknown", "n/a", ...) mean untimed (counted as
+``unknown_times`` in meta.json counts): such a study cannot be placed in time, so it becomes a series of its
+own (it still trains the image-text losses, never the temporal one).
+
+Every image the index keeps has been decoded (``cache.check_or_cache``); a cache (``cache_size``) keeps each
+source's relative path and extension (``x.png`` -> ``x.png.jpg``), so two sources never share a cache file,
+and DICOM sources are cached like the others. No kept study is an error and writes no index.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
+import math
 import os
+import re
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from .cache import cache_name, open_cache, run_jobs
 from .index import SPLITS, SeriesIndex, Study, cut_series
 
 log = logging.getLogger("medst_fast")
 
 _CANDIDATES = {
     "patient": ("patient_id", "patient", "subject_id", "patientid", "PatientID"),
-    "time": ("offset_days", "study_datetime", "study_time", "time", "date", "order", "StudyDate", "study_order"),
+    "time": ("offset_days", "offset", "study_datetime", "study_time", "time", "date", "order", "StudyDate", "study_order"),
     "view": ("view_kind", "view", "ViewPosition", "view_position", "projection"),
     "image": ("file", "path", "image", "image_path", "filename", "Path"),
     "text": ("report", "text", "clinical_notes", "findings", "notes", "report_text"),
@@ -83,7 +99,6 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     import pandas as pd
 
     from ..text import clean_report
-    from .prepare import _run_jobs
 
     csv_path = os.path.abspath(os.fspath(csv_path))
     out = os.path.abspath(os.fspath(out))
@@ -99,13 +114,7 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     col = _resolve_columns(list(df.columns), columns, csv_path)
     skipped: Counter = Counter()
 
-    times = df[col["time"]] if col["time"] else pd.Series([None] * len(df))
-    # Times sort numerically when most of them are numbers (offsets, orders); values such as "?" are then
-    # treated as blank (untimed) and counted. Otherwise they sort as text (ISO dates sort correctly).
-    filled = [t.strip() for t in times if isinstance(t, str) and t.strip()]
-    n_num = sum(1 for t in filled if _is_number(t))
-    numeric = bool(filled) and n_num * 2 > len(filled)
-    unparsed = 0
+    times, n_unknown = parse_times(list(df[col["time"]]) if col["time"] else [None] * len(df), csv_path, col["time"])
 
     studies: "OrderedDict[tuple, dict]" = OrderedDict()
     for pos in range(len(df)):
@@ -115,25 +124,22 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
             raise ValueError(f"{csv_path}: field {col['patient']!r} is empty on data line {pos + 1}")
         if not isinstance(img, str) or not img.strip():
             raise ValueError(f"{csv_path}: field {col['image']!r} is empty on data line {pos + 1}")
-        if kind is None:
-            skipped["unknown_view"] += 1
-            continue
-        t = times.iloc[pos]
-        t = t.strip() if isinstance(t, str) and t.strip() else None
-        if t is not None and numeric:
-            if _is_number(t):
-                t = float(t)
-            else:
-                t, unparsed = None, unparsed + 1
+        t = times[pos]
         spl = split
         if col["split"]:
             raw = rec[col["split"]]
             if raw not in _SPLIT_NAMES:
                 raise ValueError(f"{csv_path}: field {col['split']!r} on data line {pos + 1} is {raw!r}, expected train/valid/test")
             spl = _SPLIT_NAMES[raw]
+        if kind is None:
+            skipped["unknown_view"] += 1
+            if t is None:
+                continue  # an untimed image is a study of its own: nothing is left of it
         # blank time: one study per image group is impossible to place; key by position so it stands alone
         key = (spl, patient.strip(), t if t is not None else ("untimed", pos))
         st = studies.setdefault(key, {"frontal": [], "lateral": [], "text": None, "pos": pos, "time": t})
+        if kind is None:
+            continue  # the study exists (and is counted if it ends up without a frontal)
         raw_view = rec[col["view"]] if isinstance(rec[col["view"]], str) else ""
         if kind == "frontal":
             st["frontal"].append((0 if raw_view.strip().upper() == "PA" else 1, pos, img.strip()))
@@ -147,7 +153,7 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     # images that share nothing else only when the patient has exactly one untimed frontal group.
     _merge_untimed(studies)
 
-    jobs, keep = [], []
+    keep = []
     for key, st in studies.items():
         if not st["frontal"]:
             skipped["no_frontal"] += 1
@@ -162,23 +168,23 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         st["frontal"].sort()
         keep.append((key, st, text, n_tok))
 
+    cache_root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else None
+
     def job(rel):
         src = rel if os.path.isabs(rel) else os.path.join(image_root, rel)
-        dst = os.path.join(out, f"images_{int(cache_size)}", _cache_rel(rel)) if cache_size else None
+        dst = os.path.join(cache_root, cache_name(rel, image_root)) if cache_root else None
         return (src, dst, int(cache_size or 0), True)
 
-    if cache_size:
-        from .prepare import open_cache
-
-        open_cache(os.path.join(out, f"images_{int(cache_size)}"), int(cache_size), True)
+    if cache_root:
+        open_cache(cache_root, int(cache_size), True)
     paths = sorted({p for _, st, _, _ in keep for p in [f[2] for f in st["frontal"]] + [l[1] for l in st["lateral"]]})
-    res = dict(zip(paths, _run_jobs([job(p) for p in paths], workers or 0, progress, "manifest images")))
+    res = dict(zip(paths, run_jobs([job(p) for p in paths], workers or 0, progress, "manifest images")))
     for r in res.values():
         if r:
             skipped[r] += 1
 
-    root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else image_root
-    rel_out = (lambda p: _cache_rel(p)) if cache_size else (lambda p: p)
+    root = cache_root or image_root
+    rel_out = (lambda p: cache_name(p, image_root)) if cache_root else (lambda p: p)
     rows = []
     for key, st, text, n_tok in keep:
         fronts = [f for f in st["frontal"] if res[f[2]] is None]
@@ -189,6 +195,8 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         chosen = fronts[:1] if mode == "study" else sorted(fronts, key=lambda f: f[1])
         for f in chosen:
             rows.append((key, st, f[2], lat, text, n_tok))
+    if not rows:
+        raise ValueError(f"{csv_path}: no study kept (skipped: {dict(sorted(skipped.items()))}); no index written to {out}")
     untimed_last = lambda k: (0, k[2], "") if not isinstance(k[2], tuple) else (1, 0, str(k[2][1]).zfill(12))  # noqa: E731
     rows.sort(key=lambda r: (r[0][0], r[0][1], untimed_last(r[0]), r[1]["pos"]))
 
@@ -196,11 +204,12 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     for key, st, front, lat, text, n_tok in rows:
         spl, patient, t = key
         untimed = isinstance(t, tuple)
+        when = "" if untimed else _time_text(t)
         group = per.setdefault((spl, patient, t if untimed else "timed"), [])
         r = len(studies_out)
         studies_out.append(Study(
-            row=r, subject_id=patient, study_id=f"{patient}/{'untimed-%d' % st['pos'] if untimed else t}", split=spl,
-            order=len(group), study_datetime="" if untimed else str(t), frontal_path=rel_out(front),
+            row=r, subject_id=patient, study_id=f"{patient}/{'untimed-%d' % st['pos'] if untimed else when}", split=spl,
+            order=len(group), study_datetime=when, frontal_path=rel_out(front),
             lateral_path=rel_out(lat) if lat else "", frontal_dicom=os.path.splitext(os.path.basename(front))[0],
             lateral_dicom=os.path.splitext(os.path.basename(lat))[0] if lat else "", text=text, n_tokens=n_tok))
         group.append(r)
@@ -209,7 +218,8 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         series[spl].extend(cut_series(members, 4))
     meta = {"image_root": root, "source": f"manifest:{csv_path}", "mode": mode, "columns": col,
             "cache_size": int(cache_size or 0), "skipped": dict(sorted(skipped.items())), "version": 1,
-            "counts": {"rows": len(studies_out), "unparsed_times": unparsed, "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
+            "counts": {"rows": len(studies_out), "unknown_times": n_unknown,
+                       "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
                        **{f"series_{s}": len(series[s]) for s in SPLITS}}}
     idx = SeriesIndex(studies_out, series, meta).save(out)
     log.info("manifest %s: %d rows, %d train series; skipped %s", csv_path, len(studies_out),
@@ -217,19 +227,85 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     return idx
 
 
-def _is_number(t: str) -> bool:
+# ------------------------------------------------------------------------------------------------- times
+_UNKNOWN_TIMES = {"?", "??", "-", "unknown", "n/a", "na", "nan", "none", "null"}
+_DATE_FORMATS = ("%b %d, %Y", "%B %d, %Y", "%b %d %Y", "%B %d %Y", "%d %b %Y", "%d %B %Y", "%Y/%m/%d",
+                 "%b. %d, %Y")
+_YYYYMMDD = re.compile(r"^(\d{8})(\.0*)?$")
+
+
+def full_date(text: str) -> Optional[_dt.datetime]:
+    """A full calendar date (optionally with a time) -> naive datetime; None for anything less or else.
+
+    "2015" (a year), "2020-03" (a month) and "03/14/2020" (day/month order unknown) are not full dates."""
+    t = " ".join(text.strip().split())
+    m = _YYYYMMDD.match(t)
+    if m:
+        t = m.group(1)
+    elif re.fullmatch(r"[+-]?\d+(\.\d*)?", t):
+        return None  # a bare number other than YYYYMMDD (a year, an offset) is not a date
     try:
-        float(t)
-        return True
+        d = _dt.datetime.fromisoformat(t)
+        if not re.match(r"^\d{8}$|^\d{4}-\d{2}-\d{2}", t):
+            return None  # ISO week or ordinal forms are not how a study date is written
+        if d.tzinfo is not None:
+            d = d.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return d
     except ValueError:
-        return False
+        pass
+    for fmt in _DATE_FORMATS:
+        try:
+            return _dt.datetime.strptime(t, fmt)
+        except ValueError:
+            continue
+    return None
 
 
-def _cache_rel(rel: str) -> str:
-    """Cache path for a manifest image: keep the relative layout, force .jpg, neutralise absolute paths."""
-    rel = rel.lstrip("/\\") if os.path.isabs(rel) else rel
-    rel = os.path.normpath(rel).replace("..", "__")
-    return os.path.splitext(rel)[0] + ".jpg"
+def _number(text: str) -> Optional[float]:
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def parse_times(values: Sequence, path: str, column: Optional[str]) -> Tuple[List, int]:
+    """Parse a time column: numbers or full dates, the column's kind decided as the module docstring says.
+
+    Returns (per-row float / datetime / None (untimed), number of unknown markers). Raises ValueError naming
+    ``path``, ``column`` and the data line of the first value that is neither blank nor of the column's kind.
+    """
+    texts = [v.strip() if isinstance(v, str) else "" for v in values]
+    unknown = sum(1 for t in texts if t.lower() in _UNKNOWN_TIMES)
+    filled = [(i, t) for i, t in enumerate(texts) if t and t.lower() not in _UNKNOWN_TIMES]
+    out: List = [None] * len(texts)
+    if not filled:
+        return out, unknown
+    nums = {i: _number(t) for i, t in filled}
+    dates = {i: full_date(t) for i, t in filled}
+    n_num = sum(v is not None for v in nums.values())
+    n_date = sum(v is not None for v in dates.values())
+    if "date" in (column or "").lower():
+        kind = "date"  # a date column: years or months alone would merge a patient's studies into one
+    elif n_num == len(filled):
+        kind = "number"
+    elif n_date == len(filled):
+        kind = "date"
+    else:
+        kind = "number" if n_num >= n_date else "date"
+    parsed = nums if kind == "number" else dates
+    for i, t in filled:
+        if parsed[i] is None:
+            want = "a number like the other values" if kind == "number" else \
+                "a full date (YYYY-MM-DD [HH:MM[:SS]], YYYYMMDD, 'Mar 14, 2020' or '14 March 2020')"
+            raise ValueError(f"{path}: column {column!r} on data line {i + 1} is {t!r}, not {want}; fix the value, "
+                             f"leave it blank (untimed) or choose the time column with columns={{'time': ...}}")
+        out[i] = parsed[i]
+    return out, unknown
+
+
+def _time_text(t) -> str:
+    return t.isoformat() if isinstance(t, _dt.datetime) else str(t)
 
 
 def _merge_untimed(studies: "OrderedDict[tuple, dict]") -> None:

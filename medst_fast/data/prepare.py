@@ -13,24 +13,35 @@ Modes:
 Then each patient's rows (per split) are ordered by StudyDate, StudyTime (numerically; MIMIC writes StudyTime
 as a float without leading zeros) and cut into non-overlapping series of 4, the remainder kept (§3.4).
 
-The optional image cache (longer side ``cache_size``, JPEG) is written by a process pool with JPEG draft
-decoding. Each cache file is written to a temp name and renamed, so a file that exists is complete: a rerun
-after an interruption skips those and produces the same index. The index files are written last.
+Every image the index keeps has been decoded (``cache.check_or_cache``): without a cache by a cheap draft
+decode, with one while writing the resized JPEG (longer side ``cache_size``, process pool, JPEG draft
+decoding, DICOM sources too). A corrupt or missing frontal is replaced by the next readable one of its study.
+Each cache file is written to a temp name and renamed, so a file that exists is complete: a rerun after an
+interruption skips those and produces the same index. The index files are written last, and not at all
+when no study is kept (an error, exit status 1).
+
+Skips are counted in meta.json ``skipped``. Per image: ``null_view_position``, ``other_view``,
+``missing_split``, ``missing_study_date`` / ``missing_study_time`` (blank or NaN), ``missing_image``,
+``unreadable_image``. Per study (each study of the metadata is either kept or counted once): ``no_frontal``
+(no PA/AP row), ``no_usable_frontal`` (its frontal rows were all skipped above), ``missing_report``,
+``short_report``, ``no_readable_frontal``. Studies are keyed by (subject_id, study_id): a study id that two
+subjects share gives two studies.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import datetime as _dt
 import json
 import logging
+import math
 import os
-import sys
 import zipfile
 from collections import Counter, OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .index import SPLITS, SeriesIndex, Study, atomic_write_text, cut_series
+from .cache import Interrupted, open_cache, run_jobs
+from .index import SPLITS, SeriesIndex, Study, cut_series
+from .manifest import index_from_manifest
 
 log = logging.getLogger("medst_fast")
 
@@ -63,23 +74,37 @@ def _read_table(path: str, required: Sequence[str]):
     return df
 
 
-def _num(v, path: str, field: str, dicom: str) -> float:
+class NothingKept(ValueError):
+    """Preparation kept no study; no index is written."""
+
+
+def _num(v, path: str, field: str, dicom: str) -> Optional[float]:
+    """A metadata number; None when blank or NaN (the caller counts the skip), an error when not a number."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
     try:
-        return float(v)
+        x = float(v)
     except (TypeError, ValueError):
         raise ValueError(f"{path}: field {field!r} of dicom {dicom} is {v!r}, not a number") from None
+    return None if math.isnan(x) else x
 
 
 def study_datetime(date, time) -> str:
-    """ISO text from MIMIC's StudyDate (YYYYMMDD) and StudyTime (HHMMSS.fff as a float)."""
-    d = int(float(date))
-    t = float(time)
+    """ISO text from MIMIC's StudyDate (YYYYMMDD) and StudyTime (HHMMSS.fff as a float).
+
+    Raises ValueError when the date is not a calendar date or the time is not a time of day."""
+    d, t = float(date), float(time)
+    if not (math.isfinite(d) and math.isfinite(t)) or d != int(d) or not 0 <= t < 240000:
+        raise ValueError(f"StudyDate {date!r} / StudyTime {time!r} is not a YYYYMMDD date and HHMMSS time")
+    d = int(d)
     hh, rest = divmod(t, 10000)
     mm, ss = divmod(rest, 100)
+    if mm >= 60 or ss >= 60:
+        raise ValueError(f"StudyTime {time!r} is not an HHMMSS time")
     try:
         base = _dt.datetime(d // 10000, (d // 100) % 100, d % 100)
     except ValueError:
-        return f"{d} {t}"
+        raise ValueError(f"StudyDate {date!r} is not a YYYYMMDD calendar date") from None
     return (base + _dt.timedelta(hours=int(hh), minutes=int(mm), seconds=ss)).isoformat(timespec="milliseconds")
 
 
@@ -99,10 +124,14 @@ class ReportSource:
         elif zipfile.is_zipfile(self.path):
             self.kind = "zip"
             self._zip = zipfile.ZipFile(self.path)
-            self._names = {}
+            # files/pNN/pSUBJECT/sSTUDY.txt -> (SUBJECT, STUDY): a study id is not unique across subjects.
+            # A flat zip (no pSUBJECT folder) is keyed (None, STUDY).
+            self._names: Dict[Tuple[Optional[str], str], str] = {}
             for n in self._zip.namelist():
                 if n.endswith(".txt"):
-                    self._names[os.path.basename(n)[1:-4]] = n  # sSTUDY.txt -> STUDY (study ids are unique)
+                    parent = os.path.basename(os.path.dirname(n))
+                    subject = parent[1:] if parent[:1] == "p" and parent[1:].isdigit() else None
+                    self._names[(subject, os.path.basename(n)[1:-4])] = n
         elif os.path.isfile(self.path) and self.path.endswith((".csv", ".csv.gz")):
             self.kind = "csv"
             df = _read_table(self.path, ("study",))
@@ -120,7 +149,7 @@ class ReportSource:
         if self.kind == "csv":
             return self._csv.get(study)
         if self.kind == "zip":
-            name = self._names.get(study)
+            name = self._names.get((subject, study)) or self._names.get((None, study))
             if name is None:
                 return None
             text = self._zip.read(name).decode("utf-8", errors="replace")
@@ -145,114 +174,6 @@ def sections_of(text: str) -> Tuple[Optional[str], Optional[str]]:
     sec = split_sections(text)
     imp = sec.get("IMPRESSION") or sec.get("IMPRESSIONS") or sec.get("FINDINGS AND IMPRESSION") or sec.get("CONCLUSION")
     return _str(imp), _str(sec.get("FINDINGS"))
-
-
-# ------------------------------------------------------------------------------------------- image workers
-def _cache_one(src: str, dst: Optional[str], size: int, draft: bool) -> Optional[str]:
-    """Check (no cache) or cache one image. Returns None on success, else a skip reason."""
-    from .images import ImageReadError, read_resized, save_jpeg_atomic
-
-    if dst is None:
-        return None if os.path.isfile(src) else "missing_image"
-    if os.path.isfile(dst):  # complete by construction (atomic rename): resume skips it
-        return None
-    if not os.path.isfile(src):
-        return "missing_image"
-    try:
-        img = read_resized(src, size, draft=draft)
-    except ImageReadError:
-        return "unreadable_image"
-    save_jpeg_atomic(img, dst)
-    return None
-
-
-def remove_stale_temps(folder: str) -> int:
-    """Delete the temp files (".tmp-*") an interrupted run left in a cache folder; returns how many."""
-    n = 0
-    if not os.path.isdir(folder):
-        return 0
-    for d, _, files in os.walk(folder):
-        for f in files:
-            if f.startswith(".tmp-"):
-                try:
-                    os.unlink(os.path.join(d, f))
-                    n += 1
-                except FileNotFoundError:
-                    pass
-    return n
-
-
-CACHE_STAMP = ".cache-params.json"
-
-
-def open_cache(folder: str, size: int, draft: bool) -> None:
-    """Ready a cache folder for a (possibly resumed) run: check its decode settings, drop partial files."""
-    check_cache_stamp(folder, size, draft)
-    removed = remove_stale_temps(folder)
-    if removed:
-        log.info("removed %d partial cache files left by an interrupted run in %s", removed, folder)
-
-
-def check_cache_stamp(folder: str, size: int, draft: bool) -> None:
-    """Record how a cache folder is decoded, or refuse to add to one made with other settings.
-
-    A rerun resumes by keeping every cache file that exists; mixing draft and full decodes (or two sizes)
-    in one folder would give a cache no single run could reproduce, so the first run writes its settings
-    and later runs must match them.
-    """
-    want = {"cache_size": int(size), "draft": bool(draft)}
-    path = os.path.join(folder, CACHE_STAMP)
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                have = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable cache settings ({e}); delete the folder to rebuild it") from e
-        for k, v in want.items():
-            if have.get(k) != v:
-                raise ValueError(f"{path}: field {k!r} is {have.get(k)!r} but this run asks for {v!r}; "
-                                 f"rerun with the same settings (--no-draft / --cache-size) or use a new --out")
-        return
-    os.makedirs(folder, exist_ok=True)
-    atomic_write_text(path, json.dumps(want, sort_keys=True) + "\n")
-
-
-def _work_chunk(chunk: List[Tuple[str, Optional[str], int, bool]]) -> List[Optional[str]]:
-    return [_cache_one(*job) for job in chunk]
-
-
-def _run_jobs(jobs: List[Tuple[str, Optional[str], int, bool]], workers: int, progress: bool, desc: str) -> List[Optional[str]]:
-    if not jobs:
-        return []
-    chunk = 16
-    chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
-    bar = _bar(len(jobs), desc, progress)
-    out: List[Optional[str]] = []
-    try:
-        if workers <= 0 or len(chunks) == 1:
-            for c in chunks:
-                out.extend(_work_chunk(c))
-                bar.update(len(c))
-        else:
-            with cf.ProcessPoolExecutor(max_workers=workers) as ex:
-                for c, res in zip(chunks, ex.map(_work_chunk, chunks)):
-                    out.extend(res)
-                    bar.update(len(c))
-    finally:
-        bar.close()
-    return out
-
-
-def _bar(total: int, desc: str, progress: bool):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="img", disable=None if progress else True, file=sys.stderr)
-    except ImportError:  # tqdm is optional
-        class _Null:
-            def update(self, n): pass
-            def close(self): pass
-        return _Null()
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -285,51 +206,8 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
             raise ValueError(f"{split_path}: field 'split' of dicom {d} is {s!r}, expected train/validate/test")
         split_of[d] = _SPLIT_NAMES[s]
 
-    # group images per study, in metadata order
-    studies: "OrderedDict[str, dict]" = OrderedDict()
-    for pos, rec in enumerate(meta[list(_META_FIELDS)].itertuples(index=False, name=None)):
-        dicom, subject, study, view, date, time = rec
-        for field, v in (("dicom_id", dicom), ("subject_id", subject), ("study_id", study)):
-            if not isinstance(v, str) or not v:
-                raise ValueError(f"{meta_path}: field {field!r} is empty on data line {pos + 1}")
-        if not isinstance(view, str) or not view.strip():
-            skipped["null_view_position"] += 1
-            continue
-        view = view.strip().upper()
-        st = studies.get(study)
-        if st is None:
-            st = studies[study] = {"subject": subject, "study": study, "frontal": [], "lateral": [], "pos": pos,
-                                   "key": (_num(date, meta_path, "StudyDate", dicom), _num(time, meta_path, "StudyTime", dicom)),
-                                   "datetime": study_datetime(date, time)}
-        if view in FRONTAL:
-            if dicom not in split_of:
-                skipped["missing_split"] += 1
-                continue
-            st["frontal"].append((FRONTAL.index(view), pos, dicom))
-        elif view in LATERAL:
-            st["lateral"].append((pos, dicom))
-        else:
-            skipped["other_view"] += 1
-
-    src = ReportSource(reports)
-    rel_of = lambda subject, study, dicom: f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"  # noqa: E731
-    candidates = []  # (study record, text, n_tokens)
-    from ..text import clean_report
-
-    for st in studies.values():
-        if not st["frontal"]:
-            skipped["no_frontal"] += 1
-            continue
-        rep = src.get(st["subject"], st["study"])
-        if rep is None:
-            skipped["missing_report"] += 1
-            continue
-        text, n_tok = clean_report(*rep)
-        if n_tok < 3:
-            skipped["short_report"] += 1
-            continue
-        st["frontal"].sort()  # PA before AP, then metadata order
-        candidates.append((st, text, n_tok))
+    studies = _group_studies(meta, meta_path, split_of, skipped)
+    candidates = _with_reports(studies, ReportSource(reports), skipped)
 
     # -- images: check (or cache) the chosen frontal/lateral; on failure fall back to the next candidate
     image_root = os.path.join(out, f"images_{int(cache_size)}") if cache_size else jpg_root
@@ -338,10 +216,10 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
     status: Dict[str, Optional[str]] = {}
 
     def job(st, dicom):
-        rel = rel_of(st["subject"], st["study"], dicom)
+        rel = _rel_of(st["subject"], st["study"], dicom)
         return (os.path.join(jpg_root, rel), os.path.join(image_root, rel) if cache_size else None, int(cache_size or 0), draft)
 
-    def resolve(pick):  # pick(st, tried) -> list of dicoms still needed; runs rounds until settled
+    def resolve(pick):  # pick(st) -> dicoms still needed; runs rounds until every study is settled
         while True:
             need = []
             for st, _, _ in candidates:
@@ -351,7 +229,7 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
             if not need:
                 return
             need = list(OrderedDict(((d, (st, d)) for st, d in need)).values())
-            res = _run_jobs([job(st, d) for st, d in need], workers, progress, "prepare images")
+            res = run_jobs([job(st, d) for st, d in need], workers, progress, "prepare images")
             for (st, d), r in zip(need, res):
                 status[d] = r
                 if r:
@@ -382,6 +260,9 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
         for _, pos, dicom in chosen:
             rows.append((st["subject"], st["key"], pos, split_of[dicom], st["study"], dicom, lat, text, n_tok, st["datetime"]))
     rows.sort(key=lambda r: (r[0], r[1], r[2]))  # patient, StudyDate, StudyTime, metadata order (stable ties)
+    if not rows:
+        raise NothingKept(f"{meta_path}: no study kept (skipped: {dict(sorted(skipped.items()))}); no index written "
+                          f"to {out}")
 
     index_studies: List[Study] = []
     series: Dict[str, List[List[int]]] = {s: [] for s in SPLITS}
@@ -391,7 +272,7 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
         members = per_patient.setdefault((spl, subject), [])
         index_studies.append(Study(
             row=r, subject_id=subject, study_id=study, split=spl, order=len(members), study_datetime=when,
-            frontal_path=rel_of(subject, study, dicom), lateral_path=rel_of(subject, study, lat) if lat else "",
+            frontal_path=_rel_of(subject, study, dicom), lateral_path=_rel_of(subject, study, lat) if lat else "",
             frontal_dicom=dicom, lateral_dicom=lat, text=text, n_tokens=n_tok))
         members.append(r)
     for (spl, _), members in per_patient.items():
@@ -406,6 +287,85 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
     idx = SeriesIndex(index_studies, series, meta_out).save(out)
     _print_summary(meta_out)
     return idx
+
+
+def _rel_of(subject: str, study: str, dicom: str) -> str:
+    return f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
+
+
+def _group_studies(meta, meta_path: str, split_of: Dict[str, str], skipped: Counter) -> "OrderedDict[tuple, dict]":
+    """Metadata rows -> studies keyed (subject_id, study_id), in metadata order; image-level skips counted.
+
+    Every study of the metadata gets a record, even one whose rows are all skipped, so that the study-level
+    counts account for it."""
+    studies: "OrderedDict[tuple, dict]" = OrderedDict()
+    for pos, rec in enumerate(meta[list(_META_FIELDS)].itertuples(index=False, name=None)):
+        dicom, subject, study, view, date, time = rec
+        for field, v in (("dicom_id", dicom), ("subject_id", subject), ("study_id", study)):
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{meta_path}: field {field!r} is empty on data line {pos + 1}")
+        st = studies.setdefault((subject, study), {"subject": subject, "study": study, "frontal": [], "lateral": [],
+                                                   "pos": pos, "frontal_rows": 0, "when": None, "no_when": None})
+        if st["when"] is None:  # the study's date and time: from its first row that has both
+            when = _row_datetime(date, time, meta_path, dicom)
+            if isinstance(when, str):
+                st["no_when"] = st["no_when"] or when
+            else:
+                st["when"] = when
+        if not isinstance(view, str) or not view.strip():
+            skipped["null_view_position"] += 1
+            continue
+        view = view.strip().upper()
+        if view in FRONTAL:
+            st["frontal_rows"] += 1
+            if dicom not in split_of:
+                skipped["missing_split"] += 1
+                continue
+            st["frontal"].append((FRONTAL.index(view), pos, dicom))
+        elif view in LATERAL:
+            st["lateral"].append((pos, dicom))
+        else:
+            skipped["other_view"] += 1
+    return studies
+
+
+def _row_datetime(date, time, meta_path: str, dicom: str):
+    """((StudyDate, StudyTime) sort key, ISO text), or the skip reason when either is blank or NaN."""
+    d, t = _num(date, meta_path, "StudyDate", dicom), _num(time, meta_path, "StudyTime", dicom)
+    if d is None:
+        return "missing_study_date"
+    if t is None:
+        return "missing_study_time"
+    try:
+        return (d, t), study_datetime(d, t)
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: dicom {dicom}: {e}") from None
+
+
+def _with_reports(studies: "OrderedDict[tuple, dict]", src: ReportSource, skipped: Counter) -> list:
+    """Studies with a frontal, a date and a usable report -> [(study, text, n_tokens)]; the others counted."""
+    from ..text import clean_report
+
+    out = []
+    for st in studies.values():
+        if not st["frontal"]:
+            skipped["no_usable_frontal" if st["frontal_rows"] else "no_frontal"] += 1
+            continue
+        if st["when"] is None:
+            skipped[st["no_when"]] += 1
+            continue
+        st["key"], st["datetime"] = st["when"]
+        rep = src.get(st["subject"], st["study"])
+        if rep is None:
+            skipped["missing_report"] += 1
+            continue
+        text, n_tok = clean_report(*rep)
+        if n_tok < 3:
+            skipped["short_report"] += 1
+            continue
+        st["frontal"].sort()  # PA before AP, then metadata order
+        out.append((st, text, n_tok))
+    return out
 
 
 def _print_summary(meta: dict) -> None:
@@ -437,14 +397,26 @@ def main(argv=None) -> int:
     g.add_argument("--columns", default=None, help='JSON mapping of roles to column names, e.g. {"patient": "pid"}')
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if a.cmd == "mimic":
-        prepare_mimic(a.jpg_root, a.reports, a.out, cache_size=a.cache_size or None, workers=a.workers,
-                      mode="official_rows" if a.official_rows else "study", draft=not a.no_draft)
-    else:
-        from .manifest import index_from_manifest
-
-        index_from_manifest(a.csv, a.out, image_root=a.image_root, cache_size=a.cache_size or None,
-                            workers=a.workers, columns=json.loads(a.columns) if a.columns else None)
+    try:
+        if a.cmd == "mimic":
+            prepare_mimic(a.jpg_root, a.reports, a.out, cache_size=a.cache_size or None, workers=a.workers,
+                          mode="official_rows" if a.official_rows else "study", draft=not a.no_draft)
+        else:
+            try:
+                columns = json.loads(a.columns) if a.columns else None
+            except ValueError as e:
+                raise ValueError(f"--columns: not valid JSON ({e})") from None
+            index_from_manifest(a.csv, a.out, image_root=a.image_root, cache_size=a.cache_size or None,
+                                workers=a.workers, columns=columns)
+    except Interrupted as e:  # SIGTERM/SIGHUP: the pool is already terminated; a rerun resumes the cache
+        log.error("prepare: %s; no index written, a rerun resumes the cache", e)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        log.error("prepare: interrupted; no index written, a rerun resumes the cache")
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the file and field
+        log.error("prepare: error: %s", e)
+        return 1
     return 0
 
 
