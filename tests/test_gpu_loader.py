@@ -62,8 +62,6 @@ def test_gpu_decodable_takes_8bit_grey_and_ycbcr_only(tmp_path):
 
 def test_reader_routes_formats_and_errors(tmp_path):
     """JPEGs stay encoded; other formats and a failed header check are decoded on the CPU; the rest are errors."""
-    from collections import Counter
-
     from _loader_index import write_format
     from medst_fast.data.index import SeriesIndex
 
@@ -74,12 +72,12 @@ def test_reader_routes_formats_and_errors(tmp_path):
     data = open(paths["jpeg"], "rb").read()
     paths["trailing"] = str(tmp_path / "trailing.jpg")  # decodable, but the EOI marker is not near the end
     open(paths["trailing"], "wb").write(data + bytes(200))
-    r = bt.SeriesReader(SeriesIndex([], {}, {"image_root": str(tmp_path)}), "train", 32, False, 0, Counter())
+    r = bt.SeriesReader(SeriesIndex([], {}, {"image_root": str(tmp_path)}), "train", 32, False, 0)
     assert r.read_image(paths["jpeg"]).encoded == data
-    for kind in ("png16", "jpeg_cmyk", "trailing"):
+    for kind, reason in [("png16", "not_jpeg"), ("jpeg_cmyk", "jpeg_format"), ("trailing", "jpeg_header")]:
         item = r.read_image(paths[kind])
         assert item.encoded is None and item.pixels.shape == (50, 40) and item.pixels.dtype == np.uint8, kind
-    assert dict(r.cpu_decoded) == {"not_jpeg": 1, "jpeg_format": 1, "jpeg_header": 1}
+        assert item.cpu_reason == reason
     assert "truncated" in str(r.read_image(paths["truncated_jpeg"]))
     assert "not found" in str(r.read_image(str(tmp_path / "nope.jpg")))
 

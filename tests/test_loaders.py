@@ -140,12 +140,15 @@ def test_batched_backends_follow_pil_in_ddp_and_bug_mode(many, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_unreadable_batch_is_counted_and_skipped(tmp_path, backend):
+def test_all_unreadable_batch_is_counted_and_stood_in(tmp_path, backend):
     index = mixed_format_index(str(tmp_path), layout=[[("missing", None), ("truncated_jpeg", "png8")],
                                                       [("png8", None)]])
+    from medst_fast.train.data import BAD_BATCH
+
     loader = _loader(backend, index, False)
-    batches = _epoch(loader)
-    assert len(loader) == 2 and len(batches) == 1 and batches[0]["study_id"] == ["m1_0"]
+    first, second = _epoch(loader)  # one item per sampler batch: the trainer's step count holds
+    assert len(loader) == 2 and first == {BAD_BATCH: "all 1 series of the batch are unreadable", "n_series": 1}
+    assert second["study_id"] == ["m1_0"]
     assert dict(loader.bad) == {"missing_image": 1, "unreadable_image": 1, "dropped_study": 2, "empty_batch": 1}
 
 

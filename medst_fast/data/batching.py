@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..train.data import SeriesBatchSampler, item_seed
+from ..train.data import BAD_BATCH, SeriesBatchSampler, item_seed
 from .dataset import SERIES_LEN
 from .images import ImageReadError, load_gray
 from .index import SPLITS, SeriesIndex
@@ -117,6 +117,7 @@ class ImageItem:
     encoded: Optional[bytes] = None      # a JPEG the batched decoder takes
     pixels: Optional[np.ndarray] = None  # uint8 (H, W), decoded by images.load_gray
     offset: Tuple[int, int] = (0, 0)     # crop origin (top, left) in the R x R canvas
+    cpu_reason: str = ""                 # why the CPU decoded it: "not_jpeg", "jpeg_format", "jpeg_header"
     out: Optional[torch.Tensor] = None   # (1, S, S) after the transform; None while pending or if it failed
 
 
@@ -129,20 +130,20 @@ class PlannedStudy:
 
 @dataclass
 class PlannedBatch:
-    """The readable studies of a batch, series in sampler order (no empty series)."""
+    """The readable studies of a batch, series in sampler order (no empty series; none at all when nothing
+    could be read), and what reading counted. The reader thread fills the counters; the loader merges them
+    into its own in the consuming thread, so no Counter is shared between threads."""
 
     series: List[List[PlannedStudy]]
+    bad: Counter = field(default_factory=Counter)
+    cpu_decoded: Counter = field(default_factory=Counter)
     items: List[ImageItem] = field(default_factory=list)  # every image, frontal then lateral per study
-
-    def __post_init__(self):
-        if not self.items:
-            self.items = [im for s in self.series for st in s for im in (st.frontal, st.lateral) if im is not None]
 
 
 def note_bad(bad: Counter, err: BaseException) -> None:
     """Count and log an image that cannot be used, with the dataset's reason names."""
     bad["missing_image" if "not found" in str(err) else "unreadable_image"] += 1
-    log.warning("skipping image (%d bad so far): %s", sum(bad.values()), err)
+    log.warning("skipping image: %s", err)
 
 
 def cpu_decode(path: str) -> np.ndarray:
@@ -160,13 +161,12 @@ class SeriesReader:
     """Reads the files of a batch (in a thread pool), validates JPEGs, decodes the rest on the CPU and draws
     the crop origins, with the trainer dataset's skip rules (see the module docstring)."""
 
-    def __init__(self, index: SeriesIndex, split: str, img_size: int, train: bool, seed: int, bad: Counter,
-                 threads: int = 1, gpu_formats=gpu_decodable):
-        self.index, self.split, self.train, self.seed, self.bad = index, split, train, seed, bad
+    def __init__(self, index: SeriesIndex, split: str, img_size: int, train: bool, seed: int, threads: int = 1,
+                 gpu_formats=gpu_decodable):
+        self.index, self.split, self.train, self.seed = index, split, train, seed
         self.img_size, self.side = int(img_size), resize_side(img_size)
         self.threads = max(1, int(threads))
         self.gpu_formats = gpu_formats
-        self.cpu_decoded: Counter = Counter()  # images the batched decoder did not take, by reason
 
     def read_image(self, path: str) -> Union[ImageItem, BaseException]:
         """An ImageItem, or the error that makes the image unusable (counted later, in dataset order)."""
@@ -188,45 +188,46 @@ class SeriesReader:
         else:
             reason = "not_jpeg"
         try:
-            item = ImageItem(path, pixels=cpu_decode(path))
+            return ImageItem(path, pixels=cpu_decode(path), cpu_reason=reason)
         except ImageReadError as e:
             return e
-        self.cpu_decoded[reason] += 1
-        return item
 
-    def read(self, keys: Sequence[Tuple[int, int]], pool: Optional[ThreadPoolExecutor] = None) -> Optional[PlannedBatch]:
-        """``keys``: the sampler's [(epoch, series index), ...] for one batch. None when nothing is readable."""
+    def read(self, keys: Sequence[Tuple[int, int]], pool: Optional[ThreadPoolExecutor] = None) -> PlannedBatch:
+        """``keys``: the sampler's [(epoch, series index), ...] for one batch."""
         studies = [[self.index.studies[r] for r in self.index.series[self.split][i]] for _, i in keys]
         paths = list(dict.fromkeys(self.index.path(p) for ss in studies for s in ss
                                    for p in (s.frontal_path, s.lateral_path) if p))
         results = dict(zip(paths, (pool.map if pool else map)(self.read_image, paths)))
-        out = []
+        plan = PlannedBatch([])
+        plan.cpu_decoded.update(r.cpu_reason for r in results.values() if isinstance(r, ImageItem) and r.cpu_reason)
         for (epoch, i), ss in zip(keys, studies):
             gen = series_generator(self.seed, epoch, i) if self.train else None
             planned = []
             for s in ss:  # the order SeriesDataset.__getitem__ loads and draws in
                 fr = results[self.index.path(s.frontal_path)]
                 if isinstance(fr, BaseException):
-                    note_bad(self.bad, fr)
-                    self.bad["dropped_study"] += 1
+                    note_bad(plan.bad, fr)
+                    plan.bad["dropped_study"] += 1
                     continue
                 fr = self._placed(fr, gen)
                 la = None
                 if s.lateral_path:
                     la = results[self.index.path(s.lateral_path)]
                     if isinstance(la, BaseException):
-                        note_bad(self.bad, la)
+                        note_bad(plan.bad, la)
                         la = None
                     else:
                         la = self._placed(la, gen)
                 planned.append(PlannedStudy(s.row, fr, la))
             if planned:
-                out.append(planned)
-        return PlannedBatch(out) if out else None
+                plan.series.append(planned)
+        plan.items = [im for s in plan.series for st in s for im in (st.frontal, st.lateral) if im is not None]
+        return plan
 
     def _placed(self, item: ImageItem, gen: Optional[torch.Generator]) -> ImageItem:
         # A fresh item per use: the same file may appear twice in a batch with different crops.
-        return ImageItem(item.path, item.encoded, item.pixels, crop_offsets(self.side, self.img_size, self.train, gen))
+        return ImageItem(item.path, item.encoded, item.pixels, crop_offsets(self.side, self.img_size, self.train, gen),
+                         item.cpu_reason)
 
 
 # -- assembling ----------------------------------------------------------------------------------------------------
@@ -298,12 +299,9 @@ class BatchedSeriesLoader:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.sampler = SeriesBatchSampler(len(self.index.series[split]), batch_series, rank, world_size, seed,
                                           shuffle=self.train)
-        self.bad: Counter = Counter()
-        self.reader = SeriesReader(self.index, split, img_size, self.train, seed, self.bad, threads)
-
-    @property
-    def cpu_decoded(self) -> Counter:
-        return self.reader.cpu_decoded
+        self.bad: Counter = Counter()          # skipped images, studies and batches (the dataset's names)
+        self.cpu_decoded: Counter = Counter()  # images the batched decoder did not take, by reason
+        self.reader = SeriesReader(self.index, split, img_size, self.train, seed, threads)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(int(epoch), int(start_batch))
@@ -323,25 +321,20 @@ class BatchedSeriesLoader:
                         if stop.is_set():
                             return
                         q.put(self.reader.read(k, pool))
-                q.put(StopIteration)
             except BaseException as e:  # surface reader errors in the consumer
                 q.put(e)
 
         t = threading.Thread(target=produce, name=f"medst-{self.backend}-reader", daemon=True)
         t.start()
         try:
-            while True:
+            for k in keys:
                 plan = q.get()
-                if plan is StopIteration:
-                    break
                 if isinstance(plan, BaseException):
                     raise plan
-                batch = None if plan is None else self._batch(plan)
-                if batch is None:  # every study of this batch was unreadable: a counted skip
-                    self.bad["empty_batch"] += 1
-                    log.warning("skipping a batch whose studies are all unreadable (%d so far)", self.bad["empty_batch"])
-                    continue
-                yield batch
+                self.bad.update(plan.bad)
+                self.cpu_decoded.update(plan.cpu_decoded)
+                batch = self._batch(plan) if plan.series else None
+                yield empty_batch_stand_in(self.bad, len(k)) if batch is None else batch
         finally:
             stop.set()
             while t.is_alive():  # unblock a producer waiting on a full queue
@@ -390,9 +383,18 @@ class BatchedSeriesLoader:
             px = cpu_decode(item.path)
         except ImageReadError:
             return None  # counted when the batch is assembled
-        self.reader.cpu_decoded["decoder_failed"] += 1
+        self.cpu_decoded["decoder_failed"] += 1
         log.warning("%s decoder failed on %s; decoded it on the CPU", self.backend, item.path)
         return px
+
+
+def empty_batch_stand_in(bad: Counter, n_series: int) -> Dict:
+    """What a loader yields for a batch without one readable study: the trainer's stand-in (it skips and counts
+    the step), so every back-end yields one item per sampler batch and the step count of a run holds."""
+    bad["empty_batch"] += 1
+    reason = f"all {n_series} series of the batch are unreadable"
+    log.warning("%s (%d such batches so far)", reason, bad["empty_batch"])
+    return {BAD_BATCH: reason, "n_series": n_series}
 
 
 def default_threads() -> int:

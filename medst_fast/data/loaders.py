@@ -12,9 +12,11 @@ Back-ends (all give the Batch of docs/interfaces.md from the same batches of ser
 
 Every back-end takes its batches from ``medst_fast.train.data.SeriesBatchSampler`` (the same series, in
 the same batches and order, per rank, for a given seed, epoch and start batch), skips and counts the same
-unreadable images (``loader.bad``, the dataset's reason names plus ``empty_batch`` for a batch with no
-readable study, which is then not yielded), and draws the same random crops (the PIL path from the RNG
-that ``SeededItems`` seeds per series, the batched ones from a generator seeded the same way).
+unreadable images (``loader.bad``, the dataset's reason names), and draws the same random crops (the PIL
+path from the RNG that ``SeededItems`` seeds per series, the batched ones from a generator seeded the same
+way). A batch without one readable study is yielded as the trainer's stand-in ``{BAD_BATCH: reason,
+"n_series": k}`` (``medst_fast.train.data.BAD_BATCH``; counted as ``empty_batch``), so every back-end
+yields exactly one item per sampler batch.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 from ..train.data import SeededItems, SeriesBatchSampler
 from ..train.data import make_loader as make_torch_loader
-from .batching import default_threads
+from .batching import default_threads, empty_batch_stand_in
 from .dali_pipeline import DaliSeriesLoader
 from .dataset import SeriesDataset, collate_series
 from .gpu_loader import NvjpegSeriesLoader, import_decode_jpeg
@@ -106,8 +108,8 @@ class _CountedItems(torch.utils.data.Dataset):
 
 
 class _CountedCollate:
-    """collate_series on the items, the summed counts under "_bad"; an all-unreadable batch is returned as
-    {"_bad": ...} alone (collate_series would raise), for the loader to count and skip."""
+    """collate_series on the items, the summed counts under "_bad"; an all-unreadable batch comes back
+    without images (collate_series would raise), for the loader to count and replace by the stand-in."""
 
     def __init__(self, replicate_official_bug: bool):
         self.replicate_official_bug = replicate_official_bug
@@ -118,7 +120,7 @@ class _CountedCollate:
             bad.update(b)
         items = [it for it, _ in pairs if it]
         if not items:
-            return {"_bad": dict(bad)}
+            return {"_bad": dict(bad), "n_series": len(pairs)}
         batch = collate_series(items, replicate_official_bug=self.replicate_official_bug)
         batch["_bad"] = dict(bad)
         return batch
@@ -149,11 +151,7 @@ class PilSeriesLoader:
     def __iter__(self) -> Iterator[Dict]:
         for batch in self.loader:
             self.bad.update(batch.pop("_bad"))
-            if "frontal" not in batch:
-                self.bad["empty_batch"] += 1
-                log.warning("skipping a batch whose studies are all unreadable (%d so far)", self.bad["empty_batch"])
-                continue
-            yield batch
+            yield batch if "frontal" in batch else empty_batch_stand_in(self.bad, batch["n_series"])
 
 
 # -- the factory ----------------------------------------------------------------------------------------------------
@@ -181,7 +179,8 @@ def build_series_loader(backend: str, index_or_dir: Union[str, SeriesIndex], spl
         filter: "area" (the definition) or "bilinear" (DALI's in-graph resize; the op's bilinear filter).
     Returns:
         an object with ``set_epoch(epoch, start_batch=0)``, ``__iter__`` (Batch dicts; ``has_lateral`` on the
-        CPU), ``__len__`` (batches per epoch on this rank, skipped ones included), ``backend``, ``reason``,
+        CPU; the stand-in for an unreadable batch), ``__len__`` (batches per epoch on this rank, those before
+        ``start_batch`` included, as ``SeriesBatchSampler``), ``backend``, ``reason``,
         ``bad`` (Counter of skipped images/studies/batches) and ``cpu_decoded`` (images the batched decoder
         did not take, by reason).
     """
