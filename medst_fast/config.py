@@ -2,13 +2,55 @@
 
 The numbers default to the paper's model (medst-spec.md §1): ViT-B/16 at 224 px, the 6-layer
 BioClinicalBERT of MGCA's config, 768 -> 2048 -> 128 projection heads.
+
+Every field is type- and range-checked when a config is built (``__post_init__``), whatever the source
+(code, a model JSON, config.json of an export, --model-override): JSON's ``"false"`` is a string, and a
+string where a bool belongs would otherwise read as true. Errors name the field (``vision.img_size``);
+the JSON readers add the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict
+
+
+def _check_types(obj, section: str) -> None:
+    """Each field must hold its annotated type (ints are not bools, floats accept ints); floats normalised."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v, t = getattr(obj, f.name), hints[f.name]
+        name = f"{section}.{f.name}" if section else f.name
+        if t is bool:
+            ok, want = isinstance(v, bool), "true or false"
+        elif t is int:
+            ok, want = isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"
+            if ok:
+                setattr(obj, f.name, int(v))
+        elif t is float:
+            ok, want = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
+            if ok:
+                setattr(obj, f.name, float(v))
+                ok = math.isfinite(float(v))
+                want = "a finite number"
+        else:
+            ok, want = isinstance(v, t), f"an object of {t.__name__} fields"
+        if not ok:
+            raise ValueError(f"field {name!r}: expected {want}, got {v!r} ({type(v).__name__})")
+
+
+def _require(ok: bool, section: str, name: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"field '{section}.{name}': must be {rule}, got {value!r}")
+
+
+def _positive_ints(obj, section: str, names) -> None:
+    for n in names:
+        _require(getattr(obj, n) >= 1, section, n, ">= 1", getattr(obj, n))
 
 
 @dataclass
@@ -23,6 +65,14 @@ class VisionCfg:
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     lateral_expert: bool = True  # MoVE: a second FFN (+ its LayerNorm) per block for lateral tokens
+
+    def __post_init__(self):
+        _check_types(self, "vision")
+        _positive_ints(self, "vision", ("img_size", "patch_size", "in_chans", "width", "depth", "heads"))
+        _require(self.img_size >= self.patch_size, "vision", "img_size", f">= patch_size {self.patch_size}", self.img_size)
+        _require(self.width % self.heads == 0, "vision", "width", f"a multiple of heads {self.heads}", self.width)
+        _require(self.mlp_ratio > 0, "vision", "mlp_ratio", "> 0", self.mlp_ratio)
+        _require(self.ln_eps > 0, "vision", "ln_eps", "> 0", self.ln_eps)
 
     @property
     def num_patches(self) -> int:
@@ -45,11 +95,28 @@ class TextCfg:
     # The official BLIP-derived BERT has no token-type embedding; HF checkpoints that carry one drop it.
     token_type: bool = False
 
+    def __post_init__(self):
+        _check_types(self, "text")
+        _positive_ints(self, "text", ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_position",
+                                      "max_length"))
+        _require(self.hidden % self.heads == 0, "text", "hidden", f"a multiple of heads {self.heads}", self.hidden)
+        _require(self.ln_eps > 0, "text", "ln_eps", "> 0", self.ln_eps)
+        for n in ("hidden_dropout", "attn_dropout"):
+            _require(0.0 <= getattr(self, n) < 1.0, "text", n, "in [0, 1)", getattr(self, n))
+        _require(0 <= self.pad_token_id < self.vocab_size, "text", "pad_token_id",
+                 f"in [0, vocab_size {self.vocab_size})", self.pad_token_id)
+        _require(self.max_length <= self.max_position, "text", "max_length",
+                 f"<= max_position {self.max_position}", self.max_length)
+
 
 @dataclass
 class HeadCfg:
     embed_dim: int = 128
     hidden: int = 2048
+
+    def __post_init__(self):
+        _check_types(self, "head")
+        _positive_ints(self, "head", ("embed_dim", "hidden"))
 
 
 @dataclass
@@ -67,6 +134,14 @@ class LossCfg:
     lambda_fmc: float = 1.0
     lambda_rmr: float = 1.0
 
+    def __post_init__(self):
+        _check_types(self, "loss")
+        for n in ("tau_global", "tau_local", "tau_temporal", "huber_delta"):
+            _require(getattr(self, n) > 0, "loss", n, "> 0", getattr(self, n))
+        for n in ("variance_lambda", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr"):
+            _require(getattr(self, n) >= 0, "loss", n, ">= 0", getattr(self, n))
+        _positive_ints(self, "loss", ("series_len",))
+
 
 @dataclass
 class MedSTConfig:
@@ -80,6 +155,9 @@ class MedSTConfig:
     # and PAD words and gives tokens their real positions.
     faithful: bool = False
 
+    def __post_init__(self):
+        _check_types(self, "")
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -89,7 +167,7 @@ class MedSTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"MedSTConfig: unknown fields {sorted(unknown)}")
+            raise ValueError(f"unknown fields {sorted(unknown)} (known: {sorted(known)})")
         sub = {"vision": VisionCfg, "text": TextCfg, "head": HeadCfg, "loss": LossCfg}
         for k, typ in sub.items():
             if k in d and isinstance(d[k], dict):
@@ -107,6 +185,8 @@ class MedSTConfig:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: top level must be an object of config fields")
         d.pop("model_name", None)
         try:
             return cls.from_dict(d)
@@ -140,5 +220,5 @@ def _build(typ, d, name):
     known = {f.name for f in dataclasses.fields(typ)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"{name}: unknown fields {sorted(unknown)}")
+        raise ValueError(f"{name}: unknown fields {sorted(unknown)} (known: {sorted(known)})")
     return typ(**d)

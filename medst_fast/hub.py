@@ -1,19 +1,47 @@
-"""``save_pretrained`` / ``from_pretrained``: model.safetensors + config.json, written atomically."""
+"""``save_pretrained`` / ``from_pretrained``: model.safetensors + config.json, written atomically and verified.
+
+The weights file carries a sha256 of its tensors in the safetensors metadata; ``from_pretrained`` recomputes
+it, so flipped bytes are an error instead of silently different weights. The small helpers at the end
+(temp folders held by an flock while written, and removal of the ones a killed writer left) are shared with
+the trainer's checkpoints.
+"""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from typing import Union
+from typing import Dict, Iterator, List, Union
 
 import torch
 
 from .config import MedSTConfig
 from .models import MedST
 
+try:  # POSIX; without it temp files are not locked and stale ones are never removed (nothing else changes)
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
+
+log = logging.getLogger("medst_fast")
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+HASH_KEY = "medst_fast_sha256"  # safetensors metadata entry: tensor_digest() of the stored tensors
+TMP_PREFIX = ".tmp-"
+
+
+def tensor_digest(sd: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of file layout)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
 
 
 def _safetensors():
@@ -40,9 +68,8 @@ def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if components:
         sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] in components}
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        st.save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+    with held_temp_dir(parent) as tmp:
+        st.save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", HASH_KEY: tensor_digest(sd)})
         cfg = model.cfg.to_dict()
         if components:
             cfg["components"] = list(components)
@@ -51,8 +78,6 @@ def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None
         os.makedirs(path, exist_ok=True)
         for name in (WEIGHTS, CONFIG):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -69,13 +94,16 @@ def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> 
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: top level must be an object of config fields")
     components = d.pop("components", None)
-    cfg = MedSTConfig.from_dict(d).replace(**overrides)
-    model = MedST(cfg)
     try:
-        sd = st.load_file(w_path)
-    except Exception as e:
-        raise ValueError(f"{w_path}: cannot read weights ({e}); the file is truncated or not safetensors") from None
+        cfg = MedSTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    cfg = cfg.replace(**overrides)
+    model = MedST(cfg)
+    sd = read_verified_safetensors(w_path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if components:
         missing = [k for k in missing if k.split(".", 1)[0] in components]
@@ -85,3 +113,100 @@ def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> 
     if device is not None:
         model = model.to(device)
     return model
+
+
+def read_verified_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """Load a .safetensors file; when its metadata holds our content hash, the tensors must match it."""
+    st = _safetensors()
+    try:
+        sd = st.load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors") from None
+    want = meta.get(HASH_KEY)
+    if want is None:
+        log.warning("%s has no content hash (written by another tool or an older medst_fast): not verified", path)
+    elif tensor_digest(sd) != want:
+        raise ValueError(f"{path}: the weights are corrupted (content hash mismatch: the tensors changed after "
+                         f"the file was written); re-export or re-download it")
+    return sd
+
+
+# -- temp files held by their writer ------------------------------------------------------------------------
+def lock_fd(fd: int, block: bool = True) -> bool:
+    """flock ``fd`` exclusively; returns False when ``block`` is False and another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
+def lock_process(fd: int, block: bool = True) -> bool:
+    """POSIX record lock (fcntl.lockf) on ``fd`` (opened for writing); False when held elsewhere and not ``block``.
+
+    Unlike flock it belongs to this process alone: forked children (loader or prepare workers, which may
+    outlive a SIGKILLed parent by seconds) never hold it, and it is gone the moment this process dies. The
+    price: closing *any* descriptor of the file in this process drops it, so open such a file only once.
+    """
+    if fcntl is None:
+        return True
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        return True
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, depending on the platform
+        return False
+
+
+@contextlib.contextmanager
+def held_temp_dir(parent: str) -> Iterator[str]:
+    """A fresh ``.tmp-*`` folder in ``parent``, flocked while the caller writes into it, removed afterwards.
+
+    The lock tells a cleaner (``remove_stale_temps``) that a live writer owns the folder; a killed writer's
+    lock goes with its process, so its leftover folder can be removed safely.
+    """
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        lock_fd(fd)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str, prefix: str = TMP_PREFIX) -> List[str]:
+    """Remove ``prefix*`` files and folders in ``folder`` that no live writer holds (flock); returns them.
+
+    A writer that has created its temp but not yet locked it can lose it here; its final rename then fails
+    loudly, so the race never yields a wrong file, and the trainer's run-folder lock excludes it anyway.
+    """
+    removed: List[str] = []
+    if fcntl is None or not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith(prefix):
+            continue
+        p = os.path.join(folder, name)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not openable: leave it
+        try:
+            if not lock_fd(fd, block=False):
+                continue  # a live writer holds it
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+            removed.append(p)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed

@@ -19,7 +19,19 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
     return train(parse_args(argv))
 
 
-if __name__ == "__main__":
-    res = main()
+def _cli() -> int:
+    from .train.checkpoint import CheckpointError, RunFolderError
+    from .train.loop import TrainingDiverged
+
+    try:
+        res = main()
+    except (TrainingDiverged, CheckpointError, RunFolderError) as e:
+        # Expected failures: the message says what happened and what to do; a traceback would bury it.
+        print(f"medst_fast.pretrain: error: {e}", file=sys.stderr)
+        return 1
     # Killed by SIGTERM/SIGINT after a clean checkpoint: report it the conventional way (128 + signal).
-    sys.exit(128 + res.interrupted if res.interrupted else 0)
+    return 128 + res.interrupted if res.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

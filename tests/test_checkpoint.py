@@ -19,7 +19,8 @@ def test_rotation_keeps_last_k(tmp_path):
     for s in range(1, 6):
         ck.save_checkpoint(_state(s), str(tmp_path), s, keep=2)
     assert [os.path.basename(p) for p in ck.list_checkpoints(str(tmp_path))] == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
-    assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.startswith(".tmp")]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [  # each kept checkpoint with its hash, nothing else
+        "ckpt-00000004.pt", "ckpt-00000004.pt.sha256", "ckpt-00000005.pt", "ckpt-00000005.pt.sha256"]
     assert ck.resolve_resume("auto", str(tmp_path)).endswith("ckpt-00000005.pt")
     assert ck.resolve_resume("auto", str(tmp_path / "nothing")) is None
 
@@ -34,7 +35,8 @@ def test_interrupted_write_leaves_previous(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(_state(2), str(tmp_path), 2, keep=1)
-    assert os.listdir(tmp_path / "checkpoints") == ["ckpt-00000001.pt"]  # no partial file, old one kept
+    # no partial file, the old one kept with its hash
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256"]
     assert ck.load_checkpoint(ck.list_checkpoints(str(tmp_path))[0])["step"] == 1
 
 
@@ -50,23 +52,28 @@ def test_weights_only_and_rng_round_trip(tmp_path):
     assert (random.random(), np.random.randn(3).tolist(), torch.randn(3).tolist()) == want
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupted_file_gives_clear_error(tmp_path, damage):
+@pytest.mark.parametrize("damage,expect", [("truncate", "is truncated"), ("garbage", "content hash mismatch"),
+                                           ("empty", "is truncated"), ("longer", "is corrupted")])
+def test_corrupted_file_gives_clear_error(tmp_path, damage, expect):
     ck.save_checkpoint(_state(1), str(tmp_path), 1, keep=3)
     p2 = ck.save_checkpoint(_state(2), str(tmp_path), 2, keep=3)
     data = open(p2, "rb").read()
     with open(p2, "wb") as f:
-        f.write({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+        f.write({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b"",
+                 "longer": data + b"\0"}[damage])
     with pytest.raises(ck.CheckpointError) as e:
         ck.load_checkpoint(p2)
     msg = str(e.value)
-    assert p2 in msg and "truncated or corrupted" in msg and "ckpt-00000001.pt" in msg
+    assert p2 in msg and expect in msg and "ckpt-00000001.pt" in msg and "weights_only" not in msg
     assert os.path.isfile(ck.ckpt_path(str(tmp_path), 1))
 
 
 def test_not_a_training_checkpoint(tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, p)
+    with pytest.raises(ck.CheckpointError, match="no content hash"):
+        ck.load_checkpoint(str(p))
+    ck.write_hash_file(str(p))
     with pytest.raises(ck.CheckpointError, match="missing fields"):
         ck.load_checkpoint(str(p))
     with pytest.raises(ck.CheckpointError, match="not found"):
@@ -86,10 +93,13 @@ def test_trainer_corrupted_resume(tmp_path, vocab_path):
     assert [os.path.basename(p) for p in ckpts] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     with open(ckpts[-1], "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(ck.CheckpointError, match="ckpt-00000004.pt: cannot read checkpoint"):
-        main(_argv(out, vocab_path, "--max-steps", "6", "--resume", "auto"))
-    assert os.path.isfile(ckpts[0])
-    res = main(_argv(out, vocab_path, "--max-steps", "6", "--resume", ckpts[0]))  # the previous one still works
-    assert res.step == 6
+    # an explicit path must itself be intact
+    with pytest.raises(ck.CheckpointError, match="ckpt-00000004.pt: checkpoint is truncated"):
+        main(_argv(out, vocab_path, "--max-steps", "4", "--resume", ckpts[-1]))
+    # auto falls back to the newest intact one (with a warning) instead of stopping
+    res = main(_argv(out, vocab_path, "--max-steps", "4", "--resume", "auto"))
+    assert res.step == 4 and os.path.isfile(ckpts[0])
+    assert "falling back to" in (out / "train.log").read_text()
+    assert ck.load_checkpoint(ckpts[-1])["step"] == 4  # rewritten intact by the resumed run
     with pytest.raises(ck.CheckpointError, match="batch-series"):
-        main(_argv(out, vocab_path, "--max-steps", "8", "--resume", "auto") + ["--batch-series", "2"])
+        main(_argv(out, vocab_path, "--max-steps", "4", "--resume", "auto") + ["--batch-series", "2"])

@@ -80,15 +80,24 @@ class SeriesDataset(Dataset):
         return out
 
 
+class EmptyBatchError(ValueError):
+    """Every series of a batch is empty (all its images unreadable): there is nothing to collate.
+
+    The trainer catches it and skips the step (counted as a bad batch); other callers see a ValueError.
+    """
+
+
 def collate_series(items: Sequence[List[Dict]], replicate_official_bug: bool = False) -> Dict:
     """List of series (each a list of study dicts) -> Batch dict of docs/interfaces.md.
 
     Empty series (all studies unreadable) are skipped. With ``replicate_official_bug`` the laterals and
     has_lateral flags stay in the original batch order while everything else is reordered (§6.1.1).
     """
+    items_in = items
     items = [it for it in items if len(it) > 0]
     if not items:
-        raise ValueError("collate_series: every series in the batch is empty (all images unreadable?)")
+        raise EmptyBatchError(f"collate_series: every series in the batch is empty (all images unreadable?): "
+                              f"{len(items_in)} series")
     full = [it for it in items if len(it) == SERIES_LEN]
     rest = [it for it in items if len(it) != SERIES_LEN]
     ordered = full + rest

@@ -3,15 +3,24 @@
 Defaults (medst-spec §4): AdamW (0.9, 0.999), lr 4e-5, weight decay 0.05 on every parameter, a per-step
 cosine schedule with 40 % linear warm-up from min_lr 1e-8, 8 epochs, loss weights 1/1/1, 10 series per
 GPU. Values left as None ("auto") are resolved at start-up (device, model, precision, workers, out).
+
+Where a value comes from, highest first: the command line, the ``--config`` file, the resumed run's
+``args.json`` (``--resume`` with a run that has one), the defaults. Values from files are checked against
+the flag's type and choices (JSON ``"false"`` is not false, 2.5 is not an int) with errors naming the file
+and the field, and every value, whatever its source, is range-checked.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 DEFAULT_SYNTHETIC_PATIENTS = 40
+# Flags a resumed run does not take from its args.json: where and how to run, not what the run is.
+NOT_INHERITED = {"config", "resume", "out", "overwrite", "allow_changed_args", "device", "workers", "progress",
+                 "kernels", "init", "init_kind", "text_init"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
-    g.add_argument("--resume", default=None, help="checkpoint path, run folder, or 'auto' (latest in --out; none: start)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint path, run folder, or 'auto' (newest intact checkpoint in --out; none: start). "
+                        "Flags not given take the run's args.json values")
+    g.add_argument("--allow-changed-args", action="store_true",
+                   help="resume although run-defining settings (lr, schedule, steps, data, ...) differ from the "
+                        "checkpoint's (each change is logged)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out that holds another run (deletes its checkpoints and exports)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="log line and metrics row every N steps")
@@ -94,11 +110,61 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = build_parser()
     pre, _ = p.parse_known_args(argv)
+    from_config: Dict[str, Any] = {}
     if pre.config:
-        p.set_defaults(**_config_defaults(p, pre.config))
+        from_config = _config_defaults(p, pre.config)
+        p.set_defaults(**from_config)
     args = p.parse_args(argv)
+    explicit = _explicit_dests(argv) | set(from_config)
+    args.inherited = _inherit_run_args(p, args, explicit)
     _validate(args, p)
     return args
+
+
+def _explicit_dests(argv: Optional[List[str]]) -> Set[str]:
+    """Destinations given on the command line: a parser whose defaults are all SUPPRESS keeps only those."""
+    q = build_parser()
+    for a in q._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(q.parse_known_args(argv)[0]))
+
+
+def _actions(p: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in p._actions if a.dest != "help"}
+
+
+def check_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A value from a file for ``action``: the type the command line would produce, within its choices."""
+    flag = "--" + action.dest.replace("_", "-")
+
+    def fail(want):
+        raise SystemExit(f"{where}: field {action.dest!r} ({flag}): expected {want}, got {value!r} "
+                         f"({type(value).__name__})")
+
+    if value is None:
+        if action.default is None:
+            return None
+        fail("a value (null is allowed only where the default is 'auto')")
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail("a list of strings")
+        return list(value)
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        value = float(value)
+    elif not isinstance(value, str):
+        fail("a string")
+    if action.choices is not None and value not in action.choices:
+        fail(f"one of {list(action.choices)}")
+    return value
 
 
 def _config_defaults(p: argparse.ArgumentParser, path: str) -> dict:
@@ -109,33 +175,93 @@ def _config_defaults(p: argparse.ArgumentParser, path: str) -> dict:
         raise SystemExit(f"--config {path}: cannot read ({e})")
     if not isinstance(d, dict):
         raise SystemExit(f"--config {path}: top level must be an object of flag names")
-    known = {a.dest for a in p._actions}
+    acts = _actions(p)
     out = {}
     for k, v in d.items():
         dest = k.lstrip("-").replace("-", "_")
-        if dest not in known or dest == "config":
-            raise SystemExit(f"--config {path}: unknown field {k!r}")
-        out[dest] = v
+        if dest not in acts or dest == "config":
+            raise SystemExit(f"--config {path}: unknown field {k!r} (fields are flag names, e.g. \"lr\" or "
+                             f"\"batch-series\")")
+        out[dest] = check_value(acts[dest], v, f"--config {path}")
     return out
+
+
+def run_args_path(resume: Optional[str], out: Optional[str]) -> Optional[str]:
+    """The args.json of the run that ``--resume`` continues (None when there is none)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        folder = out
+    elif os.path.isdir(resume):
+        folder = resume
+    else:  # a checkpoint file: <run>/checkpoints/ckpt-*.pt
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
+    path = os.path.join(folder, "args.json") if folder else None
+    return path if path and os.path.isfile(path) else None
+
+
+def _inherit_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, explicit: Set[str]) -> List[str]:
+    """Fill flags not given explicitly from the resumed run's args.json; returns the names taken."""
+    path = run_args_path(args.resume, args.out)
+    if path is None:
+        return []
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read the run's arguments ({e}); give every flag explicitly or fix the file")
+    if not isinstance(d, dict):
+        raise SystemExit(f"{path}: top level must be an object of flag values")
+    acts = _actions(p)
+    taken = []
+    for dest, v in sorted(d.items()):
+        if dest not in acts or dest in NOT_INHERITED or dest in explicit:
+            continue  # extra keys (world_size, hashes) are the trainer's records, not flags
+        if dest == "report_to" and isinstance(v, list):
+            v = ",".join(v)
+        v = check_value(acts[dest], v, path)
+        if v != getattr(args, dest):
+            setattr(args, dest, v)
+            taken.append(dest)
+    return taken
 
 
 def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     def bad(msg):
         p.error(msg)
 
-    for name in ("batch_series", "accum_steps", "epochs", "log_every", "save_every", "max_bad_steps"):
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("batch_series", "accum_steps", "epochs", "log_every", "save_every", "max_bad_steps", "keep",
+                 "synthetic_patients", "random_series"):
         if getattr(a, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be >= 1")
+            bad(f"{flag(name)} must be >= 1, got {getattr(a, name)}")
     if a.max_steps is not None and a.max_steps < 1:
-        bad("--max-steps must be >= 1")
+        bad(f"--max-steps must be >= 1, got {a.max_steps}")
+    # written as "not (x >= 0)" so that NaN (JSON NaN, or the literal 'nan' on the command line) fails too
+    for name in ("lr", "min_lr", "wd", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr"):
+        v = getattr(a, name)
+        if not (math.isfinite(v) and v >= 0):
+            bad(f"{flag(name)} must be a finite number >= 0, got {v}")
+    if a.min_lr > a.lr:
+        bad(f"--min-lr {a.min_lr} is above --lr {a.lr}: the schedule would rise instead of decay")
+    for name in ("beta1", "beta2"):
+        v = getattr(a, name)
+        if not 0.0 <= v < 1.0:
+            bad(f"{flag(name)} must be in [0, 1), got {v}")
+    if not (math.isfinite(a.eps) and a.eps > 0):
+        bad(f"--eps must be a finite number > 0, got {a.eps}")
+    if a.clip_grad is not None and not (math.isfinite(a.clip_grad) and a.clip_grad > 0):
+        bad(f"--clip-grad must be a finite number > 0 (omit it for no clipping), got {a.clip_grad}")
     if not 0.0 <= a.warmup_frac < 1.0:
-        bad("--warmup-frac must be in [0, 1)")
-    if a.keep < 1:
-        bad("--keep must be >= 1")
+        bad(f"--warmup-frac must be in [0, 1), got {a.warmup_frac}")
     if a.workers is not None and a.workers < 0:
         bad("--workers must be >= 0")
     if a.resume == "auto" and not a.out:
         bad("--resume auto needs --out (the run folder to resume)")
+    if a.overwrite and a.resume:
+        bad("--overwrite starts a fresh run; it cannot be combined with --resume")
     bad_reports = [r for r in _report_list(a.report_to) if r not in ("tensorboard",)]
     if bad_reports:
         bad(f"--report-to: unknown backend(s) {bad_reports}; supported: tensorboard")
@@ -187,4 +313,8 @@ def resolve(a: argparse.Namespace, cuda_available: bool) -> argparse.Namespace:
     if a.dataset_type in ("index", "manifest") and not a.data:
         raise SystemExit(f"--dataset-type {a.dataset_type} needs --data")
     a.report_to = _report_list(a.report_to)
+    if a.amp not in ("bf16", "fp16", "none"):  # parse_args checks this; a Namespace built in code may not
+        raise SystemExit(f"--amp {a.amp!r}: expected bf16, fp16 or none")
+    if a.device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {a.device!r}: expected cpu or cuda")
     return a

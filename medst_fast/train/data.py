@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 log = logging.getLogger("medst_fast")
 
 SYNTHETIC_VERSION = 1
+BAD_BATCH = "bad_batch"  # key of the stand-in batch SkipBadBatches returns: its value says what was wrong
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: id 0 = TextCfg.pad_token_id
 
 
@@ -108,6 +109,25 @@ def make_loader(dataset: Dataset, sampler: SeriesBatchSampler, collate: Callable
                       prefetch_factor=4 if workers > 0 else None)
 
 
+class SkipBadBatches:
+    """Picklable collate wrapper: a batch that cannot be collated becomes ``{BAD_BATCH: reason, "n_series": k}``.
+
+    Raising in a loader worker would end the run (and every resume, at the same step); the trainer skips
+    and counts such a batch instead. Only the data's own "nothing usable" error is caught; a bug still raises.
+    """
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, items):
+        from ..data.dataset import EmptyBatchError
+
+        try:
+            return self.collate(items)
+        except EmptyBatchError as e:
+            return {BAD_BATCH: str(e), "n_series": len(items)}
+
+
 # -- vocab ---------------------------------------------------------------------------------------------------
 def build_wordpiece_vocab(texts: Sequence[str], out_dir: str, vocab_size: int = 2000) -> str:
     """Train a small lower-cased WordPiece vocab on ``texts`` (tokenizers library); returns vocab.txt."""
@@ -137,16 +157,36 @@ def ensure_synthetic(cache_dir: str, patients: int, seed: int = 0, workers: int 
     """Generate (or reuse) a small synthetic MIMIC-CXR tree, prepare its index and train a vocab on it.
 
     Returns (index folder, vocab.txt). A ``COMPLETE`` marker written last tells a finished cache from one
-    a killed run left half-built (which is rebuilt). Only one process per cache should build it: the
-    trainer calls this on rank 0 and the other ranks wait at a barrier.
+    a killed run left half-built (which is rebuilt). The build runs under an flock on ``.<root name>.lock``, so
+    two trainers sharing a cache build it once: the second waits, then finds it complete. (Within one
+    torchrun job rank 0 builds and the other ranks wait at a barrier.)
     """
+    root = synthetic_root(cache_dir, patients, seed)
+    index_dir, vocab_dir, marker = os.path.join(root, "index"), root, os.path.join(root, "COMPLETE")
+    if os.path.isfile(marker):  # written last, never removed: a complete cache needs no lock
+        return index_dir, os.path.join(vocab_dir, "vocab.txt")
+    from ..hub import lock_process
+
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    fd = os.open(os.path.join(parent, f".{os.path.basename(root)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # a POSIX lock: prepare's worker processes must not keep it if this process is killed
+        if not lock_process(fd, block=False):
+            log.info("another process is building the synthetic cache %s; waiting for it", root)
+            lock_process(fd)
+        if not os.path.isfile(marker):
+            _build_synthetic(root, patients, seed, workers)
+    finally:
+        os.close(fd)  # releases the lock
+    return index_dir, os.path.join(vocab_dir, "vocab.txt")
+
+
+def _build_synthetic(root: str, patients: int, seed: int, workers: int) -> None:
     from ..data import synth, prepare  # the data package's public API (docs/interfaces.md)
     from ..data.index import SeriesIndex
 
-    root = synthetic_root(cache_dir, patients, seed)
     index_dir, vocab_dir, marker = os.path.join(root, "index"), root, os.path.join(root, "COMPLETE")
-    if os.path.isfile(marker):
-        return index_dir, os.path.join(vocab_dir, "vocab.txt")
     if os.path.isdir(root):
         log.info("synthetic cache %s is incomplete (an interrupted build); rebuilding", root)
         shutil.rmtree(root)
@@ -161,7 +201,6 @@ def ensure_synthetic(cache_dir: str, patients: int, seed: int = 0, workers: int 
     build_wordpiece_vocab(texts, vocab_dir)
     with open(marker, "w") as f:
         f.write("ok\n")
-    return index_dir, os.path.join(vocab_dir, "vocab.txt")
 
 
 # -- in-memory random series (no I/O): throughput checks and tests ---------------------------------------------
@@ -224,9 +263,12 @@ def collate_pretokenized(items: List[Dict[str, Any]], series_len: int = 4) -> Di
 # -- dataset factory -----------------------------------------------------------------------------------------
 def build_dataset(kind: str, data: Optional[str], split: str, tokenizer, img_size: int, seed: int,
                   replicate_collate_bug: bool, n_random: int = 64) -> Tuple[Dataset, Callable]:
-    """(dataset of series, collate) for ``--dataset-type`` kind; a manifest must already be an index folder."""
+    """(dataset of series, collate) for ``--dataset-type`` kind; a manifest must already be an index folder.
+
+    The collate turns an uncollatable batch into a BAD_BATCH stand-in (see SkipBadBatches).
+    """
     if kind == "random":
-        return RandomSeriesDataset(n_random, tokenizer, img_size, seed=seed), collate_pretokenized
+        return RandomSeriesDataset(n_random, tokenizer, img_size, seed=seed), SkipBadBatches(collate_pretokenized)
     from ..data import dataset as ds_mod
 
     if kind not in ("index", "manifest", "synthetic"):
@@ -234,4 +276,4 @@ def build_dataset(kind: str, data: Optional[str], split: str, tokenizer, img_siz
     ds = ds_mod.SeriesDataset(data, split, tokenizer, img_size, train=True)
     if len(ds) == 0:
         raise ValueError(f"{data}: split {split!r} has no series")
-    return ds, ds_mod.SeriesCollate(replicate_official_bug=replicate_collate_bug)
+    return ds, SkipBadBatches(ds_mod.SeriesCollate(replicate_official_bug=replicate_collate_bug))

@@ -54,7 +54,21 @@ def init_distributed(device_type: str, timeout_min: float = 30.0) -> Tuple[World
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=w.rank, world_size=w.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_min))
+        global _HOST_GROUP
+        # Host-side agreements (e.g. "a rank has a bad batch") go over gloo between CPUs: an NCCL collective
+        # would queue behind the GPU's work and make the host wait for it.
+        _HOST_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
     return w, device
+
+
+_HOST_GROUP = None
+
+
+def all_reduce_host(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks without touching the GPU stream (gloo); in place, returned."""
+    if is_dist():
+        dist.all_reduce(t, group=_HOST_GROUP)
+    return t
 
 
 def is_dist() -> bool:

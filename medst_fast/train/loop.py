@@ -1,16 +1,30 @@
 """The Med-ST pretraining loop: setup, micro-/optimizer steps, faults, checkpoints, exports.
 
 One host sync per optimizer step, on purpose: the non-finite-loss check must finish before the optimizer
-may touch the weights, and the same small all-reduce carries the stop flag (SIGTERM/SIGINT on any rank)
-and the loss terms for logging, so every rank takes the same decision at the same step.
+may touch the weights, and the same small all-reduce carries the stop flag (SIGTERM/SIGINT on any rank),
+the loss terms for logging and the finiteness of the weights after the previous update, so every rank
+takes the same decision at the same step. Under DDP a second, host-only exchange (gloo, no device sync)
+agrees on bad batches before the forward.
+
+What can go wrong and what happens (README "Reliability"):
+- a non-finite loss: the update is skipped and every buffer the forward touched (BatchNorm running
+  statistics) is restored; --max-bad-steps in a row stop the run;
+- non-finite weights after an update: the run stops with an error; no checkpoint or export is written
+  with a NaN/inf tensor;
+- a batch the model cannot take (all studies unreadable, or one study, which leaves BatchNorm one row):
+  the step is skipped without a forward and counted (bad_batches);
+- resume: the newest intact checkpoint, the run's own settings unless changed explicitly and allowed, the
+  same data set size; one trainer per run folder.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -27,8 +41,8 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .args import parse_overrides, resolve
-from .data import (SeriesBatchSampler, build_dataset, build_wordpiece_vocab, ensure_synthetic, make_loader,
-                   RandomSeriesDataset)
+from .data import (BAD_BATCH, SeriesBatchSampler, build_dataset, build_wordpiece_vocab, ensure_synthetic,
+                   make_loader, RandomSeriesDataset)
 from .metrics import MetricsWriter, make_progress, memory_gib, setup_logging
 from .schedule import cosine_warmup_lr
 
@@ -42,6 +56,23 @@ UNUSED_PARAMS = ("word_weighting.out_proj.", "patch_weighting.out_proj.")
 ENCODER_COMPONENTS = ["visual", "visual_global_head"]
 # Arguments that fix the sampler order or the meaning of a step: a resumed run must keep them.
 _RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split", "synthetic_patients", "random_series")
+# Arguments that define the run's optimisation and data: a change on resume needs --allow-changed-args.
+RUN_DEFINING = ("lr", "min_lr", "warmup_frac", "epochs", "max_steps", "wd", "beta1", "beta2", "eps", "clip_grad",
+                "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr", "gather_with_grad",
+                "amp", "data", "data_path", "vocab_sha256", "replicate_collate_bug")
+_NOT_RECORDED = ("inherited",)  # parse_args bookkeeping, not a setting
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,7 +127,36 @@ def build_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer
 
 
 def amp_dtype(amp: str) -> Optional[torch.dtype]:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    if amp not in dtypes:
+        raise ValueError(f"amp {amp!r}: expected one of {list(dtypes)}")
+    return dtypes[amp]
+
+
+def batch_problem(batch: Dict[str, Any]) -> Optional[str]:
+    """Why the model cannot take this batch (None when it can); decided on the host, before any forward."""
+    if BAD_BATCH in batch:
+        return batch[BAD_BATCH]
+    n = batch["frontal"].shape[0]
+    if n < 2:  # the global heads' BatchNorm1d runs over the studies of the batch and needs two rows in training
+        return f"{n} study in the batch: BatchNorm needs at least 2 rows in training"
+    return None
+
+
+def _nonfinite_flag(tensors: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(1,) float64 on ``device``: 1 when any tensor holds a NaN/inf, else 0. No host sync.
+
+    One fused max-abs reduction per dtype (torch._foreach_norm, ord=inf: cannot overflow, NaN propagates).
+    """
+    flag = torch.zeros(1, device=device, dtype=torch.float64)
+    groups: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            groups.setdefault(t.dtype, []).append(t.detach())
+    for ts in groups.values():
+        m = torch.stack(torch._foreach_norm(ts, ord=float("inf")))
+        flag += (~torch.isfinite(m)).any().double()
+    return flag
 
 
 class StepRunner:
@@ -109,9 +169,15 @@ class StepRunner:
         self.accum, self.clip = accum_steps, clip_grad
         self.scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # Every buffer a forward may write (BatchNorm running statistics and counters): copied before each
+        # step's forward, so a skipped step can put them back (a NaN batch must not poison them).
+        self.buffers = [b for b in module.buffers()]
+        self._snapshot = [b.detach().clone() for b in self.buffers]
 
     def forward_backward(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
         """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, studies] (no sync)."""
+        if self.buffers:
+            torch._foreach_copy_(self._snapshot, self.buffers)  # ~17k numbers for ViT-B: one fused copy
         stats = torch.zeros(7, device=self.device, dtype=torch.float64)
         ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)
         for j, batch in enumerate(batches):
@@ -141,7 +207,14 @@ class StepRunner:
         return norm
 
     def skip_step(self) -> None:
+        """Drop the step's gradients and restore the buffers its forward wrote."""
         self.opt.zero_grad(set_to_none=True)
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self._snapshot)
+
+    def nonfinite_weights(self) -> torch.Tensor:
+        """Device flag: 1 when a trained parameter or a floating buffer is NaN/inf (read at the next sync)."""
+        return _nonfinite_flag(self.params + self.buffers, self.device)
 
 
 @dataclass
@@ -154,6 +227,7 @@ class TrainResult:
     export_dir: Optional[str] = None
     bad_steps: int = 0
     last_loss: float = float("nan")
+    bad_batches: int = 0  # steps skipped because a batch could not be used (counted per micro-batch)
 
 
 class Trainer:
@@ -163,6 +237,7 @@ class Trainer:
         self._old_handlers: Dict[int, Any] = {}
         self._log_handlers: List[logging.Handler] = []
         self._log_level = log.level  # restored by close(): main() may be called from tests or notebooks
+        self._lock: Optional[ckpt.RunLock] = None
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -178,10 +253,13 @@ class Trainer:
 
         out = a.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         self.run_dir = D.broadcast_object(os.path.abspath(out))
-        if primary:
-            os.makedirs(self.run_dir, exist_ok=True)
-        D.barrier()
+        removed = self._claim_run_dir()
         self._log_handlers = setup_logging(self.run_dir, primary)
+        if removed:
+            log.info("removed %d file(s) left by interrupted writes: %s", len(removed), removed)
+        if getattr(a, "inherited", None):
+            log.info("--resume: taking %s from the run's args.json (flags not given on the command line)",
+                     ", ".join(_flag(k) for k in a.inherited))
 
         # Data first: the vocab (and so the model's vocab size) may come from the synthetic set.
         vocab = a.vocab or os.environ.get("MEDST_FAST_VOCAB") or None
@@ -201,6 +279,8 @@ class Trainer:
         if vocab is None:
             raise SystemExit("--vocab is required with --data (e.g. Bio_ClinicalBERT's vocab.txt), or set MEDST_FAST_VOCAB")
         a.vocab = os.path.abspath(vocab)
+        self.vocab_sha256 = _file_sha256(a.vocab)
+        self.data_path = os.path.abspath(data) if data else None
 
         from .. import get_model_config, create_model
         from ..text.tokenizer import MedSTTokenizer
@@ -248,6 +328,7 @@ class Trainer:
             data = index_dir
         ds, collate = build_dataset(a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.seed,
                                     a.replicate_collate_bug, n_random=a.random_series)
+        self.n_series = len(ds)
         self.sampler = SeriesBatchSampler(len(ds), a.batch_series, self.world.rank, self.world.world_size, a.seed)
         self.loader = make_loader(ds, self.sampler, collate, a.workers, a.seed, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = len(self.sampler) // a.accum_steps
@@ -271,11 +352,11 @@ class Trainer:
                 gradient_as_bucket_view=True)
         self.runner = StepRunner(module, self.optimizer, self.device, a.amp, a.accum_steps, a.clip_grad)
 
-        self.step, self.epoch, self.step_in_epoch, self.bad_total = 0, 0, 0, 0
-        resume_path = ckpt.resolve_resume(a.resume, self.run_dir)
+        self.step, self.epoch, self.step_in_epoch, self.bad_total, self.bad_batches = 0, 0, 0, 0, 0
+        loaded = ckpt.load_resume(a.resume, self.run_dir)
         self.resumed_from = None
-        if resume_path:
-            self._load(resume_path)
+        if loaded:
+            self._load(*loaded)
         else:
             if a.resume == "auto":
                 log.info("--resume auto: no checkpoint in %s, starting a new run", self.run_dir)
@@ -293,9 +374,52 @@ class Trainer:
                  self.steps_per_epoch, self.total_steps)
 
     def _args_dict(self) -> Dict[str, Any]:
-        d = dict(vars(self.args))
+        d = {k: v for k, v in vars(self.args).items() if k not in _NOT_RECORDED}
         d["world_size"] = self.world.world_size
+        d["data_path"], d["vocab_sha256"] = self.data_path, self.vocab_sha256  # what --data/--vocab resolved to
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    # -- run folder -----------------------------------------------------------------------------------------
+    def _claim_run_dir(self) -> List[str]:
+        """Lock the run folder, clear stale temps, refuse to start a fresh run over another; returns removed."""
+        err, removed = None, []
+        if self.world.is_primary:
+            os.makedirs(self.run_dir, exist_ok=True)
+            try:
+                self._lock = ckpt.RunLock(self.run_dir)
+                removed = ckpt.clean_run_dir(self.run_dir)  # safe: this process holds the folder
+                if not self.args.resume:
+                    self._require_fresh_folder()
+            except ckpt.RunFolderError as e:
+                err = str(e)
+        err = D.broadcast_object(err)  # every rank stops, none waits at a barrier for a failed rank 0
+        if err:
+            self._release_lock()
+            raise ckpt.RunFolderError(err)
+        return removed
+
+    def _require_fresh_folder(self) -> None:
+        """A fresh run may not mix with another run's checkpoints, exports and records (--overwrite deletes them)."""
+        d = self.run_dir
+        prior = [n for n in ("args.json", "metrics.csv", "final", "final_encoder") if os.path.exists(os.path.join(d, n))]
+        prior += [os.path.join(ckpt.CKPT_DIR, os.path.basename(p)) for p in ckpt.list_checkpoints(d)]
+        if not prior:
+            return
+        if not getattr(self.args, "overwrite", False):
+            raise ckpt.RunFolderError(
+                f"{d} already holds a run ({', '.join(prior[:6])}{' ...' if len(prior) > 6 else ''}); continue it "
+                f"with --resume auto, or start over with --overwrite (deletes its checkpoints and exports)")
+        for n in (ckpt.CKPT_DIR, "final", "final_encoder", "tensorboard", "args.json", "metrics.csv", "train.log"):
+            p = os.path.join(d, n)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.unlink(p)
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _state(self) -> Dict[str, Any]:
@@ -306,13 +430,30 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.runner.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "bad_steps": self.bad_total,
+            "bad_steps": self.bad_total, "bad_batches": self.bad_batches,
+            "n_series": self.n_series,
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "args": self._args_dict(),
         }
 
+    def _check_finite(self, what: str) -> None:
+        """Raise TrainingDiverged (on every rank) when a model tensor is NaN/inf: nothing non-finite is written."""
+        sd = self.model.state_dict()
+        names = [k for k, v in sd.items() if v.is_floating_point() and v.numel()]
+        bad_mask = torch.stack([~torch.isfinite(sd[k]).all() for k in names]) if names else torch.zeros(0, dtype=torch.bool)
+        n_bad = bad_mask.sum().double().view(1)
+        if self.world.distributed:
+            dist.all_reduce(n_bad)
+        if float(n_bad) > 0:
+            bad = [k for k, b in zip(names, bad_mask.tolist()) if b]
+            raise TrainingDiverged(
+                f"refusing to {what}: {len(bad) or 'some'} model tensors are NaN/inf after step {self.step} "
+                f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}). Nothing was written; the last checkpoint "
+                f"({self.last_ckpt}) holds finite weights. Lower --lr, enable --clip-grad, or use --amp bf16/none.")
+
     def save(self) -> Optional[str]:
+        self._check_finite("write a checkpoint")
         state = self._state()  # collective: every rank takes part
         path = None
         if self.world.is_primary:
@@ -322,18 +463,8 @@ class Trainer:
         self.last_ckpt = ckpt.ckpt_path(self.run_dir, self.step)
         return path
 
-    def _load(self, path: str) -> None:
-        st = ckpt.load_checkpoint(path)
-        a = st["args"]
-        bad = [f"--{k.replace('_', '-')} {a.get(k)!r} -> {getattr(self.args, k)!r}"
-               for k in _RESUME_FIXED if k in a and a.get(k) != getattr(self.args, k)]
-        if a.get("world_size", 1) != self.world.world_size:
-            bad.append(f"world size {a.get('world_size')} -> {self.world.world_size}")
-        if st["config"] != self.cfg.to_dict():
-            bad.append("model config differs")
-        if bad:
-            raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order or "
-                                       f"the model: {'; '.join(bad)}")
+    def _load(self, path: str, st: Dict[str, Any]) -> None:
+        self._check_resume_args(path, st)
         try:
             self.model.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
@@ -343,11 +474,40 @@ class Trainer:
             self.runner.scaler.load_state_dict(st["scaler"])
         self.step, self.epoch, self.step_in_epoch = int(st["step"]), int(st["epoch"]), int(st["step_in_epoch"])
         self.bad_total = int(st.get("bad_steps", 0))
+        self.bad_batches = int(st.get("bad_batches", 0))
+        if self.step > self.total_steps:
+            raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.step}, past the end of this run "
+                                       f"({self.total_steps} steps from --epochs/--max-steps)")
+        if self.step_in_epoch >= self.steps_per_epoch:
+            raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.step_in_epoch} of its epoch, but an "
+                                       f"epoch now has {self.steps_per_epoch} steps: the data set changed")
         rngs = st["rng"]
         ckpt.restore_rng(rngs[self.world.rank] if isinstance(rngs, list) else rngs)
         self.resumed_from = path
         log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.step, self.epoch,
                  self.step_in_epoch)
+
+    def _check_resume_args(self, path: str, st: Dict[str, Any]) -> None:
+        """Refuse a resume that would silently change the run: data order, model and data size always;
+        run-defining settings unless --allow-changed-args (then each change is logged)."""
+        old, new = st["args"], self._args_dict()
+        fixed = [f"{_flag(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in _RESUME_FIXED if k in old and old[k] != new.get(k)]
+        if old.get("world_size", 1) != self.world.world_size:
+            fixed.append(f"world size {old.get('world_size')} -> {self.world.world_size}")
+        if st["config"] != self.cfg.to_dict():
+            fixed.append("model config differs")
+        if "n_series" in st and int(st["n_series"]) != self.n_series:
+            fixed.append(f"the data set has {self.n_series} series, the checkpoint's run had {int(st['n_series'])}")
+        if fixed:
+            raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order, the "
+                                       f"data or the model: {'; '.join(fixed)}")
+        changed = [f"{_flag(k)} {old[k]!r} -> {new.get(k)!r}" for k in RUN_DEFINING if k in old and old[k] != new.get(k)]
+        if changed and not getattr(self.args, "allow_changed_args", False):
+            raise ckpt.CheckpointError(
+                f"{path}: resuming would change the run: {'; '.join(changed)}. Omit these flags to continue with "
+                f"the run's own values, or pass --allow-changed-args to continue with the new ones")
+        if changed:
+            log.warning("--allow-changed-args: resuming %s with changed settings: %s", path, "; ".join(changed))
 
     # -- signals ----------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -374,11 +534,14 @@ class Trainer:
         a = self.args
         primary = self.world.is_primary
         self.last_ckpt = self.resumed_from
-        writer = MetricsWriter(self.run_dir, a.report_to, resume_step=self.step if self.resumed_from else None) if primary else None
+        # resume_step: the position continued from (0 for a fresh start), so no step is ever logged twice
+        writer = MetricsWriter(self.run_dir, a.report_to, resume_step=self.step) if primary else None
         bar = make_progress(self.total_steps, self.step, a.progress, primary)
-        result = TrainResult(self.run_dir, self.step, self.epoch, bad_steps=self.bad_total)
+        result = TrainResult(self.run_dir, self.step, self.epoch, bad_steps=self.bad_total, bad_batches=self.bad_batches)
         self._install_signals()
-        bad_run = 0
+        self._bad_run = 0
+        self._weights_bad = torch.zeros(1, device=self.device, dtype=torch.float64)  # set after each update
+        W = self.world.world_size
         t0 = time.perf_counter()
         t_log, studies_log = t0, 0.0
         acc = np.zeros(4)
@@ -391,28 +554,8 @@ class Trainer:
                 epoch_now = self.epoch
                 while self.epoch == epoch_now and self.step < self.total_steps:
                     lr = cosine_warmup_lr(self.step, self.total_steps, a.lr, a.min_lr, a.warmup_frac)
-                    batches = [batch_to(next(it), self.device) for _ in range(a.accum_steps)]
-                    stats = self.runner.forward_backward(batches)
-                    stats[1] = 1.0 if self._stop_signal is not None else 0.0
-                    if self.world.distributed:
-                        dist.all_reduce(stats)
-                    s = stats.tolist()  # the one host sync per step (see module docstring)
-                    W = self.world.world_size
-                    if s[0] > 0:
-                        self.runner.skip_step()
-                        bad_run += 1
-                        self.bad_total += 1
-                        log.warning("step %d: non-finite loss (%s); update skipped (%d in a row, %d in total)",
-                                    self.step + 1, s[2] / W, bad_run, self.bad_total)
-                        if bad_run >= a.max_bad_steps:
-                            raise TrainingDiverged(
-                                f"stopping: the loss was NaN/inf in {bad_run} consecutive steps (up to step "
-                                f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
-                                f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
-                                f"--clip-grad, or use --amp bf16/none instead of fp16.")
-                    else:
-                        bad_run = 0
-                        self.runner.optimizer_step(lr)
+                    s = self._one_step(it, lr)
+                    if s[0] == 0 and not math.isnan(s[2]):
                         acc += np.array(s[2:6]) / W
                         n_acc += 1
                         result.last_loss = s[2] / W
@@ -430,10 +573,11 @@ class Trainer:
                     if self.step % a.log_every == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
                         rate = studies_log / max(now - t_log, 1e-9)
-                        m = acc / max(n_acc, 1)
+                        m = acc / n_acc if n_acc else np.full(4, np.nan)  # no good step in the window: no loss
                         row = dict(step=self.step, epoch=log_epoch, loss=m[0], ita=m[1], local=m[2], temporal=m[3],
                                    lr=lr, studies_per_s=rate, studies_per_s_per_rank=rate / W,
-                                   mem_gib=memory_gib(self.device), bad_steps=self.bad_total, elapsed_s=now - t0)
+                                   mem_gib=memory_gib(self.device), bad_steps=self.bad_total,
+                                   bad_batches=self.bad_batches, elapsed_s=now - t0)
                         if primary:
                             writer.write(row)
                             msg = (f"step {self.step}/{self.total_steps} epoch {log_epoch}/{a.epochs} "
@@ -461,14 +605,76 @@ class Trainer:
             if writer is not None:
                 writer.close()
 
+    def _next_batch(self, it) -> Dict[str, Any]:
+        try:
+            return next(it)
+        except StopIteration:  # the sampler promised more: never end an epoch early and silently
+            raise RuntimeError(f"the data loader ran out at step {self.step + 1} (step {self.step_in_epoch + 1} of "
+                               f"{self.steps_per_epoch} in epoch {self.epoch + 1}): the data set yields fewer "
+                               f"batches than its sampler") from None
+
+    def _one_step(self, it, lr: float) -> List[float]:
+        """Load, check, forward/backward and (unless skipped) update one optimizer step.
+
+        Returns the all-reduced stats [non-finite count, stop, loss, ita, local, temporal, studies, ...]:
+        loss terms are NaN and studies 0 when the step was skipped for a bad batch.
+        """
+        a, W = self.args, self.world.world_size
+        raw = [self._next_batch(it) for _ in range(a.accum_steps)]
+        problems = [p for p in map(batch_problem, raw) if p]
+        stop = 1.0 if self._stop_signal is not None else 0.0
+        if self.world.distributed:  # every rank must skip the same steps (DDP runs backward in lockstep)
+            host = D.all_reduce_host(torch.tensor([float(len(problems)), stop], dtype=torch.float64))
+            n_bad, stop = int(host[0]), float(host[1])
+        else:
+            n_bad = len(problems)
+        if n_bad:
+            self.bad_batches += n_bad
+            log.warning("step %d: %d unusable batch(es) (%s); step skipped without a forward (%d bad batches in total)",
+                        self.step + 1, n_bad, problems[0] if problems else "on another rank", self.bad_batches)
+            nan = float("nan")
+            return [0.0, stop, nan, nan, nan, nan, 0.0]
+        batches = [batch_to(b, self.device) for b in raw]
+        stats = self.runner.forward_backward(batches)
+        stats[1] = 1.0 if stop or self._stop_signal is not None else 0.0  # a signal during the forward counts too
+        stats = torch.cat([stats, self._weights_bad])
+        if self.world.distributed:
+            dist.all_reduce(stats)
+        s = stats.tolist()  # the one host sync per step (see module docstring)
+        if s[7] > 0:
+            raise TrainingDiverged(
+                f"stopping: the update of step {self.step} made the weights NaN/inf (lr {a.lr:g}, --clip-grad "
+                f"{a.clip_grad}). Nothing non-finite is saved or exported; last checkpoint: {self.last_ckpt}. "
+                f"Lower --lr or enable --clip-grad.")
+        if s[0] > 0:
+            self.runner.skip_step()  # also restores the BatchNorm statistics the forward wrote
+            self._bad_run += 1
+            self.bad_total += 1
+            log.warning("step %d: non-finite loss (%s); update skipped (%d in a row, %d in total)",
+                        self.step + 1, s[2] / W, self._bad_run, self.bad_total)
+            if self._bad_run >= a.max_bad_steps:
+                raise TrainingDiverged(
+                    f"stopping: the loss was NaN/inf in {self._bad_run} consecutive steps (up to step "
+                    f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
+                    f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
+                    f"--clip-grad, or use --amp bf16/none instead of fp16.")
+        else:
+            self._bad_run = 0
+            self.runner.optimizer_step(lr)
+            self._weights_bad = self.runner.nonfinite_weights()
+        return s[:7]
+
     def module_train(self, mode: bool) -> None:
         self.runner.module.train(mode)
 
     def _finish(self, result: TrainResult, writer, bar, export: bool) -> TrainResult:
         result.step, result.epoch, result.bad_steps = self.step, self.epoch, self.bad_total
+        result.bad_batches = self.bad_batches
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"ckpt-{self.step:08d}.pt"):
             self.save()
         result.last_checkpoint = self.last_ckpt
+        if export:
+            self._check_finite("export the model")
         if export and self.world.is_primary:
             from ..hub import save_pretrained
 
@@ -482,6 +688,7 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        self._release_lock()
         for h in self._log_handlers:
             log.removeHandler(h)
             h.close()

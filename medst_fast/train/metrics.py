@@ -16,7 +16,7 @@ import torch
 log = logging.getLogger("medst_fast")
 
 COLUMNS = ["step", "epoch", "loss", "ita", "local", "temporal", "lr", "studies_per_s", "studies_per_s_per_rank",
-           "mem_gib", "bad_steps", "elapsed_s"]
+           "mem_gib", "bad_steps", "bad_batches", "elapsed_s"]
 
 
 def memory_gib(device: torch.device) -> float:
@@ -47,7 +47,11 @@ def setup_logging(run_dir: Optional[str], primary: bool) -> logging.Handler:
 
 
 class MetricsWriter:
-    """metrics.csv (appending across resumes; rows past the resumed step are dropped) and TensorBoard."""
+    """metrics.csv (appending across resumes; rows past the resumed step are dropped) and TensorBoard.
+
+    ``resume_step``: the step the run continues from (0 for a fresh start): rows a killed run logged after
+    that step are dropped, so no step appears twice. None appends to whatever is there.
+    """
 
     def __init__(self, run_dir: str, report_to: List[str], resume_step: Optional[int] = None):
         self.path = os.path.join(run_dir, "metrics.csv")
@@ -71,7 +75,7 @@ class MetricsWriter:
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        tmp = self.path + ".tmp"
+        tmp = os.path.join(os.path.dirname(self.path), ".tmp-metrics.csv")  # removed by clean_run_dir if killed
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             w.writeheader()
