@@ -5,16 +5,19 @@
 
 ``move_ffn_ref`` is the plain PyTorch reference. ``move_ffn`` runs the Triton path where available:
 
-* Routing (:func:`build_routing`, built once per forward and shared by all blocks): tokens grouped by expert
-  into a padded slot layout whose every BLOCK_M tile belongs to one expert. Built from tensor ops only (no
-  host sync): the slot count is the upper bound ``(cdiv(N, BLOCK_M) + E - 1) * BLOCK_M``; tiles past the
-  last used one carry expert -1 and every kernel returns on them.
+* Routing (:func:`build_routing`, built once per batch, on the host at collation, and shared by all
+  blocks): tokens grouped by expert into a padded slot layout whose every BLOCK_M tile belongs to one expert.
+  The slot count is the upper bound ``(cdiv(N, BLOCK_M) + E - 1) * BLOCK_M``, a function of N only; tiles
+  past the last used one carry expert -1 and every kernel returns on them.
 * Forward: LayerNorm kernel gathers token rows into the slot layout; grouped GEMM fc1 with fused
   bias + GELU epilogue; grouped GEMM fc2 with fused bias + residual epilogue scattering straight back to
   token order. No slice/cat copies of the token buffer.
-* Backward: grouped GEMM dz1 = (dy W2_e) * gelu'(z1) (gathers dy by slot); grouped GEMM dh = dz1 W1_e;
-  weight/bias gradients by a per-expert reduction kernel over each expert's slot segment; LayerNorm
-  backward scatters dx (+ the residual's dy) to token order and writes per-program partial LN-weight sums.
+* Backward: grouped GEMM dz1 = (dy W2_e) * gelu'(z1) (gathers dy by slot; its epilogue writes the tile's
+  column sums of dz1); grouped GEMM dh = dz1 W1_e; weight gradients by a grouped reduction GEMM over each
+  expert's slot segment; LayerNorm backward (one program per tile) scatters dx (+ the residual's dy) to token
+  order and writes the tile's column sums for the LayerNorm and fc2-bias gradients. One small kernel reduces
+  all per-tile sums per expert segment (contiguous in slot order) in a fixed order: deterministic, no
+  atomics. Forward and backward issue no host sync (no nonzero / bincount / repeat_interleave / .item()).
 
 Mixed precision (``compute_dtype``, by default the autocast dtype when autocast is on): the GEMM operands
 (h, gelu(z1), dy, dz1 and the weights) are in the compute dtype, every product accumulates in fp32. With an
@@ -39,7 +42,7 @@ from ._utils import interpreting, launch, next_pow2, triton_helper, use_triton
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
 N_EXPERTS = 2
-BLOCK_M = 64  # slot tile height: the routing pads every expert's token group to a multiple of this
+BLOCK_M = 128  # slot tile height (the GEMMs' M tile): the routing pads every expert's group to a multiple of it
 
 
 def move_ffn_ref(x, view_id, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps: float = 1e-6) -> torch.Tensor:
@@ -59,11 +62,18 @@ class MoveRouting(NamedTuple):
     tile_expert: torch.Tensor  # (n_tiles,) int32: expert of each slot tile, -1 past the used tiles
     seg: torch.Tensor  # (E + 1,) int32: slot offsets of the expert segments (multiples of BLOCK_M)
 
+    def to(self, device, non_blocking: bool = False) -> "MoveRouting":
+        """The routing on another device (built on the host at collation, shipped with the batch)."""
+        return MoveRouting(*(t.to(device, non_blocking=non_blocking) for t in self))
+
 
 def build_routing(view_id: torch.Tensor, n_experts: int = N_EXPERTS, block_m: int = BLOCK_M) -> MoveRouting:
-    """Group tokens by view into BLOCK_M-aligned expert segments; no host synchronisation.
+    """Group tokens by view into BLOCK_M-aligned expert segments.
 
-    Build once per forward pass and pass the result to every block's :func:`move_ffn` call.
+    Build once per batch and pass the result to every block's :func:`move_ffn` call. Works on CPU tensors:
+    build it on the host at collation from the CPU ``view_id`` and ship it with the batch (``.to(device)``),
+    so that the forward pass issues no host sync (on a GPU tensor the ``bincount`` here would sync). The number
+    of tiles, hence every shape, depends only on (N, n_experts, block_m), never on the view mix.
     """
     if view_id.dim() != 1 or view_id.dtype.is_floating_point or view_id.dtype == torch.bool:
         raise ValueError(f"kernels/move_ffn.py: view_id must be a 1-D integer tensor, got {view_id.dtype} "
@@ -139,44 +149,71 @@ def _ln_fwd_kernel(X, ROWS, TILE_E, LNW, LNB, H, MEAN, RSTD, D, eps,
         tl.store(RSTD + slots, rstd)
 
 
-def _ln_bwd_kernel(DH, X, ROWS, TILE_E, LNW, MEAN, RSTD, DOUT, DX, DWP, DBP, D,
+def _ln_bwd_kernel(DH, X, ROWS, TILE_E, LNW, MEAN, RSTD, DOUT, DX, PART, D, part_stride,
                    SUB: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    tile = pid // (BLOCK_M // SUB)
+    """LayerNorm backward of one slot tile, SUB rows at a time; dx (+ the residual's dy) scattered to token
+    order. The tile's column sums of dh * xhat, dh and dy (LayerNorm weight / bias and fc2 bias gradients)
+    go to row ``tile`` of PART: the expert segments are contiguous runs of tiles, so _seg_sum_kernel reduces
+    them per expert in a fixed order (deterministic, no atomics)."""
+    tile = tl.program_id(0)
     e = tl.load(TILE_E + tile)
     if e >= 0:
-        slots = pid * SUB + tl.arange(0, SUB)
-        r = tl.load(ROWS + slots)
         cols = tl.arange(0, BLOCK_D)
         cm = cols < D
-        valid = r >= 0
-        m2 = valid[:, None] & cm[None, :]
-        r64 = r.to(tl.int64)
-        x = tl.load(X + r64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        dh = tl.load(DH + slots.to(tl.int64)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + slots)
-        rstd = tl.load(RSTD + slots)
         w = tl.load(LNW + e * D + cols, mask=cm, other=0.0).to(tl.float32)
-        xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)
-        gw = dh * w[None, :]
-        c1 = tl.sum(xhat * gw, 1) / D
-        c2 = tl.sum(gw, 1) / D
-        dx = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        dy = tl.load(DOUT + r64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        dx = _round(dx + dy, DX.dtype.element_ty, INTERP)  # + the residual branch
-        tl.store(DX + r64[:, None] * D + cols[None, :], dx, mask=m2)
-        tl.store(DWP + pid * D + cols, tl.sum(dh * xhat, 0), mask=cm)
-        tl.store(DBP + pid * D + cols, tl.sum(dh, 0), mask=cm)
+        acc_w = tl.zeros([BLOCK_D], tl.float32)
+        acc_b = tl.zeros([BLOCK_D], tl.float32)
+        acc_y = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, BLOCK_M, SUB):
+            slots = tile * BLOCK_M + s0 + tl.arange(0, SUB)
+            r = tl.load(ROWS + slots)
+            m2 = (r >= 0)[:, None] & cm[None, :]
+            r64 = r.to(tl.int64)
+            x = tl.load(X + r64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            dh = tl.load(DH + slots.to(tl.int64)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + slots)
+            rstd = tl.load(RSTD + slots)
+            xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)
+            gw = dh * w[None, :]
+            c1 = tl.sum(xhat * gw, 1) / D
+            c2 = tl.sum(gw, 1) / D
+            dx = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            dy = tl.load(DOUT + r64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(DX + r64[:, None] * D + cols[None, :], _round(dx + dy, DX.dtype.element_ty, INTERP), mask=m2)
+            acc_w += tl.sum(dh * xhat, 0)
+            acc_b += tl.sum(dh, 0)
+            acc_y += tl.sum(dy, 0)
+        p = PART + tile.to(tl.int64) * part_stride + cols
+        tl.store(p, acc_w, mask=cm)
+        tl.store(p + D, acc_b, mask=cm)
+        tl.store(p + 2 * D, acc_y, mask=cm)
 
 
-def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, N, K, stride_be, stride_bn, stride_bk,
+def _seg_sum_kernel(PART, SEG, OUT, W, TILE_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    """OUT[e, w] = sum of PART[t, w] over the tiles t of expert e's slot segment, always in the same order."""
+    pid_w = tl.program_id(0)
+    e = tl.program_id(1)
+    t0 = tl.load(SEG + e) // TILE_ROWS
+    t1 = tl.load(SEG + e + 1) // TILE_ROWS
+    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    cm = cols < W
+    acc = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)
+    for t in range(t0, t1, BLOCK_T):
+        tt = t + tl.arange(0, BLOCK_T)
+        acc += tl.load(PART + tt.to(tl.int64)[:, None] * W + cols[None, :], mask=(tt < t1)[:, None] & cm[None, :],
+                       other=0.0)
+    tl.store(OUT + e * W + cols, tl.sum(acc, 0), mask=cm)
+
+
+def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, N, K, stride_be, stride_bn, stride_bk, part_stride,
                        A_GATHER: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[m, n] = epilogue(sum_k A[m, k] B_e[n, k]) for the slot tile m of expert e = TILE_E[tile].
 
     The compute dtype CT is the weights' dtype: A tiles are taken to CT, products accumulate in fp32.
     EPI 0: C = acc.  1: AUX = round_CT(acc + bias_e) (pre-activation), C = round_CT(gelu(AUX)).
-    2: C[ROWS[m]] = RES[ROWS[m]] + round_CT(acc + bias_e) (scatter to token order).  3: C = acc * gelu'(AUX).
+    2: C[ROWS[m]] = RES[ROWS[m]] + round_CT(acc + bias_e) (scatter to token order).
+    3: C = round_CT(acc * gelu'(AUX)), and the tile's column sums of C (the fc1 bias gradient) to PART[tile].
     A_GATHER: A is in token order and is read through ROWS (padding slots read zeros).
     """
     CT: tl.constexpr = B.dtype.element_ty
@@ -226,13 +263,15 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, N, K, stride_be, s
             z = tl.load(AUX + c_off, mask=nm[None, :], other=0.0).to(tl.float32)
             cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
             pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-            tl.store(C + c_off, _round(acc * (cdf + z * pdf), CT, INTERP), mask=nm[None, :])
+            dz = _round(acc * (cdf + z * pdf), CT, INTERP)
+            tl.store(C + c_off, dz, mask=nm[None, :])
+            tl.store(PART + pid_m.to(tl.int64) * part_stride + rn, tl.sum(dz, 0), mask=nm)
 
 
-def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, DB, N, K,
+def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, N, K,
                           A_GATHER: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """DW[e, n, k] = sum over expert e's slots m of A[m, n] BM[m, k]; DB[e, n] = sum_m A[m, n] (pid_k == 0)."""
+    """DW[e, n, k] = sum over expert e's slots m of A[m, n] BM[m, k] (the bias sums come from PART rows)."""
     CT: tl.constexpr = BM.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -244,7 +283,6 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, DB, N, K,
     nm = rn < N
     km = rk < K
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    dbias = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         if A_GATHER:
@@ -257,10 +295,7 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, DB, N, K,
         a = tl.load(A + a_row[:, None] * N + rn[None, :], mask=a_ok[:, None] & nm[None, :], other=0.0)
         b = tl.load(BM + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=km[None, :], other=0.0)
         acc += tl.dot(tl.trans(_operand(a, CT, INTERP)), _operand(b, CT, INTERP), input_precision=PREC)
-        dbias += tl.sum(a.to(tl.float32), 0)
     tl.store(DW + e * N * K + rn[:, None] * K + rk[None, :], acc, mask=nm[:, None] & km[None, :])
-    if pid_k == 0:
-        tl.store(DB + e * N + rn, dbias, mask=nm)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -278,12 +313,13 @@ def _gemm_blocks(n: int, k: int):
 
 
 def _mm(a, rows, tile_expert, w, stride_be, stride_bn, stride_bk, n, k, c, *, gather=False, epi=0, bias=None,
-        aux=None, res=None):
+        aux=None, res=None, part=None):
     bn, bk = _gemm_blocks(n, k)
     grid = (tile_expert.numel(), triton_cdiv(n, bn))
     launch(_grouped_mm_kernel, grid,
            a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
-           res if res is not None else c, n, k, stride_be, stride_bn, stride_bk,
+           res if res is not None else c, part if part is not None else c, n, k, stride_be, stride_bn, stride_bk,
+           part.stride(0) if part is not None else 0,
            A_GATHER=gather, EPI=epi, PREC=_prec(w.dtype), INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=bn,
            BLOCK_K=bk)
 
@@ -291,11 +327,18 @@ def _mm(a, rows, tile_expert, w, stride_be, stride_bn, stride_bk, n, k, c, *, ga
 def _wgrad(a, rows, bm, seg, n, k, gather):
     bn, bk = min(64, max(16, next_pow2(n))), min(64, max(16, next_pow2(k)))
     dw = torch.empty(N_EXPERTS, n, k, device=a.device, dtype=torch.float32)
-    db = torch.empty(N_EXPERTS, n, device=a.device, dtype=torch.float32)
     grid = (triton_cdiv(n, bn), triton_cdiv(k, bk), N_EXPERTS)
-    launch(_grouped_wgrad_kernel, grid, a, rows, bm, seg, dw, db, n, k, A_GATHER=gather, PREC=_prec(bm.dtype),
+    launch(_grouped_wgrad_kernel, grid, a, rows, bm, seg, dw, n, k, A_GATHER=gather, PREC=_prec(bm.dtype),
            INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
-    return dw, db
+    return dw
+
+
+def _seg_sum(part, seg):
+    w = part.shape[1]
+    out = torch.empty(N_EXPERTS, w, device=part.device, dtype=torch.float32)
+    launch(_seg_sum_kernel, (triton_cdiv(w, 128), N_EXPERTS), part, seg, out, w, TILE_ROWS=BLOCK_M, BLOCK_T=16,
+           BLOCK_W=128)
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -325,24 +368,24 @@ def _bwd_triton(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rs
     n_slots, (n_tok, d), hdim = rows.numel(), x.shape, fc1_w.shape[1]
     dev, ct = x.device, fc1_w.dtype
     dout = dout.contiguous()
-    dy = dout.to(ct)  # the GEMMs' operand; the residual gradient and LayerNorm read dout itself
+    dy = dout.to(ct)  # the GEMMs' operand; the residual gradient, LayerNorm and the fc2 bias read dout itself
+    # per-tile column sums, reduced per expert by one _seg_sum launch:
+    # [dLN weight | dLN bias | fc2 bias (sum dy) | fc1 bias (sum dz1)]
+    part = torch.empty(tile_expert.numel(), 3 * d + hdim, device=dev, dtype=torch.float32)
     dz1 = torch.empty(n_slots, hdim, device=dev, dtype=ct)
     # dz1[m, h] = sum_d dy[m, d] W2_e[d, h] * gelu'(z1): B_e[n=h, k=d] = fc2_w[e, d, h]
-    _mm(dy, rows, tile_expert, fc2_w, d * hdim, 1, hdim, hdim, d, dz1, gather=True, epi=3, aux=z1)
+    _mm(dy, rows, tile_expert, fc2_w, d * hdim, 1, hdim, hdim, d, dz1, gather=True, epi=3, aux=z1,
+        part=part[:, 3 * d:])
     dh = torch.empty(n_slots, d, device=dev, dtype=torch.float32)
     # dh[m, d] = sum_h dz1[m, h] W1_e[h, d]: B_e[n=d, k=h] = fc1_w[e, h, d]
     _mm(dz1, rows, tile_expert, fc1_w, hdim * d, 1, d, d, hdim, dh)
-    dw2, db2 = _wgrad(dy, rows, g, seg, d, hdim, gather=True)
-    dw1, db1 = _wgrad(dz1, rows, h, seg, hdim, d, gather=False)
-    n_prog = n_slots // _SUB
+    dw2 = _wgrad(dy, rows, g, seg, d, hdim, gather=True)
+    dw1 = _wgrad(dz1, rows, h, seg, hdim, d, gather=False)
     dx = torch.empty_like(x)
-    dwp = torch.zeros(n_prog, d, device=dev, dtype=torch.float32)
-    dbp = torch.zeros(n_prog, d, device=dev, dtype=torch.float32)
-    launch(_ln_bwd_kernel, (n_prog,), dh, x, rows, tile_expert, ln_w, mean, rstd, dout, dx, dwp, dbp, d,
-           SUB=_SUB, INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
-    prog_e = tile_expert.long().clamp_min(0).repeat_interleave(BLOCK_M // _SUB)  # unused programs wrote zeros
-    dlnw = torch.zeros(N_EXPERTS, d, device=dev, dtype=torch.float32).index_add_(0, prog_e, dwp)
-    dlnb = torch.zeros(N_EXPERTS, d, device=dev, dtype=torch.float32).index_add_(0, prog_e, dbp)
+    launch(_ln_bwd_kernel, (tile_expert.numel(),), dh, x, rows, tile_expert, ln_w, mean, rstd, dout, dx, part, d,
+           part.stride(0), SUB=_SUB, INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
+    sums = _seg_sum(part, seg)
+    dlnw, dlnb, db2, db1 = (t.clone() for t in sums.split([d, d, d, hdim], 1))  # op outputs may not alias
     return dx, dlnw, dlnb, dw1, db1, dw2, db2
 
 

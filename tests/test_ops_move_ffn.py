@@ -7,6 +7,7 @@ switch the whole session to the interpreter). See tests/test_ops_local_align.py 
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medst_fast.kernels import _utils
 
@@ -65,8 +66,8 @@ CASES = [
     (1, 4, 0, 32, 64),     # one frontal-only study: the lateral expert gets no tokens
     (1, 6, 1, 48, 80),     # one two-view study, D and H not powers of two
     (3, 9, 2, 32, 96),     # studies 0 and 2 with a lateral
-    (7, 9, 3, 32, 64),     # 7 studies crossing several 64-slot tiles
-    (7, 5, 1, 64, 128),
+    (13, 11, 2, 32, 64),   # the frontal group (156 tokens) crosses a 128-slot tile
+    (12, 12, 1, 64, 128),  # both groups cross a tile boundary
 ]
 
 
@@ -197,6 +198,103 @@ def test_interp_routing_reused_across_blocks(interpret):
     assert_close_rel(y.detach(), y_ref.detach(), 1e-5, "out")
     g, g_ref = torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y_ref.sum(), x)[0]
     assert_close_rel(g, g_ref, 1e-5, "dx")
+
+
+SYNC_OPS = {"aten::nonzero", "aten::bincount", "aten::repeat_interleave", "aten::_unique", "aten::_unique2",
+            "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select", "aten::_local_scalar_dense",
+            "aten::item"}
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op issued, including inside medst_fast custom ops; paused while a Triton kernel runs (the
+    interpreter's own tensor copies are not the op's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            self.ops.append((func, args, kwargs))
+        if func.namespace == "medst_fast":  # run its Python implementation here, so its own ops are seen too
+            impl = torch._library.custom_ops._maybe_get_opdef(func)._init_fn
+            with self:
+                return impl(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def host_sync_ops(ops):
+    """The ops that make a CUDA stream wait for the host (data-dependent shapes or a read of a value)."""
+    bad = []
+    for func, args, kwargs in ops:
+        name = func._schema.name
+        if name in SYNC_OPS:
+            bad.append(str(func))
+        elif name in ("aten::index", "aten::index_put", "aten::index_put_"):
+            idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in idx):
+                bad.append(f"{func} with a boolean mask")
+    return bad
+
+
+def _ffn_fwd_bwd_ops(monkeypatch, fn):
+    vid = packed_views(5, 9, 2)
+    r = mf.build_routing(vid)  # on the host, as the collate does: not part of the step
+    x = torch.randn(vid.numel(), 32, requires_grad=True)
+    params = make_params(32, 64)
+    log = OpLog()
+
+    def paused_launch(*a, _orig=mf.launch, **k):
+        log.paused = True
+        try:
+            return _orig(*a, **k)
+        finally:
+            log.paused = False
+
+    monkeypatch.setattr(mf, "launch", paused_launch)
+    with log:
+        out = fn(x, vid, r, params)
+        torch.autograd.grad(out, [x] + params, torch.randn_like(out))
+    return log.ops
+
+
+def test_host_sync_check_catches_sync_ops():
+    log = OpLog()
+    with log:
+        v = torch.tensor([0, 1, 1, 0])
+        torch.bincount(v)
+        v[v > 0]
+        float(v.sum())
+    assert len(host_sync_ops(log.ops)) == 3, host_sync_ops(log.ops)
+
+
+def test_torch_twin_issues_no_host_sync(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops = _ffn_fwd_bwd_ops(monkeypatch, lambda x, v, r, p: mf.move_ffn_slots(x, r, *p))
+    assert any(f._schema.name == "aten::einsum" for f, _, _ in ops), "the twin's ops were not seen"
+    assert host_sync_ops(ops) == []
+
+
+def test_interp_triton_issues_no_host_sync(interpret, monkeypatch):
+    ops = _ffn_fwd_bwd_ops(monkeypatch, lambda x, v, r, p: mf.move_ffn(x, v, *p, 1e-6, routing=r))
+    assert interpret == {"fwd": 1, "bwd": 1}
+    names = {f._schema.name for f, _, _ in ops}
+    assert {"aten::empty", "aten::clone"} <= names, "the ops inside the custom ops were not seen"
+    assert host_sync_ops(ops) == []
+
+
+def test_routing_on_host_and_tile_count_fixed_by_token_count():
+    """Built on CPU, moved as a whole; the shapes depend only on (N, n_experts, block_m), not on the view mix."""
+    shapes = set()
+    for lat in (0, 1, 2, 3):
+        vid = packed_views(9, 13, lat)[:117]
+        r = mf.build_routing(vid)
+        assert r.rows.device.type == "cpu" and r.rows.dtype == torch.int32
+        shapes.add((r.rows.shape, r.tile_expert.shape, r.seg.shape))
+    assert shapes == {(torch.Size([(-(-117 // mf.BLOCK_M) + 1) * mf.BLOCK_M]), torch.Size([2]), torch.Size([3]))}
+    r2 = r.to("cpu")
+    assert isinstance(r2, mf.MoveRouting) and all(torch.equal(a, b) for a, b in zip(r, r2))
 
 
 @pytest.mark.parametrize("studies,patches,lat", [(1, 4, 0), (3, 9, 2), (7, 5, 1)])
