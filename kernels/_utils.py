@@ -146,6 +146,8 @@ def _mode_globals(module_globals: dict, mode: bool) -> dict:
 def _rebind(fn, g: dict):
     f = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     f.__qualname__, f.__module__, f.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    f.__kwdefaults__ = fn.__kwdefaults__
+    f.__annotations__ = dict(fn.__annotations__)  # Triton reads the tl.constexpr annotations from here
     return f
 
 

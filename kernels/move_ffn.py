@@ -205,20 +205,32 @@ def _seg_sum_kernel(PART, SEG, OUT, W, TILE_ROWS: tl.constexpr, BLOCK_T: tl.cons
     tl.store(OUT + e * W + cols, tl.sum(acc, 0), mask=cm)
 
 
-def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, N, K, stride_be, stride_bn, stride_bk, part_stride,
-                       A_GATHER: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[m, n] = epilogue(sum_k A[m, k] B_e[n, k]) for the slot tile m of expert e = TILE_E[tile].
+@triton_helper
+def _grouped_pid(pid, n_m, n_n, GROUP: tl.constexpr):
+    """Program pid -> (pid_m, pid_n) in groups of GROUP row tiles that sweep the columns together, so the
+    operand tiles they share are read while still in L2 (Triton's grouped ordering)."""
+    in_group = GROUP * n_n
+    first_m = (pid // in_group) * GROUP
+    size_m = tl.minimum(n_m - first_m, GROUP)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
-    The compute dtype CT is the weights' dtype: A tiles are taken to CT, products accumulate in fp32.
+
+def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, n_tiles, N, K, part_stride,
+                       A_GATHER: tl.constexpr, B_NCONTIG: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr,
+                       INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    """C[m, n] = epilogue(sum_k A[m, k] B_e[k, n]) for the slot tile m of expert e = TILE_E[tile].
+
+    B is the (E, ., .) weight stack: B_e[k, n] at e*N*K + n*K + k, or at e*N*K + k*N + n when B_NCONTIG (the
+    strides are compile-time, so loads vectorise and pipeline). The compute dtype CT is the weights' dtype:
+    A tiles are taken to CT, products accumulate in fp32.
     EPI 0: C = acc.  1: AUX = round_CT(acc + bias_e) (pre-activation), C = round_CT(gelu(AUX)).
     2: C[ROWS[m]] = RES[ROWS[m]] + round_CT(acc + bias_e) (scatter to token order).
     3: C = round_CT(acc * gelu'(AUX)), and the tile's column sums of C (the fc1 bias gradient) to PART[tile].
     A_GATHER: A is in token order and is read through ROWS (padding slots read zeros).
     """
     CT: tl.constexpr = B.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(TILE_E + pid_m)
     if e >= 0:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,21 +239,26 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, N, K, stride
         if A_GATHER or EPI == 2:
             r = tl.load(ROWS + rm)
         if A_GATHER:
-            a_row = r.to(tl.int64)
-            a_ok = r >= 0
+            a_ptr = A + r.to(tl.int64)[:, None] * K + rk[None, :]
+            a_ok = (r >= 0)[:, None]
         else:
-            a_row = rm.to(tl.int64)
-            a_ok = rm >= 0
+            a_ptr = A + rm.to(tl.int64)[:, None] * K + rk[None, :]
+            a_ok = (rm >= 0)[:, None]
         nm = rn < N
-        b_base = B + e.to(tl.int64) * stride_be
+        if B_NCONTIG:
+            b_ptr = B + e.to(tl.int64) * N * K + rk[:, None] * N + rn[None, :]
+            b_step = BLOCK_K * N
+        else:
+            b_ptr = B + e.to(tl.int64) * N * K + rn[None, :] * K + rk[:, None]
+            b_step = BLOCK_K
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            km = kk < K
-            a = tl.load(A + a_row[:, None] * K + kk[None, :], mask=a_ok[:, None] & km[None, :], other=0.0)
-            b = tl.load(b_base + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=km[:, None] & nm[None, :],
-                        other=0.0)
-            acc += tl.dot(_operand(a, CT, INTERP), _operand(b, CT, INTERP), input_precision=PREC)
+            km = (k0 + rk) < K
+            a = tl.load(a_ptr, mask=a_ok & km[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=km[:, None] & nm[None, :], other=0.0)
+            acc = tl.dot(_operand(a, CT, INTERP), _operand(b, CT, INTERP), acc, input_precision=PREC)
+            a_ptr += BLOCK_K
+            b_ptr += b_step
         c_off = rm.to(tl.int64)[:, None] * N + rn[None, :]
         if EPI == 0:
             tl.store(C + c_off, acc, mask=nm[None, :])
@@ -254,8 +271,8 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, N, K, stride
         elif EPI == 2:
             ok = (r >= 0)[:, None] & nm[None, :]
             o_off = r.to(tl.int64)[:, None] * N + rn[None, :]
-            res = tl.load(RES + o_off, mask=ok, other=0.0).to(tl.float32)
             y = acc + tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+            res = tl.load(RES + o_off, mask=ok, other=0.0).to(tl.float32)
             # the branch is rounded to the compute dtype before the residual add, as the eager module does
             y = _round(res + _round(y, CT, INTERP), C.dtype.element_ty, INTERP)
             tl.store(C + o_off, y, mask=ok)
@@ -270,12 +287,12 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, N, K, stride
 
 def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, N, K,
                           A_GATHER: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """DW[e, n, k] = sum over expert e's slots m of A[m, n] BM[m, k] (the bias sums come from PART rows)."""
+                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    """DW[e, n, k] = sum over expert e's slots m of A[m, n] BM[m, k]: a GEMM whose reduction runs over the
+    expert's slot segment [SEG[e], SEG[e+1]) in steps of BLOCK_R (the bias sums come from the PART rows)."""
     CT: tl.constexpr = BM.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    e = tl.program_id(2)
+    pid_n, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    e = tl.program_id(1)
     start = tl.load(SEG + e)
     end = tl.load(SEG + e + 1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,8 +300,8 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, N, K,
     nm = rn < N
     km = rk < K
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
+    for m0 in range(start, end, BLOCK_R):
+        rm = m0 + tl.arange(0, BLOCK_R)
         if A_GATHER:
             r = tl.load(ROWS + rm)
             a_row = r.to(tl.int64)
@@ -294,7 +311,7 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, N, K,
             a_ok = rm >= 0
         a = tl.load(A + a_row[:, None] * N + rn[None, :], mask=a_ok[:, None] & nm[None, :], other=0.0)
         b = tl.load(BM + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=km[None, :], other=0.0)
-        acc += tl.dot(tl.trans(_operand(a, CT, INTERP)), _operand(b, CT, INTERP), input_precision=PREC)
+        acc = tl.dot(tl.trans(_operand(a, CT, INTERP)), _operand(b, CT, INTERP), acc, input_precision=PREC)
     tl.store(DW + e * N * K + rn[:, None] * K + rk[None, :], acc, mask=nm[:, None] & km[None, :])
 
 
@@ -308,28 +325,51 @@ def _prec(compute_dtype: torch.dtype) -> str:
     return "ieee" if compute_dtype == torch.float32 or interpreting() else "tf32"
 
 
-def _gemm_blocks(n: int, k: int):
-    return min(128, max(16, next_pow2(n))), min(64, max(16, next_pow2(k)))
+class GemmConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def _mm(a, rows, tile_expert, w, stride_be, stride_bn, stride_bk, n, k, c, *, gather=False, epi=0, bias=None,
-        aux=None, res=None, part=None):
-    bn, bk = _gemm_blocks(n, k)
-    grid = (tile_expert.numel(), triton_cdiv(n, bn))
-    launch(_grouped_mm_kernel, grid,
+# Hopper tiles for 128-row slot tiles. bf16/fp16: 128x128x64, 8 warps (two warpgroups on wgmma m64), three
+# stages of cp.async prefetch (96 KB of shared memory). Exact fp32 (ieee FMA products, the parity path):
+# narrow K steps so the operand slices each thread holds fit in registers (wider ones spill on sm_90).
+_GEMM_CFG = {"mma": GemmConfig(128, 64, 8, 3), "fp32": GemmConfig(64, 16, 8, 2)}
+_WGRAD_CFG = {"mma": (64, GemmConfig(128, 128, 8, 3)), "fp32": (16, GemmConfig(64, 64, 8, 2))}  # (BLOCK_R, tile)
+_GROUP = 8
+
+
+def _cfg_kind(compute_dtype: torch.dtype) -> str:
+    return "fp32" if compute_dtype == torch.float32 else "mma"
+
+
+def _fit(block: int, n: int) -> int:
+    # small test shapes: no tile wider than the next power of two of the dimension (at least 16)
+    return min(block, max(16, next_pow2(n)))
+
+
+def _mm(a, rows, tile_expert, w, n, k, c, *, b_ncontig, gather=False, epi=0, bias=None, aux=None, res=None,
+        part=None):
+    cfg = _GEMM_CFG[_cfg_kind(w.dtype)]
+    bn, bk = _fit(cfg.block_n, n), _fit(cfg.block_k, k)
+    n_tiles = tile_expert.numel()
+    launch(_grouped_mm_kernel, (n_tiles * triton_cdiv(n, bn),),
            a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
-           res if res is not None else c, part if part is not None else c, n, k, stride_be, stride_bn, stride_bk,
+           res if res is not None else c, part if part is not None else c, n_tiles, n, k,
            part.stride(0) if part is not None else 0,
-           A_GATHER=gather, EPI=epi, PREC=_prec(w.dtype), INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=bn,
-           BLOCK_K=bk)
+           A_GATHER=gather, B_NCONTIG=b_ncontig, EPI=epi, PREC=_prec(w.dtype), INTERP=interpreting(),
+           BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, num_warps=cfg.num_warps,
+           num_stages=cfg.num_stages)
 
 
 def _wgrad(a, rows, bm, seg, n, k, gather):
-    bn, bk = min(64, max(16, next_pow2(n))), min(64, max(16, next_pow2(k)))
+    block_r, cfg = _WGRAD_CFG[_cfg_kind(bm.dtype)]
+    bn, bk = _fit(cfg.block_n, n), _fit(cfg.block_k, k)
     dw = torch.empty(N_EXPERTS, n, k, device=a.device, dtype=torch.float32)
-    grid = (triton_cdiv(n, bn), triton_cdiv(k, bk), N_EXPERTS)
-    launch(_grouped_wgrad_kernel, grid, a, rows, bm, seg, dw, n, k, A_GATHER=gather, PREC=_prec(bm.dtype),
-           INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+    launch(_grouped_wgrad_kernel, (triton_cdiv(n, bn) * triton_cdiv(k, bk), N_EXPERTS), a, rows, bm, seg, dw, n, k,
+           A_GATHER=gather, PREC=_prec(bm.dtype), INTERP=interpreting(), BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk,
+           GROUP_N=_GROUP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dw
 
 
@@ -357,10 +397,10 @@ def _fwd_triton(x, rows, tile_expert, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ep
     z1 = torch.empty(n_slots, hdim, device=dev, dtype=ct)
     g = torch.empty(n_slots, hdim, device=dev, dtype=ct)
     # fc1_w (E, H, D): B_e[n=h, k=d]
-    _mm(h, rows, tile_expert, fc1_w, hdim * d, d, 1, hdim, d, g, epi=1, bias=fc1_b, aux=z1)
+    _mm(h, rows, tile_expert, fc1_w, hdim, d, g, b_ncontig=False, epi=1, bias=fc1_b, aux=z1)
     out = torch.empty_like(x)
     # fc2_w (E, D, H): B_e[n=d, k=h]
-    _mm(g, rows, tile_expert, fc2_w, d * hdim, hdim, 1, d, hdim, out, epi=2, bias=fc2_b, res=x)
+    _mm(g, rows, tile_expert, fc2_w, d, hdim, out, b_ncontig=False, epi=2, bias=fc2_b, res=x)
     return out, h, mean, rstd, z1, g
 
 
@@ -374,16 +414,15 @@ def _bwd_triton(dout, x, rows, tile_expert, seg, ln_w, fc1_w, fc2_w, h, mean, rs
     part = torch.empty(tile_expert.numel(), 3 * d + hdim, device=dev, dtype=torch.float32)
     dz1 = torch.empty(n_slots, hdim, device=dev, dtype=ct)
     # dz1[m, h] = sum_d dy[m, d] W2_e[d, h] * gelu'(z1): B_e[n=h, k=d] = fc2_w[e, d, h]
-    _mm(dy, rows, tile_expert, fc2_w, d * hdim, 1, hdim, hdim, d, dz1, gather=True, epi=3, aux=z1,
-        part=part[:, 3 * d:])
+    _mm(dy, rows, tile_expert, fc2_w, hdim, d, dz1, b_ncontig=True, gather=True, epi=3, aux=z1, part=part[:, 3 * d:])
     dh = torch.empty(n_slots, d, device=dev, dtype=torch.float32)
     # dh[m, d] = sum_h dz1[m, h] W1_e[h, d]: B_e[n=d, k=h] = fc1_w[e, h, d]
-    _mm(dz1, rows, tile_expert, fc1_w, hdim * d, 1, d, d, hdim, dh)
+    _mm(dz1, rows, tile_expert, fc1_w, d, hdim, dh, b_ncontig=True)
     dw2 = _wgrad(dy, rows, g, seg, d, hdim, gather=True)
     dw1 = _wgrad(dz1, rows, h, seg, hdim, d, gather=False)
     dx = torch.empty_like(x)
     launch(_ln_bwd_kernel, (tile_expert.numel(),), dh, x, rows, tile_expert, ln_w, mean, rstd, dout, dx, part, d,
-           part.stride(0), SUB=_SUB, INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d))
+           part.stride(0), SUB=_SUB, INTERP=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=next_pow2(d), num_warps=8)
     sums = _seg_sum(part, seg)
     dlnw, dlnb, db2, db1 = (t.clone() for t in sums.split([d, d, d, hdim], 1))  # op outputs may not alias
     return dx, dlnw, dlnb, dw1, db1, dw2, db2
