@@ -1,97 +1,179 @@
-"""Helpers shared by the benchmark files: environment stamp, timing, CSV rows (Liger's schema + env columns)."""
+"""What every benchmark shares: one row schema, the environment stamp, timing, the CSV and the summary table.
+
+A row compares one thing two ways measured in the same run: a baseline and ours, each with its value and its
+precision, and ``ratio`` = how many times better ours is (baseline time / our time, or our rate / baseline
+rate). A ratio never mixes a precision change into a speed-up: rows whose sides differ in precision are
+allowed only as explicit precision rows (``name`` ending in "precision").
+
+``performance_number`` is true only on a CUDA device outside quick mode; every row from a CPU run says it is
+not a performance number (the shapes are tiny and the machine is whatever runs the tests).
+
+Quick mode (``MEDST_BENCH_QUICK=1`` or ``pytest benchmarks/ --benchmark --bench-quick``) shrinks every
+benchmark so the whole folder runs in a few minutes on a laptop CPU: it checks that they run.
+"""
 from __future__ import annotations
 
 import csv
 import datetime
 import os
+import platform
 import statistics
 import subprocess
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CSV = os.path.join(ROOT, "benchmarks", "results", "bench.csv")
+LOCAL_RESULTS = os.path.join(ROOT, "benchmarks", "results", "local")  # git-ignored
+CUDA = torch.cuda.is_available()
+
+SCHEMA = [
+    "bench", "name", "shape", "unit", "baseline", "baseline_value", "baseline_precision", "ours", "ours_value",
+    "ours_precision", "ratio", "device", "performance_number", "quick", "note",
+    "medst_fast", "torch", "cuda", "triton", "torchvision", "dali", "python", "cpus", "git_sha", "git_dirty",
+    "timestamp",
+]
+TABLE = ["bench", "name", "shape", "baseline", "ours", "ratio", "unit", "device"]
+RATES = ("studies/s", "images/s")
+TIMES = ("ms", "s")
 
 
-def git_sha() -> str:
+def quick() -> bool:
+    return os.environ.get("MEDST_BENCH_QUICK", "0") not in ("", "0")
+
+
+def performance_number() -> bool:
+    return CUDA and not quick()
+
+
+def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
-        return "unknown"
+        return ""
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module, fromlist=["__version__"]).__version__
+    except Exception:
+        return "none"
+
+
+_ENV: Dict[str, str] = {}
 
 
 def env_info() -> Dict[str, str]:
-    """The columns every benchmark row carries: GPU, software versions, commit, time."""
-    try:
-        import triton
+    """The columns every row carries: device, software versions, commit (and whether the tree was dirty)."""
+    if not _ENV:
+        import medst_fast
 
-        triton_v = triton.__version__
-    except Exception:
-        triton_v = "none"
-    cuda = torch.cuda.is_available()
-    return {
-        "gpu_name": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-        "triton": triton_v,
-        "cuda": torch.version.cuda or "none",
-        "git_sha": git_sha(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+        _ENV.update({
+            "device": torch.cuda.get_device_name() if CUDA else f"cpu ({os.cpu_count()} cores)",
+            "medst_fast": medst_fast.__version__, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "triton": _version("triton"), "torchvision": _version("torchvision"), "dali": _version("nvidia.dali"),
+            "python": platform.python_version(), "cpus": str(os.cpu_count()),
+            "git_sha": _git("rev-parse", "--short", "HEAD") or "unknown",
+            "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        })
+    return dict(_ENV)
 
 
-def append_rows(path: str, rows: List[dict]) -> None:
-    """Append rows to a CSV, writing the header when the file is new; columns are the union of the rows'
-    keys (existing header first), so different benchmarks can share one file."""
-    if not rows:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields: List[str] = []
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline="") as f:
-            fields = next(csv.reader(f), [])
-    new = [k for r in rows for k in r if k not in fields]
-    for k in new:
-        if k not in fields:
-            fields.append(k)
-    if new and os.path.exists(path) and os.path.getsize(path) > 0:
-        # header grew: rewrite the file with the wider header (old rows get empty cells)
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(old)
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if not exists:
-            w.writeheader()
-        w.writerows(rows)
+def ratio(unit: str, baseline_value: float, ours_value: float) -> float:
+    """How many times better ours is than the baseline."""
+    if unit in RATES:
+        return ours_value / baseline_value
+    if unit in TIMES:
+        return baseline_value / ours_value
+    raise ValueError(f"unit {unit!r}: expected one of {RATES + TIMES}")
 
 
-def print_table(rows: List[dict], cols: List[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+def row(bench: str, name: str, shape: str, unit: str, baseline: str, baseline_value: float, ours: str,
+        ours_value: float, baseline_precision: str, ours_precision: Optional[str] = None, note: str = "") -> Dict:
+    """One comparison in the common schema. Sides of different precision only in a "... precision" row."""
+    ours_precision = baseline_precision if ours_precision is None else ours_precision
+    if ours_precision != baseline_precision and not name.endswith("precision"):
+        raise ValueError(f"{bench}/{name}: {baseline_precision} baseline vs {ours_precision} ours; a precision "
+                         "change gets its own row named '... precision'")
+    perf = performance_number()
+    if not perf:
+        why = ", ".join(x for x in ("" if CUDA else "CPU, tiny shapes", "quick mode" if quick() else "") if x)
+        note = "; ".join(x for x in (f"not a performance number ({why})", note) if x)
+    r = {"bench": bench, "name": name, "shape": shape, "unit": unit, "baseline": baseline,
+         "baseline_value": _round(baseline_value), "baseline_precision": baseline_precision, "ours": ours,
+         "ours_value": _round(ours_value), "ours_precision": ours_precision,
+         "ratio": round(ratio(unit, baseline_value, ours_value), 3), "performance_number": str(perf).lower(),
+         "quick": str(quick()).lower(), "note": note,
+         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    r.update(env_info())
+    return {k: r[k] for k in SCHEMA}
 
 
+def _round(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+# -- where rows go ------------------------------------------------------------------------------------------------
+class Results:
+    """The rows of one pytest session: written to the CSV as they come (a timed-out run keeps what it has)
+    and printed as one table at the end."""
+
+    def __init__(self, path: Optional[str] = None):
+        if path is None:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            path = os.path.join(LOCAL_RESULTS, f"bench-{stamp}.csv")
+        self.path = os.path.abspath(path)
+        self.rows: List[Dict] = []
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != SCHEMA:
+                raise ValueError(f"{self.path}: its header is not the benchmark schema (columns {header[:6]}...); "
+                                 "pass a new --bench-csv path")
+
+    def add(self, rows: List[Dict]) -> None:
+        for r in rows:
+            if list(r) != SCHEMA:
+                raise ValueError(f"benchmark row {r.get('bench')}/{r.get('name')} is not in the schema; build it with row()")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        new = not (os.path.exists(self.path) and os.path.getsize(self.path) > 0)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SCHEMA)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+        self.rows.extend(rows)
+
+    def table(self) -> List[str]:
+        return format_table(self.rows)
+
+
+def format_table(rows: List[Dict]) -> List[str]:
+    """Markdown table of the summary columns; each side shows its value and its precision."""
+    def cell(r, c):
+        if c in ("baseline", "ours"):
+            return f"{r[c]}: {r[c + '_value']} ({r[c + '_precision']})"
+        return str(r[c])
+
+    lines = ["| " + " | ".join(TABLE) + " |", "|" + "|".join("---" for _ in TABLE) + "|"]
+    lines += ["| " + " | ".join(cell(r, c) for c in TABLE) + " |" for r in rows]
+    return lines
+
+
+# -- timing ---------------------------------------------------------------------------------------------------------
 def bench(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> Dict[str, float]:
     """Median / p20 / p80 milliseconds of ``fn`` after warm-up. CUDA: triton.testing.do_bench (flushes L2,
     CUDA-event timed); CPU: wall clock, few repetitions (tiny shapes only)."""
-    if torch.cuda.is_available():
+    if CUDA:
         from triton.testing import do_bench
 
         p50, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
-    import time
-
     for _ in range(min(warmup, 2)):
         fn()
     ts = []
-    for _ in range(min(rep, 5)):
+    for _ in range(min(rep, 3 if quick() else 5)):
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
@@ -101,10 +183,14 @@ def bench(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> Dict[str
 
 
 def peak_gib(fn: Callable[[], object]) -> float:
-    if not torch.cuda.is_available():
+    if not CUDA:
         return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def precision_name(dtype) -> str:
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

@@ -1,11 +1,18 @@
-"""Input-pipeline throughput per backend, and the batched transform op against the per-image PyTorch path.
+"""Input pipeline: the trainer's loader per back-end against its PIL path, and the batched transform op against
+the per-image PyTorch path, in the same run.
 
-Run:  pytest benchmarks/bench_loader.py --benchmark -s      (rows appended to --bench-csv)
-      python benchmarks/bench_loader.py [--studies 1024] [--full-studies 16] [--batch-series 16]
-Backends: PIL DataLoader workers, DALI CPU (device_id=None), DALI GPU ("mixed"), torchvision decode_jpeg +
-the extension op on CPU and on CUDA (nvJPEG). Data: the real covid-cxr JPEGs in ../shared/data (when
-present), synthetic 256-px JPEGs (what a prepared cache holds) and synthetic MIMIC-size (3000 x 2500) JPEGs.
-Each figure is one full epoch after a warm-up epoch: studies/s and images/s (frontal + present laterals).
+Run:  pytest benchmarks/bench_loader.py --benchmark [--bench-csv PATH] [--bench-quick]
+      python benchmarks/bench_loader.py [--quick] [--csv PATH]
+
+Rows (ratio = ours / PIL, same CPU budget: ``min(8, CPUs)`` PIL worker processes or reader threads):
+* ``loader 256px cache``: studies/s of ``build_series_loader`` over 256-px JPEGs (what ``prepare`` caches),
+  half the studies with a lateral, one epoch after a warm-up batch (worker start-up counts, as in training);
+* ``loader full-size``: images/s (frontal + laterals decoded and resized) over ~3000 x 2500 JPEGs, the
+  uncached MIMIC-CXR-JPG case;
+* ``resize op``: ms for 256 decoded images of 200-520 px, ``medst_fast::resize_pad_crop_normalize`` against
+  ``resize_pad_crop_normalize_ref``.
+Back-ends: DALI and torchvision decode (+ the op) on the CPU, and on CUDA when there is a GPU ("mixed"
+DALI, nvJPEG). All outputs are fp32 (1, S, S) by the same transform definition.
 """
 from __future__ import annotations
 
@@ -14,30 +21,27 @@ import os
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # written by another module owner; keep this file usable without it
-    from _common import append_rows, env_info
-except ImportError:  # pragma: no cover
-    def append_rows(path, rows):
-        pass
+from _common import format_table, quick, row  # noqa: E402
 
-    def env_info():
-        return {"gpu_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                "torch": torch.__version__}
+CUDA = torch.cuda.is_available()
+CPUS = max(1, min(8, os.cpu_count() or 1))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-COVID = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "data", "covid-cxr"))
+
+def sizes() -> Dict[str, int]:
+    if quick():
+        return {"studies": 48, "full_studies": 6, "batch_series": 4, "op_images": 32}
+    return {"studies": 1024, "full_studies": 32, "batch_series": 16, "op_images": 256}
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def _synthetic_jpegs(folder: str, n: int, size, seed: int = 0) -> List[str]:
-    """Smooth random grey images (chest-X-ray-like JPEG sizes), varied aspect ratio."""
+def synthetic_jpegs(folder: str, n: int, size: Tuple[int, int], seed: int = 0) -> List[str]:
+    """Smooth random grey images with noise (chest-X-ray-like JPEG sizes), varied aspect ratio."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -47,22 +51,21 @@ def _synthetic_jpegs(folder: str, n: int, size, seed: int = 0) -> List[str]:
         h, w = size
         w = int(w * rng.uniform(0.8, 1.0))
         small = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32)), dtype=np.uint8)
-        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
-        noise = rng.normal(0, 6, (h, w))
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), np.float32)
+        img = np.clip(img + rng.normal(0, 6, (h, w)), 0, 255).astype(np.uint8)
         p = os.path.join(folder, f"img{i:05d}.jpg")
-        img.save(p, quality=95)
+        Image.fromarray(img).save(p, quality=95)
         paths.append(p)
     return paths
 
 
-def _index(out: str, frontals: List[str], laterals: List[str], lateral_every: int = 2) -> str:
-    """Studies in series of 4; every ``lateral_every``-th study has a lateral."""
+def write_index(out: str, frontals: List[str], laterals: List[str]) -> str:
+    """Studies in series of 4; every second study has a lateral."""
     from medst_fast.data.index import SeriesIndex, Study
 
     studies = []
     for i, fr in enumerate(frontals):
-        la = laterals[i % len(laterals)] if laterals and i % lateral_every == 0 else ""
+        la = laterals[i % len(laterals)] if i % 2 == 0 else ""
         studies.append(Study(row=i, subject_id=str(i // 4), study_id=f"s{i}", split="train", order=i % 4,
                              study_datetime="", frontal_path=fr, lateral_path=la, frontal_dicom="",
                              lateral_dicom="", text="the lungs are clear. no effusion.", n_tokens=0))
@@ -71,81 +74,77 @@ def _index(out: str, frontals: List[str], laterals: List[str], lateral_every: in
     return out
 
 
-def datasets(tmp: str, studies: int, full_studies: int) -> Dict[str, str]:
-    out = {}
-    if os.path.isfile(os.path.join(COVID, "manifest.csv")):
-        import csv
-
-        rows = list(csv.DictReader(open(os.path.join(COVID, "manifest.csv"))))
-        fr = [os.path.join(COVID, r["file"]) for r in rows if r["view_kind"] == "frontal"]
-        la = [os.path.join(COVID, r["file"]) for r in rows if r["view_kind"] == "lateral"]
-        out["covid-cxr"] = _index(os.path.join(tmp, "covid"), (fr * (studies // len(fr) + 1))[:studies], la)
-    imgs = _synthetic_jpegs(os.path.join(tmp, "syn256"), 64, (256, 256))
-    out["synthetic-256px"] = _index(os.path.join(tmp, "i256"), [imgs[i % 48] for i in range(studies)], imgs[48:])
-    if full_studies:
-        big = _synthetic_jpegs(os.path.join(tmp, "synfull"), 8, (3000, 2500), seed=1)
-        out["synthetic-3000x2500"] = _index(os.path.join(tmp, "ifull"), [big[i % 6] for i in range(full_studies)],
-                                            big[6:])
-    return out
-
-
 # -- loader throughput -------------------------------------------------------------------------------------------
-def backends() -> List[tuple]:
-    cuda = torch.cuda.is_available()
-    workers = max(1, (os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1))
-    b = [("pil", dict(backend="pil", num_workers=workers), f"PIL DataLoader, {workers} workers")]
-    try:
-        import nvidia.dali  # noqa: F401
+def backends() -> List[Tuple[str, dict]]:
+    """(label, build_series_loader kwargs) of every back-end this machine runs; PIL first (the baseline)."""
+    from medst_fast.data.loaders import dali_missing
 
-        b.append(("dali-cpu", dict(backend="dali", device_id=None, num_threads=threads), f"DALI CPU, {threads} threads"))
-        if cuda:
-            b.append(("dali-gpu", dict(backend="dali", num_threads=threads), "DALI mixed decode + op"))
-            b.append(("dali-gpu-graph", dict(backend="dali", num_threads=threads, filter="bilinear"),
-                      "DALI mixed decode + DALI resize/slice/normalise"))
-    except ImportError:
-        pass
-    b.append(("tv-cpu+op", dict(backend="nvjpeg", device="cpu"), "torchvision CPU decode + op"))
-    if cuda:
-        b.append(("nvjpeg+op", dict(backend="nvjpeg", device="cuda"), "torchvision nvJPEG + op"))
+    b = [("pil", dict(backend="pil", device="cpu"))]
+    has_dali = dali_missing() is None
+    if has_dali:
+        b.append(("dali-cpu", dict(backend="dali", device="cpu")))
+    b.append(("tv-cpu+op", dict(backend="nvjpeg", device="cpu")))
+    if CUDA:
+        if has_dali:
+            b.append(("dali-gpu+op", dict(backend="dali", device="cuda")))
+        b.append(("nvjpeg+op", dict(backend="nvjpeg", device="cuda")))
     return b
 
 
-def time_loader(index: str, kw: dict, img_size: int, batch_series: int) -> dict:
-    from medst_fast.data.gpu_loader import make_loader
+def time_loader(index: str, kw: dict, img_size: int, batch_series: int) -> Dict[str, float]:
+    from medst_fast.data.loaders import build_series_loader
 
-    loader = make_loader(index, "train", None, img_size, batch_series, True, **kw)
-
-    def epoch():
-        studies = images = 0
-        for batch in loader:
-            b = len(batch["study_id"])
-            studies += b
-            images += b + int(batch["has_lateral"].sum())
-            if torch.cuda.is_available():
-                batch["frontal"].sum().item()  # wait for the device work (a sync point, on purpose)
-        return studies, images
-
-    epoch()  # warm-up: worker start, pipeline build, page cache
+    loader = build_series_loader(index_or_dir=index, split="train", tokenizer=None, img_size=img_size,
+                                 batch_series=batch_series, train=True, workers=CPUS, seed=0, **kw)
+    loader.set_epoch(0)
+    next(iter(loader))  # warm-up: pipeline build, page cache, lazy imports
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    loader.set_epoch(1)
     t0 = time.perf_counter()
-    studies, images = epoch()
+    studies = images = 0
+    for batch in loader:
+        b = len(batch["study_id"])
+        studies += b
+        images += b + int(batch["has_lateral"].sum())
+    sync()  # the device work of the last batch counts
     dt = time.perf_counter() - t0
-    return {"studies": studies, "seconds": round(dt, 4), "studies_per_s": round(studies / dt, 1),
-            "images_per_s": round(images / dt, 1)}
+    if sum(loader.bad.values()):
+        raise AssertionError(f"{kw['backend']}: unexpected bad images {dict(loader.bad)}")
+    return {"studies/s": studies / dt, "images/s": images / dt}
+
+
+def loader_rows(tmp: str, img_size: int = 224) -> List[dict]:
+    n = sizes()
+    small = synthetic_jpegs(os.path.join(tmp, "syn256"), 64, (256, 256))
+    data = [("loader 256px cache", write_index(os.path.join(tmp, "i256"), [small[i % 48] for i in range(n["studies"])],
+                                               small[48:]), "studies/s", n["batch_series"], n["studies"])]
+    big = synthetic_jpegs(os.path.join(tmp, "synfull"), 8, (3000, 2500), seed=1)
+    data.append(("loader full-size", write_index(os.path.join(tmp, "ifull"), [big[i % 6] for i in range(n["full_studies"])],
+                                                 big[6:]), "images/s", max(1, n["full_studies"] // 8), n["full_studies"]))
+    rows = []
+    for name, index, unit, bs, studies in data:
+        shape = f"{studies} studies, {bs} series/batch, S={img_size}, {CPUS} workers"
+        measured = [(label, time_loader(index, kw, img_size, bs)[unit]) for label, kw in backends()]
+        (base, base_v), others = measured[0], measured[1:]
+        rows += [row("loader", name, shape, unit, base, base_v, label, v, "fp32") for label, v in others]
+    return rows
 
 
 # -- the op against the per-image path ----------------------------------------------------------------------------
-def bench_op(n: int = 256, reps: int = 3, device: str = "cpu") -> List[dict]:
+def op_rows(device: str) -> List[dict]:
     from medst_fast import ext
     from medst_fast import ops_image as oi
 
+    if not ext.load() or (device == "cuda" and not ext.has_cuda()):
+        return []
+    n = sizes()["op_images"]
     g = torch.Generator().manual_seed(0)
-    sizes = torch.randint(200, 520, (n, 2), generator=g)
-    imgs = [torch.randint(0, 256, (int(h), int(w)), dtype=torch.uint8, generator=g).to(device) for h, w in sizes]
-    off = oi.crop_offsets(n, 256, 224, True, g)
+    hw = torch.randint(200, 520, (n, 2), generator=g)
+    imgs = [torch.randint(0, 256, (int(h), int(w)), dtype=torch.uint8, generator=g).to(device) for h, w in hw]
+    off = torch.tensor([oi.crop_offsets(256, 224, True, g) for _ in range(n)])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def t(fn):
+    def t(fn, reps=3):
         fn()
         sync()
         ts = []
@@ -154,52 +153,39 @@ def bench_op(n: int = 256, reps: int = 3, device: str = "cpu") -> List[dict]:
             fn()
             sync()
             ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        return float(np.median(ts)) * 1e3
 
+    ref = t(lambda: oi.resize_pad_crop_normalize_ref(imgs, 224, 256, off))
+    op = t(lambda: oi.resize_pad_crop_normalize(imgs, 224, 256, off, use_ext=True))
+    return [row("loader", f"resize op ({device})", f"{n} images 200-520 px -> 224", "ms", "per-image PyTorch", ref,
+                "medst_fast::resize_pad_crop_normalize", op, "fp32")]
+
+
+def run() -> List[dict]:
     rows = []
-    t_ref = t(lambda: oi.resize_pad_crop_normalize_ref(imgs, 224, 256, off))
-    rows.append({"what": f"per-image PyTorch ({device})", "ms": round(t_ref * 1e3, 2), "images_per_s": round(n / t_ref, 1)})
-    if ext.load() and (device == "cpu" or ext.has_cuda()):
-        t_op = t(lambda: oi.resize_pad_crop_normalize(imgs, 224, 256, off, use_ext=True))
-        rows.append({"what": f"medst_fast::resize_pad_crop_normalize ({device})", "ms": round(t_op * 1e3, 2),
-                     "images_per_s": round(n / t_op, 1), "speedup": round(t_ref / t_op, 2)})
-    return rows
-
-
-def run(studies: int = 1024, full_studies: int = 16, batch_series: int = 16, img_size: int = 224) -> List[dict]:
-    env = env_info()
-    env["cpus"] = os.cpu_count()
-    rows = []
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for r in bench_op(device=dev):
-            rows.append({"bench": "resize_pad_crop_normalize", "batch": 256, **r, **env})
+    for dev in ["cpu"] + (["cuda"] if CUDA else []):
+        rows += op_rows(dev)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        for data, index in datasets(tmp, studies, full_studies).items():
-            bs = batch_series if data != "synthetic-3000x2500" else max(1, min(batch_series, full_studies // 8))
-            for name, kw, desc in backends():
-                r = time_loader(index, kw, img_size, bs)
-                rows.append({"bench": "loader", "data": data, "backend": name, "what": desc,
-                             "batch_series": bs, **r, **env})
-    for r in rows:
-        print({k: v for k, v in r.items() if k not in ("torch", "triton", "cuda", "git_sha", "timestamp")})
+        rows += loader_rows(tmp)
     return rows
 
 
-def test_bench_loader(bench_csv):
-    pytest.importorskip("PIL")
+def test_bench_loader(bench_results):
     rows = run()
-    append_rows(bench_csv, rows)
-    assert rows
+    bench_results.add(rows)
+    assert rows and all(r["ours_value"] > 0 for r in rows)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=1024)
-    ap.add_argument("--full-studies", type=int, default=16)
-    ap.add_argument("--batch-series", type=int, default=16)
-    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--csv", default=None)
     a = ap.parse_args()
-    out = run(a.studies, a.full_studies, a.batch_series, a.img_size)
+    if a.quick:
+        os.environ["MEDST_BENCH_QUICK"] = "1"
+    out = run()
+    print("\n".join(format_table(out)))
     if a.csv:
-        append_rows(a.csv, out)
+        from _common import Results
+
+        Results(a.csv).add(out)

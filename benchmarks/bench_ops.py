@@ -1,19 +1,18 @@
 """Per-op benchmarks: fused local alignment and MoVE FFN against the PyTorch reference path and an eager path
-laid out like the official Med-ST code, on the same device in the same run (fwd + bwd).
+laid out like the official Med-ST code, on the same device, in the same run and precision (fwd + bwd).
 
-    pytest benchmarks/bench_ops.py --benchmark [--bench-csv PATH] -s
+    pytest benchmarks/bench_ops.py --benchmark [--bench-csv PATH] [--bench-quick]
 
-On a machine without CUDA it runs tiny shapes only (the fused ops then take their reference path) and says
-so: those rows check that the benchmark runs, they are not performance numbers.
+Each op gives two rows: fused vs reference and fused vs official-style eager, in ms (ratio = speed-up). On a
+machine without CUDA it runs tiny shapes only (the fused ops then take their reference path): those rows
+check that the benchmark runs, they are not performance numbers.
 """
-import math
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import append_rows, bench, env_info, peak_gib, print_table
+from _common import bench, peak_gib, precision_name, row
 from medst_fast.kernels import local_align as la
 from medst_fast.kernels import move_ffn as mf
 from medst_fast.kernels._utils import use_triton
@@ -21,27 +20,19 @@ from medst_fast.kernels._utils import use_triton
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DT = torch.bfloat16 if CUDA else torch.float32
-COLS = ["op", "impl", "shape", "ms", "ms_p20", "ms_p80", "tflops", "speedup_vs_ref", "peak_gib", "gpu_name"]
 
 
-def _note():
-    if not CUDA:
-        print("\n[bench_ops] no CUDA device: tiny CPU shapes only, Triton paths fall back to the reference; "
-              "these rows are not performance numbers")
-
-
-def _finish(rows, bench_csv):
-    ref_ms = {r["op"]: r["ms"] for r in rows if r["impl"] == "reference"}
-    env = env_info()
-    for r in rows:
-        r["speedup_vs_ref"] = round(ref_ms[r["op"]] / r["ms"], 3) if r["op"] in ref_ms else ""
-        for k in ("ms", "ms_p20", "ms_p80"):
-            r[k] = round(r[k], 4)
-        r.update(env)
-        r["device_note"] = "" if CUDA else "cpu-tiny-not-a-performance-number"
-    print()
-    print_table(rows, COLS)
-    append_rows(bench_csv, rows)
+def _finish(op, shape, timings, bench_results):
+    """timings: {impl label: (ms dict, peak GiB, TFLOP/s)}; the first is ours, the others its baselines."""
+    (ours, (t_ours, peak_ours, tf_ours)), *baselines = timings.items()
+    rows = []
+    for base, (t_base, peak_base, tf_base) in baselines:
+        note = (f"ms p20-p80 ours {t_ours['ms_p20']:.4g}-{t_ours['ms_p80']:.4g}, baseline "
+                f"{t_base['ms_p20']:.4g}-{t_base['ms_p80']:.4g}; TFLOP/s {tf_ours:.3g} vs {tf_base:.3g}")
+        if CUDA:
+            note += f"; peak GiB {peak_ours:.3g} vs {peak_base:.3g}"
+        rows.append(row("ops", op, shape, "ms", base, t_base["ms"], ours, t_ours["ms"], precision_name(DT), note=note))
+    bench_results.add(rows)
 
 
 # ---------------------------------------------------------------------------------------- local alignment
@@ -70,8 +61,7 @@ def local_flops(B, W, P, d):
     return 3 * fwd  # forward + backward (backward ~ 2x forward)
 
 
-def test_local_alignment(bench_csv):
-    _note()
+def test_local_alignment(bench_results):
     B, W, P, d = (64, 111, 392, 128) if CUDA else (2, 11, 24, 32)
     words = F.normalize(torch.randn(B, W, d, device=DEV), dim=-1).to(DT).requires_grad_()
     patches = F.normalize(torch.randn(B, P, d, device=DEV), dim=-1).to(DT).requires_grad_()
@@ -97,13 +87,12 @@ def test_local_alignment(bench_csv):
     }
     fused_path = "triton" if use_triton(words, patches) else "reference-fallback"
     flops = local_flops(B, W, P, d)
-    rows = []
+    timings = {}
     for name, fn in impls.items():
         t = bench(step(fn))
-        rows.append({"op": "local_align_fwd_bwd", "impl": name if name != "fused" else f"fused({fused_path})",
-                     "shape": f"B{B} W{W} P{P} d{d} {str(DT).split('.')[-1]}", **t,
-                     "tflops": round(flops / t["ms"] / 1e9, 2), "peak_gib": round(peak_gib(step(fn)), 3)})
-    _finish(rows, bench_csv)
+        label = name if name != "fused" else f"fused({fused_path})"
+        timings[label] = (t, peak_gib(step(fn)), flops / t["ms"] / 1e9)
+    _finish("local_align_fwd_bwd", f"B{B} W{W} P{P} d{d}", timings, bench_results)
 
 
 # ------------------------------------------------------------------------------------------------- MoVE FFN
@@ -116,8 +105,7 @@ class _Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def test_move_ffn(bench_csv):
-    _note()
+def test_move_ffn(bench_results):
     B, n_front, D, H = (64, 197, 768, 3072) if CUDA else (2, 5, 32, 64)
     N = 2 * n_front - 1  # CLS + frontal + lateral patches
     norm, norm_l = nn.LayerNorm(D, eps=1e-6).to(DEV, DT), nn.LayerNorm(D, eps=1e-6).to(DEV, DT)
@@ -146,12 +134,11 @@ def test_move_ffn(bench_csv):
     }
     path = "triton" if use_triton(x) else "reference-fallback"
     flops = 3 * 2 * 2 * B * N * D * H  # two GEMMs, forward + backward
-    rows = []
+    timings = {}
     for name, (fn, params, g) in impls.items():
         def run(fn=fn, params=params, g=g):
             torch.autograd.grad(fn(), params, g)
         t = bench(run)
-        rows.append({"op": "move_ffn_fwd_bwd", "impl": name if name != "triton" else f"triton({path})",
-                     "shape": f"B{B} N{N} D{D} H{H} {str(DT).split('.')[-1]}", **t,
-                     "tflops": round(flops / t["ms"] / 1e9, 2), "peak_gib": round(peak_gib(run), 3)})
-    _finish(rows, bench_csv)
+        label = name if name != "triton" else f"triton({path})"
+        timings[label] = (t, peak_gib(run), flops / t["ms"] / 1e9)
+    _finish("move_ffn_fwd_bwd", f"B{B} N{N} D{D} H{H}", timings, bench_results)

@@ -1,21 +1,22 @@
-"""How fast `prepare mimic` builds the 256-px cache from full-size MIMIC-like JPEGs, draft vs plain decode.
+"""How fast ``prepare mimic`` builds the 256-px cache from full-size MIMIC-like JPEGs: JPEG draft decoding
+(ours) against a plain full decode (baseline), images/s, same worker processes, same run.
 
-Run:  MEDST_BENCH=1 pytest benchmarks/bench_prepare.py -s     (or: pytest benchmarks/ --benchmark)
-      python benchmarks/bench_prepare.py [--images 1000] [--workers 2] [--size 3000 2500]
-Skipped otherwise (it writes ~1,000 full-size images first). Numbers are per 1,000 images, wall clock, with
-the given worker processes; the CPU count and versions are printed with them.
+Run:  pytest benchmarks/bench_prepare.py --benchmark [--bench-csv PATH] [--bench-quick]
+      python benchmarks/bench_prepare.py [--images 1000] [--workers 2] [--size 3000 2500] [--keep DIR]
+It writes ``MEDST_BENCH_IMAGES`` (default 1000; 24 in quick mode) full-size images first, in a temporary
+folder. The preparation is CPU work; the row says which machine ran it.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
 
-import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import format_table, quick, row  # noqa: E402
 
 
 def _gen(root: str, images: int, size) -> int:
@@ -32,51 +33,31 @@ def run(images: int = 1000, workers: int = 2, size=(3000, 2500), keep: str = Non
 
     tmp = keep or tempfile.mkdtemp(prefix="bench_prepare_")
     root = os.path.join(tmp, "tree")
-    t0 = time.perf_counter()
-    if not os.path.isfile(os.path.join(root, "ground_truth.json")):
-        n_img = _gen(root, images, size)
-    else:
-        import json
-        n_img = json.load(open(os.path.join(root, "ground_truth.json")))["counts"]["images"]
-    t_gen = time.perf_counter() - t0
-    rows = []
-    for draft in (True, False):
-        out = os.path.join(tmp, f"out_{'draft' if draft else 'plain'}")
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        idx = prepare_mimic(root, root, out, cache_size=256, workers=workers, draft=draft, progress=False)
-        dt = time.perf_counter() - t0
-        cached = sum(len(f) for _, _, f in os.walk(idx.image_root))
-        rows.append({"decode": "draft" if draft else "plain", "images_cached": cached, "seconds": round(dt, 2),
-                     "s_per_1000": round(dt * 1000 / max(cached, 1), 2), "img_per_s": round(cached / dt, 1),
-                     "workers": workers, "cpus": os.cpu_count(), "size": f"{size[0]}x{size[1]}",
-                     "python": platform.python_version()})
-    print(f"\ngenerated {n_img} images of {size[0]}x{size[1]} in {t_gen:.1f}s")
-    for r in rows:
-        print(" ".join(f"{k}={v}" for k, v in r.items()))
-    res = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_prepare.csv")
-    os.makedirs(os.path.dirname(res), exist_ok=True)
-    new = not os.path.exists(res)
-    with open(res, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    if keep is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return rows
+    try:
+        if not os.path.isfile(os.path.join(root, "ground_truth.json")):
+            _gen(root, images, size)
+        rate = {}
+        for draft in (False, True):
+            out = os.path.join(tmp, f"out_{'draft' if draft else 'plain'}")
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            idx = prepare_mimic(root, root, out, cache_size=256, workers=workers, draft=draft, progress=False)
+            dt = time.perf_counter() - t0
+            cached = sum(len(f) for _, _, f in os.walk(idx.image_root))
+            rate[draft] = (cached, cached / dt)
+        if rate[True][0] != rate[False][0] or rate[True][0] == 0:
+            raise AssertionError(f"draft and plain decoding cached different image counts: {rate}")
+        shape = f"{rate[True][0]} images {size[0]}x{size[1]} -> 256, {workers} workers"
+        return [row("prepare", "prepare cache", shape, "images/s", "plain decode", rate[False][1], "draft decode",
+                    rate[True][1], "uint8")]
+    finally:
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _enabled(config) -> bool:
-    return os.environ.get("MEDST_BENCH") == "1" or bool(config.getoption("--benchmark", default=False))
-
-
-def test_bench_prepare(request):
-    if not _enabled(request.config):
-        pytest.skip("benchmark: set MEDST_BENCH=1 or pass --benchmark")
-    rows = run(images=int(os.environ.get("MEDST_BENCH_IMAGES", "1000")), workers=2)
-    draft, plain = rows
-    assert draft["images_cached"] == plain["images_cached"] > 0
+def test_bench_prepare(bench_results):
+    n = int(os.environ.get("MEDST_BENCH_IMAGES", "24" if quick() else "1000"))
+    bench_results.add(run(images=n, workers=2))
 
 
 if __name__ == "__main__":
@@ -86,4 +67,4 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, nargs=2, default=(3000, 2500))
     ap.add_argument("--keep", default=None, help="reuse/keep the generated tree in this folder")
     a = ap.parse_args()
-    run(a.images, a.workers, tuple(a.size), a.keep)
+    print("\n".join(format_table(run(a.images, a.workers, tuple(a.size), a.keep))))
