@@ -337,7 +337,7 @@ def _row_datetime(date, time, meta_path: str, dicom: str):
     if t is None:
         return "missing_study_time"
     try:
-        return (d, t), study_datetime(d, t)
+        return (d, t), study_datetime(date, time)
     except ValueError as e:
         raise ValueError(f"{meta_path}: dicom {dicom}: {e}") from None
 
