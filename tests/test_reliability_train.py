@@ -1,12 +1,525 @@
-"""Trainer reliability: no silent wrong result in steps, checkpoints, resume, run folders, flags and batches."""
+"""Trainer reliability: no silent wrong result in steps, checkpoints, resume, run folders, flags and batches.
+
+Every test here backs one line of the README's "Reliability" section (issue 11 items 2, 4, 5, 6, 7). They
+run the tiny model on the in-memory random set (or a 6-patient synthetic index), a few steps each.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
-from medst_fast.train.loop import batch_to
+import medst_fast
+from medst_fast.pretrain import main
+from medst_fast.train import checkpoint as ck
+from medst_fast.train import loop as loop_mod
+from medst_fast.train.args import parse_args
+from medst_fast.train.data import BAD_BATCH, RandomSeriesDataset
+from medst_fast.train.loop import TrainingDiverged, batch_to
+
+SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
 
 
+def _argv(out, vocab, *extra):
+    return ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out), "--workers", "0",
+            "--batch-series", "2", "--log-every", "1", *SMALL, *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(str(out), "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _finite(sd):
+    return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+# -- coordination with the model's packing plan ----------------------------------------------------------------
 def test_batch_to_keeps_a_host_copy_of_has_lateral():
     lat = torch.tensor([True, False, True])
     b = batch_to({"has_lateral": lat, "frontal": torch.zeros(3, 1, 4, 4), "n_full_series": 0}, torch.device("cpu"))
     assert b["has_lateral_host"] is lat and b["has_lateral_host"].device.type == "cpu"
     assert torch.equal(b["has_lateral"], lat) and b["n_full_series"] == 0
     assert "has_lateral_host" not in batch_to({"frontal": torch.zeros(1)}, torch.device("cpu"))
+
+
+# -- item 2: a skipped step leaves no trace; a non-finite model is never written --------------------------------
+def _poison_frontal(monkeypatch, bad_calls):
+    """Forward number n in bad_calls sees NaN images: the BatchNorm statistics it computes are NaN."""
+    orig = loop_mod.PretrainModule.forward
+    count = {"n": 0}
+
+    def fwd(self, batch):
+        count["n"] += 1
+        if count["n"] in bad_calls:
+            batch = dict(batch, frontal=torch.full_like(batch["frontal"], float("nan")))
+        return orig(self, batch)
+
+    monkeypatch.setattr(loop_mod.PretrainModule, "forward", fwd)
+
+
+def test_skipped_step_restores_batchnorm_statistics(tmp_path, vocab_path, monkeypatch):
+    _poison_frontal(monkeypatch, {2})
+    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "4"))
+    assert res.step == 4 and res.bad_steps == 1
+    sd = ck.load_checkpoint(res.last_checkpoint)["model"]
+    assert _finite(sd)
+    counts = {int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")}
+    assert counts == {3}  # 4 forwards, the skipped one undone
+    model = medst_fast.from_pretrained(res.export_dir).eval()
+    with torch.no_grad():
+        z = model.encode_image(torch.zeros(2, 1, 32, 32))
+    assert torch.isfinite(z).all()
+
+
+def test_skip_step_puts_every_buffer_back(vocab_path):
+    """StepRunner on its own: after a NaN forward and skip_step the buffers are bitwise what they were."""
+    args = parse_args(_argv("unused", vocab_path))
+    tok = medst_fast.get_tokenizer(vocab_path)
+    model = medst_fast.create_model("medst_tiny", vision={"img_size": 32}, text={"max_length": 32})
+    from medst_fast.losses import MedSTLoss
+    from medst_fast.train.data import collate_pretokenized
+
+    runner = loop_mod.StepRunner(loop_mod.PretrainModule(model, MedSTLoss(model.cfg.loss, False)),
+                                 loop_mod.build_optimizer(list(model.parameters()), args, torch.device("cpu")),
+                                 torch.device("cpu"), "none")
+    ds = RandomSeriesDataset(4, tok, 32, seed=1)
+    batch = collate_pretokenized([ds[0], ds[1]])
+    runner.forward_backward([batch])  # one good step so the statistics are not the initial ones
+    runner.optimizer_step(1e-4)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    bad = dict(batch, frontal=torch.full_like(batch["frontal"], float("nan")))
+    stats = runner.forward_backward([bad])
+    assert stats[0] == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.named_buffers())  # the forward did write them
+    runner.skip_step()
+    for k, v in model.named_buffers():
+        assert torch.equal(before[k], v), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+_POISON_GRAD = """
+import sys
+import torch
+from medst_fast.pretrain import _cli
+from medst_fast.train import loop
+
+orig = loop.StepRunner.optimizer_step
+
+def step(self, lr):  # the loss was finite; a NaN gradient (e.g. from a sqrt at 0) reaches the update
+    self.params[0].grad.view(-1)[0] = float("nan")
+    return orig(self, lr)
+
+loop.StepRunner.optimizer_step = step
+sys.exit(_cli())
+"""
+
+
+def test_update_that_makes_weights_nonfinite_stops_and_writes_nothing(tmp_path, vocab_path):
+    """A finite loss whose update makes the weights NaN: exit code 1, no export, no non-finite checkpoint."""
+    out = tmp_path / "r"
+    script = tmp_path / "poison.py"
+    script.write_text(_POISON_GRAD)
+    cmd = [sys.executable, str(script), *_argv(out, vocab_path, "--max-steps", "4", "--save-every", "100")]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "the update of step 1 made the weights NaN/inf" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "final").exists() and not (out / "final_encoder").exists()
+    assert ck.list_checkpoints(str(out)) == []
+
+
+def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkeypatch):
+    """Even when the in-loop flag is bypassed, save() itself refuses non-finite tensors."""
+    monkeypatch.setattr(loop_mod.StepRunner, "nonfinite_weights",
+                        lambda self: torch.zeros(1, dtype=torch.float64))
+    orig = loop_mod.StepRunner.optimizer_step
+
+    def poisoning_step(self, lr):
+        out = orig(self, lr)
+        with torch.no_grad():
+            self.params[0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(loop_mod.StepRunner, "optimizer_step", poisoning_step)
+    with pytest.raises(TrainingDiverged, match="refusing to write a checkpoint"):
+        main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--save-every", "2"))
+    assert ck.list_checkpoints(str(tmp_path / "r")) == [] and not (tmp_path / "r" / "final").exists()
+
+
+# -- item 4: checkpoints and exports are verified on load ------------------------------------------------------
+def _small_run(out, vocab, *extra):
+    return main(_argv(out, vocab, "--max-steps", "4", "--save-every", "2", "--no-export", *extra))
+
+
+def _flip(path, offset, n=64):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected(tmp_path, vocab_path):
+    res = _small_run(tmp_path / "r", vocab_path)
+    _flip(res.last_checkpoint, os.path.getsize(res.last_checkpoint) // 2)
+    with pytest.raises(ck.CheckpointError, match="content hash mismatch") as e:
+        ck.load_checkpoint(res.last_checkpoint)
+    assert "weights_only" not in str(e.value)
+
+
+def test_flipped_bytes_in_an_export_are_detected(tmp_path):
+    m = medst_fast.create_model("medst_tiny")
+    medst_fast.save_pretrained(m, tmp_path / "exp")
+    w = tmp_path / "exp" / "model.safetensors"
+    _flip(str(w), os.path.getsize(w) - 4096)  # inside the tensor data, past the header
+    with pytest.raises(ValueError, match="model.safetensors: the weights are corrupted"):
+        medst_fast.from_pretrained(tmp_path / "exp")
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path, vocab_path):
+    out = tmp_path / "r"
+    _small_run(out, vocab_path, "--keep", "5")
+    c2, c4 = ck.list_checkpoints(str(out))
+    with open(c4, "r+b") as f:
+        f.truncate(os.path.getsize(c4) // 3)
+    res = _small_run(out, vocab_path, "--keep", "5", "--resume", "auto")
+    assert res.step == 4
+    text = (out / "train.log").read_text()
+    assert "skipping a damaged checkpoint" in text and "checkpoint is truncated" in text
+    assert f"resumed from {c2}" in text
+
+
+def test_unsafe_pickle_and_truncation_have_their_own_messages(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    p = str(tmp_path / "evil.pt")
+    torch.save({"format": 1, "model": Evil()}, p)
+    ck.write_hash_file(p)  # even with a matching hash it must not be unpickled
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_checkpoint(p)
+    msg = str(e.value).split(": ", 1)[1]  # without the path (it holds this test's name)
+    assert "unsafe pickle" in msg and "truncated" not in msg and "weights_only" not in msg
+    good = ck.save_checkpoint({"format": 1, "model": {}, "optimizer": {}, "step": 1, "epoch": 0,
+                               "step_in_epoch": 1, "rng": ck.capture_rng()}, str(tmp_path / "run"), 1, keep=2)
+    with open(good, "r+b") as f:
+        f.truncate(100)
+    for verify in (True, False):  # by the hash file, and by the zip reader when the hash is not checked
+        with pytest.raises(ck.CheckpointError, match="truncated") as e:
+            ck.load_checkpoint(good, verify=verify)
+        msg = str(e.value).split(": ", 1)[1]
+        assert "weights_only" not in msg and "unsafe" not in msg
+
+
+def test_stale_temps_from_killed_writes_are_removed(tmp_path, vocab_path):
+    out = tmp_path / "r"
+    _small_run(out, vocab_path)
+    d = out / "checkpoints"
+    (d / ".tmp-ckpt-dead.pt").write_bytes(b"PK half")
+    (d / "ckpt-00000099.pt.sha256").write_text("{}")  # hash of a checkpoint whose rename never happened
+    os.makedirs(out / ".tmp-export-dead")
+    (out / ".tmp-export-dead" / "model.safetensors").write_bytes(b"x")
+    # a temp that a live writer holds (another process, flock) must survive the cleanup
+    held = out / ".tmp-held"
+    os.makedirs(held)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(held)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _small_run(out, vocab_path, "--resume", "auto")
+        assert held.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (d / ".tmp-ckpt-dead.pt").exists() and not (out / ".tmp-export-dead").exists()
+    assert not (d / "ckpt-00000099.pt.sha256").exists()
+    assert "removed 3 file(s) left by interrupted writes" in (out / "train.log").read_text()
+
+
+# -- item 5: resume and run folders ---------------------------------------------------------------------------
+def test_resume_refuses_changed_run_settings_unless_allowed(tmp_path, vocab_path):
+    out = tmp_path / "r"
+    _small_run(out, vocab_path, "--max-steps", "4")
+    for flag, value in (("--lr", "1e-3"), ("--max-steps", "6"), ("--epochs", "3"), ("--warmup-frac", "0.1")):
+        with pytest.raises(ck.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
+            _small_run(out, vocab_path, "--resume", "auto", flag, value)
+    before = json.loads((out / "args.json").read_text())
+    assert before["lr"] == 4e-5 and before["max_steps"] == 4  # a refused resume rewrites nothing
+    res = _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "6", "--allow-changed-args")
+    assert res.step == 6
+    assert "--allow-changed-args: resuming" in (out / "train.log").read_text()
+    assert json.loads((out / "args.json").read_text())["max_steps"] == 6
+
+
+def test_bare_resume_takes_the_runs_own_settings(tmp_path, vocab_path, monkeypatch):
+    """The README's `--out X --resume auto`: every flag not given comes from the run's args.json."""
+    out = tmp_path / "r"
+    calls = {"n": 0}
+    orig = loop_mod.PretrainModule.forward
+
+    def stop_at_2(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), 15)
+        return orig(self, batch)
+
+    monkeypatch.setattr(loop_mod.PretrainModule, "forward", stop_at_2)
+    res = main(_argv(out, vocab_path, "--max-steps", "5", "--lr", "1e-4", "--min-lr", "1e-6", "--no-export"))
+    assert res.interrupted and res.step == 2
+    monkeypatch.setattr(loop_mod.PretrainModule, "forward", orig)
+    res = main(["--out", str(out), "--resume", "auto"])
+    assert res.step == 5 and res.interrupted is None
+    st = ck.load_checkpoint(res.last_checkpoint)
+    assert (st["args"]["lr"], st["args"]["min_lr"], st["args"]["max_steps"], st["args"]["batch_series"]) == (1e-4, 1e-6, 5, 2)
+    assert "--resume: taking" in (out / "train.log").read_text()
+    rows = _metrics(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[-1]["lr"]) < 1e-4  # the run's schedule, not the default 4e-5 one
+
+
+def test_resume_refuses_a_changed_data_set_and_a_position_past_the_end(tmp_path, vocab_path, monkeypatch):
+    out = tmp_path / "r"
+    _small_run(out, vocab_path)
+    with pytest.raises(ck.CheckpointError, match="past the end of this run"):
+        _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "2", "--allow-changed-args")
+    monkeypatch.setattr(RandomSeriesDataset, "__len__", lambda self: 6)  # the same flags, fewer series
+    with pytest.raises(ck.CheckpointError, match="the data set has 6 series, the checkpoint's run had 8"):
+        _small_run(out, vocab_path, "--resume", "auto", "--allow-changed-args")
+
+
+def test_second_trainer_on_a_run_folder_is_refused(tmp_path, vocab_path):
+    out = tmp_path / "r"
+    os.makedirs(out)
+    code = ("import sys, time; from medst_fast.train.checkpoint import RunLock; RunLock(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ck.RunFolderError, match=f"in use by another trainer \\(pid {holder.pid}\\)"):
+            _small_run(out, vocab_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = ck.RunLock(str(out))  # in this process too
+    try:
+        with pytest.raises(ck.RunFolderError, match="in use by another trainer in this process"):
+            _small_run(out, vocab_path)
+    finally:
+        lock.release()
+    assert _small_run(out, vocab_path).step == 4  # free again once the holder is gone
+
+
+def test_fresh_run_into_an_existing_run_needs_resume_or_overwrite(tmp_path, vocab_path):
+    out = tmp_path / "r"
+    main(_argv(out, vocab_path, "--max-steps", "4", "--save-every", "2"))
+    old_final = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(ck.RunFolderError, match="already holds a run .*--resume auto.*--overwrite"):
+        main(_argv(out, vocab_path, "--max-steps", "2", "--seed", "7"))
+    assert (out / "final" / "model.safetensors").read_bytes() == old_final
+    assert json.loads((out / "args.json").read_text())["seed"] == 42
+    res = main(_argv(out, vocab_path, "--max-steps", "2", "--seed", "7", "--overwrite", "--no-export"))
+    assert res.step == 2 and not (out / "final").exists()
+    assert [os.path.basename(p) for p in ck.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
+    assert [int(r["step"]) for r in _metrics(out)] == [1, 2]
+
+
+def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path, vocab_path, monkeypatch):
+    out = tmp_path / "r"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands in for SIGKILL during the first checkpoint write
+
+    monkeypatch.setattr(ck, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(_argv(out, vocab_path, "--max-steps", "5", "--save-every", "5", "--no-export"))
+    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3, 4, 5] and ck.list_checkpoints(str(out)) == []
+    monkeypatch.undo()
+    res = main(_argv(out, vocab_path, "--max-steps", "5", "--save-every", "5", "--no-export", "--resume", "auto"))
+    assert res.step == 5
+    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_two_processes_build_the_synthetic_cache_once(tmp_path):
+    cache = tmp_path / "cache"
+    code = ("import sys; from medst_fast.train.data import ensure_synthetic; "
+            "print(ensure_synthetic(sys.argv[1], 6)[0])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(cache)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    (root,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
+    assert (root / "COMPLETE").is_file() and (root / "vocab.txt").is_file()
+    from medst_fast.data.index import SeriesIndex
+
+    assert len(SeriesIndex.load(str(root / "index")).series["train"]) > 0
+
+
+# -- item 6: flags and config files are type- and range-checked --------------------------------------------------
+@pytest.mark.parametrize("argv,msg", [
+    (["--clip-grad", "-1"], "--clip-grad must be a finite number > 0"),
+    (["--clip-grad", "0"], "--clip-grad must be a finite number > 0"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--lr", "inf"], "--lr must be a finite number >= 0"),
+    (["--beta1", "2"], "--beta1 must be in"),
+    (["--beta2", "-0.1"], "--beta2 must be in"),
+    (["--eps", "0"], "--eps must be a finite number > 0"),
+    (["--wd", "-0.1"], "--wd must be a finite number >= 0"),
+    (["--lr", "1e-5", "--min-lr", "1e-4"], "--min-lr 0.0001 is above --lr"),
+    (["--lambda-local", "-1"], "--lambda-local must be"),
+    (["--keep", "0"], "--keep must be >= 1"),
+    (["--overwrite", "--resume", "x.pt"], "--overwrite starts a fresh run"),
+])
+def test_bad_flags_are_refused(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("faithful", "false", "field 'faithful' (--faithful): expected true or false, got 'false'"),
+    ("amp", "fp8", "field 'amp' (--amp): expected one of ['bf16', 'fp16', 'none'], got 'fp8'"),
+    ("device", "tpu", "field 'device' (--device): expected one of ['cpu', 'cuda'], got 'tpu'"),
+    ("max_steps", 2.5, "field 'max_steps' (--max-steps): expected an integer, got 2.5"),
+    ("batch-series", True, "field 'batch_series' (--batch-series): expected an integer, got True"),
+    ("lr", "1e-4", "field 'lr' (--lr): expected a number, got '1e-4'"),
+    ("model_override", "vision.img_size=32", "field 'model_override' (--model-override): expected a list of strings"),
+    ("learning_rate", 1, "unknown field 'learning_rate'"),
+])
+def test_config_file_fields_are_checked(tmp_path, field, value, msg):
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({field: value}))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(p)])
+    assert str(p) in str(e.value) and msg in str(e.value)
+
+
+def test_config_file_values_still_range_checked(tmp_path, capsys):
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({"clip_grad": -1}))
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(p)])
+    assert "--clip-grad must be" in capsys.readouterr().err
+    p.write_text(json.dumps({"faithful": True, "max_steps": 3, "lr": 1}))
+    a = parse_args(["--config", str(p)])
+    assert a.faithful is True and a.max_steps == 3 and a.lr == 1.0 and isinstance(a.lr, float)
+
+
+def test_model_config_json_fields_are_checked(tmp_path):
+    m = medst_fast.create_model("medst_tiny")
+    medst_fast.save_pretrained(m, tmp_path / "exp")
+    cfg_path = tmp_path / "exp" / "config.json"
+    good = json.loads(cfg_path.read_text())
+    for patch, msg in (({"faithful": "false"}, "field 'faithful': expected true or false, got 'false'"),
+                       ({"vision": dict(good["vision"], img_size="96")}, "field 'vision.img_size': expected an integer"),
+                       ({"text": dict(good["text"], hidden_dropout=1.5)}, "field 'text.hidden_dropout': must be in [0, 1)"),
+                       ({"vision": dict(good["vision"], widht=3)}, "vision: unknown fields ['widht']"),
+                       ({"colour": 1}, "unknown fields ['colour']")):
+        cfg_path.write_text(json.dumps(dict(good, **patch)))
+        with pytest.raises(ValueError) as e:
+            medst_fast.from_pretrained(tmp_path / "exp")
+        assert str(cfg_path) in str(e.value) and msg in str(e.value)
+    bad = tmp_path / "named.json"
+    bad.write_text(json.dumps(dict(good, faithful="false")))
+    with pytest.raises(ValueError, match="named.json: field 'faithful'"):
+        medst_fast.add_model_config(bad)
+
+
+def test_model_override_values_are_checked(tmp_path, vocab_path):
+    for override, msg in (('faithful="false"', "field 'faithful': expected true or false"),
+                          ("vision.img_size=2.5", "field 'vision.img_size': expected an integer"),
+                          ("loss.tau_global=0", "field 'loss.tau_global': must be > 0")):
+        with pytest.raises(SystemExit, match="--model-override: " + msg.replace("(", "\\(")):
+            main(_argv(tmp_path / override.split("=")[0], vocab_path, "--max-steps", "1", "--model-override", override))
+
+
+# -- item 7: a bad batch is skipped and counted, never a crash --------------------------------------------------
+def test_one_study_batch_is_skipped_and_counted(tmp_path, vocab_path):
+    """--batch-series 1 with a one-study series: the global heads' BatchNorm would see one row."""
+    res = main(_argv(tmp_path / "r", vocab_path, "--batch-series", "1", "--max-steps", "8", "--no-export"))
+    tok = medst_fast.get_tokenizer(vocab_path)
+    ds = RandomSeriesDataset(8, tok, 32, seed=42)
+    n_single = sum(ds[i]["frontal"].shape[0] == 1 for i in range(8))
+    assert n_single >= 1  # the test needs one (series 5 with seed 42)
+    assert res.step == 8 and res.bad_batches == n_single and res.bad_steps == 0
+    rows = _metrics(tmp_path / "r")
+    assert int(rows[-1]["bad_batches"]) == n_single
+    skipped = [r for r in rows if r["loss"] == "nan"]
+    assert len(skipped) == n_single and all(float(r["studies_per_s"]) == 0 for r in skipped)
+    assert _finite(ck.load_checkpoint(res.last_checkpoint)["model"])
+    assert "unusable batch" in (tmp_path / "r" / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def broken_index(tmp_path_factory, vocab_path):
+    """A 6-patient synthetic index whose first training series has every frontal image unreadable."""
+    from medst_fast.data import prepare, synth
+    from medst_fast.data.index import SeriesIndex
+
+    root = tmp_path_factory.mktemp("broken")
+    synth.generate(str(root / "tree"), patients=6, seed=3, extras=False, zip_reports=False, image_size=(64, 56))
+    prepare.prepare_mimic(str(root / "tree"), str(root / "tree"), str(root / "idx"), cache_size=None, workers=0,
+                          progress=False)
+    idx = SeriesIndex.load(str(root / "idx"))
+    for r in idx.series["train"][0]:
+        with open(idx.path(idx.studies[r].frontal_path), "wb") as f:
+            f.write(b"not a jpeg")
+    return str(root / "idx"), len(idx.series["train"])
+
+
+def test_all_unreadable_batch_is_skipped_and_counted(tmp_path, vocab_path, broken_index):
+    data, n_train = broken_index
+    argv = ["--data", data, "--vocab", vocab_path, "--out", str(tmp_path / "r"), "--workers", "0", "--batch-series", "1",
+            "--epochs", "1", "--log-every", "1", "--no-export", "--progress", "off", *SMALL]
+    res = main(argv)
+    assert res.step == n_train and res.bad_batches >= 1  # the broken series, plus any one-study series
+    rows = _metrics(tmp_path / "r")
+    assert int(rows[-1]["bad_batches"]) == res.bad_batches
+    assert "every series in the batch is empty" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_bad_batch_stand_in_is_what_the_collate_returns():
+    from medst_fast.data.dataset import SeriesCollate
+    from medst_fast.train.data import SkipBadBatches
+
+    out = SkipBadBatches(SeriesCollate())([[], []])
+    assert out[BAD_BATCH].startswith("collate_series: every series in the batch is empty") and out["n_series"] == 2
+    assert loop_mod.batch_problem(out) == out[BAD_BATCH]
+    with pytest.raises(KeyError):  # only the data's own "nothing usable" error becomes a stand-in
+        SkipBadBatches(lambda items: {}["x"])([[1]])
+
+
+def test_ranks_agree_on_skipping_a_bad_batch(tmp_path, vocab_path):
+    """torchrun, 2 ranks, one series per rank: a rank holding the one-study series makes both ranks skip."""
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medst_fast.pretrain",
+           *_argv(out, vocab_path, "--batch-series", "1", "--max-steps", "4", "--no-export")]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _metrics(out)
+    assert int(rows[-1]["bad_batches"]) == 1 and sum(r["loss"] == "nan" for r in rows) == 1, time.time() - t0
+
+
+def test_model_override_and_flags_never_drop_each_other(vocab_path):
+    """--model-override faithful=true used to be discarded by the --faithful default; clashes are errors."""
+    args = parse_args(_argv("unused", vocab_path, "--model-override", "faithful=true",
+                            "--model-override", 'text={"layers": 1}'))
+    o = loop_mod.model_overrides(args)
+    assert o["faithful"] is True and o["text"] == {"layers": 1} and o["loss"]["lambda_ita"] == 1.0
+    cfg = medst_fast.get_model_config("medst_tiny").replace(**o)
+    assert cfg.faithful and cfg.text.layers == 1
+    for extra in (["--faithful", "--model-override", "faithful=false"], ["--model-override", "loss.lambda_ita=2"]):
+        with pytest.raises(SystemExit, match="have their own flags"):
+            loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, *extra)))

@@ -133,6 +133,34 @@ def amp_dtype(amp: str) -> Optional[torch.dtype]:
     return dtypes[amp]
 
 
+_LAMBDAS = ("lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr")
+
+
+def _merge_section(overrides: Dict[str, Any], section: str, values: Dict[str, Any]) -> None:
+    """Add ``values`` to the ``section`` dict override, keeping what --model-override put there."""
+    cur = overrides.get(section)
+    overrides[section] = dict(cur, **values) if isinstance(cur, dict) else dict(values)
+
+
+def model_overrides(a: argparse.Namespace) -> Dict[str, Any]:
+    """--model-override items plus the flags that set model config fields (--faithful, --lambda-*).
+
+    A field set both ways is an error: one of the two would be dropped without a word.
+    """
+    overrides: Dict[str, Any] = dict(parse_overrides(a.model_override))
+    loss_dict = overrides.get("loss") if isinstance(overrides.get("loss"), dict) else {}
+    clash = [k for k in _LAMBDAS if f"loss.{k}" in overrides or k in loss_dict]
+    if a.faithful and "faithful" in overrides:
+        clash.append("faithful")
+    if clash:
+        raise SystemExit(f"--model-override sets {clash}, which have their own flags "
+                         f"({', '.join(_flag(k) for k in clash)}): use the flags")
+    if a.faithful:
+        overrides["faithful"] = True
+    _merge_section(overrides, "loss", {k: getattr(a, k) for k in _LAMBDAS})
+    return overrides
+
+
 def batch_problem(batch: Dict[str, Any]) -> Optional[str]:
     """Why the model cannot take this batch (None when it can); decided on the host, before any forward."""
     if BAD_BATCH in batch:
@@ -285,11 +313,7 @@ class Trainer:
         from .. import get_model_config, create_model
         from ..text.tokenizer import MedSTTokenizer
 
-        overrides: Dict[str, Any] = dict(parse_overrides(a.model_override))
-        overrides.update({"faithful": True if a.faithful else None,
-                          "loss": {"lambda_ita": a.lambda_ita, "lambda_local": a.lambda_local,
-                                   "lambda_temporal": a.lambda_temporal, "lambda_fmc": a.lambda_fmc,
-                                   "lambda_rmr": a.lambda_rmr}})
+        overrides = model_overrides(a)
         try:
             cfg = get_model_config(a.model).replace(**overrides)
         except ValueError as e:
@@ -298,7 +322,7 @@ class Trainer:
         if tok.vocab_size != cfg.text.vocab_size:
             log.info("vocab %s has %d tokens; model %s expects %d: using text.vocab_size=%d",
                      a.vocab, tok.vocab_size, a.model, cfg.text.vocab_size, tok.vocab_size)
-            overrides["text"] = {"vocab_size": tok.vocab_size}
+            _merge_section(overrides, "text", {"vocab_size": tok.vocab_size})
         set_seed(a.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         model = create_model(a.model, **overrides)
         if a.init:
