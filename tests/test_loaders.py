@@ -2,7 +2,6 @@
 within one grey level) on an index holding every image format; resume, sharding, back-end choice."""
 import logging
 
-import numpy as np
 import pytest
 import torch
 
@@ -116,6 +115,13 @@ def test_pil_backend_is_the_trainers_pipeline(many):
         ours = _loader("pil", many, True, bs=2, rank=rank, world_size=2, seed=11)
         assert len(ours) == len(sampler) == 3
         assert_same_batches(trainer, _epoch(ours, 1, 1), exact=True)
+
+
+def test_pil_workers_bring_their_counts_back(mixed):
+    """With worker processes the dataset counts in the workers; the counts still reach loader.bad."""
+    one, two = _loader("pil", mixed, True, seed=4, workers=0), _loader("pil", mixed, True, seed=4, workers=2)
+    assert_same_batches(_epoch(one), _epoch(two), exact=True)
+    assert dict(two.bad) == dict(one.bad) == EXPECTED_BAD
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,8 +26,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from ..train.data import SeededItems, SeriesBatchSampler
-from ..train.data import make_loader as make_torch_loader
+from ..train.data import SeriesBatchSampler, make_loader as make_torch_loader
 from .batching import default_threads, empty_batch_stand_in
 from .dali_pipeline import DaliSeriesLoader
 from .dataset import SeriesDataset, collate_series
