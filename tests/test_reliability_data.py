@@ -421,3 +421,16 @@ def test_manifest_and_prepare_do_not_import_each_other():
     code = "import sys, medst_fast.data.manifest; print('medst_fast.data.prepare' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_manifest_skip_counts_account_for_every_study(tmp_path):
+    rows = []
+    for k, (off, view) in enumerate((("0", "PA"), ("0", "L"), ("4", "unknown"), ("9", "PA"), ("9", "?"))):
+        f = f"images/s{k}.png"
+        _gray(str(tmp_path / f), 40 + 30 * k)
+        rows.append(("p", off, view, f, NOTE))
+    idx = index_from_manifest(_manifest(tmp_path / "m.csv", rows), tmp_path / "i")
+    sk = idx.meta["skipped"]
+    # offsets 0 and 9 are kept; offset 4 had only an unknown view: the old counts never mentioned the study
+    assert sorted(s.study_datetime for s in idx.studies) == ["0.0", "9.0"]
+    assert sk["unknown_view"] == 2 and sk["no_frontal"] == 1
