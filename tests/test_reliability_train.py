@@ -250,15 +250,20 @@ def test_stale_temps_from_killed_writes_are_removed(tmp_path, vocab_path):
 def test_resume_refuses_changed_run_settings_unless_allowed(tmp_path, vocab_path):
     out = tmp_path / "r"
     _small_run(out, vocab_path, "--max-steps", "4")
-    for flag, value in (("--lr", "1e-3"), ("--max-steps", "6"), ("--epochs", "3"), ("--warmup-frac", "0.1")):
+    for flag, value in (("--lr", "1e-3"), ("--max-steps", "6"), ("--epochs", "3"), ("--warmup-frac", "0.1"),
+                        ("--lambda-temporal", "0"), ("--clip-grad", "1")):
         with pytest.raises(ck.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
             _small_run(out, vocab_path, "--resume", "auto", flag, value)
     before = json.loads((out / "args.json").read_text())
     assert before["lr"] == 4e-5 and before["max_steps"] == 4  # a refused resume rewrites nothing
-    res = _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "6", "--allow-changed-args")
+    res = _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "6", "--lambda-temporal", "0.5",
+                     "--allow-changed-args")
     assert res.step == 6
-    assert "--allow-changed-args: resuming" in (out / "train.log").read_text()
-    assert json.loads((out / "args.json").read_text())["max_steps"] == 6
+    log_text = (out / "train.log").read_text()
+    assert "--allow-changed-args: resuming" in log_text and "--lambda-temporal 1.0 -> 0.5" in log_text
+    after = json.loads((out / "args.json").read_text())
+    assert after["max_steps"] == 6 and after["lambda_temporal"] == 0.5
+    assert ck.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_temporal"] == 0.5
 
 
 def test_bare_resume_takes_the_runs_own_settings(tmp_path, vocab_path, monkeypatch):

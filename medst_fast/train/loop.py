@@ -161,6 +161,14 @@ def model_overrides(a: argparse.Namespace) -> Dict[str, Any]:
     return overrides
 
 
+def _architecture(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A config dict without the loss weights: those are flags, compared with the run-defining arguments."""
+    d = dict(cfg)
+    if isinstance(d.get("loss"), dict):
+        d["loss"] = {k: v for k, v in d["loss"].items() if k not in _LAMBDAS}
+    return d
+
+
 def batch_problem(batch: Dict[str, Any]) -> Optional[str]:
     """Why the model cannot take this batch (None when it can); decided on the host, before any forward."""
     if BAD_BATCH in batch:
@@ -518,7 +526,7 @@ class Trainer:
         fixed = [f"{_flag(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in _RESUME_FIXED if k in old and old[k] != new.get(k)]
         if old.get("world_size", 1) != self.world.world_size:
             fixed.append(f"world size {old.get('world_size')} -> {self.world.world_size}")
-        if st["config"] != self.cfg.to_dict():
+        if _architecture(st["config"]) != _architecture(self.cfg.to_dict()):
             fixed.append("model config differs")
         if "n_series" in st and int(st["n_series"]) != self.n_series:
             fixed.append(f"the data set has {self.n_series} series, the checkpoint's run had {int(st['n_series'])}")
