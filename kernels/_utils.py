@@ -136,9 +136,11 @@ def _mode_globals(module_globals: dict, mode: bool) -> dict:
 
         g = dict(module_globals)
         g["tl"] = tl
-        for name, v in module_globals.items():
-            if getattr(v, "_triton_helper", False):
-                g[name] = triton.jit(_rebind(v, g))
+        # the module's own helpers, and the shared ones below under their own names
+        helpers = {n: v for n, v in globals().items() if getattr(v, "_triton_helper", False)}
+        helpers.update((n, v) for n, v in module_globals.items() if getattr(v, "_triton_helper", False))
+        for name, v in helpers.items():
+            g[name] = triton.jit(_rebind(v, g))
         _globals_cache[key] = g
     return g
 
@@ -166,6 +168,46 @@ def jit_kernel(fn):
 
         k = _kernel_cache[key] = triton.jit(_rebind(fn, _mode_globals(fn.__globals__, key[1])))
     return k
+
+
+tl = None  # bound per mode in the copied globals (see _mode_globals); the helpers below read it from there
+
+
+@triton_helper
+def round_to(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in dtype DT, returned as fp32 (a later store into DT is exact).
+
+    Triton's CPU interpreter truncates on bf16 casts and stores, so there the rounding is done on the bits.
+    """
+    if INTERP and DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton_helper
+def as_operand(x, CT: tl.constexpr, INTERP: tl.constexpr):
+    """A matmul operand tile in the compute dtype CT. The interpreter has no bf16 matmul (numpy holds bf16 as
+    raw uint16), so there it stays fp32 holding CT-rounded values: the same products, exactly, as CT x CT
+    with fp32 accumulation (the caller then asks tl.dot for ieee fp32)."""
+    if INTERP:
+        return round_to(x.to(tl.float32), CT, INTERP)
+    else:
+        return x.to(CT)
+
+
+def tl_dtype(dt: torch.dtype):
+    """The triton.language dtype of a torch floating dtype (for a compute-dtype constexpr)."""
+    import triton.language as tl_
+
+    return {torch.float32: tl_.float32, torch.bfloat16: tl_.bfloat16, torch.float16: tl_.float16}[dt]
+
+
+def dot_precision(compute_dtype: torch.dtype) -> str:
+    """input_precision for tl.dot: exact fp32 products ("ieee") for fp32 compute and in the interpreter
+    (whose operands are fp32 holding rounded values, see as_operand); low-precision operands ignore it."""
+    return "ieee" if compute_dtype == torch.float32 or interpreting() else "tf32"
 
 
 def launch(fn, grid, *args, **meta):

@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import interpreting, launch, next_pow2, triton_helper, use_triton
+from ._utils import as_operand, dot_precision, interpreting, launch, next_pow2, round_to, triton_helper, use_triton
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
@@ -99,30 +99,6 @@ def build_routing(view_id: torch.Tensor, n_experts: int = N_EXPERTS, block_m: in
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-@triton_helper
-def _round(x, DT: tl.constexpr, INTERP: tl.constexpr):
-    """fp32 ``x`` rounded to nearest-even in dtype DT, returned as fp32 (a later store into DT is exact).
-
-    Triton's CPU interpreter truncates on bf16 casts and stores, so there the rounding is done on the bits.
-    """
-    if INTERP and DT == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    else:
-        return x.to(DT).to(tl.float32)
-
-
-@triton_helper
-def _operand(x, CT: tl.constexpr, INTERP: tl.constexpr):
-    """A GEMM operand tile in the compute dtype CT. The interpreter has no bf16 matmul (numpy holds bf16 as
-    raw uint16), so there it stays fp32 holding CT-rounded values: the same products, exactly, as CT x CT
-    with fp32 accumulation."""
-    if INTERP:
-        return _round(x.to(tl.float32), CT, INTERP)
-    else:
-        return x.to(CT)
-
-
 def _ln_fwd_kernel(X, ROWS, TILE_E, LNW, LNB, H, MEAN, RSTD, D, eps,
                    SUB: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # SUB slot rows per program (a full BLOCK_M x D tile would not fit in registers at D = 768).
@@ -143,7 +119,7 @@ def _ln_fwd_kernel(X, ROWS, TILE_E, LNW, LNB, H, MEAN, RSTD, D, eps,
         b = tl.load(LNB + e * D + cols, mask=cm, other=0.0).to(tl.float32)
         h = xc * rstd[:, None] * w[None, :] + b[None, :]
         h = tl.where(r[:, None] >= 0, h, 0.0)  # padding slots are exact zeros: the weight-gradient sums read them
-        h = _round(h, H.dtype.element_ty, INTERP)  # LayerNorm in fp32, its output in the compute dtype
+        h = round_to(h, H.dtype.element_ty, INTERP)  # LayerNorm in fp32, its output in the compute dtype
         tl.store(H + slots.to(tl.int64)[:, None] * D + cols[None, :], h, mask=cm[None, :])
         tl.store(MEAN + slots, mean)
         tl.store(RSTD + slots, rstd)
@@ -179,7 +155,7 @@ def _ln_bwd_kernel(DH, X, ROWS, TILE_E, LNW, MEAN, RSTD, DOUT, DX, PART, D, part
             c2 = tl.sum(gw, 1) / D
             dx = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             dy = tl.load(DOUT + r64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            tl.store(DX + r64[:, None] * D + cols[None, :], _round(dx + dy, DX.dtype.element_ty, INTERP), mask=m2)
+            tl.store(DX + r64[:, None] * D + cols[None, :], round_to(dx + dy, DX.dtype.element_ty, INTERP), mask=m2)
             acc_w += tl.sum(dh * xhat, 0)
             acc_b += tl.sum(dh, 0)
             acc_y += tl.sum(dy, 0)
@@ -256,7 +232,7 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, n_tiles, N, 
             km = (k0 + rk) < K
             a = tl.load(a_ptr, mask=a_ok & km[None, :], other=0.0)
             b = tl.load(b_ptr, mask=km[:, None] & nm[None, :], other=0.0)
-            acc = tl.dot(_operand(a, CT, INTERP), _operand(b, CT, INTERP), acc, input_precision=PREC)
+            acc = tl.dot(as_operand(a, CT, INTERP), as_operand(b, CT, INTERP), acc, input_precision=PREC)
             a_ptr += BLOCK_K
             b_ptr += b_step
         c_off = rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -264,9 +240,9 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, n_tiles, N, 
             tl.store(C + c_off, acc, mask=nm[None, :])
         elif EPI == 1:
             z = acc + tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-            z = _round(z, CT, INTERP)  # the stored pre-activation: backward's gelu' reads the same value
+            z = round_to(z, CT, INTERP)  # the stored pre-activation: backward's gelu' reads the same value
             tl.store(AUX + c_off, z, mask=nm[None, :])
-            g = _round(0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), CT, INTERP)  # exact GELU
+            g = round_to(0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), CT, INTERP)  # exact GELU
             tl.store(C + c_off, g, mask=nm[None, :])
         elif EPI == 2:
             ok = (r >= 0)[:, None] & nm[None, :]
@@ -274,13 +250,13 @@ def _grouped_mm_kernel(A, ROWS, TILE_E, B, BIAS, C, AUX, RES, PART, n_tiles, N, 
             y = acc + tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
             res = tl.load(RES + o_off, mask=ok, other=0.0).to(tl.float32)
             # the branch is rounded to the compute dtype before the residual add, as the eager module does
-            y = _round(res + _round(y, CT, INTERP), C.dtype.element_ty, INTERP)
+            y = round_to(res + round_to(y, CT, INTERP), C.dtype.element_ty, INTERP)
             tl.store(C + o_off, y, mask=ok)
         else:
             z = tl.load(AUX + c_off, mask=nm[None, :], other=0.0).to(tl.float32)
             cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
             pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-            dz = _round(acc * (cdf + z * pdf), CT, INTERP)
+            dz = round_to(acc * (cdf + z * pdf), CT, INTERP)
             tl.store(C + c_off, dz, mask=nm[None, :])
             tl.store(PART + pid_m.to(tl.int64) * part_stride + rn, tl.sum(dz, 0), mask=nm)
 
@@ -311,18 +287,12 @@ def _grouped_wgrad_kernel(A, ROWS, BM, SEG, DW, N, K,
             a_ok = rm >= 0
         a = tl.load(A + a_row[:, None] * N + rn[None, :], mask=a_ok[:, None] & nm[None, :], other=0.0)
         b = tl.load(BM + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=km[None, :], other=0.0)
-        acc = tl.dot(tl.trans(_operand(a, CT, INTERP)), _operand(b, CT, INTERP), acc, input_precision=PREC)
+        acc = tl.dot(tl.trans(as_operand(a, CT, INTERP)), as_operand(b, CT, INTERP), acc, input_precision=PREC)
     tl.store(DW + e * N * K + rn[:, None] * K + rk[None, :], acc, mask=nm[:, None] & km[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
 _SUB = 4
-
-
-def _prec(compute_dtype: torch.dtype) -> str:
-    # fp32 compute gets exact fp32 products (the tests' 1e-5). The interpreter always multiplies in fp32: its
-    # operand tiles hold compute-dtype-rounded values (see _operand).
-    return "ieee" if compute_dtype == torch.float32 or interpreting() else "tf32"
 
 
 class GemmConfig(NamedTuple):
@@ -358,7 +328,7 @@ def _mm(a, rows, tile_expert, w, n, k, c, *, b_ncontig, gather=False, epi=0, bia
            a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
            res if res is not None else c, part if part is not None else c, n_tiles, n, k,
            part.stride(0) if part is not None else 0,
-           A_GATHER=gather, B_NCONTIG=b_ncontig, EPI=epi, PREC=_prec(w.dtype), INTERP=interpreting(),
+           A_GATHER=gather, B_NCONTIG=b_ncontig, EPI=epi, PREC=dot_precision(w.dtype), INTERP=interpreting(),
            BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, num_warps=cfg.num_warps,
            num_stages=cfg.num_stages)
 
@@ -368,7 +338,7 @@ def _wgrad(a, rows, bm, seg, n, k, gather):
     bn, bk = _fit(cfg.block_n, n), _fit(cfg.block_k, k)
     dw = torch.empty(N_EXPERTS, n, k, device=a.device, dtype=torch.float32)
     launch(_grouped_wgrad_kernel, (triton_cdiv(n, bn) * triton_cdiv(k, bk), N_EXPERTS), a, rows, bm, seg, dw, n, k,
-           A_GATHER=gather, PREC=_prec(bm.dtype), INTERP=interpreting(), BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk,
+           A_GATHER=gather, PREC=dot_precision(bm.dtype), INTERP=interpreting(), BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk,
            GROUP_N=_GROUP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dw
 
