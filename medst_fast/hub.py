@@ -68,6 +68,9 @@ def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if components:
         sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] in components}
+    # A killed save leaves its temp folder behind; remove such leftovers of ours (unheld, our files only).
+    for p in remove_stale_temps(parent, only_holding={WEIGHTS, CONFIG}):
+        log.info("removed %s, left by an interrupted save_pretrained", p)
     with held_temp_dir(parent) as tmp:
         st.save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", HASH_KEY: tensor_digest(sd)})
         cfg = model.cfg.to_dict()
@@ -83,7 +86,7 @@ def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None
 
 def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> MedST:
     """Load a ``save_pretrained`` folder. Raises a clear error for a missing or damaged file."""
-    st = _safetensors()
+    _safetensors()  # fail early with the install hint, before any file is read
     path = os.fspath(path)
     cfg_path, w_path = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     for p in (cfg_path, w_path):
@@ -180,8 +183,11 @@ def held_temp_dir(parent: str) -> Iterator[str]:
         os.close(fd)
 
 
-def remove_stale_temps(folder: str, prefix: str = TMP_PREFIX) -> List[str]:
+def remove_stale_temps(folder: str, prefix: str = TMP_PREFIX, only_holding=None) -> List[str]:
     """Remove ``prefix*`` files and folders in ``folder`` that no live writer holds (flock); returns them.
+
+    ``only_holding``: a set of file names; then only folders whose entries all belong to it are removed
+    (for folders shared with other tools, where a ``.tmp-`` name alone does not make a temp ours).
 
     A writer that has created its temp but not yet locked it can lose it here; its final rename then fails
     loudly, so the race never yields a wrong file, and the trainer's run-folder lock excludes it anyway.
@@ -193,6 +199,8 @@ def remove_stale_temps(folder: str, prefix: str = TMP_PREFIX) -> List[str]:
         if not name.startswith(prefix):
             continue
         p = os.path.join(folder, name)
+        if only_holding is not None and not (os.path.isdir(p) and set(os.listdir(p)) <= set(only_holding)):
+            continue
         try:
             fd = os.open(p, os.O_RDONLY)
         except OSError:

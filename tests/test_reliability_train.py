@@ -528,3 +528,15 @@ def test_model_override_and_flags_never_drop_each_other(vocab_path):
     for extra in (["--faithful", "--model-override", "faithful=false"], ["--model-override", "loss.lambda_ita=2"]):
         with pytest.raises(SystemExit, match="have their own flags"):
             loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, *extra)))
+
+
+def test_save_pretrained_removes_its_own_stale_temps_only(tmp_path):
+    stale = tmp_path / ".tmp-killed"
+    os.makedirs(stale)
+    (stale / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / ".tmp-not-ours"
+    os.makedirs(other)
+    (other / "notes.txt").write_text("keep me")
+    medst_fast.save_pretrained(medst_fast.create_model("medst_tiny"), tmp_path / "exp")
+    assert not stale.exists() and (other / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-not-ours", "exp"]
