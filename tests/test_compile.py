@@ -1,8 +1,13 @@
 """torch.compile(fullgraph=True) of the image encoder matches eager, forward and gradients (CPU inductor)."""
+import os
+import sys
+
 import pytest
 import torch
 
 import medst_fast
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_compiled_encoder_matches_eager():
@@ -20,3 +25,90 @@ def test_compiled_encoder_matches_eager():
     ge = torch.autograd.grad(cls_e.square().sum() + pat_e.sum(), params)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# -- the whole training step ---------------------------------------------------------------------------------
+# Dropout off: compiled and eager dropout draw different masks. One block / one text layer keeps the inductor
+# compile of forward + backward to about a minute on two cores.
+STEP_ARGS = ("--model-override", "text.hidden_dropout=0", "--model-override", "text.attn_dropout=0",
+             "--model-override", "vision.depth=1", "--model-override", "text.layers=1")
+
+
+def _batches(trainer, n):
+    from medst_fast.train.loop import batch_to
+
+    it = iter(trainer.loader)
+    return [trainer.model.prepare_batch(batch_to(next(it), trainer.device)) for _ in range(n)]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def packed_trainer(tmp_path, vocab_path):
+    from test_fast_path import build_trainer
+
+    t, _ = build_trainer(tmp_path / "run", vocab_path, *STEP_ARGS)
+    t.model.packed = True  # the packed encoder (CUDA's default) through the reference ops on the CPU
+    yield t
+    t.close()
+
+
+def test_training_module_has_no_graph_break(packed_trainer):
+    torch._dynamo.reset()
+    (b,) = _batches(packed_trainer, 1)
+    ex = torch._dynamo.explain(packed_trainer.runner.module)(b)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [r.reason for r in ex.break_reasons]
+
+
+def test_compiled_training_step_matches_eager_inductor(packed_trainer):
+    """fullgraph inductor compile of model + losses, forward and backward, equals eager."""
+    from test_fast_path import step_grads
+
+    torch._dynamo.reset()
+    t = packed_trainer
+    (b,) = _batches(t, 1)
+    eager = t.runner.module
+    l_e, g_e = step_grads(t, b)
+    t.runner.module = torch.compile(eager, fullgraph=True, dynamic=True)
+    l_c, g_c = step_grads(t, b)
+    t.runner.module = eager
+    assert abs(l_c - l_e) <= 1e-4 * abs(l_e), (l_c, l_e)
+    assert set(g_c) == set(g_e)
+    worst = max(_rel(g_c[k], g_e[k]) for k in g_e)
+    assert worst <= 1e-3, worst
+
+
+def test_varying_lateral_count_does_not_recompile_every_step(tmp_path, vocab_path):
+    """dynamic shapes: batches with other study and lateral counts reuse the compiled graph."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from test_fast_path import build_trainer, step_grads
+
+    torch._dynamo.reset()
+    # 4 series a batch, as in training: several complete series, so their count is never 0 or 1 (sizes that
+    # torch.compile specialises on)
+    t, _ = build_trainer(tmp_path / "run", vocab_path, *STEP_ARGS, "--random-series", "16", "--batch-series", "4")
+    t.model.packed = True
+    bs = _batches(t, 4)  # one epoch
+    assert min(b["n_full_series"] for b in bs) >= 2, [b["n_full_series"] for b in bs]
+    shapes = {(b["frontal"].shape[0], int(b["has_lateral"].sum())) for b in bs}
+    assert len(shapes) >= 3, shapes
+    graphs = []
+
+    def counting(gm, example_inputs):  # every graph dynamo compiles passes here
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    eager = t.runner.module
+    t.runner.module = torch.compile(eager, fullgraph=True, dynamic=True, backend=counting)
+    frames = []
+    for b in bs:
+        step_grads(t, b)
+        frames.append(len(graphs))
+    t.runner.module = eager
+    t.close()
+    # the first batch compiles (dynamo may trace it twice while it settles which sizes are static); later
+    # batches, with other study and lateral counts, compile nothing
+    assert frames[0] <= 2 and frames[-1] == frames[0], frames

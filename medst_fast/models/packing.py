@@ -95,20 +95,26 @@ def plan_packing(has_lateral: torch.Tensor, P: int, routing: bool = False) -> Pa
     return pk
 
 
-_varlen = None
-_varlen_checked = False
+def _find_varlen():
+    # Resolved once at import: a lazily set module global would be a guard that makes torch.compile
+    # recompile the model the first time it changes.
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+_varlen = _find_varlen()
+_varlen_logged = False
 
 
 def _get_varlen():
-    global _varlen, _varlen_checked
-    if not _varlen_checked:
-        _varlen_checked = True
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-
-            _varlen = varlen_attn
-        except ImportError:
-            log.info("medst_fast: torch.nn.attention.varlen not in this torch; packed attention uses masked SDPA")
+    global _varlen_logged
+    if _varlen is None and not torch.compiler.is_compiling() and not _varlen_logged:
+        _varlen_logged = True
+        log.info("medst_fast: torch.nn.attention.varlen not in this torch; packed attention uses masked SDPA")
     return _varlen
 
 

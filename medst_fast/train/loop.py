@@ -377,7 +377,9 @@ class Trainer:
         loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful, gather=D.make_gather(a.gather_with_grad))
         module: nn.Module = PretrainModule(self.model, loss_fn)
         if a.compile:
-            module = torch.compile(module)
+            # One graph for model + losses (tests/test_compile.py checks there is no break); dynamic shapes, so
+            # batches with other study/lateral counts reuse it instead of recompiling.
+            module = torch.compile(module, fullgraph=True, dynamic=True)
         if self.world.distributed:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -666,7 +668,8 @@ class Trainer:
                         self.step + 1, n_bad, problems[0] if problems else "on another rank", self.bad_batches)
             nan = float("nan")
             return [0.0, stop, nan, nan, nan, nan, 0.0]
-        batches = [batch_to(b, self.device) for b in raw]
+        # The packing plan is built here, on the host and outside any compiled region (models/packing.py).
+        batches = [self.model.prepare_batch(batch_to(b, self.device)) for b in raw]
         stats = self.runner.forward_backward(batches)
         stats[1] = 1.0 if stop or self._stop_signal is not None else 0.0  # a signal during the forward counts too
         stats = torch.cat([stats, self._weights_bad])
