@@ -15,16 +15,65 @@ The word side is ``token_align_loss(W, P, ...)``, the patch side ``token_align_l
 
 ``token_align_loss_ref`` is the plain PyTorch reference. ``token_align_loss`` dispatches to the fused
 Triton implementation when it is available (see kernels/_utils.py), else to the reference.
+
+Precision (``compute_dtype``): None or fp32 is exact fp32 (ieee products, the parity path). bf16 / fp16 make
+the three big products (q c^T, P c, q ctx^T, and their backward products) take operands rounded to that
+dtype, with fp32 accumulation, the probability tile P rounded for the P @ c product as flash attention does;
+everything else (normalisations, the weighting softmax, logsumexps, cross-entropies) stays fp32. The inputs
+stay fp32 and are cast as they are loaded inside the kernels: no extra (B, T, d) copies or cast launches,
+and the elementwise parts read the unrounded values. The reference takes the same argument (its bmm
+operands, forward and backward, rounded the same way), which is the baseline of the accuracy tests.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._utils import jit_kernel, next_pow2, use_triton
+from ._utils import as_operand, dot_precision, interpreting, launch, next_pow2, tl_dtype, triton_helper, use_triton
+
+tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
+
+_EPS = 1e-12  # F.normalize's eps
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if compute_dtype is None:
+        return torch.float32
+    if compute_dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"kernels/local_align.py: compute_dtype must be None or one of {_COMPUTE_DTYPES}, "
+                         f"got {compute_dtype}")
+    return compute_dtype
+
+
+def _rounded(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """fp32 ``t`` with its values rounded to ``ct`` (identity for fp32)."""
+    return t if ct == torch.float32 else t.to(ct).float()
+
+
+class _RoundedBmm(torch.autograd.Function):
+    """bmm whose operands are rounded to the compute dtype, fp32 accumulation, forward and backward: what a
+    bf16 tensor-core bmm computes (its fp32 output aside)."""
+
+    @staticmethod
+    def forward(ctx, a, b, ct):
+        ctx.save_for_backward(a, b)
+        ctx.ct = ct
+        return torch.bmm(_rounded(a, ct), _rounded(b, ct))
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = _rounded(g, ctx.ct)
+        return (torch.bmm(g, _rounded(b, ctx.ct).transpose(1, 2)), torch.bmm(_rounded(a, ctx.ct).transpose(1, 2), g),
+                None)
+
+
+def _bmm(a, b, ct):
+    return torch.bmm(a, b) if ct == torch.float32 else _RoundedBmm.apply(a, b, ct)
 
 
 def token_align_loss_ref(
@@ -36,20 +85,24 @@ def token_align_loss_ref(
     in_proj_bias: torch.Tensor,
     tau: float = 0.1,
     renorm_context: bool = True,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Reference. q: (B, Tq, d), c: (B, Tc, d), masks (B, T) bool or None; MHA in_proj (3d, d), (3d,)."""
+    """Reference. q: (B, Tq, d), c: (B, Tc, d), masks (B, T) bool or None; MHA in_proj (3d, d), (3d,).
+
+    ``compute_dtype`` bf16/fp16 rounds the operands of its three bmm (and of their backward products)."""
+    ct = _compute_dtype(compute_dtype)
     with torch.autocast(q.device.type, enabled=False):  # fp32 maths even when called under autocast
-        return _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context)
+        return _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct)
 
 
-def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context):
+def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct):
     B, Tq, d = q.shape
     neg = torch.finfo(torch.float32).min
     qf, cf = q.float(), c.float()
-    s = torch.bmm(qf, cf.transpose(1, 2)) / tau  # (B, Tq, Tc)
+    s = _bmm(qf, cf.transpose(1, 2), ct) / tau  # (B, Tq, Tc)
     if c_mask is not None:
         s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
-    ctx = torch.bmm(torch.softmax(s, dim=-1), cf)
+    ctx = _bmm(torch.softmax(s, dim=-1), cf, ct)
     if renorm_context:
         ctx = F.normalize(ctx, dim=-1)
     a = F.normalize(qf * ctx, dim=-1)
@@ -66,7 +119,7 @@ def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, ta
     if q_mask is not None:
         logits = logits.masked_fill(~q_mask, float("-inf"))
     w = torch.softmax(logits, dim=-1)  # (B, Tq)
-    S = torch.bmm(qf, ctx.transpose(1, 2)) / tau  # (B, Tq, Tq)
+    S = _bmm(qf, ctx.transpose(1, 2), ct) / tau  # (B, Tq, Tq)
     if q_mask is not None:
         pair = q_mask[:, :, None] & q_mask[:, None, :]
         S = S.masked_fill(~pair, neg)
@@ -80,135 +133,486 @@ def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, ta
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fused path. The only O(T x T) objects are score tiles that live in registers inside the kernels below. One
-# generic op covers all three big products of the loss:
-#     softmax_rows(x, y, y_mask, scale) -> (out = softmax(x y^T * scale) y, lse = logsumexp(x y^T * scale))
-#   ctx           = softmax_rows(q,   c, c_mask).out      (token -> context attention, values = keys)
-#   row logsumexp = softmax_rows(q, ctx, q_mask).lse      (rows of S = q ctx^T / tau)
-#   col logsumexp = softmax_rows(ctx, q, q_mask).lse      (columns of S)
-# The diagonal S_ii, the normalisations and the learned weighting are (B, Tq, d) / (B, Tq) PyTorch ops.
-# Backward recomputes score tiles from the saved per-row logsumexp (flash-attention style):
-#   dS_ij = P_ij (dout_i . y_j - delta_i),  delta_i = dout_i . out_i - dlse_i
-#   dx_i  = scale sum_j dS_ij y_j,          dy_j = scale sum_i dS_ij x_i + sum_i P_ij dout_i
+# Fused path. No (B, Tq, Tc) or (B, Tq, Tq) tensor exists: score tiles live in registers. Forward, 4 launches:
+#   _attn_fwd_kernel      ctx_raw = softmax(q c^T / tau) c, flash-style, over key splits (partials)
+#   _attn_combine_kernel  merges the splits; per-row glue: ctx, a = normalize(q * ctx), sums of a for abar
+#   _s_fwd_kernel         each tile of S = q ctx^T / tau once: row and column partial logsumexps, S_ii
+#   _sample_kernel        per sample: abar, the learned weighting w, both logsumexps, the loss, and the
+#                         gout = 1 backward of everything per-sample (all linear in gout)
+# Backward, 3 launches (gout read on the device: no sync):
+#   _s_bwd_kernel         through both logsumexps of S (rows: dq; columns: dctx, then the per-row glue)
+#   _attn_bwd_kernel      the attention's backward from the saved logsumexp (dq and dc programs)
+#   _param_grad_kernel    the in_proj gradients, summed over the batch
+# softmax_rows (the generic building block, its own custom op) uses the first and the sixth kernel.
 # ----------------------------------------------------------------------------------------------------------
 
-tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
+def _attn_fwd_kernel(X, Y, MASK, OUT, LSE, Tx, Ty, D: tl.constexpr, scale, keys_per_split,
+                     HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, SPLIT: tl.constexpr, CT: tl.constexpr,
+                     PREC: tl.constexpr, INTERP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax(x y^T * scale) y for a block of x rows over the keys of one split.
 
-def _softmax_rows_fwd_kernel(X, Y, MASK, OUT, LSE, Tx, Ty, D, scale,
-                             HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, PREC: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    SPLIT False (softmax_rows): OUT (B, Tx, D) the normalised output, LSE (B, Tx) the logsumexp.
+    SPLIT True (the loss): partials of split s = program_id(0) // cdiv(Tx, BLOCK_M): OUT (S, B, Tx, D) holds
+    sum_j exp(s_ij - m_i) y_j, LSE (S, B, 2, Tx) holds (m_i, l_i); _attn_combine_kernel merges the splits.
+    Splitting the keys gives the word side (111 query rows) enough programs to fill the GPU.
+    """
+    n_m = tl.cdiv(Tx, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    split = tl.program_id(0) // n_m
     b = tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    dmask = rd < D
-    x = tl.load(X + b * Tx * D + rm[:, None] * D + rd[None, :], mask=(rm[:, None] < Tx) & dmask[None, :],
-                other=0.0).to(tl.float32)
+    xmask = (rm[:, None] < Tx) & (rd[None, :] < D)
+    x_off = rm[:, None] * D + rd[None, :]  # int32 tile offsets from per-sample base pointers (fewer registers)
+    Yb = Y + b * Ty * D
+    x = as_operand(tl.load(X + b * Tx * D + x_off, mask=xmask, other=0.0), CT, INTERP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, Ty, BLOCK_N):
+    k0 = split * keys_per_split
+    k1 = tl.minimum(k0 + keys_per_split, Ty)
+    for n0 in range(k0, k1, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        valid = rn < Ty
+        valid = rn < k1
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * Ty + rn, mask=rn < Ty, other=0) != 0)
-        y = tl.load(Y + b * Ty * D + rn[:, None] * D + rd[None, :], mask=valid[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
+        y = as_operand(tl.load(Yb + rn[:, None] * D + rd[None, :], mask=valid[:, None] & (rd[None, :] < D), other=0.0),
+                       CT, INTERP)
         s = tl.dot(x, tl.trans(y), input_precision=PREC) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no valid key yet keep m = -inf; shift by 0 instead so exp() gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if WITH_OUT:
-            acc = acc * alpha[:, None] + tl.dot(p, y, input_precision=PREC)
+        if CT == tl.float32:
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if WITH_OUT:
+                acc = tl.dot(p, y, acc * alpha[:, None], input_precision=PREC)
+        else:
+            # Low-precision P: normalised within the key block before it is rounded, the block's product then
+            # weighted in fp32. Rounding p relative to the running max instead (the largest entry exactly 1)
+            # gives the loss 1.3-1.8x the error of PyTorch's rounded softmax (measured on the word side).
+            mb = tl.max(s, 1)
+            mb_safe = tl.where(mb == float("-inf"), 0.0, mb)
+            p = tl.exp(s - mb_safe[:, None])
+            lb = tl.sum(p, 1)
+            wb = lb * tl.exp(mb_safe - m_safe)
+            l_i = l_i * alpha + wb
+            if WITH_OUT:
+                pn = as_operand(p / tl.where(lb > 0, lb, 1.0)[:, None], CT, INTERP)
+                acc = acc * alpha[:, None] + tl.dot(pn, y, input_precision=PREC) * wb[:, None]
         m_i = m_new
-    lse = m_i + tl.log(l_i)
-    tl.store(LSE + b * Tx + rm, lse, mask=rm < Tx)
-    if WITH_OUT:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(OUT + b * Tx * D + rm[:, None] * D + rd[None, :], out, mask=(rm[:, None] < Tx) & dmask[None, :])
+    if SPLIT:
+        sb = split * tl.num_programs(1) + b
+        tl.store(OUT + sb * Tx * D + x_off, acc, mask=xmask)
+        tl.store(LSE + sb * 2 * Tx + rm, m_i, mask=rm < Tx)
+        tl.store(LSE + sb * 2 * Tx + Tx + rm, l_i, mask=rm < Tx)
+    else:
+        tl.store(LSE + b * Tx + rm, tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf")),
+                 mask=rm < Tx)
+        if WITH_OUT:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(OUT + b * Tx * D + x_off, out, mask=xmask)
 
 
-def _softmax_rows_bwd_dx_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, Tx, Ty, D, scale,
-                                HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, PREC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+def _attn_bwd_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, DY, DXA, DXB, Tx, Ty, D: tl.constexpr, scale, lse_sb, delta_sb,
+                     HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, EXTRA_DX: tl.constexpr, CT: tl.constexpr,
+                     PREC: tl.constexpr, INTERP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of softmax(x y^T * scale) y and its logsumexp from the saved logsumexp (no score tensor):
+        dS_ij = P_ij (dout_i . y_j - delta_i) * scale,   dx_i = sum_j dS_ij y_j,
+        dy_j  = sum_i dS_ij x_i + P_ij dout_i,           delta_i = dout_i . out_i - dlse_i.
+    Programs [0, cdiv(Tx, BLOCK_M)) write dx for a block of x rows, the rest dy for a block of keys, each
+    looping over the other side: every gradient is written once, without atomics. LSE / DELTA of sample b
+    start at b * lse_sb / b * delta_sb. EXTRA_DX: dx += DXA + DXB (the loss's other dq terms).
+    """
+    n_x = tl.cdiv(Tx, BLOCK_M)
+    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    xmask = (rm[:, None] < Tx) & (rd[None, :] < D)
-    x = tl.load(X + b * Tx * D + rm[:, None] * D + rd[None, :], mask=xmask, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + b * Tx + rm, mask=rm < Tx, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no valid key has P = 0, not NaN
-    delta = tl.load(DELTA + b * Tx + rm, mask=rm < Tx, other=0.0)
-    if WITH_OUT:
-        do = tl.load(DOUT + b * Tx * D + rm[:, None] * D + rd[None, :], mask=xmask, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, Ty, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
+    dm = rd < D
+    # per-sample base pointers, int32 offsets within the sample (fewer registers than int64 tile offsets)
+    Xb, Yb, DOb, MASKb = X + b * Tx * D, Y + b * Ty * D, DOUT + b * Tx * D, MASK + b * Ty
+    LSEb, DELTAb = LSE + b * lse_sb, DELTA + b * delta_sb
+    if pid < n_x:
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        xmask = (rm[:, None] < Tx) & dm[None, :]
+        x_off = rm[:, None] * D + rd[None, :]
+        x = as_operand(tl.load(Xb + x_off, mask=xmask, other=0.0), CT, INTERP)
+        lse = tl.load(LSEb + rm, mask=rm < Tx, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no valid key has P = 0, not NaN
+        delta = tl.load(DELTAb + rm, mask=rm < Tx, other=0.0)
+        if WITH_OUT:
+            do = as_operand(tl.load(DOb + x_off, mask=xmask, other=0.0), CT, INTERP)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, Ty, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            valid = rn < Ty
+            if HAS_MASK:
+                valid = valid & (tl.load(MASKb + rn, mask=rn < Ty, other=0) != 0)
+            y = as_operand(tl.load(Yb + rn[:, None] * D + rd[None, :], mask=valid[:, None] & dm[None, :], other=0.0),
+                           CT, INTERP)
+            s = tl.dot(x, tl.trans(y), input_precision=PREC) * scale
+            p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+            if WITH_OUT:
+                ds = p * (tl.dot(do, tl.trans(y), input_precision=PREC) - delta[:, None])
+            else:
+                ds = p * (-delta[:, None])
+            acc = tl.dot(as_operand(ds * scale, CT, INTERP), y, acc, input_precision=PREC)
+        if EXTRA_DX:
+            acc += tl.load(DXA + b * Tx * D + x_off, mask=xmask, other=0.0)
+            acc += tl.load(DXB + b * Tx * D + x_off, mask=xmask, other=0.0)
+        tl.store(DX + b * Tx * D + x_off, acc, mask=xmask)
+    else:
+        rn = (pid - n_x) * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = rn < Ty
         if HAS_MASK:
-            valid = valid & (tl.load(MASK + b * Ty + rn, mask=rn < Ty, other=0) != 0)
-        y = tl.load(Y + b * Ty * D + rn[:, None] * D + rd[None, :], mask=valid[:, None] & (rd[None, :] < D),
-                    other=0.0).to(tl.float32)
-        s = tl.dot(x, tl.trans(y), input_precision=PREC) * scale
-        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        if WITH_OUT:
-            ds = p * (tl.dot(do, tl.trans(y), input_precision=PREC) - delta[:, None])
-        else:
-            ds = p * (-delta[:, None])
-        acc += tl.dot(ds, y, input_precision=PREC)
-    tl.store(DX + b * Tx * D + rm[:, None] * D + rd[None, :], acc * scale, mask=xmask)
+            valid = valid & (tl.load(MASKb + rn, mask=rn < Ty, other=0) != 0)
+        ymask = (rn[:, None] < Ty) & dm[None, :]
+        y_off = rn[:, None] * D + rd[None, :]
+        y = as_operand(tl.load(Yb + y_off, mask=ymask, other=0.0), CT, INTERP)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for m0 in range(0, Tx, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            xmask = (rm[:, None] < Tx) & dm[None, :]
+            x_off = rm[:, None] * D + rd[None, :]
+            x = as_operand(tl.load(Xb + x_off, mask=xmask, other=0.0), CT, INTERP)
+            lse = tl.load(LSEb + rm, mask=rm < Tx, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(DELTAb + rm, mask=rm < Tx, other=0.0)
+            st = tl.dot(y, tl.trans(x), input_precision=PREC) * scale  # (BLOCK_N, BLOCK_M): the S^T tile
+            pt = tl.where(valid[:, None], tl.exp(st - lse[None, :]), 0.0)
+            if WITH_OUT:
+                do = as_operand(tl.load(DOb + x_off, mask=xmask, other=0.0), CT, INTERP)
+                dst = pt * (tl.dot(y, tl.trans(do), input_precision=PREC) - delta[None, :])
+                acc = tl.dot(as_operand(pt, CT, INTERP), do, acc, input_precision=PREC)
+            else:
+                dst = pt * (-delta[None, :])
+            acc = tl.dot(as_operand(dst * scale, CT, INTERP), x, acc, input_precision=PREC)
+        tl.store(DY + b * Ty * D + y_off, acc, mask=ymask)
 
 
-def _softmax_rows_bwd_dy_kernel(X, Y, MASK, LSE, DELTA, DOUT, DY, Tx, Ty, D, scale,
-                                HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, PREC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per block of y rows (keys), looping over x rows: the transpose of the dx kernel, so both
-    # gradients are written once without atomics.
-    pid_n = tl.program_id(0)
+def _attn_combine_kernel(PACC, PML, Q, QMASK, CTX, A, ROWS, APART, Tq, D: tl.constexpr, n_split,
+                         HAS_QMASK: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Merge the key splits into ctx_raw (and its logsumexp), then the loss's per-row glue for a block of
+    query rows: ctx = normalize(ctx_raw) if RENORM, qc = q * ctx, a = normalize(qc), and the block's sum of
+    a over q_mask rows (for abar) into APART[b, block].
+    ROWS (B, 8, Tq) gets: 0 lse1, 1 max(|ctx_raw|, eps) (1 if not RENORM), 2 max(|qc|, eps)."""
+    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nbat = tl.num_programs(1)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    valid = rn < Ty
-    if HAS_MASK:
-        valid = valid & (tl.load(MASK + b * Ty + rn, mask=rn < Ty, other=0) != 0)
-    ymask = (rn[:, None] < Ty) & (rd[None, :] < D)
-    y = tl.load(Y + b * Ty * D + rn[:, None] * D + rd[None, :], mask=ymask, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for m0 in range(0, Tx, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        xmask = (rm[:, None] < Tx) & (rd[None, :] < D)
-        x = tl.load(X + b * Tx * D + rm[:, None] * D + rd[None, :], mask=xmask, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + b * Tx + rm, mask=rm < Tx, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + b * Tx + rm, mask=rm < Tx, other=0.0)
-        st = tl.dot(y, tl.trans(x), input_precision=PREC) * scale  # (BLOCK_N, BLOCK_M) = S^T tile
-        pt = tl.where(valid[:, None], tl.exp(st - lse[None, :]), 0.0)
-        if WITH_OUT:
-            do = tl.load(DOUT + b * Tx * D + rm[:, None] * D + rd[None, :], mask=xmask, other=0.0).to(tl.float32)
-            dst = pt * (tl.dot(y, tl.trans(do), input_precision=PREC) - delta[None, :])
-            acc += tl.dot(pt, do, input_precision=PREC)
+    rmask = rm < Tq
+    m2 = rmask[:, None] & (rd[None, :] < D)
+    big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for sp in range(0, n_split):
+        big_m = tl.maximum(big_m, tl.load(PML + ((sp * nbat + b) * 2) * Tq + rm, mask=rmask, other=float("-inf")))
+    m_safe = tl.where(big_m == float("-inf"), 0.0, big_m)
+    big_l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for sp in range(0, n_split):
+        sb = sp * nbat + b
+        f = tl.exp(tl.load(PML + sb * 2 * Tq + rm, mask=rmask, other=float("-inf")) - m_safe)
+        big_l += tl.load(PML + sb * 2 * Tq + Tq + rm, mask=rmask, other=0.0) * f
+        acc += tl.load(PACC + (sb * Tq + rm[:, None]) * D + rd[None, :], mask=m2, other=0.0) * f[:, None]
+    ctx = acc / tl.where(big_l > 0, big_l, 1.0)[:, None]
+    lse1 = tl.where(big_l > 0, big_m + tl.log(tl.where(big_l > 0, big_l, 1.0)), float("-inf"))  # -inf: no key
+    if RENORM:
+        cn = tl.maximum(tl.sqrt(tl.sum(ctx * ctx, 1)), 1e-12)
+        ctx = ctx / cn[:, None]
+    else:
+        cn = tl.full([BLOCK_M], 1.0, tl.float32)
+    off = (b * Tq + rm[:, None]) * D + rd[None, :]
+    qc = tl.load(Q + off, mask=m2, other=0.0).to(tl.float32) * ctx
+    qn = tl.maximum(tl.sqrt(tl.sum(qc * qc, 1)), 1e-12)
+    a = qc / qn[:, None]
+    tl.store(CTX + off, ctx, mask=m2)
+    tl.store(A + off, a, mask=m2)
+    r = ROWS + b * 8 * Tq + rm
+    tl.store(r, lse1, mask=rmask)
+    tl.store(r + Tq, cn, mask=rmask)
+    tl.store(r + 2 * Tq, qn, mask=rmask)
+    valid = rmask
+    if HAS_QMASK:
+        valid = valid & (tl.load(QMASK + b * Tq + rm, mask=rmask, other=0) != 0)
+    tl.store(APART + (b * tl.num_programs(0) + pid) * D + rd, tl.sum(tl.where(valid[:, None], a, 0.0), 0),
+             mask=rd < D)
+
+
+def _s_fwd_kernel(Q, CTX, QMASK, ROWS, RSTAT, CSTAT, Tq, D: tl.constexpr, scale,
+                  HAS_QMASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One tile (row block i, column block m) of S = q ctx^T * scale, pairs outside q_mask excluded: its row
+    partials (max, sum exp) go to RSTAT (B, nb, 2, Tq) at [b, m], its column partials to CSTAT at [b, i].
+    _sample_kernel merges them into the row and the column logsumexps: S is computed once. The diagonal
+    tiles also write S_ii (ROWS row 7): taken from the same products, its rounding cancels in lse - S_ii."""
+    nb = tl.cdiv(Tq, BLOCK)
+    bi = tl.program_id(0) // nb
+    bm = tl.program_id(0) % nb
+    b = tl.program_id(1).to(tl.int64)
+    ri = bi * BLOCK + tl.arange(0, BLOCK)
+    rj = bm * BLOCK + tl.arange(0, BLOCK)
+    rd = tl.arange(0, BLOCK_D)
+    vi = ri < Tq
+    vj = rj < Tq
+    if HAS_QMASK:
+        vi = vi & (tl.load(QMASK + b * Tq + ri, mask=ri < Tq, other=0) != 0)
+        vj = vj & (tl.load(QMASK + b * Tq + rj, mask=rj < Tq, other=0) != 0)
+    q = as_operand(tl.load(Q + b * Tq * D + ri[:, None] * D + rd[None, :], mask=(ri < Tq)[:, None] & (rd < D)[None, :],
+                           other=0.0), CT, INTERP)
+    c = as_operand(tl.load(CTX + b * Tq * D + rj[:, None] * D + rd[None, :],
+                           mask=(rj < Tq)[:, None] & (rd < D)[None, :], other=0.0), CT, INTERP)
+    s = tl.dot(q, tl.trans(c), input_precision=PREC) * scale
+    if bi == bm:
+        tl.store(ROWS + (b * 8 + 7) * Tq + ri, tl.sum(tl.where(ri[:, None] == rj[None, :], s, 0.0), 1), mask=ri < Tq)
+    s = tl.where(vi[:, None] & vj[None, :], s, float("-inf"))
+    r_max = tl.max(s, 1)
+    r_sum = tl.sum(tl.exp(s - tl.where(r_max == float("-inf"), 0.0, r_max)[:, None]), 1)
+    c_max = tl.max(s, 0)
+    c_sum = tl.sum(tl.exp(s - tl.where(c_max == float("-inf"), 0.0, c_max)[None, :]), 0)
+    r = RSTAT + ((b * nb + bm) * 2) * Tq + ri
+    tl.store(r, r_max, mask=ri < Tq)
+    tl.store(r + Tq, r_sum, mask=ri < Tq)
+    cc = CSTAT + ((b * nb + bi) * 2) * Tq + rj
+    tl.store(cc, c_max, mask=rj < Tq)
+    tl.store(cc + Tq, c_sum, mask=rj < Tq)
+
+
+@triton_helper
+def _merge_lse(STAT, b, nb, Tq, t, tm, BLOCK_T: tl.constexpr):
+    """logsumexp over the nb partials (max, sum) of STAT (B, nb, 2, Tq) for the positions t of sample b."""
+    big_m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    for k in range(0, nb):
+        big_m = tl.maximum(big_m, tl.load(STAT + ((b * nb + k) * 2) * Tq + t, mask=tm, other=float("-inf")))
+    m_safe = tl.where(big_m == float("-inf"), 0.0, big_m)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    for k in range(0, nb):
+        p = STAT + ((b * nb + k) * 2) * Tq + t
+        total += tl.load(p + Tq, mask=tm, other=0.0) * tl.exp(tl.load(p, mask=tm, other=float("-inf")) - m_safe)
+    return tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
+def _sample_kernel(A, APART, QMASK, ROWS, RSTAT, CSTAT, INW, INB, VECS, DCST, LOSSB, Tq, D: tl.constexpr, n_apart, nb, inv_b,
+                   inv_sqrt_d, HAS_QMASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Everything per sample b (one program): abar, qq = Wq abar + bq, u = Wk^T qq, the weighting logits
+    (a_i . u + bk . qq) / sqrt(d) and softmax w, both logsumexps of S, and the loss term
+    sum_i w_i (lse_row_i + lse_col_i - 2 S_ii) / 2 / B. Then, for gout = 1 (backward scales by gout):
+    ROWS 3 lse_row, 4 lse_col, 5 g = w / (2B) (the loss's derivative in lse_row_i and lse_col_i), 6 dlogit;
+    VECS (B, 6, d): 0 u, 1 dabar / cnt, 2 abar, 3 qq, 4 du, 5 dqq; DCST the derivative in bk . qq."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    tm = t < Tq
+    valid = tm
+    if HAS_QMASK:
+        valid = valid & (tl.load(QMASK + b * Tq + t, mask=tm, other=0) != 0)
+    cnt = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+    j = tl.arange(0, BLOCK_D)
+    jm = j < D
+    pp = tl.arange(0, BLOCK_P)
+    vec = VECS + b * 6 * D
+    qq = tl.load(INB + j, mask=jm, other=0.0).to(tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < D
+        part = tl.load(APART + (b * n_apart + pp[:, None]) * D + k[None, :], mask=(pp < n_apart)[:, None] & km[None, :],
+                       other=0.0)
+        abar_k = tl.sum(part, 0) / cnt
+        tl.store(vec + 2 * D + k, abar_k, mask=km)
+        wq = tl.load(INW + j[:, None] * D + k[None, :], mask=jm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        qq += tl.sum(wq * abar_k[None, :], 1)
+    tl.store(vec + 3 * D + j, qq, mask=jm)
+    bk = tl.load(INB + D + j, mask=jm, other=0.0).to(tl.float32)
+    logits = tl.zeros([BLOCK_T], tl.float32) + tl.sum(bk * qq, 0)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < D
+        wk = tl.load(INW + (D + j[:, None]) * D + k[None, :], mask=jm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        u_k = tl.sum(wk * qq[:, None], 0)
+        tl.store(vec + k, u_k, mask=km)
+        a = tl.load(A + (b * Tq + t[:, None]) * D + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        logits += tl.sum(a * u_k[None, :], 1)
+    logits = tl.where(valid, logits * inv_sqrt_d, float("-inf"))
+    mx = tl.max(logits, 0)
+    ex = tl.where(valid, tl.exp(logits - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
+    w = ex / tl.maximum(tl.sum(ex, 0), 1e-30)
+    rows = ROWS + b * 8 * Tq + t
+    # rows outside q_mask get +inf logsumexps: exp(S - lse) = 0 marks them for _s_bwd_kernel without the mask
+    lse_row = tl.where(valid, _merge_lse(RSTAT, b, nb, Tq, t, tm, BLOCK_T), float("inf"))
+    lse_col = tl.where(valid, _merge_lse(CSTAT, b, nb, Tq, t, tm, BLOCK_T), float("inf"))
+    e_i = tl.where(valid, (lse_row + lse_col - 2.0 * tl.load(rows + 7 * Tq, mask=tm, other=0.0)) * 0.5, 0.0)
+    w = tl.where(valid, w, 0.0)
+    tl.store(LOSSB + b, tl.sum(w * e_i, 0) * inv_b)
+    dw = e_i * inv_b
+    dlog = tl.where(valid, w * (dw - tl.sum(w * dw, 0)), 0.0) * inv_sqrt_d
+    tl.store(rows + 3 * Tq, lse_row, mask=tm)
+    tl.store(rows + 4 * Tq, lse_col, mask=tm)
+    tl.store(rows + 5 * Tq, w * (0.5 * inv_b), mask=tm)
+    tl.store(rows + 6 * Tq, dlog, mask=tm)
+    dcst = tl.sum(dlog, 0)
+    dqq = bk * dcst
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < D
+        a = tl.load(A + (b * Tq + t[:, None]) * D + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        du_k = tl.sum(a * dlog[:, None], 0)
+        tl.store(vec + 4 * D + k, du_k, mask=km)
+        wk = tl.load(INW + (D + j[:, None]) * D + k[None, :], mask=jm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        dqq += tl.sum(wk * du_k[None, :], 1)
+    tl.store(vec + 5 * D + j, dqq, mask=jm)
+    tl.store(DCST + b, dcst)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < D
+        wq = tl.load(INW + j[:, None] * D + k[None, :], mask=jm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        tl.store(vec + D + k, tl.sum(wq * dqq[:, None], 0) / cnt, mask=km)
+
+
+def _s_bwd_kernel(Q, CTX, A, ROWS, VECS, GOUT, DQS, DQG, DCTXR, DELTA, Tq, D: tl.constexpr, scale,
+                  RENORM: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
+                  INTERP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward through S (both logsumexps and the -2 S_ii term), then the per-row glue. With g_i = gout w_i / 2B:
+        G_im = g_i exp(S_im - lse_row_i) + g_m exp(S_im - lse_col_m) - 2 g_i [i = m]      (valid pairs only)
+    The diagonal term is added before G is rounded for the product: G_ii nearly cancels (S_ii dominates its
+    row and column), and rounding the two large parts separately would cost bf16 accuracy in dq and dc. Rows
+    outside q_mask carry g = 0 and +inf logsumexps, so the pair mask is f_i f_m with f = [lse < inf]: no mask
+    loads, and fewer live tiles (this kernel is the one closest to the register limit).
+    Programs [0, nb): DQS = scale * G ctx for a block of rows i (loop over m). Programs [nb, 2 nb): scale *
+    G^T q for a block m (loop over i), then the glue of rows m through a = normalize(q * ctx) (weighting
+    logits and abar) and ctx = normalize(ctx_raw): DQG (the direct dq terms), DCTXR (the
+    gradient of the attention output ctx_raw) and DELTA = DCTXR . ctx_raw for the attention backward."""
+    nb = tl.cdiv(Tq, BLOCK)
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    gam = tl.load(GOUT).to(tl.float32)
+    rd = tl.arange(0, BLOCK_D)
+    dm = rd < D
+    rows = ROWS + b * 8 * Tq
+    Qb, Cb = Q + b * Tq * D, CTX + b * Tq * D  # per-sample bases, int32 offsets below
+    # this program's block of rows (i for the row programs, m for the column programs)
+    r0 = tl.arange(0, BLOCK) + (pid if pid < nb else pid - nb) * BLOCK
+    off0 = r0[:, None] * D + rd[None, :]
+    m0_ = (r0 < Tq)[:, None] & dm[None, :]
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    if pid < nb:
+        q = as_operand(tl.load(Qb + off0, mask=m0_, other=0.0), CT, INTERP)
+        lr = tl.load(rows + 3 * Tq + r0, mask=r0 < Tq, other=float("inf"))
+        fi = (lr < float("inf")).to(tl.float32)
+        gi = gam * tl.load(rows + 5 * Tq + r0, mask=r0 < Tq, other=0.0)
+        for j0 in range(0, Tq, BLOCK):
+            rj = j0 + tl.arange(0, BLOCK)
+            c = as_operand(tl.load(Cb + rj[:, None] * D + rd[None, :], mask=(rj < Tq)[:, None] & dm[None, :], other=0.0),
+                           CT, INTERP)
+            lc = tl.load(rows + 4 * Tq + rj, mask=rj < Tq, other=float("inf"))
+            fj = (lc < float("inf")).to(tl.float32)
+            gj = gam * tl.load(rows + 5 * Tq + rj, mask=rj < Tq, other=0.0)
+            s = tl.dot(q, tl.trans(c), input_precision=PREC) * scale
+            g = (gi[:, None] * tl.exp(s - lr[:, None])) * fj[None, :] + (gj[None, :] * tl.exp(s - lc[None, :])) * fi[:, None]
+            g = tl.where(r0[:, None] == rj[None, :], g - 2.0 * gi[:, None], g)  # the -2 S_ii term, see above
+            acc = tl.dot(as_operand(g * scale, CT, INTERP), c, acc, input_precision=PREC)
+        tl.store(DQS + b * Tq * D + off0, acc, mask=m0_)
+    else:
+        c = as_operand(tl.load(Cb + off0, mask=m0_, other=0.0), CT, INTERP)
+        lc = tl.load(rows + 4 * Tq + r0, mask=r0 < Tq, other=float("inf"))
+        fj = (lc < float("inf")).to(tl.float32)
+        gj = gam * tl.load(rows + 5 * Tq + r0, mask=r0 < Tq, other=0.0)
+        for i0 in range(0, Tq, BLOCK):
+            ri = i0 + tl.arange(0, BLOCK)
+            q = as_operand(tl.load(Qb + ri[:, None] * D + rd[None, :], mask=(ri < Tq)[:, None] & dm[None, :], other=0.0),
+                           CT, INTERP)
+            lr = tl.load(rows + 3 * Tq + ri, mask=ri < Tq, other=float("inf"))
+            fi = (lr < float("inf")).to(tl.float32)
+            gi = gam * tl.load(rows + 5 * Tq + ri, mask=ri < Tq, other=0.0)
+            st = tl.dot(c, tl.trans(q), input_precision=PREC) * scale  # (m, i): the S^T tile
+            gt = (gi[None, :] * tl.exp(st - lr[None, :])) * fj[:, None] + (gj[:, None] * tl.exp(st - lc[:, None])) * fi[None, :]
+            gt = tl.where(r0[:, None] == ri[None, :], gt - 2.0 * gj[:, None], gt)
+            acc = tl.dot(as_operand(gt * scale, CT, INTERP), q, acc, input_precision=PREC)
+        # the glue of rows m, in fp32; each tile loaded where it is used, to keep few of them live
+        dlog = tl.load(rows + 6 * Tq + r0, mask=r0 < Tq, other=0.0)
+        u = tl.load(VECS + b * 6 * D + rd, mask=dm, other=0.0)
+        dab = tl.load(VECS + b * 6 * D + D + rd, mask=dm, other=0.0)
+        da = gam * (dlog[:, None] * u[None, :] + fj[:, None] * dab[None, :])
+        # normalize backward: (dy - y (y . dy)) / max(|x|, eps), the projection dropped where the norm clamps
+        a = tl.load(A + b * Tq * D + off0, mask=m0_, other=0.0)
+        qn = tl.load(rows + 2 * Tq + r0, mask=r0 < Tq, other=1.0)
+        ad = tl.where(qn > 1e-12, tl.sum(a * da, 1), 0.0)
+        dqc = (da - a * ad[:, None]) / qn[:, None]
+        cf = tl.load(Cb + off0, mask=m0_, other=0.0)
+        tl.store(DQG + b * Tq * D + off0, dqc * cf, mask=m0_)
+        dctx = acc + dqc * tl.load(Qb + off0, mask=m0_, other=0.0).to(tl.float32)
+        if RENORM:
+            cn = tl.load(rows + Tq + r0, mask=r0 < Tq, other=1.0)
+            cd = tl.where(cn > 1e-12, tl.sum(cf * dctx, 1), 0.0)
+            dctx = (dctx - cf * cd[:, None]) / cn[:, None]
+            delta = tl.sum(dctx * cf, 1) * cn  # ctx_raw = ctx * max(|ctx_raw|, eps)
         else:
-            dst = pt * (-delta[None, :])
-        acc += tl.dot(dst, x, input_precision=PREC) * scale
-    tl.store(DY + b * Ty * D + rn[:, None] * D + rd[None, :], acc, mask=ymask)
+            delta = tl.sum(dctx * cf, 1)
+        tl.store(DCTXR + b * Tq * D + off0, dctx, mask=m0_)
+        tl.store(DELTA + b * Tq + r0, delta, mask=r0 < Tq)
 
 
-_BLOCK = 64
+def _param_grad_kernel(VECS, DCST, GOUT, DW, DB, n_batch, D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_B: tl.constexpr):
+    """The MHA in_proj gradients, summed over the batch (rows [2d, 3d), the value projection, get zeros):
+    dWq = sum_b dqq_b abar_b^T, dbq = sum_b dqq_b; dWk = sum_b qq_b du_b^T, dbk = sum_b dcst_b qq_b; x gout.
+    Program (part, row block): part 0 the q rows, 1 the k rows, 2 the v rows."""
+    part = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jm = j < D
+    k = tl.arange(0, BLOCK_D)
+    km = k < D
+    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_J], tl.float32)
+    if part < 2:
+        xs = 5 - 2 * part  # dqq for the q rows, qq for the k rows
+        ys = 2 + 2 * part  # abar, du
+        for b0 in range(0, n_batch, BLOCK_B):
+            bb = b0 + tl.arange(0, BLOCK_B)
+            bm = bb < n_batch
+            x = tl.load(VECS + (bb[:, None] * 6 + xs) * D + j[None, :], mask=bm[:, None] & jm[None, :], other=0.0)
+            y = tl.load(VECS + (bb[:, None] * 6 + ys) * D + k[None, :], mask=bm[:, None] & km[None, :], other=0.0)
+            acc = tl.dot(tl.trans(x), y, acc, input_precision="ieee")
+            wb = tl.load(DCST + bb, mask=bm & (part == 1), other=1.0)  # bias weights: 1 (q rows), dcst (k rows)
+            db += tl.sum(x * wb[:, None], 0)
+    gam = tl.load(GOUT).to(tl.float32)
+    tl.store(DW + (part * D + j[:, None]) * D + k[None, :], acc * gam, mask=jm[:, None] & km[None, :])
+    tl.store(DB + part * D + j, db * gam, mask=jm)
 
 
-def _launch_cfg(x: torch.Tensor, y: torch.Tensor):
-    d = x.shape[-1]
-    block_d = max(16, next_pow2(d))
-    # fp32 inputs get exact fp32 products (the 1e-5 tolerance); bf16/fp16 inputs are already rounded, so
-    # TF32 adds less error than their own quantisation and runs on the tensor cores.
-    prec = "ieee" if (x.dtype == torch.float32 and y.dtype == torch.float32) else "tf32"
-    return block_d, prec
+# ---------------------------------------------------------------------------------------------- launchers
+class _Tiles(NamedTuple):
+    block_m: int  # query rows per attention program; also the side of an S tile
+    block_n: int  # keys per step
+    launch: dict  # kernel -> (num_warps, num_stages)
+
+
+# bf16/fp16: 64-row tiles, the smallest wgmma M (one warpgroup, m64); the backward kernels (four products per
+# step, two roles) on 8 warps. Exact fp32 (ieee FMA products): 16 x 16 tiles, which hold the operand slices of
+# the d = 128 reductions in registers. Warps and stages per kernel as the sm_90 compile (ptxas -v) shows no
+# spill (tests/test_sm90_compile.py). The interpreter runs one fixed 32 x 32 config (tile-size independent
+# code; bigger numpy tiles run faster).
+_TILES = {
+    "mma": _Tiles(64, 64, {"attn_fwd": (4, 2), "attn_bwd": (8, 2), "s_fwd": (4, 2), "s_bwd": (8, 2)}),
+    "fp32": _Tiles(16, 16, {"attn_fwd": (8, 1), "attn_bwd": (8, 1), "s_fwd": (4, 1), "s_bwd": (8, 1)}),
+    "interp": _Tiles(32, 32, {k: (4, 1) for k in ("attn_fwd", "attn_bwd", "s_fwd", "s_bwd")}),
+}
+_FILL_PROGRAMS = 264  # 2 x 132 SMs (H100 / H200): split the keys until the attention has this many programs
+_GLUE_ROWS = 32  # rows per program of the elementwise combine kernel
+
+
+def _tiles(ct: torch.dtype) -> _Tiles:
+    if interpreting():
+        return _TILES["interp"]
+    return _TILES["fp32" if ct == torch.float32 else "mma"]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -217,77 +621,250 @@ def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return mask.contiguous().view(torch.uint8)
 
 
-def _softmax_rows_triton(x, y, y_mask, scale: float, with_out: bool):
+def _kw(ct: torch.dtype, d: int, cfg: _Tiles, kernel: str) -> dict:
+    warps, stages = cfg.launch[kernel]
+    return dict(CT=tl_dtype(ct), PREC=dot_precision(ct), INTERP=interpreting(), BLOCK_D=max(16, next_pow2(d)),
+                num_warps=warps, num_stages=stages)
+
+
+def _softmax_rows_triton(x, y, y_mask, scale: float, with_out: bool, ct: torch.dtype):
     B, Tx, D = x.shape
     Ty = y.shape[1]
     x, y = x.contiguous(), y.contiguous()
-    block_d, prec = _launch_cfg(x, y)
+    cfg = _tiles(ct)
     lse = torch.empty(B, Tx, device=x.device, dtype=torch.float32)
-    out = torch.empty(B, Tx, D, device=x.device, dtype=torch.float32) if with_out else lse
-    grid = (triton_cdiv(Tx, _BLOCK), B)
-    jit_kernel(_softmax_rows_fwd_kernel)[grid](
-        x, y, _mask_arg(y_mask, x), out, lse, Tx, Ty, D, float(scale), HAS_MASK=y_mask is not None,
-        WITH_OUT=with_out, PREC=prec, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_D=block_d)
-    return (out if with_out else x.new_empty(0, dtype=torch.float32)), lse
-
-
-def _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale: float, with_out: bool):
-    B, Tx, D = x.shape
-    Ty = y.shape[1]
-    x, y = x.contiguous(), y.contiguous()
-    block_d, prec = _launch_cfg(x, y)
-    dx = torch.empty(B, Tx, D, device=x.device, dtype=torch.float32)
-    dy = torch.empty(B, Ty, D, device=x.device, dtype=torch.float32)
-    m = _mask_arg(y_mask, x)
-    do = dout.contiguous() if with_out else x
-    common = dict(HAS_MASK=y_mask is not None, WITH_OUT=with_out, PREC=prec, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
-                  BLOCK_D=block_d)
-    jit_kernel(_softmax_rows_bwd_dx_kernel)[(triton_cdiv(Tx, _BLOCK), B)](
-        x, y, m, lse, delta, do, dx, Tx, Ty, D, float(scale), **common)
-    jit_kernel(_softmax_rows_bwd_dy_kernel)[(triton_cdiv(Ty, _BLOCK), B)](
-        x, y, m, lse, delta, do, dy, Tx, Ty, D, float(scale), **common)
-    return dx, dy
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def softmax_rows_ref(x, y, y_mask, scale: float, with_out: bool):
-    """PyTorch reference of the op (also its CPU path). Builds the (B, Tx, Ty) scores."""
-    s = torch.bmm(x.float(), y.float().transpose(1, 2)) * scale
-    if y_mask is not None:
-        s = s.masked_fill(~y_mask[:, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.bmm(torch.softmax(s, dim=-1), y.float()) if with_out else x.new_empty(0, dtype=torch.float32)
+    out = torch.empty(B, Tx, D, device=x.device, dtype=torch.float32) if with_out else x.new_empty(0, dtype=torch.float32)
+    launch(_attn_fwd_kernel, (triton_cdiv(Tx, cfg.block_m), B), x, y, _mask_arg(y_mask, x), out if with_out else lse,
+           lse, Tx, Ty, D, float(scale), Ty, HAS_MASK=y_mask is not None, WITH_OUT=with_out, SPLIT=False,
+           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_kw(ct, D, cfg, "attn_fwd"))
     return out, lse
 
 
-def _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale: float, with_out: bool):
+def _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale: float, with_out: bool, ct: torch.dtype):
+    B, Tx, D = x.shape
+    Ty = y.shape[1]
+    x, y = x.contiguous(), y.contiguous()
+    cfg = _tiles(ct)
+    dx = torch.empty(B, Tx, D, device=x.device, dtype=torch.float32)
+    dy = torch.empty(B, Ty, D, device=x.device, dtype=torch.float32)
+    do = dout.contiguous() if with_out else x
+    grid = (triton_cdiv(Tx, cfg.block_m) + triton_cdiv(Ty, cfg.block_n), B)
+    launch(_attn_bwd_kernel, grid, x, y, _mask_arg(y_mask, x), lse, delta, do, dx, dy, dx, dx, Tx, Ty, D, float(scale),
+           Tx, Tx, HAS_MASK=y_mask is not None, WITH_OUT=with_out, EXTRA_DX=False, BLOCK_M=cfg.block_m,
+           BLOCK_N=cfg.block_n, **_kw(ct, D, cfg, "attn_bwd"))
+    return dx, dy
+
+
+def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype):
+    B, Tq, d = q.shape
+    Tc = c.shape[1]
+    dev, f32 = q.device, torch.float32
+    q, c = q.contiguous(), c.contiguous()
+    in_w, in_b = in_w.contiguous(), in_b.contiguous()
+    cfg, scale = _tiles(ct), 1.0 / tau
+    qm, cm = _mask_arg(q_mask, q), _mask_arg(c_mask, q)
+    # attention over key splits, then the merge + per-row glue
+    n_m, n_kb = triton_cdiv(Tq, cfg.block_m), triton_cdiv(Tc, cfg.block_n)
+    per_split = triton_cdiv(n_kb, max(1, min(n_kb, triton_cdiv(_FILL_PROGRAMS, n_m * B)))) * cfg.block_n
+    n_split = triton_cdiv(Tc, per_split)
+    pacc = torch.empty(n_split, B, Tq, d, device=dev, dtype=f32)
+    pml = torch.empty(n_split, B, 2, Tq, device=dev, dtype=f32)
+    launch(_attn_fwd_kernel, (n_m * n_split, B), q, c, cm, pacc, pml, Tq, Tc, d, scale, per_split,
+           HAS_MASK=c_mask is not None, WITH_OUT=True, SPLIT=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           **_kw(ct, d, cfg, "attn_fwd"))
+    ctx = torch.empty(B, Tq, d, device=dev, dtype=f32)
+    a = torch.empty(B, Tq, d, device=dev, dtype=f32)
+    rows = torch.empty(B, 8, Tq, device=dev, dtype=f32)
+    n_ap = triton_cdiv(Tq, _GLUE_ROWS)
+    apart = torch.empty(B, n_ap, d, device=dev, dtype=f32)
+    launch(_attn_combine_kernel, (n_ap, B), pacc, pml, q, qm, ctx, a, rows, apart, Tq, d, n_split,
+           HAS_QMASK=q_mask is not None, RENORM=renorm, BLOCK_M=_GLUE_ROWS, BLOCK_D=max(16, next_pow2(d)))
+    # S = q ctx^T / tau, once, tile by tile
+    nb = triton_cdiv(Tq, cfg.block_m)
+    rstat = torch.empty(B, nb, 2, Tq, device=dev, dtype=f32)
+    cstat = torch.empty(B, nb, 2, Tq, device=dev, dtype=f32)
+    launch(_s_fwd_kernel, (nb * nb, B), q, ctx, qm, rows, rstat, cstat, Tq, d, scale, HAS_QMASK=q_mask is not None,
+           BLOCK=cfg.block_m, **_kw(ct, d, cfg, "s_fwd"))
+    vecs = torch.empty(B, 6, d, device=dev, dtype=f32)
+    dcst = torch.empty(B, device=dev, dtype=f32)
+    loss_b = torch.empty(B, device=dev, dtype=f32)
+    launch(_sample_kernel, (B,), a, apart, qm, rows, rstat, cstat, in_w, in_b, vecs, dcst, loss_b, Tq, d, n_ap, nb,
+           1.0 / B, 1.0 / math.sqrt(d), HAS_QMASK=q_mask is not None, BLOCK_T=max(16, next_pow2(Tq)),
+           BLOCK_D=max(16, next_pow2(d)), BLOCK_K=16, BLOCK_P=max(2, next_pow2(n_ap)), num_warps=8)
+    return loss_b.sum(), ctx, a, rows, vecs, dcst
+
+
+def _loss_bwd_triton(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst, tau: float, renorm: bool,
+                     ct: torch.dtype):
+    B, Tq, d = q.shape
+    Tc = c.shape[1]
+    dev, f32 = q.device, torch.float32
+    q, c = q.contiguous(), c.contiguous()
+    cfg, scale = _tiles(ct), 1.0 / tau
+    qm, cm = _mask_arg(q_mask, q), _mask_arg(c_mask, q)
+    gout = gout.float().contiguous()
+    nb = triton_cdiv(Tq, cfg.block_m)
+    dqs, dqg, dctxr = (torch.empty(B, Tq, d, device=dev, dtype=f32) for _ in range(3))
+    delta = torch.empty(B, Tq, device=dev, dtype=f32)
+    launch(_s_bwd_kernel, (2 * nb, B), q, ctx, a, rows, vecs, gout, dqs, dqg, dctxr, delta, Tq, d, scale,
+           RENORM=renorm, BLOCK=cfg.block_m, **_kw(ct, d, cfg, "s_bwd"))
+    dq = torch.empty(B, Tq, d, device=dev, dtype=f32)
+    dc = torch.empty(B, Tc, d, device=dev, dtype=f32)
+    grid = (triton_cdiv(Tq, cfg.block_m) + triton_cdiv(Tc, cfg.block_n), B)
+    launch(_attn_bwd_kernel, grid, q, c, cm, rows, delta, dctxr, dq, dc, dqs, dqg, Tq, Tc, d, scale, 8 * Tq, Tq,
+           HAS_MASK=c_mask is not None, WITH_OUT=True, EXTRA_DX=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           **_kw(ct, d, cfg, "attn_bwd"))
+    dw = torch.empty(3 * d, d, device=dev, dtype=f32)
+    db = torch.empty(3 * d, device=dev, dtype=f32)
+    launch(_param_grad_kernel, (3, triton_cdiv(d, 32)), vecs, dcst, gout, dw, db, B, d, BLOCK_J=32,
+           BLOCK_D=max(16, next_pow2(d)), BLOCK_B=16)
+    return dq, dc, dw, db
+
+
+# ----------------------------------------------------------------- the same fused maths in PyTorch (CPU twin)
+# The custom ops' implementation where the kernels cannot run (CPU without the interpreter: torch.compile
+# tests), and an executable statement of the backward the kernels compute. Same saved tensors and rounding
+# points, except that a low-precision P is rounded normalised over all keys (the kernel: per key block); it
+# materialises the score matrices, which only the kernels avoid.
+def _valid_rows(q, q_mask):
+    return torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if q_mask is None else q_mask
+
+
+def _masked_lse(s, keep, dim):
+    lse = torch.logsumexp(s.masked_fill(~keep, float("-inf")), dim=dim)
+    return lse
+
+
+def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype):
+    B, Tq, d = q.shape
+    scale = 1.0 / tau
+    qf, cf = q.float(), c.float()
+    s = torch.bmm(_rounded(qf, ct), _rounded(cf, ct).transpose(1, 2)) * scale
+    if c_mask is not None:
+        s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
+    lse1 = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isneginf(lse1), 0.0, lse1)[..., None])
+    ctx = torch.bmm(_rounded(p, ct), _rounded(cf, ct))
+    cn = ctx.norm(dim=-1).clamp_min(_EPS) if renorm else torch.ones_like(lse1)
+    ctx = ctx / cn[..., None]
+    qc = qf * ctx
+    qn = qc.norm(dim=-1).clamp_min(_EPS)
+    a = qc / qn[..., None]
+    valid = _valid_rows(q, q_mask)
+    vf = valid.float()
+    cnt = vf.sum(1).clamp_min(1.0)
+    abar = (a * vf[..., None]).sum(1) / cnt[:, None]
+    wq, wk, bq, bk = in_w[:d].float(), in_w[d:2 * d].float(), in_b[:d].float(), in_b[d:2 * d].float()
+    qq = abar @ wq.t() + bq
+    u = qq @ wk
+    logits = (torch.einsum("btd,bd->bt", a, u) + (qq @ bk)[:, None]) / math.sqrt(d)
+    w = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    S = torch.bmm(_rounded(qf, ct), _rounded(ctx, ct).transpose(1, 2)) * scale
+    diag = torch.diagonal(S, dim1=1, dim2=2)  # from S itself: its rounding cancels in lse - diag
+    pair = valid[:, :, None] & valid[:, None, :]
+    lse_row = torch.where(valid, _masked_lse(S, pair, 2), float("inf"))  # +inf off q_mask, as the kernels
+    lse_col = torch.where(valid, _masked_lse(S, pair, 1), float("inf"))
+    e = torch.where(valid, (lse_row + lse_col - 2 * diag) / 2, 0.0)
+    loss = (w * e).sum() / B
+    # gout = 1 backward of the per-sample part
+    dw = e / B
+    dlog = torch.where(valid, w * (dw - (w * dw).sum(1, keepdim=True)), 0.0) / math.sqrt(d)
+    du = torch.einsum("bt,btd->bd", dlog, a)
+    dcst = dlog.sum(1)
+    dqq = du @ wk.t() + dcst[:, None] * bk
+    dabar = (dqq @ wq) / cnt[:, None]
+    rows = torch.stack([lse1, cn, qn, lse_row, lse_col, w / (2 * B), dlog, diag], 1)
+    vecs = torch.stack([u, dabar, abar, qq, du, dqq], 1)
+    return loss, ctx, a, rows, vecs, dcst
+
+
+def _loss_bwd_torch(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst, tau: float, renorm: bool,
+                    ct: torch.dtype):
+    B, Tq, d = q.shape
+    scale = 1.0 / tau
+    gam = gout.float()
+    qf, cf = q.float(), c.float()
+    lse1, cn, qn, lse_row, lse_col, g1, dlog, _ = rows.unbind(1)
+    u, dabar, abar, qq, du, dqq = vecs.unbind(1)
+    valid = _valid_rows(q, q_mask)
+    pair = valid[:, :, None] & valid[:, None, :]
+    g = gam * g1
+    # through both logsumexps of S
+    S = torch.bmm(_rounded(qf, ct), _rounded(ctx, ct).transpose(1, 2)) * scale
+    G = (g[..., None] * torch.exp(S - lse_row[..., None]) + g[:, None, :] * torch.exp(S - lse_col[:, None, :]))
+    G = torch.where(pair, G - torch.diag_embed(2 * g), 0.0) * scale  # + d/dS_ii of -2 S_ii, before rounding
+    dq = torch.bmm(_rounded(G, ct), _rounded(ctx, ct))
+    dctx = torch.bmm(_rounded(G, ct).transpose(1, 2), _rounded(qf, ct))
+    # the per-row glue: a = normalize(q * ctx) (logits, abar), ctx = normalize(ctx_raw)
+    da = gam * (dlog[..., None] * u[:, None, :] + dabar[:, None, :] * valid[..., None].float())
+    ad = torch.where(qn > _EPS, (a * da).sum(-1), 0.0)
+    dqc = (da - a * ad[..., None]) / qn[..., None]
+    dq = dq + dqc * ctx
+    dctx = dctx + dqc * qf
+    if renorm:
+        cd = torch.where(cn > _EPS, (ctx * dctx).sum(-1), 0.0)
+        dctx = (dctx - ctx * cd[..., None]) / cn[..., None]
+    delta = (dctx * ctx).sum(-1) * cn
+    # the attention
+    s = torch.bmm(_rounded(qf, ct), _rounded(cf, ct).transpose(1, 2)) * scale
+    p = torch.exp(s - torch.where(torch.isneginf(lse1), float("inf"), lse1)[..., None])
+    if c_mask is not None:
+        p = p.masked_fill(~c_mask[:, None, :], 0.0)
+    dp = torch.bmm(_rounded(dctx, ct), _rounded(cf, ct).transpose(1, 2))
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + torch.bmm(_rounded(ds, ct), _rounded(cf, ct))
+    dc = torch.bmm(_rounded(ds, ct).transpose(1, 2), _rounded(qf, ct)) + torch.bmm(_rounded(p, ct).transpose(1, 2),
+                                                                                  _rounded(dctx, ct))
+    z = dqq.new_zeros(d, d)
+    dw = gam * torch.cat([dqq.t() @ abar, qq.t() @ du, z])
+    db = gam * torch.cat([dqq.sum(0), qq.t() @ dcst, z[0]])
+    return dq, dc, dw, db
+
+
+# ------------------------------------------------------------------------------------------- the custom ops
+# No autocast registration (as kernels/move_ffn.py): the Autocast key falls through, so autocast never casts
+# the fp32 inputs; the compute dtype is an explicit argument and the implementations run with autocast off.
+def softmax_rows_ref(x, y, y_mask, scale: float, with_out: bool, compute_dtype: Optional[torch.dtype] = None):
+    """PyTorch reference of the op (also its CPU path). Builds the (B, Tx, Ty) scores."""
+    ct = _compute_dtype(compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        xf, yf = x.float(), y.float()
+        s = _bmm(xf, yf.transpose(1, 2), ct) * scale
+        if y_mask is not None:
+            s = s.masked_fill(~y_mask[:, None, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        if not with_out:
+            return x.new_empty(0, dtype=torch.float32), lse
+        p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+        return _bmm(p, yf, ct), lse
+
+
+def _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale: float, with_out: bool, ct: torch.dtype):
     xf, yf = x.float(), y.float()
-    s = torch.bmm(xf, yf.transpose(1, 2)) * scale
+    s = torch.bmm(_rounded(xf, ct), _rounded(yf, ct).transpose(1, 2)) * scale
     p = torch.exp(s - torch.where(torch.isneginf(lse), torch.inf, lse)[..., None])
     if y_mask is not None:
         p = p.masked_fill(~y_mask[:, None, :], 0.0)
-    dp = torch.bmm(dout.float(), yf.transpose(1, 2)) if with_out else torch.zeros_like(p)
-    ds = p * (dp - delta[..., None])
-    dx = torch.bmm(ds, yf) * scale
-    dy = torch.bmm(ds.transpose(1, 2), xf) * scale
+    dp = torch.bmm(_rounded(dout.float(), ct), _rounded(yf, ct).transpose(1, 2)) if with_out else torch.zeros_like(p)
+    ds = p * (dp - delta[..., None]) * scale
+    dx = torch.bmm(_rounded(ds, ct), _rounded(yf, ct))
+    dy = torch.bmm(_rounded(ds, ct).transpose(1, 2), _rounded(xf, ct))
     if with_out:
-        dy = dy + torch.bmm(p.transpose(1, 2), dout.float())
+        dy = dy + torch.bmm(_rounded(p, ct).transpose(1, 2), _rounded(dout.float(), ct))
     return dx, dy
 
 
 @torch.library.custom_op("medst_fast::softmax_rows", mutates_args=())
 def _softmax_rows_op(x: torch.Tensor, y: torch.Tensor, y_mask: Optional[torch.Tensor], scale: float,
-                     with_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x, y):
-        return _softmax_rows_triton(x, y, y_mask, scale, with_out)
-    return softmax_rows_ref(x, y, y_mask, scale, with_out)
+                     with_out: bool, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        if use_triton(x, y):
+            return _softmax_rows_triton(x, y, y_mask, scale, with_out, compute_dtype)
+        return softmax_rows_ref(x, y, y_mask, scale, with_out, compute_dtype)
 
 
 @_softmax_rows_op.register_fake
-def _(x, y, y_mask, scale, with_out):
+def _(x, y, y_mask, scale, with_out, compute_dtype):
     B, Tx, D = x.shape
     out = x.new_empty(B, Tx, D, dtype=torch.float32) if with_out else x.new_empty(0, dtype=torch.float32)
     return out, x.new_empty(B, Tx, dtype=torch.float32)
@@ -295,22 +872,23 @@ def _(x, y, y_mask, scale, with_out):
 
 @torch.library.custom_op("medst_fast::softmax_rows_bwd", mutates_args=())
 def _softmax_rows_bwd_op(x: torch.Tensor, y: torch.Tensor, y_mask: Optional[torch.Tensor], lse: torch.Tensor,
-                         delta: torch.Tensor, dout: Optional[torch.Tensor], scale: float,
-                         with_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x, y):
-        return _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale, with_out)
-    return _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale, with_out)
+                         delta: torch.Tensor, dout: Optional[torch.Tensor], scale: float, with_out: bool,
+                         compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        if use_triton(x, y):
+            return _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale, with_out, compute_dtype)
+        return _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale, with_out, compute_dtype)
 
 
 @_softmax_rows_bwd_op.register_fake
-def _(x, y, y_mask, lse, delta, dout, scale, with_out):
+def _(x, y, y_mask, lse, delta, dout, scale, with_out, compute_dtype):
     return x.new_empty(x.shape, dtype=torch.float32), y.new_empty(y.shape, dtype=torch.float32)
 
 
 def _softmax_rows_setup(ctx, inputs, output):
-    x, y, y_mask, scale, with_out = inputs
+    x, y, y_mask, scale, with_out, compute_dtype = inputs
     out, lse = output
-    ctx.scale, ctx.with_out, ctx.has_mask = scale, with_out, y_mask is not None
+    ctx.scale, ctx.with_out, ctx.has_mask, ctx.ct = scale, with_out, y_mask is not None, compute_dtype
     # Saved: the inputs, the (B, Tx, d) output and the (B, Tx) logsumexp. Never the scores.
     ctx.save_for_backward(x, y, y_mask if y_mask is not None else x.new_empty(0), out, lse)
 
@@ -324,61 +902,118 @@ def _softmax_rows_backward(ctx, dout, dlse):
         with_out = True
     else:
         dout, with_out = None, False
-    dx, dy = _softmax_rows_bwd_op(x, y, y_mask, lse, delta.contiguous(), dout, ctx.scale, with_out)
-    return dx.to(x.dtype), dy.to(y.dtype), None, None, None
+    dx, dy = _softmax_rows_bwd_op(x, y, y_mask, lse, delta.contiguous(), dout, ctx.scale, with_out, ctx.ct)
+    return dx.to(x.dtype), dy.to(y.dtype), None, None, None, None
 
 
 _softmax_rows_op.register_autograd(_softmax_rows_backward, setup_context=_softmax_rows_setup)
 
 
-def softmax_rows(x, y, y_mask, scale: float, with_out: bool = True):
+def softmax_rows(x, y, y_mask, scale: float, with_out: bool = True, compute_dtype: Optional[torch.dtype] = None):
     """``(softmax(x y^T * scale) y, logsumexp(x y^T * scale))`` per batch row, keys outside ``y_mask`` excluded.
 
     x: (B, Tx, d), y: (B, Ty, d), y_mask: (B, Ty) bool or None. Returns fp32 (B, Tx, d) (empty when
     ``with_out=False``) and fp32 (B, Tx). Differentiable in x and y; custom op ``medst_fast::softmax_rows``.
+    ``compute_dtype`` bf16/fp16: the products take operands rounded to it (P too), fp32 accumulation.
     """
-    return _softmax_rows_op(x, y, y_mask, float(scale), bool(with_out))
+    return _softmax_rows_op(x, y, y_mask, float(scale), bool(with_out), _compute_dtype(compute_dtype))
+
+
+_LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("medst_fast::token_align_fwd", mutates_args=())
+def _loss_fwd_op(q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor], c_mask: Optional[torch.Tensor],
+                 in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor, tau: float, renorm: bool,
+                 compute_dtype: torch.dtype) -> _LossOut:
+    """(loss, ctx, a, rows (B, 8, Tq), vecs (B, 6, d), dcst (B,)): the loss and what its backward reads."""
+    with torch.autocast(q.device.type, enabled=False):
+        fn = _loss_fwd_triton if use_triton(q, c) else _loss_fwd_torch
+        return fn(q, c, q_mask, c_mask, in_proj_weight.float(), in_proj_bias.float(), tau, renorm, compute_dtype)
+
+
+@_loss_fwd_op.register_fake
+def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_dtype):
+    B, Tq, d = q.shape
+    f32 = torch.float32
+    return (q.new_empty((), dtype=f32), q.new_empty(B, Tq, d, dtype=f32), q.new_empty(B, Tq, d, dtype=f32),
+            q.new_empty(B, 8, Tq, dtype=f32), q.new_empty(B, 6, d, dtype=f32), q.new_empty(B, dtype=f32))
+
+
+@torch.library.custom_op("medst_fast::token_align_bwd", mutates_args=())
+def _loss_bwd_op(gout: torch.Tensor, q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor],
+                 c_mask: Optional[torch.Tensor], in_proj_weight: torch.Tensor, ctx: torch.Tensor, a: torch.Tensor,
+                 rows: torch.Tensor, vecs: torch.Tensor, dcst: torch.Tensor, tau: float, renorm: bool,
+                 compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dc, d in_proj_weight, d in_proj_bias), fp32."""
+    with torch.autocast(q.device.type, enabled=False):
+        fn = _loss_bwd_triton if use_triton(q, c) else _loss_bwd_torch
+        return fn(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau, renorm, compute_dtype)
+
+
+@_loss_bwd_op.register_fake
+def _(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau, renorm, compute_dtype):
+    f32 = torch.float32
+    d = q.shape[-1]
+    return (q.new_empty(q.shape, dtype=f32), c.new_empty(c.shape, dtype=f32), q.new_empty(3 * d, d, dtype=f32),
+            q.new_empty(3 * d, dtype=f32))
+
+
+def _loss_setup(ctx, inputs, output):
+    q, c, q_mask, c_mask, in_w, in_b, tau, renorm, compute_dtype = inputs
+    _, cx, a, rows, vecs, dcst = output
+    ctx.args = (tau, renorm, compute_dtype, q_mask is not None, c_mask is not None)
+    ctx.dtypes = (q.dtype, c.dtype, in_w.dtype, in_b.dtype)
+    none = q.new_empty(0, dtype=torch.bool)
+    ctx.save_for_backward(q, c, q_mask if q_mask is not None else none, c_mask if c_mask is not None else none,
+                          in_w, cx, a, rows, vecs, dcst)
+
+
+def _loss_backward(ctx, gout, *_unused):
+    q, c, q_mask, c_mask, in_w, cx, a, rows, vecs, dcst = ctx.saved_tensors
+    tau, renorm, ct, has_qm, has_cm = ctx.args
+    dq, dc, dw, db = _loss_bwd_op(gout, q, c, q_mask if has_qm else None, c_mask if has_cm else None, in_w, cx, a,
+                                  rows, vecs, dcst, tau, renorm, ct)
+    grads = [t.to(dt) for t, dt in zip((dq, dc, dw, db), ctx.dtypes)]
+    return (grads[0], grads[1], None, None, grads[2], grads[3], None, None, None)
+
+
+_loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+def _check_inputs(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias):
+    def bad(field, want, got):
+        raise ValueError(f"kernels/local_align.py: {field} must be {want}, got {got}")
+
+    if q.dim() != 3 or c.dim() != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[2]:
+        bad("q, c", "(B, Tq, d) and (B, Tc, d)", f"{tuple(q.shape)} and {tuple(c.shape)}")
+    d = q.shape[2]
+    for name, m, t in (("q_mask", q_mask, q), ("c_mask", c_mask, c)):
+        if m is not None and (m.dtype != torch.bool or m.shape != t.shape[:2]):
+            bad(name, f"None or bool {tuple(t.shape[:2])}", f"{m.dtype} {tuple(m.shape)}")
+    if in_proj_weight.shape != (3 * d, d) or in_proj_bias.shape != (3 * d,):
+        bad("in_proj_weight, in_proj_bias", f"({3 * d}, {d}) and ({3 * d},)",
+            f"{tuple(in_proj_weight.shape)} and {tuple(in_proj_bias.shape)}")
 
 
 def _token_align_loss_fused(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau: float = 0.1,
-                            renorm_context: bool = True) -> torch.Tensor:
+                            renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Same value and gradients as :func:`token_align_loss_ref`, with no (B, Tq, Tc) or (B, Tq, Tq) tensor."""
-    B, Tq, d = q.shape
-    scale = 1.0 / tau
-    ctx, _ = softmax_rows(q, c, c_mask, scale, True)  # (B, Tq, d) fp32
-    if renorm_context:
-        ctx = F.normalize(ctx, dim=-1)
-    qf = q.float()
-    qc = qf * ctx
-    a = F.normalize(qc, dim=-1)
-    if q_mask is None:
-        abar = a.mean(dim=1)
-    else:
-        m = q_mask.to(a.dtype)
-        abar = (a * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
-    wq, wk = in_proj_weight[:d].float(), in_proj_weight[d:2 * d].float()
-    bq, bk = in_proj_bias[:d].float(), in_proj_bias[d:2 * d].float()
-    # (Wq abar + bq) . (Wk a_i + bk) = a_i . (Wk^T qq) + bk . qq: never forms the (B, Tq, d) keys.
-    qq = abar @ wq.t() + bq  # (B, d)
-    logits = (torch.einsum("btd,bd->bt", a, qq @ wk) + (qq @ bk)[:, None]) / math.sqrt(d)
-    if q_mask is not None:
-        logits = logits.masked_fill(~q_mask, float("-inf"))
-    w = torch.softmax(logits, dim=-1)  # (B, Tq)
-    _, lse_row = softmax_rows(q, ctx, q_mask, scale, False)  # logsumexp over columns m of S_i,m
-    _, lse_col = softmax_rows(ctx, q, q_mask, scale, False)  # logsumexp over rows i of S_i,m
-    diag = qc.sum(-1) * scale  # S_ii
-    per = w * (lse_row + lse_col - 2.0 * diag) / 2
-    if q_mask is not None:
-        per = per.masked_fill(~q_mask, 0.0)
-    return per.sum() / B
+    return _loss_fwd_op(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, float(tau), bool(renorm_context),
+                        _compute_dtype(compute_dtype))[0]
 
 
 def token_align_loss(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau: float = 0.1,
-                     renorm_context: bool = True) -> torch.Tensor:
-    """Dispatching entry point (fused Triton kernel where available, reference otherwise)."""
+                     renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dispatching entry point (fused Triton kernels where available, reference otherwise).
+
+    ``compute_dtype``: None (exact fp32) or the autocast dtype (bf16/fp16 product operands), see the module
+    docstring; the same maths on either path."""
+    _check_inputs(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias)
+    ct = _compute_dtype(compute_dtype)
     if use_triton(q, c) and _triton_impl is not None:
-        return _triton_impl(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context)
-    return token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context)
+        return _triton_impl(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct)
+    return token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct)
 
 
 # The dispatch hook: token_align_loss routes here whenever use_triton() says the fused kernels can run.
