@@ -113,14 +113,20 @@ setup(
     packages=packages,
     package_dir={"medst_fast.kernels": "kernels"},
     package_data={"medst_fast": ["model_configs/*.json"]},
-    install_requires=["torch>=2.3", "numpy"],
+    # core: import medst_fast, build and load models (safetensors), tokenise (tokenizers)
+    install_requires=["torch>=2.3", "numpy", "safetensors>=0.4", "tokenizers>=0.15"],
     extras_require={
         # prepare (run by the trainer on its built-in synthetic data) reads the MIMIC CSVs with pandas
-        "train": ["tokenizers>=0.15", "safetensors>=0.4", "pillow>=9", "tqdm", "pandas>=1.5", "pydicom>=2.4"],
-        "eval": ["scikit-learn>=1.2", "pydicom>=2.4", "pandas>=1.5"],
+        "train": ["pillow>=9", "tqdm", "pandas>=1.5", "pydicom>=2.4"],
+        "eval": ["pillow>=9", "tqdm", "scikit-learn>=1.2", "pydicom>=2.4", "pandas>=1.5"],
+        "plot": ["matplotlib>=3.5", "pillow>=9"],  # grounding overlays (medst_fast.grounding.plot_overlay)
+        "parquet": ["pyarrow>=12", "pandas>=1.5"],  # python -m medst_fast.embed --out FILE.parquet
+        "tensorboard": ["tensorboard>=2.10"],  # --report-to tensorboard
+        "wandb": ["wandb>=0.15"],  # --report-to wandb
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=7", "tokenizers>=0.15", "safetensors>=0.4", "pillow>=9", "tqdm", "pandas>=1.5",
-                "scikit-learn>=1.2", "pydicom>=2.4"],
+        # timm and transformers only for the interop tests (tests/test_interop.py)
+        "dev": ["pytest>=7", "pillow>=9", "tqdm", "pandas>=1.5", "scikit-learn>=1.2", "pydicom>=2.4",
+                "matplotlib>=3.5", "pyarrow>=12", "timm>=1.0", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["medst-pretrain=medst_fast.pretrain:main"]},
     ext_modules=ext_modules,

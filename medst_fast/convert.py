@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import re
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -38,18 +38,28 @@ _OFFICIAL_UNUSED = [
 ]
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read tensors from .safetensors or a torch pickle, never executing pickled code."""
+def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """Tensors of a checkpoint file and, when the file carries one, its medst_fast model config (a dict).
+
+    A training checkpoint of ``python -m medst_fast.pretrain`` (``ckpt-*.pt`` with its ``.sha256``) is read
+    through the trainer's verified loader and brings its config, so a model with another vocabulary size or
+    depth is rebuilt as trained. Everything else: see ``read_state_dict``.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.endswith(".safetensors"):
-        import safetensors.torch as st
+        from .hub import read_verified_safetensors  # content-hash check when the file carries one
 
-        try:
-            return st.load_file(path)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read safetensors ({e})") from None
+        return read_verified_safetensors(path), None
+    from .train.checkpoint import HASH_SUFFIX
+
+    if os.path.isfile(path + HASH_SUFFIX):  # the trainer's: size and sha256 checked before unpickling
+        from .train.checkpoint import load_checkpoint as load_training_checkpoint
+
+        state = load_training_checkpoint(path)
+        cfg = state.get("config")
+        return _tensors(state["model"], path), cfg if isinstance(cfg, dict) else None
     try:
         # Lightning checkpoints keep their argparse hyper-parameters as a Namespace: plain data, allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -61,13 +71,24 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             "if the file is a trusted checkpoint that pickles other objects, extract its tensors once with "
             "torch.save(torch.load(p, weights_only=False)['state_dict'], 'out.pt') and load that instead."
         ) from None
+    cfg = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) else None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
+    return _tensors(obj, path), None if cfg is None or "vision" not in cfg else dict(cfg)
+
+
+def _tensors(obj, path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: no state dict found (top-level object is {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read tensors from .safetensors (content hash verified when present) or a torch pickle, never executing
+    pickled code."""
+    return read_checkpoint(path)[0]
 
 
 def _strip_wrappers(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -214,21 +235,19 @@ def load_hf_bert(model, path):
     return _load(model, sd, allow, found[0], notes)
 
 
-def load_checkpoint(model, path: str):
-    """Load any supported checkpoint file, detecting its layout from the key names."""
-    sd = read_state_dict(path)
+def load_checkpoint(model, path_or_sd):
+    """Load any supported checkpoint (a file, or its tensors), detecting the layout from the key names."""
+    src = os.fspath(path_or_sd) if isinstance(path_or_sd, (str, os.PathLike)) else "<state dict>"
+    sd = read_state_dict(src) if isinstance(path_or_sd, (str, os.PathLike)) else dict(path_or_sd)
     keys = list(sd)
     if any(k.startswith(("img_encoder_q.", "text_encoder_q.")) for k in keys):
         kind = "medst" if any(".mlp_l." in k for k in keys) else "mgca"
         return load_official_checkpoint(model, sd, kind)
-    if any(k.startswith(("visual.", "text.")) for k in keys):
-        missing, unexpected = model.load_state_dict(_strip_wrappers(sd), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}")
-        return []
+    if any(k.startswith(("visual.", "text.")) for k in _strip_wrappers(sd)):
+        return _load(model, _strip_wrappers(sd), (), src, [])
     if any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
         return load_timm_vit(model, sd)
     if any(k.startswith(("bert.", "embeddings.", "encoder.layer.")) for k in keys):
         sd2, notes = convert_hf_bert(sd, model.cfg.text.layers, model.cfg.text.token_type)
-        return _load(model, sd2, (r"^(?!text\.)",), path, notes)
-    raise ValueError(f"{path}: unrecognised checkpoint layout (first keys: {keys[:5]})")
+        return _load(model, sd2, (r"^(?!text\.)",), src, notes)
+    raise ValueError(f"{src}: unrecognised checkpoint layout (first keys: {keys[:5]})")

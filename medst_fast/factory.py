@@ -1,11 +1,16 @@
-"""Named model configs (JSON in model_configs/) and ``create_model``, open_clip style."""
+"""Named model configs (JSON in model_configs/), ``create_model`` and ``create_model_and_transforms``, open_clip
+style, plus the image preprocessing a user calls on files, PIL images or arrays.
+"""
 from __future__ import annotations
 
 import glob
+import importlib
+import json
 import logging
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .config import MedSTConfig
@@ -45,7 +50,7 @@ def get_model_config(name: str) -> MedSTConfig:
 
 
 def create_model(
-    name: Union[str, MedSTConfig],
+    name: Union[str, MedSTConfig, None],
     pretrained: Optional[Union[str, os.PathLike]] = None,
     device: Optional[Union[str, torch.device]] = None,
     **overrides,
@@ -53,23 +58,245 @@ def create_model(
     """Build a MedST model.
 
     Args:
-        name: a registered name (``list_models()``) or a ``MedSTConfig``.
+        name: a registered name (``list_models()``) or a ``MedSTConfig``. May be None when ``pretrained``
+            carries its config (a save_pretrained folder, a trainer checkpoint); a checkpoint's own config
+            wins over ``name`` (a run may have changed e.g. the vocabulary size), with a log line saying so.
         pretrained: None (random init), a ``save_pretrained`` folder, a ``.safetensors`` file of this
-            model, or an official Med-ST / MGCA Lightning checkpoint (converted on load).
+            model, a trainer checkpoint (``ckpt-*.pt``), an official Med-ST / MGCA Lightning checkpoint,
+            timm/DeiT ViT-B or Hugging Face BERT weights (converted on load).
         overrides: config fields, e.g. ``faithful=True`` or ``vision={"depth": 2}``; None values are ignored.
     """
-    cfg = name if isinstance(name, MedSTConfig) else get_model_config(name)
-    cfg = cfg.replace(**overrides)
     if pretrained is not None and os.path.isdir(pretrained):
         from .hub import from_pretrained
 
         model = from_pretrained(pretrained, **overrides)
     else:
-        model = MedST(cfg)
-        if pretrained is not None:
-            from .convert import load_checkpoint
+        from .convert import load_checkpoint, read_checkpoint
 
-            load_checkpoint(model, pretrained)
+        sd, ckpt_cfg = read_checkpoint(pretrained) if pretrained is not None else (None, None)
+        cfg = _config_for(name, ckpt_cfg, pretrained).replace(**overrides)
+        model = MedST(cfg)
+        if sd is not None:
+            load_checkpoint(model, sd)
     if device is not None:
         model = model.to(device)
     return model
+
+
+def _config_for(name, ckpt_cfg: Optional[dict], source) -> MedSTConfig:
+    named = name if isinstance(name, MedSTConfig) else (get_model_config(name) if name is not None else None)
+    if ckpt_cfg is None:
+        if named is None:
+            raise ValueError(f"{source}: this checkpoint carries no model config; give a model name "
+                             f"(one of {list_models()})")
+        return named
+    try:
+        cfg = MedSTConfig.from_dict(ckpt_cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: field 'config': {e}") from None
+    if named is not None and named.to_dict() != cfg.to_dict():
+        a, b = named.to_dict(), cfg.to_dict()
+        diff = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)]
+        diff += [s for s in a if not isinstance(a[s], dict) and a[s] != b[s]]
+        log.info("%s carries its own model config; using it (differs from %s in %s)", source,
+                 name if isinstance(name, str) else "the given config", ", ".join(diff))
+    return cfg
+
+
+# -- optional dependencies ----------------------------------------------------------------------------------
+# The pip extra that brings each optional import (setup.py extras_require), named in the error a user gets.
+EXTRA_OF = {"PIL": "eval", "pandas": "eval", "sklearn": "eval", "pydicom": "eval", "tqdm": "train",
+            "matplotlib": "plot", "tensorboard": "tensorboard", "wandb": "wandb", "pyarrow": "parquet"}
+# Import names whose pip package is called otherwise.
+_PACKAGE_OF = {"PIL": "pillow", "sklearn": "scikit-learn"}
+# What `python -m medst_fast.pretrain` imports beyond the core (torch, numpy, tokenizers, safetensors).
+TRAIN_MODULES = ("PIL", "pandas", "tqdm")
+
+
+def optional_import(module: str, purpose: str, extra: Optional[str] = None):
+    """Import an optional dependency, or raise an ImportError that names the pip extra bringing it.
+
+    ``purpose`` says what needs it ("reading image files"); the extra defaults to ``EXTRA_OF``'s.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        extra = extra or EXTRA_OF.get(top, "train")
+        pkg = _PACKAGE_OF.get(top, top)
+        raise ImportError(f"{purpose} needs the optional package '{pkg}', which is not installed: "
+                          f"pip install 'medst_fast[{extra}]' (or pip install {pkg})") from e
+
+
+def check_extra(extra: str = "train", modules: Tuple[str, ...] = TRAIN_MODULES, purpose: str = "") -> None:
+    """Raise one ImportError naming ``pip install 'medst_fast[extra]'`` when any of ``modules`` is missing."""
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            missing.append(_PACKAGE_OF.get(m, m))
+    if missing:
+        what = purpose or f"medst_fast[{extra}]"
+        raise ImportError(f"{what} needs {', '.join(missing)}, not installed: pip install 'medst_fast[{extra}]'")
+
+
+# -- preprocessing --------------------------------------------------------------------------------------------
+PREPROCESS = "preprocessor_config.json"
+
+
+def preprocess_config(img_size: int) -> dict:
+    """The image preprocessing of a model with input size ``img_size``, as ``save_pretrained`` records it.
+
+    Every number follows medst_fast.data.transforms (the one transform definition): longer side to
+    ``resize_side`` by exact area averaging, zero-pad centred to a square, crop (random when training, centre
+    otherwise), then (x/255 - mean)/std on one grey channel.
+    """
+    from .data.transforms import resize_side
+
+    return {"image_size": int(img_size), "resize_side": resize_side(img_size), "resize": "longer_side_area",
+            "pad": "centre_zero", "train_crop": "random", "eval_crop": "centre", "channels": 1,
+            "pixel_scale": 255.0, "mean": 0.5, "std": 0.5}
+
+
+def check_preprocess_config(d: dict, source: str) -> int:
+    """Validate a recorded preprocessing against what this version implements; returns the image size.
+
+    A folder whose preprocessing differs (another resize side or normalisation) cannot be served by these
+    transforms, and feeding it differently prepared pixels would give wrong embeddings without an error.
+    """
+    if not isinstance(d, dict) or not isinstance(d.get("image_size"), int) or isinstance(d.get("image_size"), bool):
+        raise ValueError(f"{source}: field 'image_size' must be an integer")
+    want = preprocess_config(d["image_size"])
+    for k, v in d.items():
+        if k not in want:
+            raise ValueError(f"{source}: unknown field {k!r} (known: {sorted(want)})")
+        if v != want[k]:
+            raise ValueError(f"{source}: field {k!r} is {v!r}, but medst_fast's transform uses {want[k]!r} for "
+                             f"image_size {d['image_size']}; this version cannot reproduce that preprocessing")
+    return d["image_size"]
+
+
+def _is_dicom(path: str) -> bool:
+    """DICOM by extension, or by the 'DICM' marker at byte 128 (RSNA-style files may lack the extension)."""
+    if path.lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def to_gray_u8(img) -> np.ndarray:
+    """A path (JPEG, PNG, ..., DICOM), PIL image, numpy array or uint8 tensor -> uint8 grey (H, W).
+
+    Decoding follows the loaders (medst_fast.data.images): 16-bit images are scaled by their maximum, colour
+    is converted by PIL's luma rule, DICOM MONOCHROME1 is inverted. Float arrays are refused: their pixel
+    scale (0..1, 0..255, already normalised) cannot be told apart, and a guess would be silently wrong.
+    """
+    if isinstance(img, (str, os.PathLike)):
+        path = os.fspath(img)
+        optional_import("PIL", "reading image files")
+        from .data import images
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: image not found")
+        g = images.read_dicom_gray(path) if _is_dicom(path) else images.load_gray(path)
+        return np.asarray(g, dtype=np.uint8)
+    if isinstance(img, torch.Tensor):
+        if img.dtype != torch.uint8:
+            raise TypeError(f"an image tensor must be uint8 pixels (H, W), got {img.dtype}; a float tensor that "
+                            "is already normalised goes straight to the model")
+        img = img.detach().cpu().numpy()
+    if isinstance(img, np.ndarray):
+        if img.dtype == np.uint8 and img.ndim == 2:
+            return np.ascontiguousarray(img)
+        if img.ndim == 3 and img.shape[-1] == 1:
+            return to_gray_u8(img[..., 0])
+        ok = (img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] in (3, 4)) or \
+             (img.dtype == np.uint16 and img.ndim == 2)
+        if not ok:
+            raise TypeError(f"unsupported image array: dtype {img.dtype}, shape {img.shape}; give uint8 (H, W), "
+                            "(H, W, 3|4) or uint16 (H, W) pixels")
+        Image = optional_import("PIL.Image", "converting colour or 16-bit arrays")
+        img = Image.fromarray(np.ascontiguousarray(img))  # RGB(A) or I;16, which to_gray8 converts
+    if type(img).__module__.startswith("PIL."):
+        from .data.images import to_gray8
+
+        return np.asarray(to_gray8(img), dtype=np.uint8)
+    raise TypeError(f"unsupported image type {type(img).__name__}: give a file path, a PIL image or a numpy array")
+
+
+class Preprocess:
+    """The model's image transform for user inputs: path / PIL / array -> float32 (1, S, S).
+
+    A thin front over ``medst_fast.data.transforms.ImageTransform`` (the trainer's transform): ``train``
+    draws the random crop the trainer draws, otherwise the centre crop of evaluation.
+    """
+
+    def __init__(self, img_size: int, train: bool):
+        from .data.transforms import ImageTransform
+
+        self.transform = ImageTransform(img_size, train=train)
+        self.img_size, self.train = self.transform.img_size, self.transform.train
+
+    def __call__(self, img, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.transform(to_gray_u8(img), generator)
+
+    def __repr__(self) -> str:
+        return f"Preprocess({self.transform!r})"
+
+
+def image_transforms(img_size: int) -> Tuple[Preprocess, Preprocess]:
+    """(train transform, eval transform) for input size ``img_size``."""
+    return Preprocess(img_size, train=True), Preprocess(img_size, train=False)
+
+
+def _recorded_img_size(pretrained) -> Optional[int]:
+    if pretrained is None or not os.path.isdir(pretrained):
+        return None
+    p = os.path.join(os.fspath(pretrained), PREPROCESS)
+    if not os.path.isfile(p):
+        return None  # written by an older version: the model config's img_size is the whole story
+    with open(p) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from None
+    return check_preprocess_config(d, p)
+
+
+def create_model_and_transforms(
+    name: Union[str, MedSTConfig, None] = None,
+    pretrained: Optional[Union[str, os.PathLike]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    **overrides,
+) -> Tuple[MedST, Preprocess, Preprocess]:
+    """``(model, train_transform, eval_transform)``, open_clip's shape.
+
+    Args:
+        name: a registered model name or a ``MedSTConfig``; may be None when ``pretrained`` is a
+            save_pretrained folder (it carries its config).
+        pretrained, device, overrides: as ``create_model``.
+    Returns:
+        The model (in eval mode) and two callables taking a file path (JPEG/PNG/DICOM), a PIL image or a
+        numpy array and returning the float32 (1, S, S) input: the training transform (random crop) and the
+        evaluation transform (centre crop of the same pipeline).
+    """
+    if name is None:
+        if pretrained is None or not os.path.isdir(pretrained):
+            raise ValueError("give a model name, or a save_pretrained folder as pretrained")
+        from .hub import from_pretrained
+
+        model = from_pretrained(pretrained, device=device, **overrides)
+    else:
+        model = create_model(name, pretrained=pretrained, device=device, **overrides)
+    size = model.cfg.vision.img_size
+    recorded = _recorded_img_size(pretrained)
+    if recorded is not None and recorded != size:
+        raise ValueError(f"{pretrained}: {PREPROCESS} records image_size {recorded} but the model's "
+                         f"vision.img_size is {size}")
+    train_tf, eval_tf = image_transforms(size)
+    return model.eval(), train_tf, eval_tf

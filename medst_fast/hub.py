@@ -1,4 +1,7 @@
-"""``save_pretrained`` / ``from_pretrained``: model.safetensors + config.json, written atomically and verified.
+"""``save_pretrained`` / ``from_pretrained``: a self-contained model folder, written atomically and verified.
+
+A folder holds model.safetensors, config.json (the model config, plus ``components`` for a partial export),
+preprocessor_config.json (image size, resize side, normalisation) and vocab.txt when the vocabulary is known.
 
 The weights file carries a sha256 of its tensors in the safetensors metadata; ``from_pretrained`` recomputes
 it, so flipped bytes are an error instead of silently different weights. The small helpers at the end
@@ -14,9 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from .config import MedSTConfig
 from .models import MedST
@@ -45,47 +49,116 @@ def tensor_digest(sd: Dict[str, torch.Tensor]) -> str:
 
 
 def _safetensors():
+    # a core dependency (setup.py install_requires); the message covers an environment that lost it
     try:
         import safetensors.torch as st
     except ImportError as e:  # pragma: no cover
-        raise ImportError("save_pretrained/from_pretrained need 'safetensors': pip install safetensors") from e
+        raise ImportError("save_pretrained/from_pretrained need 'safetensors' (a core dependency of medst_fast): "
+                          "pip install safetensors") from e
     return st
 
 
-def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None) -> str:
-    """Write ``config.json`` and ``model.safetensors`` into ``path``.
+VOCAB = "vocab.txt"
+# Every file save_pretrained writes (a temp folder holding only these is one of ours).
+_OUR_FILES = {WEIGHTS, CONFIG, VOCAB, "preprocessor_config.json"}
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _vocab_source(model, vocab, tokenizer, components) -> Optional[str]:
+    """The vocab.txt to copy into the folder: given, the tokenizer's, or the one the model was loaded with."""
+    if components and "text" not in components:
+        return None  # no text tower in the folder, so no tokenizer belongs with it
+    src = vocab or getattr(tokenizer, "vocab_path", None) or getattr(model, "vocab_file", None)
+    if src is None:
+        return None
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        src = os.path.join(src, VOCAB)
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src}: vocabulary file not found")
+    return src
+
+
+def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None, vocab=None,
+                    tokenizer=None) -> str:
+    """Write a self-contained model folder: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``
+    and, when known, ``vocab.txt``.
 
     The files are written into a temporary folder beside ``path`` and moved in by rename, so an
     interrupted save never leaves a half-written model where a good one was.
-    ``components``: optional list of top-level module names to keep (e.g. an image-encoder export).
+
+    Args:
+        components: optional list of top-level module names to keep (e.g. an image-encoder export); a model
+            loaded from such a folder keeps its components by default.
+        vocab, tokenizer: the vocabulary to store (a vocab.txt path, or a tokenizer with ``vocab_path``);
+            default: the vocabulary the model was loaded with (``from_pretrained`` records it). Not written
+            when ``components`` leave out the text tower.
     """
+    from .factory import PREPROCESS, preprocess_config
+
     st = _safetensors()
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = _unwrap(model)
+    components = components or getattr(model, "components", None)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if components:
         sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] in components}
+    vocab_src = _vocab_source(model, vocab, tokenizer, components)
     # A killed save leaves its temp folder behind; remove such leftovers of ours (unheld, our files only).
-    for p in remove_stale_temps(parent, only_holding={WEIGHTS, CONFIG}):
+    for p in remove_stale_temps(parent, only_holding=_OUR_FILES):
         log.info("removed %s, left by an interrupted save_pretrained", p)
     with held_temp_dir(parent) as tmp:
         st.save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", HASH_KEY: tensor_digest(sd)})
         cfg = model.cfg.to_dict()
         if components:
             cfg["components"] = list(components)
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
+        files = {CONFIG: cfg, PREPROCESS: preprocess_config(model.cfg.vision.img_size)}
+        for name, d in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(d, f, indent=2, sort_keys=True)
+        names = [WEIGHTS, *files]
+        if vocab_src is not None:
+            shutil.copyfile(vocab_src, os.path.join(tmp, VOCAB))
+            names.append(VOCAB)
         os.makedirs(path, exist_ok=True)
-        for name in (WEIGHTS, CONFIG):
+        for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     return path
 
 
+class MissingTower(nn.Module):
+    """Stands in for a module that a partial export (``components``) does not hold.
+
+    Calling it raises an error naming the folder and what it holds, so an image-encoder export can never
+    produce text embeddings from randomly initialised weights.
+    """
+
+    def __init__(self, name: str, folder: str, components):
+        super().__init__()
+        self.name, self.folder, self.components = name, folder, list(components)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.folder} holds only {self.components} (a partial export, e.g. the trainer's "
+                           f"final_encoder/): its model has no '{self.name}', so this call cannot run. Load the "
+                           f"full model folder (the trainer's final/) for text embeddings and grounding.")
+
+    def extra_repr(self) -> str:
+        return f"absent: {self.name!r} (not in {self.folder})"
+
+
 def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> MedST:
-    """Load a ``save_pretrained`` folder. Raises a clear error for a missing or damaged file."""
+    """Load a ``save_pretrained`` folder. Raises a clear error for a missing or damaged file.
+
+    A partial export (its config.json lists ``components``) gives a model whose absent modules are
+    ``MissingTower`` stand-ins: ``encode_image`` works, ``encode_text`` raises an error saying why.
+    The folder's ``vocab.txt`` (when present) is recorded as ``model.vocab_file``.
+    """
     _safetensors()  # fail early with the install hint, before any file is read
     path = os.fspath(path)
     cfg_path, w_path = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
@@ -106,13 +179,24 @@ def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> 
         raise ValueError(f"{cfg_path}: {e}") from None
     cfg = cfg.replace(**overrides)
     model = MedST(cfg)
+    if components:
+        names = [n for n, _ in model.named_children()]
+        bad = [c for c in components if c not in names]
+        if not isinstance(components, list) or bad:
+            raise ValueError(f"{cfg_path}: field 'components' must list modules of the model {names}, got "
+                             f"{components!r}")
+        for n in names:
+            if n not in components:
+                setattr(model, n, MissingTower(n, path, components))
+        model.components = list(components)
     sd = read_verified_safetensors(w_path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if components:
-        missing = [k for k in missing if k.split(".", 1)[0] in components]
     if missing or unexpected:
         raise ValueError(f"{w_path}: state dict does not match the config: missing {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}")
+    vocab = os.path.join(path, VOCAB)
+    if os.path.isfile(vocab):
+        model.vocab_file = vocab
     if device is not None:
         model = model.to(device)
     return model

@@ -142,7 +142,7 @@ def test_save_pretrained_round_trip(tmp_path, vocab_path):
     with torch.no_grad():
         m(_inputs(m, tok))
     save_pretrained(m, tmp_path / "exp")
-    assert sorted(os.listdir(tmp_path / "exp")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "exp")) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     m2 = from_pretrained(tmp_path / "exp")
     _same_outputs(m, m2, _inputs(m, tok))
     m3 = medst_fast.create_model("medst_tiny", pretrained=str(tmp_path / "exp"))

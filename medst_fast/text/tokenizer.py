@@ -13,7 +13,7 @@ slot (the corrected default); faithful mode drops them in the text tower
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -76,5 +76,43 @@ def word_slots(word_ids: List, ids: List[int], sep_id: int, cls_id: int) -> List
     return out
 
 
-def get_tokenizer(vocab_path, max_length: int = _DEFAULT_MAX) -> MedSTTokenizer:
-    return MedSTTokenizer(vocab_path, max_length=max_length)
+VOCAB_FILE = "vocab.txt"
+
+
+def _folder_max_length(folder: str) -> Optional[int]:
+    """text.max_length from a save_pretrained folder's config.json (None when the folder has none of ours)."""
+    import json
+
+    p = os.path.join(folder, "config.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: cannot read ({e})") from None
+    text = d.get("text") if isinstance(d, dict) else None  # a Hugging Face config.json has no "text" section
+    v = text.get("max_length") if isinstance(text, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def get_tokenizer(name_or_path: Union[str, os.PathLike], max_length: Optional[int] = None) -> MedSTTokenizer:
+    """The WordPiece tokenizer of a vocab.txt, of a folder holding one, or of a ``save_pretrained`` folder.
+
+    Args:
+        name_or_path: a vocab.txt file; or a folder with vocab.txt (a model saved with its vocabulary, the
+            trainer's ``final/``, a Hugging Face BERT folder).
+        max_length: tokens per text; default: the saved model's ``text.max_length``, else 112.
+    """
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        vocab = os.path.join(path, VOCAB_FILE)
+        if not os.path.isfile(vocab):
+            has_model = os.path.isfile(os.path.join(path, "model.safetensors"))
+            hint = (" (a model folder saved without its vocabulary, e.g. an image-encoder export: use the full "
+                    "model folder, or pass the vocab.txt it was trained with)") if has_model else ""
+            raise FileNotFoundError(f"{path}: no {VOCAB_FILE} in this folder{hint}")
+        if max_length is None:
+            max_length = _folder_max_length(path)
+        path = vocab
+    return MedSTTokenizer(path, max_length=_DEFAULT_MAX if max_length is None else max_length)

@@ -1,0 +1,192 @@
+"""The drop-in workflow: create_model_and_transforms, the user-facing image transforms, self-contained model
+folders (vocab + preprocessing), encoder-only exports, checkpoints that carry their config, optional extras."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import medst_fast
+from medst_fast import factory
+from medst_fast.data import transforms as T
+from medst_fast.data.images import load_gray
+
+
+def _grey(h=120, w=100, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def _write_dicom(path, arr16, mono1=False):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr16.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.PixelData = np.ascontiguousarray(arr16.astype(np.uint16)).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+# -- transforms ---------------------------------------------------------------------------------------------
+def test_create_model_and_transforms_shape_and_definition():
+    model, train_tf, eval_tf = medst_fast.create_model_and_transforms("medst_tiny")
+    assert not model.training and eval_tf.img_size == 96 and train_tf.train and not eval_tf.train
+    a = _grey()
+    # eval = the project's one definition, centre crop
+    torch.testing.assert_close(eval_tf(a), T.eval_transform(a, 96), atol=0, rtol=0)
+    # train = the trainer's ImageTransform, same random draws for the same generator
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(train_tf(a, g1), T.ImageTransform(96, train=True)(a, g2), atol=0, rtol=0)
+    # and the random crop really moves: some seed gives another crop than the centre
+    crops = {tuple(train_tf(a, torch.Generator().manual_seed(s)).flatten()[:50].tolist()) for s in range(6)}
+    assert len(crops) > 1
+    with torch.no_grad():
+        assert model.encode_image(eval_tf(a)[None]).shape == (1, 32)
+
+
+def test_transform_inputs_path_pil_array_dicom(tmp_path):
+    from PIL import Image
+
+    _, _, ev = medst_fast.create_model_and_transforms("medst_tiny")
+    a = _grey(130, 90)
+    png = tmp_path / "x.png"
+    Image.fromarray(a).save(png)
+    want = T.eval_transform(a, 96)
+    for src in (str(png), png, Image.open(png), a, torch.from_numpy(a), a[..., None]):
+        torch.testing.assert_close(ev(src), want, atol=0, rtol=0)
+    # colour input follows PIL's luma conversion, as load_gray does for an RGB file
+    rgb = np.stack([a, np.roll(a, 3, 0), np.roll(a, 5, 1)], -1)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    torch.testing.assert_close(ev(rgb), T.eval_transform(np.asarray(load_gray(str(tmp_path / "c.png"))), 96))
+    # 16-bit arrays are scaled by their maximum (as 16-bit PNGs are read)
+    a16 = a.astype(np.uint16) * 16
+    Image.fromarray(a16).save(tmp_path / "d.png")
+    torch.testing.assert_close(ev(a16), ev(str(tmp_path / "d.png")), atol=0, rtol=0)
+    # DICOM, with and without its extension (detected by the DICM marker); MONOCHROME1 inverted
+    _write_dicom(tmp_path / "e.dcm", a16, mono1=True)
+    _write_dicom(tmp_path / "noext", a16, mono1=True)
+    d = ev(str(tmp_path / "e.dcm"))
+    torch.testing.assert_close(ev(str(tmp_path / "noext")), d, atol=0, rtol=0)
+    assert (d - ev(a16)).abs().max() > 0.5  # inverted, not the MONOCHROME2 image
+    for bad in (a.astype(np.float32), np.zeros((4, 4, 2), np.uint8), torch.zeros(8, 8), [1, 2]):
+        with pytest.raises(TypeError):
+            ev(bad)
+    with pytest.raises(FileNotFoundError, match="nothing.png"):
+        ev(str(tmp_path / "nothing.png"))
+
+
+# -- self-contained folders ----------------------------------------------------------------------------------
+def test_folder_holds_vocab_and_preprocessing(tmp_path, vocab_path):
+    m = medst_fast.create_model("medst_tiny").eval()
+    medst_fast.save_pretrained(m, tmp_path / "m", vocab=vocab_path)
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "preprocessor_config.json",
+                                                  "vocab.txt"]
+    pre = json.loads((tmp_path / "m" / "preprocessor_config.json").read_text())
+    assert pre["image_size"] == 96 and pre["resize_side"] == T.resize_side(96) == 110
+    assert (pre["mean"], pre["std"], pre["pixel_scale"]) == (0.5, 0.5, 255.0)
+    loaded, _, ev = medst_fast.create_model_and_transforms(None, pretrained=tmp_path / "m")
+    assert loaded.vocab_file == str(tmp_path / "m" / "vocab.txt")
+    # the folder alone gives the tokenizer (max_length from its config) and the same text embeddings
+    tok = medst_fast.get_tokenizer(tmp_path / "m")
+    assert tok.max_length == m.cfg.text.max_length
+    ref_tok = medst_fast.get_tokenizer(vocab_path)
+    texts = ["small left effusion", "no pneumothorax"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(**tok(texts)), m.encode_text(**ref_tok(texts)), atol=0, rtol=0)
+    # re-saving a loaded model carries its vocabulary without being told
+    medst_fast.save_pretrained(loaded, tmp_path / "again")
+    assert (tmp_path / "again" / "vocab.txt").read_bytes() == open(vocab_path, "rb").read()
+    # a preprocessing this version cannot reproduce is an error naming the file and field
+    pre["resize_side"] = 128
+    (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: field 'resize_side' is 128"):
+        medst_fast.create_model_and_transforms(None, pretrained=tmp_path / "m")
+
+
+def test_get_tokenizer_has_one_definition(vocab_path, tmp_path):
+    from medst_fast import text
+    from medst_fast.text import tokenizer
+
+    assert medst_fast.get_tokenizer is tokenizer.get_tokenizer is text.get_tokenizer
+    assert medst_fast.get_tokenizer(os.path.dirname(vocab_path)).vocab_size == 28996  # an HF folder too
+    assert medst_fast.get_tokenizer(vocab_path, max_length=20)(["a b"])["input_ids"].shape == (1, 20)
+    with pytest.raises(FileNotFoundError, match="no vocab.txt"):
+        medst_fast.get_tokenizer(tmp_path)
+
+
+def test_encoder_only_folder_builds_encoder_only_model(tmp_path, vocab_path):
+    full = medst_fast.create_model("medst_tiny").eval()
+    medst_fast.save_pretrained(full, tmp_path / "enc", components=["visual", "visual_global_head"], vocab=vocab_path)
+    assert not (tmp_path / "enc" / "vocab.txt").exists()  # no text tower, so no tokenizer belongs with it
+    enc = medst_fast.from_pretrained(tmp_path / "enc").eval()
+    x = torch.randn(2, 1, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_image(x), full.encode_image(x), atol=0, rtol=0)
+    assert not any(k.startswith("text.") for k in enc.state_dict())  # no random text weights at all
+    tok = medst_fast.get_tokenizer(vocab_path)
+    with pytest.raises(RuntimeError, match=r"enc holds only \['visual', 'visual_global_head'\].*no 'text'"):
+        enc.encode_text(**tok(["effusion"]))
+    with pytest.raises(FileNotFoundError, match="image-encoder export"):
+        medst_fast.get_tokenizer(tmp_path / "enc")
+    # saved again, it stays an encoder-only folder
+    medst_fast.save_pretrained(enc, tmp_path / "enc2")
+    assert json.loads((tmp_path / "enc2" / "config.json").read_text())["components"] == ["visual", "visual_global_head"]
+
+
+def test_checkpoint_with_its_own_config_rebuilds_the_trained_model(tmp_path):
+    from medst_fast.train import checkpoint as ckpt
+
+    src = medst_fast.create_model("medst_tiny", text={"vocab_size": 321}).eval()
+    state = {"format": ckpt.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 3, "epoch": 0,
+             "step_in_epoch": 3, "rng": [], "config": src.cfg.to_dict()}
+    run = tmp_path / "run"
+    path = ckpt.save_checkpoint(state, str(run), 3, keep=2)  # the trainer's writer: .pt + .sha256
+    for name in (None, "medst_tiny"):  # the checkpoint's config wins over the registered one
+        m = medst_fast.create_model(name, pretrained=path).eval()
+        assert m.cfg.text.vocab_size == 321
+        assert torch.equal(m.text.embeddings.word_embeddings.weight, src.text.embeddings.word_embeddings.weight)
+    # flipped bytes are caught by the trainer's hash before anything loads
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        medst_fast.create_model(None, pretrained=path)
+    # a plain state dict of another vocabulary size: a clear shape-mismatch error, not a raw one
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"shape mismatch: \['text.embeddings.word_embeddings.weight: \(321, 64\)"):
+        medst_fast.create_model("medst_tiny", pretrained=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="carries no model config; give a model name"):
+        medst_fast.create_model(None, pretrained=str(tmp_path / "w.pt"))
+
+
+def test_safetensors_file_is_hash_checked(tmp_path):
+    from medst_fast.convert import read_state_dict
+
+    m = medst_fast.create_model("medst_tiny")
+    medst_fast.save_pretrained(m, tmp_path / "m")
+    w = tmp_path / "m" / "model.safetensors"
+    assert set(read_state_dict(str(w))) == set(m.state_dict())
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0x55  # inside the last tensor's bytes
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="content hash mismatch"):
+        read_state_dict(str(w))
+
+
+def test_missing_optional_package_names_the_extra(monkeypatch):
+    with pytest.raises(ImportError, match=r"reading x needs the optional package 'scikit-learn'.*"
+                                          r"pip install 'medst_fast\[eval\]'"):
+        monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # as if not installed
+        factory.optional_import("sklearn", "reading x")
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)
+    with pytest.raises(ImportError, match=r"pillow.*pip install 'medst_fast\[train\]'"):
+        factory.check_extra("train")
+    with pytest.raises(ImportError, match=r"pip install 'medst_fast\[eval\]'"):
+        medst_fast.create_model_and_transforms("medst_tiny")[2]("some.png")
