@@ -19,6 +19,11 @@
   all per-tile sums per expert segment (contiguous in slot order) in a fixed order: deterministic, no
   atomics. Forward and backward issue no host sync (no nonzero / bincount / repeat_interleave / .item()).
 
+Tiles (sm_90): 128-row slot tiles x 128 x 64, 8 warps, 3 pipeline stages for bf16/fp16 (wgmma); weight
+gradients 128 x 128 over 64-slot steps; exact fp32 128 x 64 x 16. A fixed choice rather than an autotune set:
+no GPU has measured the alternatives yet, and a fixed choice keeps runs deterministic, never benchmarks inside
+a training step, and is exactly what tests/test_sm90_compile.py compiles (no spills, wgmma in every GEMM).
+
 Mixed precision (``compute_dtype``, by default the autocast dtype when autocast is on): the GEMM operands
 (h, gelu(z1), dy, dz1 and the weights) are in the compute dtype, every product accumulates in fp32. With an
 fp32 residual stream under bf16 autocast this is what the eager module computes: LayerNorm reads and computes

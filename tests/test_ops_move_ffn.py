@@ -412,3 +412,24 @@ def test_cuda_triton_matches_reference(studies, patches, lat, D, H):
             assert ek <= 2 * et + 1e-6, f"{name}: kernel err {ek:.3e} vs torch bf16 err {et:.3e}"
     finally:
         _utils.set_backend(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast_bf16_rule_vit_b():
+    """The trainer's case on the GPU: fp32 stream and master weights under bf16 autocast, ViT-B shapes."""
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    try:
+        vid = packed_views(64, 196, 2).cuda()
+        x = torch.randn(vid.numel(), 768, device="cuda", requires_grad=True)
+        params = _cuda(make_params(768, 3072))
+        gout = torch.randn_like(x)
+        ref = run(mf.move_ffn_ref, x, vid, params, gout)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = run(mf.move_ffn_ref, x, vid, params, gout)
+            got = run(lambda *a: mf.move_ffn(*a, routing=mf.build_routing(vid.cpu()).to("cuda")), x, vid, params, gout)
+        for name, g, t, r in zip(NAMES, got, eager, ref):
+            ek, et = (g - r).abs().max().item(), (t - r).abs().max().item()
+            assert ek <= 2 * et + 1e-6, f"{name}: fused err {ek:.3e} vs eager autocast err {et:.3e}"
+    finally:
+        _utils.set_backend(old)
