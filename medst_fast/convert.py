@@ -181,6 +181,33 @@ def convert_hf_bert(sd: Mapping[str, torch.Tensor], num_layers: int, token_type:
     return out, [f"dropped {n} tensors: {why}" for why, n in notes.items()]
 
 
+_HF_TEXT_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden", "num_hidden_layers": "layers",
+                   "num_attention_heads": "heads", "intermediate_size": "intermediate",
+                   "max_position_embeddings": "max_position", "layer_norm_eps": "ln_eps", "pad_token_id": "pad_token_id",
+                   "hidden_dropout_prob": "hidden_dropout", "attention_probs_dropout_prob": "attn_dropout"}
+
+
+def text_config_from_hf(config) -> Dict[str, object]:
+    """``text`` overrides (for ``create_model(..., text=...)``) from a Hugging Face BERT config.json (path or dict).
+
+    Only a plain BERT (``hidden_act`` gelu, absolute positions) maps onto the text tower; anything else is
+    an error naming the field, since it would load but compute something else.
+    """
+    src = "<config>"
+    if not isinstance(config, Mapping):
+        src = os.fspath(config)
+        if os.path.isdir(src):
+            src = os.path.join(src, "config.json")
+        import json
+
+        with open(src) as f:
+            config = json.load(f)
+    for k, ok in (("hidden_act", ("gelu",)), ("position_embedding_type", ("absolute",))):
+        if config.get(k, ok[0]) not in ok:
+            raise ValueError(f"{src}: field {k!r} is {config[k]!r}; the text tower implements {ok[0]!r} only")
+    return {ours: config[hf] for hf, ours in _HF_TEXT_FIELDS.items() if hf in config}
+
+
 def _load(model, sd, allow_missing: Tuple[str, ...], source: str, notes: List[str]):
     model_sd = model.state_dict()
     unexpected = [k for k in sd if k not in model_sd]

@@ -190,3 +190,57 @@ def test_missing_optional_package_names_the_extra(monkeypatch):
         factory.check_extra("train")
     with pytest.raises(ImportError, match=r"pip install 'medst_fast\[eval\]'"):
         medst_fast.create_model_and_transforms("medst_tiny")[2]("some.png")
+
+
+# -- locking towers (open_clip's lock_image_tower / lock_text_tower) ------------------------------------------
+def _trainable(module):
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_lock_image_tower_groups_and_bn_stats(vocab_path):
+    m = medst_fast.create_model("medst_tiny")
+    text_before = _trainable(m.text)
+    m.lock_image_tower()
+    assert not _trainable(m.visual) and not _trainable(m.visual_global_head) and not _trainable(m.visual_local_head)
+    assert _trainable(m.text) == text_before and _trainable(m.text_global_head)  # the text tower is untouched
+    m.lock_image_tower(unlocked_groups=1)  # only the projection heads train (LiT-style)
+    assert not _trainable(m.visual) and _trainable(m.visual_global_head) and _trainable(m.visual_local_head)
+    m.lock_image_tower(unlocked_groups=2)  # + the last block and the final LayerNorm
+    assert _trainable(m.visual) == {n for n, _ in m.visual.named_parameters() if n.startswith(("blocks.1.", "norm."))}
+    m.lock_image_tower(unlocked_groups=4)  # every group (tiny: embeddings, block 0, block 1 + norm, heads)
+    assert _trainable(m.visual) == {n for n, _ in m.visual.named_parameters()}
+    with pytest.raises(ValueError, match="unlocked_groups"):
+        m.lock_image_tower(unlocked_groups=5)
+    # freeze_bn_stats: the locked heads' BatchNorm keeps its running statistics in a training forward
+    m.lock_image_tower(freeze_bn_stats=True)
+    m.train()
+    bn = m.visual_global_head.head[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    tok = medst_fast.get_tokenizer(vocab_path)
+    S = 96
+    batch = dict(frontal=torch.randn(4, 1, S, S), n_full_series=1,
+                 **tok(["a", "b c", "d", "e f g"]))
+    with torch.no_grad():
+        m(batch)
+    assert not bn.training and torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert m.text_global_head.head[1].training  # the text tower's BatchNorm still updates
+    assert set(m.state_dict()) == set(medst_fast.create_model("medst_tiny").state_dict())
+
+
+def test_lock_text_tower_layers_and_layer_norm():
+    m = medst_fast.create_model("medst_tiny")  # 2 BERT layers: groups embeddings, layer 0, layer 1, heads
+    m.lock_text_tower()
+    assert not _trainable(m.text) and not _trainable(m.text_global_head) and _trainable(m.visual)
+    m.lock_text_tower(unlocked_layers=2)
+    assert _trainable(m.text) == {n for n, _ in m.text.named_parameters() if n.startswith("encoder.layer.1.")}
+    assert _trainable(m.text_local_head)
+    m.lock_text_tower(unlocked_layers=0, freeze_layer_norm=False)
+    assert _trainable(m.text) == {n for n, _ in m.text.named_parameters() if "LayerNorm" in n}
+    # an optimizer step with the image tower locked changes no image weight
+    m2 = medst_fast.create_model("medst_tiny").train()
+    m2.lock_image_tower()
+    v0 = {k: v.clone() for k, v in m2.visual.state_dict().items()}
+    opt = torch.optim.SGD([p for p in m2.parameters() if p.requires_grad], lr=1.0)
+    m2.text_global_head(m2.text(torch.randint(5, 100, (3, 8)))[0]).sum().backward()
+    opt.step()
+    assert all(torch.equal(v0[k], v) for k, v in m2.visual.state_dict().items())

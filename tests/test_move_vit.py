@@ -177,3 +177,70 @@ def test_packed_path_equals_dense_forward_and_grads(has):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+# -- timm-style API (the interop against timm itself is tests/test_interop.py) ----------------------------
+def test_intermediates_are_the_block_outputs():
+    torch.set_default_dtype(torch.float64)
+    try:
+        vit = MoVEViT(_cfg(depth=3)).eval()
+        x = torch.randn(2, 1, 32, 32)
+        final, inter = vit.forward_intermediates(x, output_fmt="NLC")
+        torch.testing.assert_close(final, reference_forward(vit, x), atol=1e-10, rtol=1e-10)
+        # the last block's output, normed, is forward_features; the first is one block of the reference
+        torch.testing.assert_close(vit.norm(torch.cat([final[:, :1] * 0, inter[-1]], 1))[:, 1:], final[:, 1:],
+                                   atol=1e-10, rtol=1e-10)
+        one = MoVEViT(_cfg(depth=1)).eval()
+        one.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith(("blocks.1", "blocks.2"))})
+        h = vit.forward_intermediates(x, indices=[0], output_fmt="NLC", norm=True, intermediates_only=True)[0]
+        torch.testing.assert_close(h, reference_forward(one, x)[:, 1:], atol=1e-10, rtol=1e-10)
+        # NCHW is the same tokens laid out on the 4x4 patch grid, row-major
+        maps = vit.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [m.shape for m in maps] == [(2, 24, 4, 4)] * 2
+        torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), inter[-1])
+        assert len(vit.forward_intermediates(x, indices=[0, -1], intermediates_only=True)) == 2
+        for bad in (0, 4, [3], [-4], []):
+            with pytest.raises(ValueError):
+                vit.forward_intermediates(x, indices=bad)
+        with pytest.raises(ValueError, match="output_fmt"):
+            vit.forward_intermediates(x, output_fmt="NHWC")
+        with pytest.raises(ValueError, match=r"expected \(B, 1 or 3, 32, 32\)"):
+            vit.forward_intermediates(torch.randn(1, 1, 48, 48))
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_head_and_backbone_use():
+    vit = MoVEViT(_cfg())
+    assert vit.num_features == 24 and [f["reduction"] for f in vit.feature_info] == [8, 8]
+    x = torch.randn(3, 1, 32, 32)
+    feats = vit.forward_features(x)
+    torch.testing.assert_close(vit.forward_head(feats), feats[:, 0])  # no classifier: the pooled CLS
+    vit.reset_classifier(5)
+    assert vit.forward_head(feats).shape == (3, 5)
+    torch.testing.assert_close(vit.forward_head(feats, pre_logits=True), feats[:, 0])
+    # a dense head on the NCHW maps trains the trunk: gradients reach the patch embedding
+    seg = torch.nn.Conv2d(24, 2, 1)
+    maps = vit.forward_intermediates(x, indices=[0, 1], norm=True, intermediates_only=True)
+    logits = torch.nn.functional.interpolate(seg(maps[0] + maps[1]), size=(32, 32), mode="bilinear")
+    loss = torch.nn.functional.cross_entropy(logits, torch.randint(0, 2, (3, 32, 32)))
+    loss.backward()
+    assert vit.patch_embed.proj.weight.grad.abs().sum() > 0 and vit.pos_embed.grad.abs().sum() > 0
+
+
+def test_set_grad_checkpointing_same_grads_in_intermediates():
+    vit = MoVEViT(_cfg()).train()
+    x = torch.randn(2, 1, 32, 32)
+
+    def grads():
+        final, inter = vit.forward_intermediates(x)
+        params = [p for n, p in vit.named_parameters() if "_l." not in n]  # frontal only: no lateral expert
+        return torch.autograd.grad(final.sum() + sum(i.square().sum() for i in inter), params)
+
+    g1 = grads()
+    vit.set_grad_checkpointing()
+    assert vit.grad_checkpointing
+    g2 = grads()
+    assert len(g1) == len(g2) and all(a.abs().sum() > 0 for a in g1)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

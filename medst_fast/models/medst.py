@@ -62,6 +62,45 @@ class MedST(nn.Module):
         self.visual.grad_checkpointing = enable
         self.text.grad_checkpointing = enable
 
+    # -- freezing towers (open_clip's names and semantics) --------------------------------------------------
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
+        """Freeze the image tower (``visual`` and its global and local projection heads), open_clip style.
+
+        The tower is cut into groups as open_clip cuts its ViT: [patch embedding, CLS, positions], then each
+        block, the last block together with the final LayerNorm, then the projection heads. The last
+        ``unlocked_groups`` groups stay trainable (0: everything frozen; 1: only the heads train, LiT-style).
+        ``freeze_bn_stats``: the frozen heads' BatchNorm layers also stop updating their running statistics
+        and normalise with them in training mode (open_clip's ``freeze_batch_norm_2d``).
+        """
+        v = self.visual
+        groups = [[v.patch_embed, v.cls_token, v.pos_embed], *[[b] for b in v.blocks[:-1]],
+                  [v.blocks[-1], v.norm], [v.head, self.visual_global_head, self.visual_local_head]]
+        locked = _lock_groups(groups, unlocked_groups, "unlocked_groups")
+        if freeze_bn_stats:
+            for g in locked:
+                for item in g:
+                    if isinstance(item, nn.Module):
+                        _freeze_batchnorm_stats(item)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+        """Freeze the text tower (BERT and its projection heads), open_clip style.
+
+        Groups: [embeddings], each BERT layer, then the projection heads; the last ``unlocked_layers``
+        groups stay trainable (1: only the heads). ``freeze_layer_norm=False`` keeps the LayerNorm weights
+        of the frozen groups trainable, as open_clip's option does.
+        """
+        t = self.text
+        groups = [[t.embeddings], *[[layer] for layer in t.encoder.layer],
+                  [self.text_global_head, self.text_local_head]]
+        locked = _lock_groups(groups, unlocked_layers, "unlocked_layers")
+        if not freeze_layer_norm:
+            for g in locked:
+                for m in g:
+                    for mod in m.modules():
+                        if isinstance(mod, nn.LayerNorm):
+                            for p in mod.parameters():
+                                p.requires_grad_(True)
+
     # -- drop-in encoder API ------------------------------------------------------------------
     def encode_image(self, frontal, lateral=None, has_lateral=None, normalize: bool = True) -> torch.Tensor:
         """Global image embedding (B, E). Frontal-only input is the plain ViT-B evaluation path."""
@@ -142,3 +181,38 @@ class MedST(nn.Module):
         amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return MedSTOutput(img_g, txt_g, patch_l, word_l, patch_mask, word_mask,
                            int(batch.get("n_full_series", 0)), cls, amp)
+
+
+def _lock_groups(groups, unlocked: int, name: str):
+    """requires_grad False for every parameter of groups[:-unlocked] (all when 0); returns those groups."""
+    if isinstance(unlocked, bool) or not isinstance(unlocked, int) or not 0 <= unlocked <= len(groups):
+        raise ValueError(f"{name} must be an integer in 0..{len(groups)}, got {unlocked!r}")
+    locked = groups[: len(groups) - unlocked]
+    for g in groups:
+        for item in g:
+            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            for p in params:
+                p.requires_grad_(not any(g is lg for lg in locked))
+    return locked
+
+
+class _FrozenStatsBatchNorm(nn.Module):
+    """Marker mixin: a BatchNorm that stays in eval mode (running statistics used, never updated)."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_FROZEN_CLASSES = {}
+
+
+def _freeze_batchnorm_stats(module: nn.Module) -> None:
+    # Swapping the class (not the module) keeps the parameter and buffer names, so state dicts, optimizers
+    # and checkpoints are unaffected; the subclass only pins the module's training flag to False.
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FrozenStatsBatchNorm):
+            base = type(m)
+            if base not in _FROZEN_CLASSES:
+                _FROZEN_CLASSES[base] = type(f"Frozen{base.__name__}", (_FrozenStatsBatchNorm, base), {})
+            m.__class__ = _FROZEN_CLASSES[base]
+            m.train(False)

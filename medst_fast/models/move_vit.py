@@ -11,7 +11,7 @@ official Med-ST checkpoints map by prefix only.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -108,7 +108,13 @@ class MoVEViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, cfg.width))
         self.blocks = nn.ModuleList([MoVEBlock(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        # timm's classifier slot: Identity (no parameters) until reset_classifier(n) asks for n classes
+        self.head = nn.Identity()
+        self.num_classes = 0
         self.grad_checkpointing = False
+        # timm's feature metadata, so dense-task code (FPN necks, segmentation heads) can size itself
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=cfg.width, reduction=cfg.patch_size)
+                             for i in range(cfg.depth)]
         self.init_weights()
 
     def init_weights(self):
@@ -126,6 +132,100 @@ class MoVEViT(nn.Module):
     @property
     def num_frontal_tokens(self) -> int:
         return self.cfg.num_patches + 1
+
+    # -- timm-style image-tower API (frontal-only input = exactly timm's ViT) ------------------------------
+    @property
+    def num_features(self) -> int:
+        """Width of the features ``forward_head(..., pre_logits=True)`` returns (timm's name)."""
+        return self.cfg.width
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        g = self.cfg.img_size // self.cfg.patch_size
+        return g, g
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass while training (activation memory per block)."""
+        self.grad_checkpointing = bool(enable)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh Linear(num_features, num_classes) head on the CLS token (0: no head, timm's convention)."""
+        self.num_classes = int(num_classes)
+        self.head = nn.Linear(self.cfg.width, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's ``forward_head``: CLS pooling of ``forward_features`` output, then the classifier head.
+
+        Args:
+            x: (B, N, D) final-LN tokens from ``forward_features``.
+            pre_logits: return the pooled (B, D) feature (the linear-probe feature) without the head.
+        """
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def _check_input(self, x: torch.Tensor, what: str) -> None:
+        S = self.cfg.img_size
+        if x.dim() != 4 or tuple(x.shape[-2:]) != (S, S) or x.shape[1] not in (1, self.cfg.in_chans):
+            raise ValueError(f"{what}: expected (B, 1 or {self.cfg.in_chans}, {S}, {S}) images (the position "
+                             f"table is for {S} px), got {tuple(x.shape)}")
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs for dense tasks, with timm's ``VisionTransformer.forward_intermediates`` semantics.
+
+        Frontal-only input (the plain ViT path). The CLS token is split off each intermediate; patch tokens
+        come back as (B, D, H/p, W/p) maps (``"NCHW"``) or (B, P, D) sequences (``"NLC"``).
+
+        Args:
+            indices: None = every block; an int n = the last n blocks; a sequence = those block indices
+                (negative counts from the end).
+            return_prefix_tokens: pair each intermediate with its (B, 1, D) CLS token.
+            norm: apply the final LayerNorm to every intermediate.
+            stop_early: skip the blocks after the last one asked for (then the final features are those
+                of that block, as in timm).
+            intermediates_only: return only the list of intermediates.
+        Returns:
+            ``intermediates`` or ``(final-LN tokens (B, 1+P, D), intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self._check_input(x, "forward_intermediates")
+        take = _take_indices(len(self.blocks), indices)
+        last = max(take)
+        h = self.embed(x, None)
+        nf = self.num_frontal_tokens
+        feats: List[torch.Tensor] = []
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        for i, blk in enumerate(blocks):
+            h = self._run_block(blk, h, nf, None)
+            if i in take:
+                feats.append(self.norm(h) if norm else h)
+        prefix = [f[:, :1] for f in feats]
+        feats = [f[:, 1:] for f in feats]
+        if output_fmt == "NCHW":
+            gh, gw = self.grid_size
+            feats = [f.reshape(f.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if return_prefix_tokens:
+            feats = list(zip(feats, prefix))
+        if intermediates_only:
+            return feats
+        return self.norm(h), feats
+
+    def _run_block(self, blk, x, nf, mask):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, nf, mask, use_reentrant=False)
+        return blk(x, nf, mask)
 
     def embed(self, frontal: torch.Tensor, lateral: Optional[torch.Tensor]) -> torch.Tensor:
         B = frontal.shape[0]
@@ -150,6 +250,9 @@ class MoVEViT(nn.Module):
         """
         if lateral is not None and not self.cfg.lateral_expert:
             raise ValueError("this ViT has no lateral expert (vision.lateral_expert = false); pass lateral=None")
+        self._check_input(frontal, "frontal")
+        if lateral is not None:
+            self._check_input(lateral, "lateral")
         x = self.embed(frontal, lateral)
         nf = self.num_frontal_tokens
         mask = None
@@ -160,10 +263,7 @@ class MoVEViT(nn.Module):
             keep[:, nf:] = has_lateral.to(device=x.device, dtype=torch.bool)[:, None]
             mask = keep[:, None, None, :]
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, nf, mask, use_reentrant=False)
-            else:
-                x = blk(x, nf, mask)
+            x = self._run_block(blk, x, nf, mask)
         return self.norm(x)
 
     def packing_plan(self, has_lateral: torch.Tensor, device: torch.device) -> PackedViews:
@@ -213,3 +313,22 @@ class MoVEViT(nn.Module):
             return self.forward_packed(frontal, lateral, has_lateral, plan)
         x = self.forward_features(frontal, lateral, has_lateral)
         return x[:, 0], x[:, 1:]
+
+
+def _take_indices(depth: int, indices) -> List[int]:
+    """timm's block selection: None -> all, int n -> the last n, a sequence -> those (negative from the end)."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices}: the last-n count must be in 1..{depth}")
+        return list(range(depth - indices, depth))
+    out = []
+    for i in indices:
+        j = depth + i if i < 0 else i
+        if not 0 <= j < depth:
+            raise ValueError(f"block index {i} is out of range for {depth} blocks")
+        out.append(j)
+    if not out:
+        raise ValueError("indices: an empty list selects no block")
+    return out
