@@ -81,16 +81,23 @@ def temporal_loss(img: torch.Tensor, txt: torch.Tensor, n_full: int, cfg: LossCf
 
 
 def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
-    """Word side + patch side. The official masks PAD words as context of the patch side in both modes."""
+    """Word side + patch side. The official masks PAD words as context of the patch side in both modes.
+
+    Under autocast (``out.amp_dtype``) the token-to-patch products take bf16/fp16 operands with fp32
+    accumulation, as autocast gives a plain bmm; normalisation, softmax and cross-entropy stay fp32.
+    """
     W, P = out.word_local, out.patch_local
     wm, pm = out.word_mask, out.patch_mask
     ww, pw = model.word_weighting, model.patch_weighting
+    ct = getattr(out, "amp_dtype", None)
+    if ct == torch.float32:
+        ct = None
     if faithful:
-        lw = token_align_loss(W, P, None, None, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True)
-        lp = token_align_loss(P, W, None, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False)
+        lw = token_align_loss(W, P, None, None, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True, ct)
+        lp = token_align_loss(P, W, None, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False, ct)
     else:
-        lw = token_align_loss(W, P, wm, pm, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True)
-        lp = token_align_loss(P, W, pm, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False)
+        lw = token_align_loss(W, P, wm, pm, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True, ct)
+        lp = token_align_loss(P, W, pm, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False, ct)
     return lw + lp
 
 

@@ -20,8 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::bincount", "aten::unique", "aten::_unique",
             "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select",
             "aten::repeat_interleave")
-FUSED_OPS = ("medst_fast::move_ffn_fwd", "medst_fast::move_ffn_bwd", "medst_fast::softmax_rows",
-             "medst_fast::softmax_rows_bwd")
+FUSED_OPS = ("medst_fast::move_ffn_fwd", "medst_fast::move_ffn_bwd", "medst_fast::token_align_fwd",
+             "medst_fast::token_align_bwd")
 
 
 class OpCounter(TorchDispatchMode):
