@@ -15,7 +15,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import common
 from .metrics import accuracy, auroc, f1_binary, require_finite
@@ -84,14 +83,28 @@ def image_path(image_dir: str, patient_id: str) -> str:
     return p  # read_image raises with this name
 
 
-@torch.inference_mode()
-def class_embedding(model, tokenizer, prompts, official_join: bool = False) -> torch.Tensor:
+def _cleaner(official_join: bool):
     from ..text.report import clean_report
 
-    texts = [clean_report(p, joiner="" if official_join else " ")[0] for p in prompts]
-    e = common.embed_texts(model, tokenizer, texts, normalize=False, desc="prompts")
-    require_finite(e.numpy(), "prompt embeddings", "rsna_zeroshot", names=[repr(p) for p in prompts])
-    return F.normalize(e.mean(0), dim=0)
+    return lambda p: clean_report(p, joiner="" if official_join else " ")[0]
+
+
+def classifier(model, tokenizer, positive, negative, official_join: bool = False) -> torch.Tensor:
+    """(E, 2) zero-shot classifier [pneumonia, no pneumonia]: BioViL's rule, each class the normalised mean
+    of its cleaned prompts' *unnormalised* embeddings (``medst_fast.build_zero_shot_classifier``)."""
+    from ..zero_shot import build_zero_shot_classifier
+
+    return build_zero_shot_classifier(model, tokenizer, {"pneumonia": list(positive), "no pneumonia": list(negative)},
+                                      normalize_prompts=False, preprocess=_cleaner(official_join),
+                                      name="rsna_zeroshot")
+
+
+def class_embedding(model, tokenizer, prompts, official_join: bool = False) -> torch.Tensor:
+    """One class's (E,) text embedding under the same rule."""
+    from ..zero_shot import build_zero_shot_classifier
+
+    return build_zero_shot_classifier(model, tokenizer, {"class": list(prompts)}, normalize_prompts=False,
+                                      preprocess=_cleaner(official_join), name="rsna_zeroshot")[:, 0]
 
 
 def score(y, pos: np.ndarray, neg: np.ndarray, meta=None, subset: str = "test") -> TaskResult:
@@ -135,9 +148,11 @@ def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] 
     require_finite(img.numpy(), f"image embeddings ({split} split)", "rsna_zeroshot",
                    names=[f"patientId {p}" for p in df["patientId"]])
     pos_p, neg_p = prompts if prompts is not None else (POSITIVE_PROMPTS, NEGATIVE_PROMPTS)
-    pos_t = class_embedding(model, tokenizer, pos_p, official_join)
-    neg_t = class_embedding(model, tokenizer, neg_p, official_join)
-    pos, neg = (img @ pos_t).numpy(), (img @ neg_t).numpy()
+    from ..zero_shot import zero_shot_logits
+
+    clf = classifier(model, tokenizer, pos_p, neg_p, official_join)
+    logits = zero_shot_logits(model, clf, img, logit_scale=1.0).cpu()  # cosines: the protocol compares them
+    pos, neg = logits[:, 0].numpy(), logits[:, 1].numpy()
     return score(y, pos, neg, subset=split,
                  meta={"labels": labels_csv, "split": split, "images": len(y), "positives": int(y.sum()),
                        "prompts": "BioViL" if prompts is None else "custom"})
