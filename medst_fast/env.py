@@ -67,15 +67,15 @@ def resize_op_path(cuda: bool) -> str:
 
 
 def loader_path(cuda: bool) -> str:
-    """What ``gpu_loader.make_loader(backend="auto")`` picks here (same order and tests)."""
-    if not cuda:
-        return "PIL DataLoader workers (no CUDA)"
-    why = _importable("nvidia.dali")
-    if why is None:
-        return "DALI (GPU decode)"
-    if _importable("torchvision.io") is None:
-        return f"torchvision nvJPEG + resize op (DALI not available: {why})"
-    return "PIL DataLoader workers (neither DALI nor torchvision imports)"
+    """What ``--loader auto`` (``data.loaders.build_series_loader``) picks here, from the loaders' own choice."""
+    import torch
+
+    try:
+        from .data.loaders import choose_backend
+    except ImportError as e:  # e.g. PIL missing: the report must still print
+        return f"unknown: medst_fast.data.loaders does not import ({type(e).__name__}: {e})"
+    name, why = choose_backend("auto", torch.device("cuda" if cuda else "cpu"))
+    return f"{name} ({why})"
 
 
 def collect() -> Dict[str, str]:

@@ -57,11 +57,29 @@ def test_env_says_what_the_fused_ops_run_here(report, report_switched_off):
     assert report["fused MoVE FFN"] == report["local alignment loss"] == want
     assert report_switched_off["fused MoVE FFN"].startswith("PyTorch reference (backend 'torch'")
     if not cuda:
-        assert report["input pipeline (auto)"] == "PIL DataLoader workers (no CUDA)"
+        from medst_fast.data.loaders import choose_backend
+
+        name, why = choose_backend("auto", torch.device("cpu"))
+        assert report["input pipeline (auto)"] == f"{name} ({why})" and name == "pil"
         assert report["packed attention"].startswith("not used: no CUDA")
         if has_triton():
             interp = _env_report(MEDST_FAST_KERNELS="triton", TRITON_INTERPRET="1")
             assert interp["fused MoVE FFN"].startswith("Triton interpreter on CPU tensors")
+
+
+def test_env_input_pipeline_line_is_the_loaders_choice(monkeypatch):
+    """env's line comes from data.loaders.choose_backend (it used to repeat the choice, and drifted)."""
+    from medst_fast import env
+    from medst_fast.data import loaders as L
+
+    monkeypatch.setattr(L, "_op_note", lambda: "the op")
+    monkeypatch.setattr(L, "dali_missing", lambda: "no DALI here")
+    line = env.loader_path(cuda=True)
+    assert line.startswith("nvjpeg (auto: nvjpeg decode on the GPU + the op") and "no DALI here" in line, line
+    monkeypatch.setattr(L, "torchvision_missing", lambda: "no torchvision here")
+    assert env.loader_path(cuda=True).startswith("pil (auto: no GPU decoder available")
+    monkeypatch.setattr(L, "dali_missing", lambda: None)
+    assert env.loader_path(cuda=True) == "dali (auto: dali decode on the GPU + the op)"
 
 
 def test_import_needs_only_torch():
@@ -76,12 +94,15 @@ def test_import_needs_only_torch():
         "import torch\n"
         "print(m.encode_image(torch.randn(1, 1, 96, 96)).shape)\n"
         "from medst_fast.env import collect\n"
-        "print(collect()['fused MoVE FFN'])\n"
+        "info = collect()\n"
+        "print(info['fused MoVE FFN'])\n"
+        "print(info['input pipeline (auto)'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 32])" in out.stdout
     assert "PyTorch reference (Triton not installed)" in out.stdout
+    assert "unknown: medst_fast.data.loaders does not import" in out.stdout  # PIL blocked: named, not a crash
 
 
 def _run_suite_without_shared(tmp_path, require):

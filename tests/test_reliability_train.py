@@ -480,18 +480,22 @@ def broken_index(tmp_path_factory, vocab_path):
     for r in idx.series["train"][0]:
         with open(idx.path(idx.studies[r].frontal_path), "wb") as f:
             f.write(b"not a jpeg")
-    return str(root / "idx"), len(idx.series["train"])
+    return str(root / "idx"), len(idx.series["train"]), len(idx.series["train"][0])
 
 
-def test_all_unreadable_batch_is_skipped_and_counted(tmp_path, vocab_path, broken_index):
-    data, n_train = broken_index
+@pytest.mark.parametrize("loader", ["pil", "nvjpeg"])
+def test_all_unreadable_batch_is_skipped_and_counted(tmp_path, vocab_path, broken_index, loader):
+    data, n_train, n_broken = broken_index
     argv = ["--data", data, "--vocab", vocab_path, "--out", str(tmp_path / "r"), "--workers", "0", "--batch-series", "1",
-            "--epochs", "1", "--log-every", "1", "--no-export", "--progress", "off", *SMALL]
+            "--epochs", "1", "--log-every", "1", "--no-export", "--progress", "off", "--loader", loader, *SMALL]
     res = main(argv)
     assert res.step == n_train and res.bad_batches >= 1  # the broken series, plus any one-study series
     rows = _metrics(tmp_path / "r")
     assert int(rows[-1]["bad_batches"]) == res.bad_batches
-    assert "every series in the batch is empty" in (tmp_path / "r" / "train.log").read_text()
+    # every frontal of the broken series is unreadable: each image counted, each study dropped
+    assert int(rows[-1]["bad_images"]) == int(rows[-1]["dropped_studies"]) == n_broken
+    text = (tmp_path / "r" / "train.log").read_text()
+    assert "all 1 series of the batch are unreadable" in text and f"loader: {loader} (requested" in text
 
 
 def test_bad_batch_stand_in_is_what_the_collate_returns():

@@ -14,11 +14,19 @@ import numpy as np
 import pytest
 import torch
 
+from medst_fast.data.sampling import SeededItems, SeriesBatchSampler
 from medst_fast.train import checkpoint as ck
-from medst_fast.train.data import SeededItems, SeriesBatchSampler
 
 
 # -- sampler and per-item seeding --------------------------------------------------------------------------
+def test_trainer_data_reexports_the_sampling_module():
+    from medst_fast.data import sampling
+    from medst_fast.train import data
+
+    for name in ("SeriesBatchSampler", "SeededItems", "item_seed", "make_loader", "BAD_BATCH"):
+        assert getattr(data, name) is getattr(sampling, name), name
+
+
 def test_sampler_shards_whole_series_and_resumes():
     n, bs, world = 23, 3, 2
     samplers = [SeriesBatchSampler(n, bs, r, world, seed=5) for r in range(world)]
@@ -68,11 +76,14 @@ def test_seeded_items_are_deterministic_and_leave_global_rng():
 
 
 # -- SIGKILL + resume -------------------------------------------------------------------------------------------
-def _cmd(out, vocab):
-    # 12 series, 2 per micro-batch, 2 micro-batches per step: 3 optimizer steps per epoch; 8 steps cross two
-    # epoch boundaries; the kill comes after step 2 (mid-epoch). One loader worker exercises the per-item
-    # seeding across processes. Small images and reports keep it fast.
-    return [sys.executable, "-m", "medst_fast.pretrain", "--dataset-type", "random", "--random-series", "12",
+def _cmd(out, vocab, index=None):
+    # 12 series (13 in the index), 2 per micro-batch, 2 micro-batches per step: 3 optimizer steps per epoch; 8
+    # steps cross two epoch boundaries; the kill comes after step 2 (mid-epoch). One loader worker (a worker
+    # process, or the nvJPEG loader's reader thread) exercises the per-item seeding off the main thread.
+    # Small images and reports keep it fast.
+    data = (["--dataset-type", "random", "--random-series", "12"] if index is None else
+            ["--data", index, "--loader", "nvjpeg"])
+    return [sys.executable, "-m", "medst_fast.pretrain", *data,
             "--vocab", vocab, "--out", str(out), "--batch-series", "2", "--accum-steps", "2", "--max-steps", "8",
             "--save-every", "2", "--keep", "10", "--workers", "1", "--log-every", "1", "--no-export",
             "--clip-grad", "1.0", "--model-override", "vision.img_size=48", "--model-override", "text.max_length=40"]
@@ -86,12 +97,28 @@ def _final_weights(out):
     return ck.load_checkpoint(ck.ckpt_path(str(out), 8))
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, vocab_path):
-    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    r = subprocess.run(_cmd(ref_out, vocab_path), env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    """An 8-patient synthetic MIMIC-CXR index: 13 training series of real JPEG files."""
+    from medst_fast.data import prepare, synth
 
-    p = subprocess.Popen(_cmd(out, vocab_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = tmp_path_factory.mktemp("syn")
+    synth.generate(str(root / "tree"), patients=8, seed=3, extras=False, zip_reports=False, image_size=(80, 64))
+    prepare.prepare_mimic(str(root / "tree"), str(root / "tree"), str(root / "idx"), cache_size=None, workers=0,
+                          progress=False)
+    return str(root / "idx")
+
+
+@pytest.mark.parametrize("data", ["random", "index_nvjpeg"])
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, vocab_path, data, request):
+    index = request.getfixturevalue("small_index") if data == "index_nvjpeg" else None
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    r = subprocess.run(_cmd(ref_out, vocab_path, index), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if index is not None:
+        assert "loader: nvjpeg (requested" in r.stderr
+
+    p = subprocess.Popen(_cmd(out, vocab_path, index), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = ck.ckpt_path(str(out), 2)  # step 2 of 3 in epoch 1: mid-epoch
     deadline = time.time() + 240
     while not os.path.exists(first) and p.poll() is None and time.time() < deadline:
@@ -105,7 +132,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, vocab_path
     assert done and ck.ckpt_path(str(out), 8) not in done, "the run finished before it could be killed"
     assert ck.load_checkpoint(first)["step_in_epoch"] == 2
 
-    r = subprocess.run(_cmd(out, vocab_path) + ["--resume", "auto"], env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(out, vocab_path, index) + ["--resume", "auto"], env=_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
 

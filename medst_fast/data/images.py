@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ..ops_image import area_overlap_np
+from .transforms import area_resize_u8
 
 log = logging.getLogger("medst_fast")
 
@@ -66,23 +66,16 @@ def to_gray8(img: Image.Image, path: str = "<image>") -> Image.Image:
 def resize_longer(img: Image.Image, longer: int) -> Image.Image:
     """Resize so the longer side is ``longer`` by exact area averaging (cv2 INTER_AREA when shrinking).
 
-    The same weights as :func:`medst_fast.ops_image.area_weights`, so the PIL loader, the cache written by
-    prepare and the batched GPU/extension op share one definition; rounded to uint8 as cv2 does. The
-    shorter side is truncated, int(side * scale), as the official ``resize_img`` does; resizing an image
-    that already has the target longer side is then a no-op (a cached image is not resampled twice)."""
+    The resampling is ``transforms.area_resize_u8``, the one definition the PIL loader, the cache written
+    by prepare and the batched GPU/extension op share. The shorter side is truncated, int(side * scale), as
+    the official ``resize_img`` does; resizing an image that already has the target longer side is then a
+    no-op (a cached image is not resampled twice)."""
     w, h = img.size
     s = longer / max(w, h)
     nw, nh = (longer, max(1, int(h * s))) if w >= h else (max(1, int(w * s)), longer)
     if (nw, nh) == (w, h):
         return img
-    # Integer overlaps in float64: every partial sum is an integer below 2**53 (<= 255*h*w), so the BLAS
-    # products are exact whatever the thread count or summation order, and the rounding to uint8 is
-    # reproducible across processes (a resumed cache is byte-identical). numpy, not torch: this runs
-    # inside forked DataLoader workers, where torch's inherited intra-op pool can deadlock.
-    a = np.asarray(img, dtype=np.uint8).astype(np.float64)
-    t = area_overlap_np(h, nh).astype(np.float64) @ a @ area_overlap_np(w, nw).astype(np.float64).T
-    r = np.clip(np.rint(t / float(h * w)), 0, 255).astype(np.uint8)
-    return Image.fromarray(r, mode="L")
+    return Image.fromarray(area_resize_u8(np.asarray(img, dtype=np.uint8), nh, nw), mode="L")
 
 
 def read_resized(path: str, longer: int, draft: bool = True) -> Image.Image:

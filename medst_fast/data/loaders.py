@@ -10,12 +10,12 @@ Back-ends (all give the Batch of docs/interfaces.md from the same batches of ser
 * ``"auto"``: on a CUDA device DALI, else nvJPEG, else PIL (whichever is importable); without CUDA the
   PIL workers. One log line says which back-end runs and why (also in ``loader.backend``/``.reason``).
 
-Every back-end takes its batches from ``medst_fast.train.data.SeriesBatchSampler`` (the same series, in
+Every back-end takes its batches from ``medst_fast.data.sampling.SeriesBatchSampler`` (the same series, in
 the same batches and order, per rank, for a given seed, epoch and start batch), skips and counts the same
 unreadable images (``loader.bad``, the dataset's reason names), and draws the same random crops (the PIL
 path from the RNG that ``SeededItems`` seeds per series, the batched ones from a generator seeded the same
 way). A batch without one readable study is yielded as the trainer's stand-in ``{BAD_BATCH: reason,
-"n_series": k}`` (``medst_fast.train.data.BAD_BATCH``; counted as ``empty_batch``), so every back-end
+"n_series": k}`` (``medst_fast.data.sampling.BAD_BATCH``; counted as ``empty_batch``), so every back-end
 yields exactly one item per sampler batch.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from ..train.data import SeriesBatchSampler, make_loader as make_torch_loader
 from .batching import default_threads, empty_batch_stand_in
 from .dali_pipeline import DaliSeriesLoader
 from .dataset import SeriesDataset, collate_series
 from .gpu_loader import NvjpegSeriesLoader, import_decode_jpeg
 from .index import SeriesIndex
+from .sampling import SeriesBatchSampler, make_loader as make_torch_loader
 
 log = logging.getLogger("medst_fast")
 BACKENDS = ("auto", "dali", "nvjpeg", "pil")

@@ -57,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-series", type=int, default=64, help="series in the --dataset-type random set")
     g.add_argument("--split", default="train", help="index split to train on")
     g.add_argument("--batch-series", type=int, default=10, help="series (up to 4 studies each) per step per rank")
-    g.add_argument("--workers", type=int, default=None, help="data-loader worker processes per rank (default: from CPU count)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="per rank: PIL loader worker processes, or the file-reading threads of the dali/nvjpeg "
+                        "loaders (default: from CPU count)")
+    g.add_argument("--loader", default="auto", choices=["auto", "dali", "nvjpeg", "pil"],
+                   help="input pipeline for prepared data (index, manifest, synthetic): auto = DALI on a GPU, else "
+                        "torchvision nvJPEG + the extension's resize op, else PIL worker processes; one log line "
+                        "says which and why. Every back-end yields the same batches (series, order, crops; pixels "
+                        "within one grey level of JPEG decoding), so it does not change the data: a resumed run "
+                        "keeps the run's back-end unless this flag is given, and may change it freely")
     g.add_argument("--replicate-collate-bug", action="store_true",
                    help="reproduce the official lateral misalignment in collation (spec §6.1 item 1)")
 

@@ -1,11 +1,9 @@
-"""Data plumbing of the trainer: series sampler, per-item seeding, datasets and loaders, vocab, synthetic cache.
+"""Data plumbing of the trainer: its loaders, vocab, synthetic cache, the in-memory random set.
 
-Resuming must skip exactly the consumed batches and reproduce every later one, so:
-- the sampler's order is a function of (seed, epoch) only and it can start at any batch;
-- each item is produced under RNG states seeded from (seed, epoch, series index), so random crops do
-  not depend on the worker that loads the item or on what that worker loaded before;
-- the DataLoader gets its own generator, so creating an iterator never draws from the global RNG that
-  drives dropout.
+The sampler and per-item seeding that make resume exact live in ``medst_fast.data.sampling`` (shared by
+every loader back-end) and are re-exported here. ``build_train_loader`` gives the trainer one loader
+interface for every ``--dataset-type``: ``medst_fast.data.loaders.build_series_loader`` for prepared
+indexes (``--loader`` picks the back-end), a DataLoader over ``RandomSeriesDataset`` for ``random``.
 """
 from __future__ import annotations
 
@@ -13,100 +11,18 @@ import logging
 import os
 import random
 import shutil
-import signal
+from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
+
+from ..data.sampling import BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, make_loader  # noqa: F401 (re-exports)
 
 log = logging.getLogger("medst_fast")
 
 SYNTHETIC_VERSION = 1
-BAD_BATCH = "bad_batch"  # key of the stand-in batch SkipBadBatches returns: its value says what was wrong
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: id 0 = TextCfg.pad_token_id
-
-
-# -- sampling ---------------------------------------------------------------------------------------------
-class SeriesBatchSampler(Sampler[List[Tuple[int, int]]]):
-    """DistributedSampler-like batches of whole series for one rank, resumable mid-epoch.
-
-    Every epoch shuffles all series with a generator seeded by (seed, epoch), drops the tail so every rank
-    gets the same number of full batches (DDP needs equal step counts), deals series round-robin to ranks
-    and cuts this rank's share into batches. A series never straddles ranks: the temporal loss needs all
-    its studies together. Yields lists of (epoch, series index) so the dataset can seed per item.
-    """
-
-    def __init__(self, n_series: int, batch_series: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
-        if n_series < batch_series * world_size:
-            raise ValueError(f"{n_series} series cannot fill one batch of {batch_series} series on each of "
-                             f"{world_size} rank(s); lower --batch-series or use more data")
-        self.n, self.bs, self.rank, self.world, self.seed, self.shuffle = n_series, batch_series, rank, world_size, seed, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
-
-    def __len__(self) -> int:  # batches per epoch on this rank (including skipped ones)
-        return self.n // (self.bs * self.world)
-
-    def epoch_order(self, epoch: int) -> List[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        return order[: len(self) * self.bs * self.world]
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        mine = self.epoch_order(self.epoch)[self.rank::self.world]
-        for b in range(self.start, len(self)):
-            yield [(self.epoch, i) for i in mine[b * self.bs:(b + 1) * self.bs]]
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
-
-
-class SeededItems(Dataset):
-    """Wraps a dataset so that item (epoch, i) is drawn under RNG states seeded from (seed, epoch, i).
-
-    The python, numpy and torch global RNG states are saved and restored around the call, so loading in
-    the main process (workers=0) leaves the RNG that drives dropout untouched.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        s = item_seed(self.seed, epoch, i)
-        py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
-            random.seed(s)
-            np.random.seed(s)
-            torch.manual_seed(s)
-            return self.dataset[i]
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-            torch.set_rng_state(th)
-
-
-def _ignore_sigint(_worker_id):  # Ctrl-C reaches the whole process group; the main process handles it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def make_loader(dataset: Dataset, sampler: SeriesBatchSampler, collate: Callable, workers: int, seed: int,
-                pin_memory: bool) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)  # never touch the global RNG when an iterator is created
-    return DataLoader(SeededItems(dataset, seed), batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory, generator=g, persistent_workers=False, worker_init_fn=_ignore_sigint,
-                      prefetch_factor=4 if workers > 0 else None)
 
 
 class SkipBadBatches:
@@ -260,20 +176,65 @@ def collate_pretokenized(items: List[Dict[str, Any]], series_len: int = 4) -> Di
     return out
 
 
-# -- dataset factory -----------------------------------------------------------------------------------------
-def build_dataset(kind: str, data: Optional[str], split: str, tokenizer, img_size: int, seed: int,
-                  replicate_collate_bug: bool, n_random: int = 64) -> Tuple[Dataset, Callable]:
-    """(dataset of series, collate) for ``--dataset-type`` kind; a manifest must already be an index folder.
+# -- the trainer's loaders -------------------------------------------------------------------------------------
+class RandomSeriesLoader:
+    """``--dataset-type random`` behind the interface of ``build_series_loader``'s loaders: ``set_epoch``,
+    ``__iter__``, ``__len__``, ``backend``, ``reason``, ``bad``, ``cpu_decoded`` (nothing is ever unreadable)."""
 
-    The collate turns an uncollatable batch into a BAD_BATCH stand-in (see SkipBadBatches).
+    backend = "random"
+    reason = "--dataset-type random: in-memory random series, no image files (--loader does not apply)"
+
+    def __init__(self, n_series: int, tokenizer, img_size: int, batch_series: int, rank: int, world_size: int,
+                 seed: int, workers: int, pin_memory: bool):
+        self.dataset = RandomSeriesDataset(n_series, tokenizer, img_size, seed=seed)
+        self.sampler = SeriesBatchSampler(len(self.dataset), batch_series, rank, world_size, seed)
+        self.loader = make_loader(self.dataset, self.sampler, SkipBadBatches(collate_pretokenized), workers, seed,
+                                  pin_memory)
+        self.bad: Counter = Counter()
+        self.cpu_decoded: Counter = Counter()
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return iter(self.loader)
+
+
+def split_size(data: str, split: str) -> int:
+    """Series in ``split`` of the index folder ``data`` (0 when the split is empty or absent)."""
+    from ..data.index import SeriesIndex
+
+    return len(SeriesIndex.load(data).series.get(split) or [])
+
+
+def build_train_loader(kind: str, data: Optional[str], split: str, tokenizer, img_size: int, batch_series: int,
+                       rank: int, world_size: int, seed: int, workers: int, device: torch.device,
+                       backend: str = "auto", replicate_collate_bug: bool = False, n_random: int = 64,
+                       train: bool = True) -> Tuple[Any, int]:
+    """(loader, series in the split) for ``--dataset-type`` kind; a manifest must already be an index folder.
+
+    Prepared indexes go through ``build_series_loader(backend, ...)``: every back-end yields the same
+    batches (the same series, order and crops) from ``SeriesBatchSampler``, and a batch it cannot deliver
+    as the ``BAD_BATCH`` stand-in, which the trainer skips and counts. ``train=False``: centre crops, index
+    order (validation).
     """
     if kind == "random":
-        return RandomSeriesDataset(n_random, tokenizer, img_size, seed=seed), SkipBadBatches(collate_pretokenized)
-    from ..data import dataset as ds_mod
-
+        loader = RandomSeriesLoader(n_random, tokenizer, img_size, batch_series, rank, world_size, seed, workers,
+                                    pin_memory=device.type == "cuda")
+        return loader, len(loader.dataset)
     if kind not in ("index", "manifest", "synthetic"):
         raise ValueError(f"unknown dataset type {kind!r}")
-    ds = ds_mod.SeriesDataset(data, split, tokenizer, img_size, train=True)
-    if len(ds) == 0:
+    from ..data.index import SeriesIndex
+    from ..data.loaders import build_series_loader
+
+    index = SeriesIndex.load(data)
+    n = len(index.series.get(split) or [])
+    if n == 0:
         raise ValueError(f"{data}: split {split!r} has no series")
-    return ds, SkipBadBatches(ds_mod.SeriesCollate(replicate_official_bug=replicate_collate_bug))
+    loader = build_series_loader(backend, index, split, tokenizer, img_size, batch_series, train, rank=rank,
+                                 world_size=world_size, seed=seed, workers=workers, device=device,
+                                 replicate_official_bug=replicate_collate_bug)
+    return loader, n

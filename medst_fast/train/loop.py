@@ -30,6 +30,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -41,8 +42,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .args import parse_overrides, resolve
-from .data import (BAD_BATCH, SeriesBatchSampler, build_dataset, build_wordpiece_vocab, ensure_synthetic,
-                   make_loader, RandomSeriesDataset)
+from .data import BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, ensure_synthetic
 from .metrics import MetricsWriter, make_progress, memory_gib, setup_logging
 from .schedule import cosine_warmup_lr
 
@@ -73,6 +73,19 @@ def _file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _timing(row: Dict[str, float]) -> str:
+    """'input 12 ms compute 130 ms/step (8% waiting for data)': is the loader the bottleneck?"""
+    i, c = row["input_ms"], row["compute_ms"]
+    return f"input {i:.0f} ms compute {c:.0f} ms/step ({100 * i / max(i + c, 1e-9):.0f}% waiting for data)"
+
+
+def _data_note(row: Dict[str, float]) -> str:
+    """The loader's counts over the run, only when there is something to say."""
+    parts = [f"{row[k]} {name}" for k, name in (("bad_images", "bad images"), ("dropped_studies", "dropped studies"),
+                                                 ("cpu_decoded", "CPU-decoded images")) if row[k]]
+    return f"; data: {', '.join(parts)}" if parts else ""
 
 
 class TrainingDiverged(RuntimeError):
@@ -274,6 +287,7 @@ class Trainer:
         self._log_handlers: List[logging.Handler] = []
         self._log_level = log.level  # restored by close(): main() may be called from tests or notebooks
         self._lock: Optional[ckpt.RunLock] = None
+        self._t_input = self._t_compute = 0.0  # see _one_step
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -358,14 +372,18 @@ class Trainer:
                 manifest.index_from_manifest(data, index_dir)
             D.barrier()
             data = index_dir
-        ds, collate = build_dataset(a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.seed,
-                                    a.replicate_collate_bug, n_random=a.random_series)
-        self.n_series = len(ds)
-        self.sampler = SeriesBatchSampler(len(ds), a.batch_series, self.world.rank, self.world.world_size, a.seed)
-        self.loader = make_loader(ds, self.sampler, collate, a.workers, a.seed, pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = len(self.sampler) // a.accum_steps
+        # Every back-end yields the batches of SeriesBatchSampler(n_series, batch_series, rank, world, seed): the
+        # data order, crops and step count do not depend on --loader (data/loaders.py).
+        self.loader, self.n_series = build_train_loader(
+            a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.batch_series, self.world.rank,
+            self.world.world_size, a.seed, a.workers, self.device, backend=a.loader,
+            replicate_collate_bug=a.replicate_collate_bug, n_random=a.random_series)
+        if a.dataset_type == "random":  # build_series_loader logs its own choice
+            log.info("loader: %s (%s)", self.loader.backend, self.loader.reason)
+        self._counts_base = {"bad": Counter(), "cpu_decoded": Counter()}  # a resumed run's counts so far
+        self.steps_per_epoch = len(self.loader) // a.accum_steps
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"an epoch has {len(self.sampler)} batches per rank, fewer than --accum-steps {a.accum_steps}")
+            raise SystemExit(f"an epoch has {len(self.loader)} batches per rank, fewer than --accum-steps {a.accum_steps}")
         self.total_steps = self.steps_per_epoch * a.epochs
         if a.max_steps:
             self.total_steps = min(self.total_steps, a.max_steps)
@@ -401,11 +419,25 @@ class Trainer:
         n_par = sum(p.numel() for p in self.model.parameters())
         log.info("model %s (%.1f M parameters, %d frozen as unused), device %s x %d, amp %s, data %s (%d series)",
                  a.model, n_par / 1e6, len(frozen), self.device, self.world.world_size, a.amp,
-                 data or a.dataset_type, len(ds))
+                 data or a.dataset_type, self.n_series)
         log.info("batch: %d series per rank, %d per step over %d rank(s), %d effective with --accum-steps %d; "
                  "%d steps per epoch, %d steps in total", a.batch_series, a.batch_series * self.world.world_size,
                  self.world.world_size, a.batch_series * self.world.world_size * a.accum_steps, a.accum_steps,
                  self.steps_per_epoch, self.total_steps)
+
+    def _data_counts(self) -> Dict[str, Counter]:
+        """This rank's loader counts over the whole run: the resumed checkpoint's plus this process's."""
+        return {k: base + getattr(self.loader, k) for k, base in self._counts_base.items()}
+
+    def _data_summary(self) -> Dict[str, float]:
+        """Bad-image counts of the run summed over ranks (a host-only gloo exchange under DDP; every rank calls it)."""
+        c = self._data_counts()
+        bad, cpu = c["bad"], c["cpu_decoded"]
+        t = torch.tensor([bad["missing_image"] + bad["unreadable_image"], bad["dropped_study"], sum(cpu.values())],
+                         dtype=torch.float64)
+        if self.world.distributed:
+            t = D.all_reduce_host(t)
+        return dict(zip(("bad_images", "dropped_studies", "cpu_decoded"), (int(x) for x in t.tolist())))
 
     def _args_dict(self) -> Dict[str, Any]:
         d = {k: v for k, v in vars(self.args).items() if k not in _NOT_RECORDED}
@@ -467,6 +499,8 @@ class Trainer:
             "bad_steps": self.bad_total, "bad_batches": self.bad_batches,
             "n_series": self.n_series,
             "rng": rngs,
+            # per rank, like the RNG states: what the loader skipped or decoded on the CPU so far
+            "loader_counts": D.all_gather_object({k: dict(v) for k, v in self._data_counts().items()}),
             "config": self.cfg.to_dict(),
             "args": self._args_dict(),
         }
@@ -517,6 +551,9 @@ class Trainer:
                                        f"epoch now has {self.steps_per_epoch} steps: the data set changed")
         rngs = st["rng"]
         ckpt.restore_rng(rngs[self.world.rank] if isinstance(rngs, list) else rngs)
+        counts = st.get("loader_counts")
+        if counts:  # the world size is fixed on resume, so rank r continues rank r's counts
+            self._counts_base = {k: Counter(counts[self.world.rank].get(k, {})) for k in self._counts_base}
         self.resumed_from = path
         log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.step, self.epoch,
                  self.step_in_epoch)
@@ -579,11 +616,12 @@ class Trainer:
         t0 = time.perf_counter()
         t_log, studies_log = t0, 0.0
         acc = np.zeros(4)
-        n_acc = 0
+        n_acc = n_log = 0
+        self._t_input = self._t_compute = 0.0  # seconds this log window spent waiting for batches / the rest
         try:
             self.module_train(True)
             while self.step < self.total_steps and self.epoch < a.epochs:
-                self.sampler.set_epoch(self.epoch, self.step_in_epoch * a.accum_steps)
+                self.loader.set_epoch(self.epoch, self.step_in_epoch * a.accum_steps)
                 it = iter(self.loader)
                 epoch_now = self.epoch
                 while self.epoch == epoch_now and self.step < self.total_steps:
@@ -599,6 +637,7 @@ class Trainer:
                     if self.step_in_epoch == self.steps_per_epoch:  # position saved = start of the next epoch
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     studies_log += s[6]
+                    n_log += 1
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(f"ep {log_epoch}/{a.epochs} loss {s[2] / W:.3f} "
@@ -611,16 +650,20 @@ class Trainer:
                         row = dict(step=self.step, epoch=log_epoch, loss=m[0], ita=m[1], local=m[2], temporal=m[3],
                                    lr=lr, studies_per_s=rate, studies_per_s_per_rank=rate / W,
                                    mem_gib=memory_gib(self.device), bad_steps=self.bad_total,
-                                   bad_batches=self.bad_batches, elapsed_s=now - t0)
+                                   bad_batches=self.bad_batches, elapsed_s=now - t0,
+                                   input_ms=1e3 * self._t_input / n_log, compute_ms=1e3 * self._t_compute / n_log,
+                                   **self._data_summary())
                         if primary:
                             writer.write(row)
                             msg = (f"step {self.step}/{self.total_steps} epoch {log_epoch}/{a.epochs} "
                                    f"loss {m[0]:.4f} (ita {m[1]:.4f} local {m[2]:.4f} tcc {m[3]:.4f}) "
-                                   f"{rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} mem {row['mem_gib']:.2f} GiB")
+                                   f"{rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} mem {row['mem_gib']:.2f} GiB "
+                                   f"{_timing(row)}{_data_note(row)}")
                             (bar.write if bar is not None else log.info)(msg)
                             if bar is not None:
                                 log.debug(msg)
-                        t_log, studies_log, acc, n_acc = now, 0.0, np.zeros(4), 0
+                        t_log, studies_log, acc, n_acc, n_log = now, 0.0, np.zeros(4), 0, 0
+                        self._t_input = self._t_compute = 0.0
                     stop = s[1] > 0
                     if stop or self.step % a.save_every == 0 or self.step == self.total_steps:
                         self.save()
@@ -653,8 +696,21 @@ class Trainer:
         Returns the all-reduced stats [non-finite count, stop, loss, ita, local, temporal, studies, ...]:
         loss terms are NaN and studies 0 when the step was skipped for a bad batch.
         """
+        t_start = time.perf_counter()
+        raw = [self._next_batch(it) for _ in range(self.args.accum_steps)]
+        t_ready = time.perf_counter()
+        try:
+            return self._use_batches(raw, lr)
+        finally:
+            # Input = blocked waiting for the loader; compute = the rest of the step, which ends with the step's
+            # one host sync, so host time follows the device here without an extra synchronisation.
+            now = time.perf_counter()
+            self._t_input += t_ready - t_start
+            self._t_compute += now - t_ready
+
+    def _use_batches(self, raw: List[Dict[str, Any]], lr: float) -> List[float]:
+        """Check the step's batches, then forward/backward and update (see _one_step)."""
         a, W = self.args, self.world.world_size
-        raw = [self._next_batch(it) for _ in range(a.accum_steps)]
         problems = [p for p in map(batch_problem, raw) if p]
         stop = 1.0 if self._stop_signal is not None else 0.0
         if self.world.distributed:  # every rank must skip the same steps (DDP runs backward in lockstep)

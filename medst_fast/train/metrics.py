@@ -15,8 +15,11 @@ import torch
 
 log = logging.getLogger("medst_fast")
 
+# input_ms / compute_ms: mean per optimizer step over the log window of the time blocked waiting for the next
+# batch / the rest of the step. bad_images, dropped_studies, cpu_decoded: the loader's counts over the run.
 COLUMNS = ["step", "epoch", "loss", "ita", "local", "temporal", "lr", "studies_per_s", "studies_per_s_per_rank",
-           "mem_gib", "bad_steps", "bad_batches", "elapsed_s"]
+           "mem_gib", "bad_steps", "bad_batches", "elapsed_s", "input_ms", "compute_ms", "bad_images",
+           "dropped_studies", "cpu_decoded"]
 
 
 def memory_gib(device: torch.device) -> float:
