@@ -510,3 +510,88 @@ def test_covidx_refuses_nan_features_and_zero_epochs(tmp_path, model):
     with pytest.raises(ValueError, match="patience"):
         covidx_probe.train_head(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.zeros(3, 2),
                                 torch.zeros(3, dtype=torch.long), patience=0)
+
+
+# -- the CLI's subcommands, defaults from the checkpoint, finding selection -----------------------------------
+def test_cli_subcommands_have_their_own_help(capsys):
+    from medst_fast.eval.__main__ import main
+
+    helps = {}
+    for task in ("msxrt-image", "msxrt-sentence", "rsna-zeroshot", "covidx-probe", "all"):
+        with pytest.raises(SystemExit) as e:
+            main([task, "--help"])
+        assert e.value.code == 0
+        helps[task] = capsys.readouterr().out
+    assert len(set(helps.values())) == 5  # no two tasks print the same parser
+    assert "--findings" in helps["msxrt-image"] and "--findings" not in helps["msxrt-sentence"]
+    assert "--pcts" in helps["covidx-probe"] and "--pcts" not in helps["rsna-zeroshot"]
+    assert "--vocab" in helps["rsna-zeroshot"] and "--vocab" not in helps["covidx-probe"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert top.count("msxrt-image") == 1 and "msxrt_image" not in top  # each task listed once
+
+
+def test_cli_vocab_defaults_to_the_checkpoint_folder(tmp_path, model, vocab_path):
+    from medst_fast.eval.__main__ import main
+
+    medst_fast.save_pretrained(model, tmp_path / "ckpt", vocab=vocab_path)
+    write_sentences(str(tmp_path / msxrt_sentence.CSV_NAME))
+    # underscore spelling accepted, no --vocab needed: the folder holds vocab.txt
+    res = main(["msxrt_sentence", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path),
+                "--out", str(tmp_path / "out"), "--device", "cpu"])
+    tok = common.load_tokenizer(vocab_path, model)
+    want = msxrt_sentence.evaluate(model, tok, str(tmp_path / msxrt_sentence.CSV_NAME))
+    assert res.get("RadGraph", "auroc") == pytest.approx(want.get("RadGraph", "auroc"), abs=1e-9)
+    medst_fast.save_pretrained(model, tmp_path / "novocab")
+    with pytest.raises(ValueError, match=r"--vocab.*novocab holds no vocab.txt"):
+        main(["msxrt-sentence", "--checkpoint", str(tmp_path / "novocab"), "--data", str(tmp_path),
+              "--out", str(tmp_path / "out")])
+
+
+def test_msxrt_findings_selection_and_too_few_pairs(tmp_path, model):
+    pytest.importorskip("sklearn.svm")
+    csv = write_msxrt(str(tmp_path), n=36)  # 18 labelled pairs per finding: 6 per class, enough for 5 folds
+    df = pd.read_csv(csv)
+    df["pneumothorax_progression"] = [PROG[i % 3] if i < 4 else None for i in range(len(df))]  # 4 pairs only
+    df.to_csv(csv, index=False)
+    res = msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], seeds=(42,), folds=(2, 5))
+    assert "pneumothorax (cv5)" in res.meta["skipped"] and "fewer than the 5 CV folds" in res.meta["skipped"][
+        "pneumothorax (cv5)"]
+    assert {r["subset"] for r in res.rows if r["metric"] == "accuracy_cv5"} == set(FINDINGS) - {"pneumothorax"} | {"average"}
+    assert any(r["subset"] == "pneumothorax" and r["metric"] == "accuracy_cv2" for r in res.rows)
+    avg = [r for r in res.rows if r["subset"] == "average" and r["metric"] == "accuracy_cv5"][0]
+    per = [r["value"] for r in res.rows if r["metric"] == "accuracy_cv5" and r["subset"] in FINDINGS]
+    assert avg["value"] == pytest.approx(np.mean(per)) and "over 4 of 5 findings" in avg["note"]
+    # --findings: only those are scored, and only their columns are needed
+    sel = msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], seeds=(42,), folds=(2,), findings=["edema"])
+    assert {r["subset"] for r in sel.rows} == {"edema", "average"}
+    df.drop(columns=["consolidation_progression"]).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="consolidation_progression"):
+        msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], seeds=(42,), folds=(2,))
+    assert msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], seeds=(42,), folds=(2,),
+                                findings=["edema", "pneumonia"]).meta["findings"] == ["edema", "pneumonia"]
+    with pytest.raises(ValueError, match="choose from"):
+        msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], findings=["effusion"])
+    # nothing scorable at all is an error, not an empty table
+    with pytest.raises(ValueError, match="no finding has enough labelled pairs"):
+        msxrt_image.evaluate(model, csv, [os.path.dirname(csv)], seeds=(42,), folds=(5,), findings=["pneumothorax"])
+    # and through the CLI
+    from medst_fast.eval.__main__ import main
+
+    out = main(["msxrt-image", "--random-init", "medst_tiny", "--data", csv, "--findings", "edema,pneumothorax",
+                "--seeds", "42", "--folds", "5", "--workers", "0", "--out", str(tmp_path / "out")])
+    assert out.meta["findings"] == ["edema", "pneumothorax"] and "pneumothorax (cv5)" in out.meta["skipped"]
+
+
+def test_trainer_checkpoint_brings_its_config(tmp_path):
+    from medst_fast.train import checkpoint as ckpt
+
+    src = medst_fast.create_model("medst_tiny", text={"vocab_size": 500})
+    state = {"format": ckpt.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 1, "epoch": 0,
+             "step_in_epoch": 1, "rng": [], "config": src.cfg.to_dict()}
+    path = ckpt.save_checkpoint(state, str(tmp_path / "run"), 1, keep=1)
+    m = common.load_model(checkpoint=path, device="cpu")  # no --model needed, vocab size as trained
+    assert m.cfg.text.vocab_size == 500 and not m.training
+    m2 = common.load_model(checkpoint=path, model_name="medst_tiny", device="cpu")
+    assert m2.cfg.text.vocab_size == 500

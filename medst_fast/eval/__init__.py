@@ -1,7 +1,8 @@
 """Downstream evaluation (medst-spec.md §5): ``python -m medst_fast.eval TASK --checkpoint ... --data ...``.
 
-Tasks: ``msxrt-image`` (MS-CXR-T temporal image classification), ``msxrt-sentence`` (MS-CXR-T temporal
-sentence similarity), ``rsna-zeroshot`` (zero-shot RSNA pneumonia), ``covidx-probe`` (COVIDx linear probe).
+Tasks (one subcommand each, with its own ``--help``): ``msxrt-image`` (MS-CXR-T temporal image
+classification), ``msxrt-sentence`` (MS-CXR-T temporal sentence similarity), ``rsna-zeroshot`` (zero-shot RSNA
+pneumonia), ``covidx-probe`` (COVIDx linear probe), and ``all`` (every task whose data is found).
 Each module has ``evaluate(...) -> TaskResult``; ``report.write_report`` writes the markdown + CSV table.
 Submodules import pandas/sklearn/pydicom lazily, so importing this package is cheap.
 """

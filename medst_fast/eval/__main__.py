@@ -1,7 +1,12 @@
-"""CLI: ``python -m medst_fast.eval TASK (--checkpoint PATH [--model NAME] | --random-init NAME) --data PATH``."""
+"""CLI: ``python -m medst_fast.eval TASK (--checkpoint PATH [--model NAME] | --random-init NAME) --data PATH``.
+
+Each task is a subcommand with its own ``--help``; ``all`` runs every task whose data it finds. A
+checkpoint folder brings its config and vocab.txt, a trainer checkpoint its config (and its run's vocab).
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -13,6 +18,18 @@ from .report import TaskResult, to_markdown, write_report
 
 log = logging.getLogger("medst_fast")
 
+HELP = {
+    "msxrt-image": "MS-CXR-T temporal image classification (linear SVC on [current || previous] embeddings)",
+    "msxrt-sentence": "MS-CXR-T temporal sentence similarity (cosine of sentence embeddings)",
+    "rsna-zeroshot": "zero-shot RSNA pneumonia (BioViL prompts)",
+    "covidx-probe": "COVIDx linear probe on the frozen 768-d CLS",
+    "all": "every task above whose data is under --data (msxrt/, rsna/, covidx/ as medst_fast.data.synth "
+           "writes them); without --data, the synthetic evaluation sets of the run the checkpoint comes from",
+}
+TEXT_TASKS = ("msxrt-sentence", "rsna-zeroshot")
+# where ``all`` looks for each task's data under its root (the layout medst_fast.data.synth writes)
+SUBDIRS = {"msxrt-image": "msxrt", "msxrt-sentence": "msxrt", "rsna-zeroshot": "rsna", "covidx-probe": "covidx"}
+
 
 def _ints(s: str) -> List[int]:
     return [int(v) for v in s.split(",") if v]
@@ -22,83 +39,191 @@ def _floats(s: str) -> List[float]:
     return [float(v) for v in s.split(",") if v]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medst_fast.eval", description=__doc__)
-    p.add_argument("task", choices=list(TASKS) + [t.replace("-", "_") for t in TASKS])
+def _names(s: str) -> List[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def _model_args(p: argparse.ArgumentParser, text: bool) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", help="save_pretrained folder, or a checkpoint file (then --model NAME)")
-    g.add_argument("--model", help="registered config name for a checkpoint file (e.g. medst_vit_b16)")
+    g.add_argument("--checkpoint", help="save_pretrained folder (e.g. a run's final/), or a checkpoint file")
+    g.add_argument("--model", help="config name for a checkpoint file without its own config (e.g. an official "
+                                   ".ckpt: medst_vit_b16)")
     g.add_argument("--random-init", metavar="NAME", help="evaluate NAME with random weights (baseline)")
-    g.add_argument("--vocab", help="tokenizer vocab.txt (text tasks)")
+    if text:
+        g.add_argument("--vocab", help="tokenizer vocab.txt (default: the checkpoint folder's vocab.txt, or the "
+                                       "vocabulary its training run used)")
     g.add_argument("--device", help="default: cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=0, help="random-init weights and probe-head seed")
+
+
+def _data_args(p, required: bool, images: bool, data_help: str) -> argparse._ArgumentGroup:
     d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="the task's CSV/TXT file or its folder")
-    d.add_argument("--images", help="image root (MS-CXR-T: MIMIC-CXR-JPG root or flattened files/; "
-                                    "RSNA: the DICOM folder, default DATA/stage_2_train_images)")
-    d.add_argument("--metadata", help="MS-CXR-T: mimic-cxr-2.0.0-metadata.csv for the MIMIC tree layout")
-    d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
-    t = p.add_argument_group("protocol")
-    t.add_argument("--seeds", type=_ints, default=[42, 100, 666], help="MS-CXR-T image shuffling seeds")
-    t.add_argument("--folds", type=_ints, default=[5, 10], help="MS-CXR-T image CV folds")
-    t.add_argument("--subset", default="RadGraph", help="MS-CXR-T sentence subset_name ('all' for every row)")
-    t.add_argument("--official-join", action="store_true",
-                   help='join cleaned sentences with "" as the official evaluation does (default " ")')
-    t.add_argument("--views", choices=["frontal", "study"], default="frontal",
-                   help="MS-CXR-T image: 'frontal' (official) or 'study' (adds the study's lateral; MoVE models)")
-    t.add_argument("--prompts", help="RSNA: JSON {\"positive\": [...], \"negative\": [...]} replacing BioViL's")
-    t.add_argument("--split", default="test", help="RSNA split: test (default), valid, train, all")
-    t.add_argument("--pcts", type=_floats, default=[0.01, 0.1, 1.0], help="COVIDx training fractions")
-    t.add_argument("--max-epochs", type=int, default=200, help="COVIDx probe epochs (early stopping)")
-    t.add_argument("--patience", type=int, default=10, help="COVIDx early-stopping patience (epochs)")
+    d.add_argument("--data", required=required, help=data_help)
+    if images:
+        d.add_argument("--batch-size", type=int, default=64)
+        d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--out", default="eval_results", help="folder for TASK.md and TASK.csv")
+    return d
+
+
+def _msxrt_image_args(p, t) -> None:
+    t.add_argument("--seeds", type=_ints, default=[42, 100, 666], help="shuffling seeds (comma list)")
+    t.add_argument("--folds", type=_ints, default=[5, 10], help="CV fold counts (comma list)")
+    t.add_argument("--views", choices=["frontal", "study"], default="frontal",
+                   help="'frontal' (official) or 'study' (adds the study's lateral; MoVE models)")
+    t.add_argument("--findings", type=_names, default=None,
+                   help="comma list of findings to score (default: all five); one with too few labelled pairs "
+                        "is reported as skipped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medst_fast.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task in list(TASKS) + ["all"]:
+        sp = sub.add_parser(task, help=HELP[task], description=HELP[task])
+        _model_args(sp, text=task in TEXT_TASKS or task == "all")
+        t = sp.add_argument_group("protocol")
+        if task == "msxrt-image":
+            d = _data_args(sp, True, True, "the MS-CXR-T image CSV or its folder")
+            d.add_argument("--images", help="image root: MIMIC-CXR-JPG root or flattened files/ (default: the CSV's "
+                                            "folder and its parent)")
+            d.add_argument("--metadata", help="mimic-cxr-2.0.0-metadata.csv for the MIMIC tree layout")
+            _msxrt_image_args(sp, t)
+        elif task == "msxrt-sentence":
+            _data_args(sp, True, False, "the MS-CXR-T sentence CSV or its folder")
+            t.add_argument("--subset", default="RadGraph", help="subset_name to score ('all' for every row)")
+            t.add_argument("--official-join", action="store_true",
+                           help='join cleaned sentences with "" as the official evaluation does (default " ")')
+        elif task == "rsna-zeroshot":
+            d = _data_args(sp, True, True, "stage_2_train_labels.csv or its folder")
+            d.add_argument("--images", help="the DICOM folder (default DATA/stage_2_train_images)")
+            t.add_argument("--split", default="test", choices=["test", "valid", "train", "all"])
+            t.add_argument("--prompts", help='JSON {"positive": [...], "negative": [...]} replacing BioViL\'s')
+            t.add_argument("--official-join", action="store_true", help='join cleaned prompts with ""')
+        elif task == "covidx-probe":
+            _data_args(sp, True, True, "the COVIDx folder (train.txt, test.txt, train/, test/)")
+            _covidx_args(t)
+        else:
+            _data_args(sp, False, True, "folder holding msxrt/, rsna/ and/or covidx/ (default: the synthetic "
+                                        "evaluation sets beside the run's training data)")
+            _msxrt_image_args(sp, t)
+            _covidx_args(t)
     return p
 
 
-def run(args) -> TaskResult:
-    task = args.task.replace("_", "-")
-    model = common.load_model(args.checkpoint, args.model, args.random_init, args.device, args.seed)
-    name = args.checkpoint or f"random init {args.random_init} (seed {args.seed})"
+def _covidx_args(t) -> None:
+    t.add_argument("--pcts", type=_floats, default=[0.01, 0.1, 1.0], help="training fractions (comma list)")
+    t.add_argument("--max-epochs", type=int, default=200, help="probe epochs (early stopping)")
+    t.add_argument("--patience", type=int, default=10, help="early-stopping patience (epochs)")
+
+
+def _normalise_argv(argv: List[str]) -> List[str]:
+    # msxrt_image and msxrt-image name the same task; only the dashed form is listed
+    if argv and not argv[0].startswith("-"):
+        argv = [argv[0].replace("_", "-")] + argv[1:]
+    return argv
+
+
+def run_task(task: str, args, model) -> TaskResult:
     if task == "msxrt-image":
         from . import msxrt_image
 
         csv = msxrt_image.find_csv(args.data)
-        roots = [args.images] if args.images else [os.path.dirname(csv), os.path.dirname(os.path.dirname(csv))]
-        res = msxrt_image.evaluate(model, csv, roots, args.metadata, args.seeds, args.folds, args.batch_size,
-                                   args.workers, views=args.views)
-    elif task == "msxrt-sentence":
+        images = getattr(args, "images", None)
+        roots = [images] if images else [os.path.dirname(csv), os.path.dirname(os.path.dirname(csv))]
+        return msxrt_image.evaluate(model, csv, roots, getattr(args, "metadata", None), args.seeds, args.folds,
+                                    args.batch_size, args.workers, views=args.views,
+                                    findings=args.findings or msxrt_image.FINDINGS)
+    if task == "msxrt-sentence":
         from . import msxrt_sentence
 
-        tok = common.load_tokenizer(args.vocab, model)
-        res = msxrt_sentence.evaluate(model, tok, msxrt_sentence.find_csv(args.data), args.subset,
-                                      args.official_join)
-    elif task == "rsna-zeroshot":
+        tok = common.load_tokenizer(args.vocab, model, args.checkpoint)
+        return msxrt_sentence.evaluate(model, tok, msxrt_sentence.find_csv(args.data), getattr(args, "subset", "RadGraph"),
+                                       getattr(args, "official_join", False))
+    if task == "rsna-zeroshot":
         from . import rsna_zeroshot
 
-        tok = common.load_tokenizer(args.vocab, model)
-        prompts = rsna_zeroshot.read_prompts(args.prompts) if args.prompts else None
-        res = rsna_zeroshot.evaluate(model, tok, args.data, args.split, args.images, args.official_join,
-                                     args.batch_size, args.workers, prompts=prompts)
-    else:
-        from . import covidx_probe
+        tok = common.load_tokenizer(args.vocab, model, args.checkpoint)
+        prompt_file = getattr(args, "prompts", None)
+        prompts = rsna_zeroshot.read_prompts(prompt_file) if prompt_file else None
+        return rsna_zeroshot.evaluate(model, tok, args.data, getattr(args, "split", "test"),
+                                      getattr(args, "images", None), getattr(args, "official_join", False),
+                                      args.batch_size, args.workers, prompts=prompts)
+    from . import covidx_probe
 
-        res = covidx_probe.evaluate(model, args.data, args.pcts, args.max_epochs, args.patience, args.batch_size,
-                                    args.workers, args.seed)
-    res.meta = {"model": name, **res.meta}
+    return covidx_probe.evaluate(model, args.data, args.pcts, args.max_epochs, args.patience, args.batch_size,
+                                 args.workers, args.seed)
+
+
+def synthetic_eval_root(checkpoint) -> str:
+    """The synthetic evaluation sets of the run ``checkpoint`` belongs to (written on first use)."""
+    run = common.run_folder(checkpoint)
+    if run is None:
+        raise ValueError(f"all: no --data given and {checkpoint} is not inside a training run folder (no args.json "
+                         "beside it): give --data ROOT")
+    with open(os.path.join(run, "args.json")) as f:
+        data = json.load(f).get("data_path")
+    raw = os.path.join(os.path.dirname(os.path.abspath(data)), "raw") if isinstance(data, str) else None
+    if raw is None or not os.path.isfile(os.path.join(raw, "ground_truth.json")):
+        raise ValueError(f"all: the run {run} did not train on the built-in synthetic set (data: {data}); "
+                         "give --data ROOT with the evaluation sets")
+    from ..data.synth import ensure_eval_sets
+
+    ensure_eval_sets(raw)
+    return raw
+
+
+def run_all(args, model) -> List[TaskResult]:
+    root = args.data or synthetic_eval_root(args.checkpoint)
+    results = []
+    for task in TASKS:
+        d = os.path.join(root, SUBDIRS[task])
+        if not os.path.isdir(d):
+            log.info("all: %s skipped (no %s)", task, d)
+            continue
+        sub = argparse.Namespace(**vars(args))
+        sub.data = d
+        if task == "msxrt-image":
+            sub.images = None  # the CSV's folder and its parent: synth puts the MIMIC tree beside msxrt/
+        log.info("all: %s on %s", task, d)
+        results.append(run_task(task, sub, model))
+    if not results:
+        raise ValueError(f"all: {root} holds none of {sorted(set(SUBDIRS.values()))}")
+    return results
+
+
+def run(args) -> TaskResult:
+    """One task (the parsed ``args.task``); for ``all`` see ``run_all``."""
+    model = common.load_model(args.checkpoint, args.model, args.random_init, args.device, args.seed)
+    res = run_task(args.task, args, model)
+    res.meta = {"model": _model_name(args), **res.meta}
     return res
 
 
-def main(argv: Optional[List[str]] = None) -> TaskResult:
+def _model_name(args) -> str:
+    return args.checkpoint or f"random init {args.random_init} (seed {args.seed})"
+
+
+def main(argv: Optional[List[str]] = None):
+    """Returns the TaskResult (a list of them for ``all``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    res = run(args)
+    if args.task == "all":
+        model = common.load_model(args.checkpoint, args.model, args.random_init, args.device, args.seed)
+        results = run_all(args, model)
+        for r in results:
+            r.meta = {"model": _model_name(args), **r.meta}
+        stem = "all"
+    else:
+        results = [run(args)]
+        stem = results[0].task
     cmd = "python -m medst_fast.eval " + " ".join(shlex.quote(a) for a in argv)
-    paths = write_report([res], args.out, cmd, stem=res.task)
-    print(to_markdown([res]))
+    paths = write_report(results, args.out, cmd, stem=stem)
+    print(to_markdown(results))
     log.info("wrote %s and %s", paths["md"], paths["csv"])
-    return res
+    return results if args.task == "all" else results[0]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ equal to 3 grey channels).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -34,8 +35,9 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
     """Build the model to evaluate, in eval mode.
 
     Exactly one of ``checkpoint`` (a save_pretrained folder, or a checkpoint file readable by
-    ``medst_fast.convert.load_checkpoint``, then ``model_name`` names its config) or ``random_init``
-    (a registered model name; the random-weights baseline, seeded) must be given.
+    ``medst_fast.convert.load_checkpoint``) or ``random_init`` (a registered model name; the random-weights
+    baseline, seeded) must be given. A file that carries its config (a trainer ``ckpt-*.pt``) is rebuilt with
+    it, vocabulary size included; any other file needs ``model_name`` for its config.
     """
     from ..factory import create_model
 
@@ -51,17 +53,57 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
     else:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
-        if model_name is None:
-            raise ValueError(f"--checkpoint {checkpoint} is a file: give --model NAME for its config "
-                             "(a save_pretrained folder carries its own config)")
-        model = create_model(model_name, pretrained=os.fspath(checkpoint))
+        try:
+            model = create_model(model_name, pretrained=os.fspath(checkpoint))
+        except ValueError as e:
+            if "carries no model config" not in str(e):
+                raise
+            raise ValueError(f"--checkpoint {checkpoint} is a file without a model config: give --model NAME "
+                             "for its config (a save_pretrained folder or a trainer checkpoint carries its own)"
+                             ) from None
     model = model.to(resolve_device(device) if not isinstance(device, torch.device) else device)
     return model.eval()
 
 
-def load_tokenizer(vocab: Optional[PathLike], model):
+def run_folder(checkpoint: Optional[PathLike]) -> Optional[str]:
+    """The trainer's run folder a checkpoint belongs to (``RUN/final``, ``RUN/checkpoints/ckpt-*.pt``), if any."""
+    if checkpoint is None:
+        return None
+    p = os.path.abspath(os.fspath(checkpoint))
+    for cand in (os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
+        if os.path.isfile(os.path.join(cand, "args.json")):
+            return cand
+    return None
+
+
+def default_vocab(checkpoint: Optional[PathLike]) -> Optional[str]:
+    """The vocabulary that belongs with ``checkpoint``: vocab.txt in its folder (a saved model), beside the
+    file, or the one its training run used (the run's final/vocab.txt, else args.json's ``vocab``)."""
+    if checkpoint is None:
+        return None
+    p = os.fspath(checkpoint)
+    cands = [os.path.join(p, "vocab.txt")] if os.path.isdir(p) else [os.path.join(os.path.dirname(p), "vocab.txt")]
+    run = run_folder(p)
+    if run:
+        cands.append(os.path.join(run, "final", "vocab.txt"))
+        try:
+            with open(os.path.join(run, "args.json")) as f:
+                v = json.load(f).get("vocab")
+            if isinstance(v, str):
+                cands.append(v)
+        except (OSError, ValueError):
+            pass
+    return next((c for c in cands if os.path.isfile(c)), None)
+
+
+def load_tokenizer(vocab: Optional[PathLike], model, checkpoint: Optional[PathLike] = None):
+    """The tokenizer for a text task: ``vocab``, else the checkpoint's own (``default_vocab``)."""
     if vocab is None:
-        raise ValueError("this task needs a tokenizer: give --vocab PATH/vocab.txt")
+        vocab = default_vocab(checkpoint)
+        if vocab is None:
+            where = f" ({checkpoint} holds no vocab.txt)" if checkpoint is not None else ""
+            raise ValueError(f"this task needs a tokenizer: give --vocab PATH/vocab.txt{where}")
+        log.info("tokenizer: %s", vocab)
     from ..text.tokenizer import MedSTTokenizer
 
     tok = MedSTTokenizer(vocab, max_length=model.cfg.text.max_length)

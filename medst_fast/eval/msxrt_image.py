@@ -28,10 +28,11 @@ METADATA_NAMES = ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-metadata.csv.
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".dcm")
 
 
-def read_csv(path) -> "pd.DataFrame":
-    cols = ["dicom_id", "previous_dicom_id", "study_id", "subject_id"] + [f"{f}_progression" for f in FINDINGS]
+def read_csv(path, findings: Sequence[str] = FINDINGS) -> "pd.DataFrame":
+    """The image-classification CSV; only the ``findings`` asked for need their progression column."""
+    cols = ["dicom_id", "previous_dicom_id", "study_id", "subject_id"] + [f"{f}_progression" for f in findings]
     df = common.read_csv_checked(path, cols, dtype={"dicom_id": str, "previous_dicom_id": str})
-    for f in FINDINGS:
+    for f in findings:
         col = f"{f}_progression"
         bad = df[col].notna() & ~df[col].isin(list(LABELS))
         if bad.any():
@@ -42,6 +43,25 @@ def read_csv(path) -> "pd.DataFrame":
         if df[c].isna().any():
             raise ValueError(f"{path}: column {c!r} has empty values (row {int(np.flatnonzero(df[c].isna())[0]) + 2})")
     return df
+
+
+def check_findings(findings: Sequence[str]) -> List[str]:
+    bad = [f for f in findings if f not in FINDINGS]
+    if bad or not findings:
+        raise ValueError(f"findings {list(bad) or '[]'}: choose from {list(FINDINGS)}")
+    return list(dict.fromkeys(findings))
+
+
+def too_few(y: np.ndarray, k: int) -> Optional[str]:
+    """Why ``k``-fold stratified SVC scoring cannot run on labels ``y``, or None when it can."""
+    counts = np.unique(y, return_counts=True)[1] if len(y) else np.array([], dtype=int)
+    if len(y) < k:
+        return f"{len(y)} labelled pairs, fewer than the {k} CV folds"
+    if len(counts) < 2:
+        return f"{len(y)} labelled pairs, all of one class"
+    if counts.max() < k:
+        return f"no class has {k} pairs (the most frequent has {counts.max()}), so {k} stratified folds cannot be made"
+    return None
 
 
 class ImageResolver:
@@ -139,8 +159,11 @@ class ImageResolver:
 def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, folds: Sequence[int] = FOLDS,
              findings: Sequence[str] = FINDINGS) -> Dict:
     """The protocol on precomputed features. Returns {(finding, k): {"acc": [per seed], "macro": [...]}},
-    with finding "average" the mean over findings per seed (as the official script averages)."""
+    with finding "average" the mean over the scored findings per seed (as the official script averages),
+    and {("skipped", k): {finding: reason}} for findings with too few labelled pairs for k folds."""
     out: Dict = {}
+    for k in folds:
+        out[("skipped", k)] = {}
     for seed in seeds:
         shuffled = df.sample(frac=1, random_state=seed)  # the whole CSV, then per-finding filtering
         for k in folds:
@@ -148,11 +171,13 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
             for f in findings:
                 col = f"{f}_progression"
                 sub = shuffled[shuffled[col].notna()]
+                y = sub[col].map(LABELS).to_numpy()
+                why = too_few(y, k)
+                if why:
+                    out[("skipped", k)][f] = why
+                    continue
                 X = np.concatenate([common.stack_rows(feats, list(sub["dicom_id"])),
                                     common.stack_rows(feats, list(sub["previous_dicom_id"]))], axis=1)
-                y = sub[col].map(LABELS).to_numpy()
-                if len(y) < k:
-                    raise ValueError(f"{col}: {len(y)} labelled pairs, fewer than the {k} CV folds")
                 accs, maccs = svc_cross_val(X, y, k)
                 a, m = float(np.mean(accs)), float(np.mean(maccs))
                 rec = out.setdefault((f, k), {"acc": [], "macro": [], "n": len(y)})
@@ -160,9 +185,13 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
                 rec["macro"].append(m)
                 per_seed_acc.append(a)
                 per_seed_mac.append(m)
-            rec = out.setdefault(("average", k), {"acc": [], "macro": [], "n": None})
-            rec["acc"].append(float(np.mean(per_seed_acc)))
-            rec["macro"].append(float(np.mean(per_seed_mac)))
+            if per_seed_acc:
+                rec = out.setdefault(("average", k), {"acc": [], "macro": [], "n": None})
+                rec["acc"].append(float(np.mean(per_seed_acc)))
+                rec["macro"].append(float(np.mean(per_seed_mac)))
+    if not any(("average", k) in out for k in folds):
+        raise ValueError(f"no finding has enough labelled pairs for {list(folds)}-fold CV: "
+                         f"{out[('skipped', folds[0])]}")
     return out
 
 
@@ -196,27 +225,41 @@ def _check_features(feats: Dict[str, np.ndarray], ids: Sequence[str], views: str
 
 def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = None,
              seeds: Sequence[int] = SEEDS, folds: Sequence[int] = FOLDS, batch_size: int = 64,
-             workers: int = 0, views: str = "frontal") -> TaskResult:
+             workers: int = 0, views: str = "frontal", findings: Sequence[str] = FINDINGS) -> TaskResult:
     """``views``: "frontal" is the official protocol (each listed frontal alone); "study" adds the lateral of
-    the same study (from the metadata CSV) where there is one, which is how a MoVE model sees a study."""
+    the same study (from the metadata CSV) where there is one, which is how a MoVE model sees a study.
+    ``findings``: which findings to score (the CSV needs their columns only). A finding with too few
+    labelled pairs for a fold count is skipped and reported (log line, ``meta["skipped"]``, note on the
+    average), never a crash; the average is over the scored findings."""
     if views not in ("frontal", "study"):
         raise ValueError(f"views must be 'frontal' or 'study', got {views!r}")
-    df = read_csv(csv_path)
-    labelled = df[[f"{f}_progression" for f in FINDINGS]].notna().any(axis=1)
+    findings = check_findings(findings)
+    df = read_csv(csv_path, findings)
+    labelled = df[[f"{f}_progression" for f in findings]].notna().any(axis=1)
     df = df[labelled]
+    if not len(df):
+        raise ValueError(f"{csv_path}: no row labels any of {findings}")
     resolver = ImageResolver(images, metadata)
     ids = list(dict.fromkeys(list(df["dicom_id"]) + list(df["previous_dicom_id"])))
     feats, n_lat = image_features(model, resolver, ids, views, batch_size, workers)
-    scores = classify(df, feats, seeds, folds)
+    scores = classify(df, feats, seeds, folds, findings)
+    skipped = {f"{f} (cv{k})": why for k in folds for f, why in scores[("skipped", k)].items()}
+    for what, why in skipped.items():
+        log.warning("msxrt_image: skipped %s: %s", what, why)
     res = TaskResult("msxrt_image", meta={"csv": os.fspath(csv_path), "pairs": len(df), "images": len(ids),
-                                          "views": views, "laterals": n_lat,
-                                          "seeds": list(seeds), "classifier": "SVC(kernel='linear', C=1)"})
+                                          "views": views, "laterals": n_lat, "findings": findings,
+                                          "seeds": list(seeds), "classifier": "SVC(kernel='linear', C=1)",
+                                          **({"skipped": skipped} if skipped else {})})
     for k in folds:
-        for f in list(FINDINGS) + ["average"]:
+        scored = [f for f in findings if (f, k) in scores]
+        for f in scored + (["average"] if scored else []):
             rec = scores[(f, k)]
             for metric, key in (("accuracy", "acc"), ("macro_accuracy", "macro")):
                 m, s = mean_std(rec[key])
-                res.add(f, f"{metric}_cv{k}", m, s, rec["n"], "official score" if key == "acc" else "BioViL-T metric")
+                note = "official score" if key == "acc" else "BioViL-T metric"
+                if f == "average" and len(scored) < len(findings):
+                    note += f"; over {len(scored)} of {len(findings)} findings ({', '.join(scored)})"
+                res.add(f, f"{metric}_cv{k}", m, s, rec["n"], note)
     return res
 
 
