@@ -76,8 +76,21 @@ def test_compiled_training_step_matches_eager_inductor(packed_trainer):
     t.runner.module = eager
     assert abs(l_c - l_e) <= 1e-4 * abs(l_e), (l_c, l_e)
     assert set(g_c) == set(g_e)
-    worst = max(_rel(g_c[k], g_e[k]) for k in g_e)
-    assert worst <= 1e-3, worst
+    # fp32 reassociation, amplified by BatchNorm over a few rows, gives 1e-4..1e-2 relative differences per
+    # tensor (a wrong mask or a dropped term gives O(1)). The Linear biases right before a BatchNorm have a
+    # gradient that is zero in exact arithmetic (the BatchNorm removes any shift): rounding noise only, so
+    # they are checked to be negligible instead; every other tensor is measured against at least 1e-3 of
+    # the largest gradient norm.
+    scale = max(g.norm().item() for g in g_e.values())
+    pre_bn = [k for k in g_e if k.endswith("_head.head.0.bias")]
+    assert len(pre_bn) == 4
+    for k in pre_bn:
+        assert max(g_e[k].norm().item(), g_c[k].norm().item()) <= 1e-4 * scale, k
+    worst = max(((g_c[k] - g_e[k]).norm() / max(g_e[k].norm().item(), 1e-3 * scale)).item()
+                for k in g_e if k not in pre_bn)
+    assert worst <= 2e-2, worst
+    flat_c, flat_e = (torch.cat([g[k].flatten() for k in sorted(g_e) if k not in pre_bn]) for g in (g_c, g_e))
+    assert _rel(flat_c, flat_e) <= 1e-3
 
 
 def test_varying_lateral_count_does_not_recompile_every_step(tmp_path, vocab_path):
