@@ -1,0 +1,273 @@
+"""Batch embeddings to a file: ``python -m medst_fast.embed``.
+
+    python -m medst_fast.embed --checkpoint runs/x/final --images scans/ --out emb.npy
+    python -m medst_fast.embed --checkpoint runs/x/final --images list.csv --feature cls --out cls.parquet
+    python -m medst_fast.embed --checkpoint runs/x/final --texts reports.csv --out txt.npy
+
+Images: a folder (searched recursively for JPEG/PNG/DICOM/..., sorted) or a CSV with a ``path`` column
+(relative paths are relative to the CSV). Texts: a CSV with a ``text`` column (and an optional ``id``), cleaned
+as in pretraining unless ``--no-clean``. Output: ``.npy`` (float32, one row per input kept) with
+``FILE.ids.txt`` naming each row, or ``.parquet`` (columns ``id``, ``embedding``). An unreadable image or an
+empty text is a counted skip, listed with its reason in ``FILE.skipped.txt``; a non-finite embedding is an
+error and nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger("medst_fast")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def list_images(src: str, column: str = "path") -> List[str]:
+    """Image files of a folder (recursive, sorted) or of a CSV column (relative to the CSV's folder)."""
+    if os.path.isdir(src):
+        out = []
+        for dirpath, dirs, files in os.walk(src):
+            dirs.sort()
+            out += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        if not out:
+            raise ValueError(f"{src}: no image files (looked for {', '.join(IMAGE_EXTS)})")
+        return out
+    df = _read_csv(src, column)
+    base = os.path.dirname(os.path.abspath(src))
+    paths = []
+    for i, p in enumerate(df[column]):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{src}: column {column!r} row {i + 2} is empty")
+        paths.append(p if os.path.isabs(p) else os.path.join(base, p))
+    return paths
+
+
+def read_texts(src: str, column: str = "text") -> Tuple[List[str], List[str]]:
+    """(ids, texts) from a CSV: ``id`` column when present, else the data row number (1-based)."""
+    df = _read_csv(src, column)
+    ids = [str(v) for v in df["id"]] if "id" in df.columns else [str(i + 1) for i in range(len(df))]
+    texts = ["" if not isinstance(t, str) else t for t in df[column]]
+    return ids, texts
+
+
+def _read_csv(src: str, column: str):
+    from .factory import optional_import
+
+    optional_import("pandas", "reading a CSV list")
+    from .eval.common import read_csv_checked
+
+    df = read_csv_checked(src, [column], dtype=str, keep_default_na=False)
+    if not len(df):
+        raise ValueError(f"{src}: no rows")
+    return df
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """path -> (index, eval-transformed image or None, reason); a failed decode is a skip, not a crash."""
+
+    def __init__(self, paths: Sequence[str], img_size: int):
+        from .factory import Preprocess
+
+        self.paths, self.tf = list(paths), Preprocess(img_size, train=False)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.tf(self.paths[i]), ""
+        except (OSError, ValueError, TypeError, RuntimeError) as e:  # missing, truncated, undecodable
+            msg = str(e).replace("\n", " ")
+            return i, None, msg if self.paths[i] in msg else f"{self.paths[i]}: {msg}"
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, why) for i, x, why in items if x is None]
+    idx = [i for i, _ in ok]
+    return idx, (torch.stack([x for _, x in ok]) if ok else None), bad
+
+
+# -- embedding ------------------------------------------------------------------------------------------------
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _bar(it, total: int, desc: str, show: bool):
+    if not show:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # no bar without tqdm (an optional package), same output
+        return it
+    return tqdm(it, total=total, desc=desc, disable=None)
+
+
+@torch.inference_mode()
+def embed_image_files(model, paths: Sequence[str], feature: str = "embedding", batch_size: int = 64,
+                      workers: int = 0, precision: str = "fp32", progress: bool = True):
+    """Returns (kept indices into ``paths``, float32 (N, D) array, [(index, reason)] skipped)."""
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, model.cfg.vision.img_size), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    fn = model.encode_image if feature == "embedding" else model.image_features
+    kept, rows, skipped = [], [], []
+    for idx, x, bad in _bar(loader, len(loader), "images", progress):
+        skipped += bad
+        if x is not None:
+            with _autocast(device, precision):
+                rows.append(fn(x.to(device, non_blocking=True)).float().cpu().numpy())
+            kept += idx
+    return kept, _stack(rows), skipped
+
+
+@torch.inference_mode()
+def embed_text_list(model, tokenizer, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32",
+                    clean: bool = True, progress: bool = True):
+    """Returns (kept indices, float32 (N, E) array, [(index, reason)] skipped: texts empty after cleaning)."""
+    from .hub import MissingTower
+
+    if isinstance(model.text, MissingTower):
+        model.text()  # raises the folder's explanation (an image-encoder export has no text tower)
+    if clean:
+        from .text.report import clean_report
+
+        texts = [clean_report(t)[0] if t.strip() else "" for t in texts]
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    skipped = [(i, "empty text") for i, t in enumerate(texts) if not t.strip()]
+    device = next(model.parameters()).device
+    rows = []
+    starts = range(0, len(keep), batch_size)
+    for s in _bar(starts, len(starts), "texts", progress):
+        enc = tokenizer([texts[i] for i in keep[s:s + batch_size]])
+        with _autocast(device, precision):
+            e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        rows.append(e.float().cpu().numpy())
+    return keep, _stack(rows), skipped
+
+
+def _stack(rows) -> np.ndarray:
+    return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+
+
+# -- output ---------------------------------------------------------------------------------------------------
+def side_path(out: str, what: str) -> str:
+    """FILE.npy -> FILE.<what>.txt (e.g. emb.skipped.txt, emb.ids.txt)."""
+    return os.path.splitext(out)[0] + f".{what}.txt"
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Sequence[Tuple[str, str]]) -> None:
+    """Write the array (or parquet table), its row ids and the skipped list; refuses non-finite rows first."""
+    from .eval.metrics import require_finite
+
+    if len(ids):
+        require_finite(emb, "embeddings", "embed", names=list(ids))
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in (".npy", ".parquet"):
+        raise ValueError(f"--out {out}: the file name must end in .npy or .parquet")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if ext == ".npy":
+        def save_npy(p):
+            with open(p, "wb") as f:
+                np.save(f, emb)
+        _atomic_write(out, save_npy)
+        _atomic_write(side_path(out, "ids"), lambda p: _write_lines(p, ids))
+    else:
+        from .factory import optional_import
+
+        pd = optional_import("pandas", "writing parquet", "parquet")
+        optional_import("pyarrow", "writing parquet", "parquet")
+        table = pd.DataFrame({"id": list(ids), "embedding": list(emb)})
+        _atomic_write(out, lambda p: table.to_parquet(p, index=False, engine="pyarrow"))
+    _atomic_write(side_path(out, "skipped"), lambda p: _write_lines(p, [f"{k}\t{why}" for k, why in skipped]))
+
+
+def _write_lines(path: str, lines) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(str(line).replace("\n", " ") + "\n")
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medst_fast.embed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="save_pretrained folder (a run's final/ or final_encoder/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images, or a CSV with a 'path' column")
+    src.add_argument("--texts", help="CSV with a 'text' column (and optionally 'id')")
+    p.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
+    p.add_argument("--column", help="CSV column to read (default: path for --images, text for --texts)")
+    p.add_argument("--feature", choices=["embedding", "cls"], default="embedding",
+                   help="images: the normalised global embedding, or the 768-d final-LN CLS (linear-probe feature)")
+    p.add_argument("--vocab", help="texts: vocab.txt (default: the checkpoint folder's)")
+    p.add_argument("--no-clean", action="store_true", help="texts: embed as given (default: cleaned as in pretraining)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype (output is float32)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Returns {"out", "rows", "skipped", "skipped_file"}."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    a = build_parser().parse_args(argv)
+    if a.batch_size < 1 or a.workers < 0:
+        raise SystemExit("--batch-size must be >= 1 and --workers >= 0")
+    if os.path.splitext(a.out)[1].lower() not in (".npy", ".parquet"):  # before minutes of embedding
+        raise ValueError(f"--out {a.out}: the file name must end in .npy or .parquet")
+    from .eval.common import load_model, load_tokenizer
+
+    model = load_model(checkpoint=a.checkpoint, device=a.device)
+    if a.images:
+        paths = list_images(a.images, a.column or "path")
+        kept, emb, skipped = embed_image_files(model, paths, a.feature, a.batch_size, a.workers, a.precision,
+                                               not a.no_progress)
+        ids = [paths[i] for i in kept]
+        skipped = [(paths[i], why) for i, why in skipped]
+    else:
+        if a.feature != "embedding":
+            raise SystemExit("--feature cls is an image feature; texts have the global embedding only")
+        row_ids, texts = read_texts(a.texts, a.column or "text")
+        tok = load_tokenizer(a.vocab, model, a.checkpoint)
+        kept, emb, skipped = embed_text_list(model, tok, texts, a.batch_size, a.precision, not a.no_clean,
+                                             not a.no_progress)
+        ids = [row_ids[i] for i in kept]
+        skipped = [(row_ids[i], why) for i, why in skipped]
+    if not ids:
+        raise SystemExit(f"embed: nothing to write: all {len(skipped)} inputs were skipped "
+                         f"(first: {skipped[0][1] if skipped else '-'})")
+    write_embeddings(a.out, ids, emb, skipped)
+    skipped_file = side_path(a.out, "skipped")
+    log.info("embed: wrote %d rows of %d to %s; %d skipped (listed in %s)", len(ids), emb.shape[1], a.out,
+             len(skipped), skipped_file)
+    return {"out": a.out, "rows": len(ids), "skipped": len(skipped), "skipped_file": skipped_file}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"medst_fast.embed: error: {e}", file=sys.stderr)
+        sys.exit(1)
