@@ -13,6 +13,10 @@ For each sample b, query tokens Q (words or patches) attend over context tokens 
 The word side is ``token_align_loss(W, P, ...)``, the patch side ``token_align_loss(P, W, ...)``.
 ``q_mask=None`` / ``c_mask=None`` mean "every token takes part" (the official semantics, spec §2.2 (b)-(c)).
 
+``weighting="uniform"`` (a research switch, LossCfg.local_weighting) replaces the learned w_i by the plain
+mean over the q_mask rows, w_i = 1 / #valid (1 / Tq without a mask): the control for "does the learned
+weighting matter". The in_proj parameters then get zero gradients from the fused op (none from the reference).
+
 ``token_align_loss_ref`` is the plain PyTorch reference. ``token_align_loss`` dispatches to the fused
 Triton implementation when it is available (see kernels/_utils.py), else to the reference.
 
@@ -38,6 +42,15 @@ tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keep
 
 _EPS = 1e-12  # F.normalize's eps
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_WEIGHTINGS = ("learned", "uniform")
+
+
+def _uniform(weighting: str) -> bool:
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"kernels/local_align.py: weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    return weighting == "uniform"
 
 
 def _compute_dtype(compute_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -86,26 +99,30 @@ def token_align_loss_ref(
     tau: float = 0.1,
     renorm_context: bool = True,
     compute_dtype: Optional[torch.dtype] = None,
+    weighting: str = "learned",
 ) -> torch.Tensor:
     """Reference. q: (B, Tq, d), c: (B, Tc, d), masks (B, T) bool or None; MHA in_proj (3d, d), (3d,).
 
-    ``compute_dtype`` bf16/fp16 rounds the operands of its three bmm (and of their backward products)."""
+    ``compute_dtype`` bf16/fp16 rounds the operands of its three bmm (and of their backward products).
+    ``weighting``: "learned" (the paper's w_i) or "uniform" (see the module docstring)."""
     ct = _compute_dtype(compute_dtype)
+    uniform = _uniform(weighting)
     with torch.autocast(q.device.type, enabled=False):  # fp32 maths even when called under autocast
-        return _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct)
+        return _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct,
+                                     uniform)
 
 
-def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct):
-    B, Tq, d = q.shape
-    neg = torch.finfo(torch.float32).min
-    qf, cf = q.float(), c.float()
-    s = _bmm(qf, cf.transpose(1, 2), ct) / tau  # (B, Tq, Tc)
-    if c_mask is not None:
-        s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
-    ctx = _bmm(torch.softmax(s, dim=-1), cf, ct)
-    if renorm_context:
-        ctx = F.normalize(ctx, dim=-1)
-    a = F.normalize(qf * ctx, dim=-1)
+def _uniform_weights(q, q_mask):
+    """(B, Tq): 1 / #valid on the q_mask rows, 0 elsewhere (1 / Tq everywhere without a mask)."""
+    if q_mask is None:
+        return q.new_full(q.shape[:2], 1.0 / q.shape[1], dtype=torch.float32)
+    m = q_mask.float()
+    return m / m.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def _learned_weights(a, q_mask, in_proj_weight, in_proj_bias):
+    """(B, Tq): the 1-head attention weights of abar (query) over the a_i (keys), spec §2.2."""
+    d = a.shape[-1]
     if q_mask is None:
         abar = a.mean(dim=1)
     else:
@@ -118,7 +135,24 @@ def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, ta
     logits = torch.einsum("bd,btd->bt", qq, kk) / math.sqrt(d)
     if q_mask is not None:
         logits = logits.masked_fill(~q_mask, float("-inf"))
-    w = torch.softmax(logits, dim=-1)  # (B, Tq)
+    return torch.softmax(logits, dim=-1)
+
+
+def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct, uniform):
+    B, Tq, d = q.shape
+    neg = torch.finfo(torch.float32).min
+    qf, cf = q.float(), c.float()
+    s = _bmm(qf, cf.transpose(1, 2), ct) / tau  # (B, Tq, Tc)
+    if c_mask is not None:
+        s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
+    ctx = _bmm(torch.softmax(s, dim=-1), cf, ct)
+    if renorm_context:
+        ctx = F.normalize(ctx, dim=-1)
+    a = F.normalize(qf * ctx, dim=-1)
+    if uniform:
+        w = _uniform_weights(q, q_mask)
+    else:
+        w = _learned_weights(a, q_mask, in_proj_weight, in_proj_bias)
     S = _bmm(qf, ctx.transpose(1, 2), ct) / tau  # (B, Tq, Tq)
     if q_mask is not None:
         pair = q_mask[:, :, None] & q_mask[:, None, :]
@@ -398,13 +432,15 @@ def _merge_lse(STAT, b, nb, Tq, t, tm, BLOCK_T: tl.constexpr):
 
 
 def _sample_kernel(A, APART, QMASK, ROWS, RSTAT, CSTAT, INW, INB, VECS, DCST, LOSSB, Tq, D: tl.constexpr, n_apart, nb, inv_b,
-                   inv_sqrt_d, HAS_QMASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                   inv_sqrt_d, HAS_QMASK: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """Everything per sample b (one program): abar, qq = Wq abar + bq, u = Wk^T qq, the weighting logits
     (a_i . u + bk . qq) / sqrt(d) and softmax w, both logsumexps of S, and the loss term
     sum_i w_i (lse_row_i + lse_col_i - 2 S_ii) / 2 / B. Then, for gout = 1 (backward scales by gout):
     ROWS 3 lse_row, 4 lse_col, 5 g = w / (2B) (the loss's derivative in lse_row_i and lse_col_i), 6 dlogit;
-    VECS (B, 6, d): 0 u, 1 dabar / cnt, 2 abar, 3 qq, 4 du, 5 dqq; DCST the derivative in bk . qq."""
+    VECS (B, 6, d): 0 u, 1 dabar / cnt, 2 abar, 3 qq, 4 du, 5 dqq; DCST the derivative in bk . qq.
+    UNIFORM: w = 1 / cnt on the valid rows and dlogit = 0, so every weighting gradient below (du, dqq,
+    dabar, dcst) and the in_proj gradients come out exactly 0; the backward kernels run unchanged."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
     tm = t < Tq
@@ -441,6 +477,8 @@ def _sample_kernel(A, APART, QMASK, ROWS, RSTAT, CSTAT, INW, INB, VECS, DCST, LO
     mx = tl.max(logits, 0)
     ex = tl.where(valid, tl.exp(logits - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
     w = ex / tl.maximum(tl.sum(ex, 0), 1e-30)
+    if UNIFORM:
+        w = tl.where(valid, 1.0 / cnt, 0.0)
     rows = ROWS + b * 8 * Tq + t
     # rows outside q_mask get +inf logsumexps: exp(S - lse) = 0 marks them for _s_bwd_kernel without the mask
     lse_row = tl.where(valid, _merge_lse(RSTAT, b, nb, Tq, t, tm, BLOCK_T), float("inf"))
@@ -450,6 +488,8 @@ def _sample_kernel(A, APART, QMASK, ROWS, RSTAT, CSTAT, INW, INB, VECS, DCST, LO
     tl.store(LOSSB + b, tl.sum(w * e_i, 0) * inv_b)
     dw = e_i * inv_b
     dlog = tl.where(valid, w * (dw - tl.sum(w * dw, 0)), 0.0) * inv_sqrt_d
+    if UNIFORM:
+        dlog = tl.zeros([BLOCK_T], tl.float32)  # w does not depend on the logits
     tl.store(rows + 3 * Tq, lse_row, mask=tm)
     tl.store(rows + 4 * Tq, lse_col, mask=tm)
     tl.store(rows + 5 * Tq, w * (0.5 * inv_b), mask=tm)
@@ -655,7 +695,8 @@ def _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale: float, with_
     return dx, dy
 
 
-def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype):
+def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype,
+                     uniform: bool = False):
     B, Tq, d = q.shape
     Tc = c.shape[1]
     dev, f32 = q.device, torch.float32
@@ -689,7 +730,7 @@ def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool,
     dcst = torch.empty(B, device=dev, dtype=f32)
     loss_b = torch.empty(B, device=dev, dtype=f32)
     launch(_sample_kernel, (B,), a, apart, qm, rows, rstat, cstat, in_w, in_b, vecs, dcst, loss_b, Tq, d, n_ap, nb,
-           1.0 / B, 1.0 / math.sqrt(d), HAS_QMASK=q_mask is not None, BLOCK_T=max(16, next_pow2(Tq)),
+           1.0 / B, 1.0 / math.sqrt(d), HAS_QMASK=q_mask is not None, UNIFORM=uniform, BLOCK_T=max(16, next_pow2(Tq)),
            BLOCK_D=max(16, next_pow2(d)), BLOCK_K=16, BLOCK_P=max(2, next_pow2(n_ap)), num_warps=8)
     return loss_b.sum(), ctx, a, rows, vecs, dcst
 
@@ -735,7 +776,8 @@ def _masked_lse(s, keep, dim):
     return lse
 
 
-def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype):
+def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype,
+                    uniform: bool = False):
     B, Tq, d = q.shape
     scale = 1.0 / tau
     qf, cf = q.float(), c.float()
@@ -759,6 +801,8 @@ def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, 
     u = qq @ wk
     logits = (torch.einsum("btd,bd->bt", a, u) + (qq @ bk)[:, None]) / math.sqrt(d)
     w = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    if uniform:
+        w = _uniform_weights(q, q_mask)
     S = torch.bmm(_rounded(qf, ct), _rounded(ctx, ct).transpose(1, 2)) * scale
     diag = torch.diagonal(S, dim1=1, dim2=2)  # from S itself: its rounding cancels in lse - diag
     pair = valid[:, :, None] & valid[:, None, :]
@@ -769,6 +813,8 @@ def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, 
     # gout = 1 backward of the per-sample part
     dw = e / B
     dlog = torch.where(valid, w * (dw - (w * dw).sum(1, keepdim=True)), 0.0) / math.sqrt(d)
+    if uniform:
+        dlog = torch.zeros_like(dlog)  # w does not depend on the logits: every weighting gradient is 0
     du = torch.einsum("bt,btd->bd", dlog, a)
     dcst = dlog.sum(1)
     dqq = du @ wk.t() + dcst[:, None] * bk
@@ -925,15 +971,17 @@ _LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 @torch.library.custom_op("medst_fast::token_align_fwd", mutates_args=())
 def _loss_fwd_op(q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor], c_mask: Optional[torch.Tensor],
                  in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor, tau: float, renorm: bool,
-                 compute_dtype: torch.dtype) -> _LossOut:
-    """(loss, ctx, a, rows (B, 8, Tq), vecs (B, 6, d), dcst (B,)): the loss and what its backward reads."""
+                 compute_dtype: torch.dtype, uniform: bool) -> _LossOut:
+    """(loss, ctx, a, rows (B, 8, Tq), vecs (B, 6, d), dcst (B,)): the loss and what its backward reads.
+    The backward needs no ``uniform`` flag: a uniform forward saves zero weighting derivatives."""
     with torch.autocast(q.device.type, enabled=False):
         fn = _loss_fwd_triton if use_triton(q, c) else _loss_fwd_torch
-        return fn(q, c, q_mask, c_mask, in_proj_weight.float(), in_proj_bias.float(), tau, renorm, compute_dtype)
+        return fn(q, c, q_mask, c_mask, in_proj_weight.float(), in_proj_bias.float(), tau, renorm, compute_dtype,
+                  uniform)
 
 
 @_loss_fwd_op.register_fake
-def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_dtype):
+def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_dtype, uniform):
     B, Tq, d = q.shape
     f32 = torch.float32
     return (q.new_empty((), dtype=f32), q.new_empty(B, Tq, d, dtype=f32), q.new_empty(B, Tq, d, dtype=f32),
@@ -960,7 +1008,7 @@ def _(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau,
 
 
 def _loss_setup(ctx, inputs, output):
-    q, c, q_mask, c_mask, in_w, in_b, tau, renorm, compute_dtype = inputs
+    q, c, q_mask, c_mask, in_w, in_b, tau, renorm, compute_dtype, _uniform_flag = inputs
     _, cx, a, rows, vecs, dcst = output
     ctx.args = (tau, renorm, compute_dtype, q_mask is not None, c_mask is not None)
     ctx.dtypes = (q.dtype, c.dtype, in_w.dtype, in_b.dtype)
@@ -975,7 +1023,7 @@ def _loss_backward(ctx, gout, *_unused):
     dq, dc, dw, db = _loss_bwd_op(gout, q, c, q_mask if has_qm else None, c_mask if has_cm else None, in_w, cx, a,
                                   rows, vecs, dcst, tau, renorm, ct)
     grads = [t.to(dt) for t, dt in zip((dq, dc, dw, db), ctx.dtypes)]
-    return (grads[0], grads[1], None, None, grads[2], grads[3], None, None, None)
+    return (grads[0], grads[1], None, None, grads[2], grads[3], None, None, None, None)
 
 
 _loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -997,23 +1045,27 @@ def _check_inputs(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias):
 
 
 def _token_align_loss_fused(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau: float = 0.1,
-                            renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                            renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None,
+                            weighting: str = "learned") -> torch.Tensor:
     """Same value and gradients as :func:`token_align_loss_ref`, with no (B, Tq, Tc) or (B, Tq, Tq) tensor."""
     return _loss_fwd_op(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, float(tau), bool(renorm_context),
-                        _compute_dtype(compute_dtype))[0]
+                        _compute_dtype(compute_dtype), _uniform(weighting))[0]
 
 
 def token_align_loss(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau: float = 0.1,
-                     renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None,
+                     weighting: str = "learned") -> torch.Tensor:
     """Dispatching entry point (fused Triton kernels where available, reference otherwise).
 
     ``compute_dtype``: None (exact fp32) or the autocast dtype (bf16/fp16 product operands), see the module
-    docstring; the same maths on either path."""
+    docstring; the same maths on either path. ``weighting``: "learned" or "uniform" (module docstring)."""
     _check_inputs(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias)
     ct = _compute_dtype(compute_dtype)
+    _uniform(weighting)
     if use_triton(q, c) and _triton_impl is not None:
-        return _triton_impl(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct)
-    return token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct)
+        return _triton_impl(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct, weighting)
+    return token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct,
+                                weighting)
 
 
 # The dispatch hook: token_align_loss routes here whenever use_triton() says the fused kernels can run.

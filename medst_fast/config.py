@@ -37,6 +37,8 @@ def _check_types(obj, section: str) -> None:
                 setattr(obj, f.name, float(v))
                 ok = math.isfinite(float(v))
                 want = "a finite number"
+        elif t is str:
+            ok, want = isinstance(v, str), "a string"
         else:
             ok, want = isinstance(v, t), f"an object of {t.__name__} fields"
         if not ok:
@@ -119,6 +121,10 @@ class HeadCfg:
         _positive_ints(self, "head", ("embed_dim", "hidden"))
 
 
+LOCAL_WEIGHTINGS = ("learned", "uniform")
+LOCAL_SCOPES = ("sample", "batch")
+
+
 @dataclass
 class LossCfg:
     tau_global: float = 0.07
@@ -133,6 +139,14 @@ class LossCfg:
     # The two halves of the temporal loss (the official sums them with weight 1): an ablation knob.
     lambda_fmc: float = 1.0
     lambda_rmr: float = 1.0
+    # Research switches (issue 14); the defaults are the paper's loss. temporal_shuffle: each complete
+    # series' study order is permuted (images and reports alike) before the temporal loss, the control that
+    # tells temporal learning from dataset bias. local_weighting "uniform": the local loss weights the valid
+    # tokens equally instead of by the learned 1-head attention. local_scope "batch": each token's context
+    # comes from the tokens of every sample in the batch, not only its own (kernels/local_align.py).
+    temporal_shuffle: bool = False
+    local_weighting: str = "learned"
+    local_scope: str = "sample"
 
     def __post_init__(self):
         _check_types(self, "loss")
@@ -141,6 +155,9 @@ class LossCfg:
         for n in ("variance_lambda", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr"):
             _require(getattr(self, n) >= 0, "loss", n, ">= 0", getattr(self, n))
         _positive_ints(self, "loss", ("series_len",))
+        _require(self.local_weighting in LOCAL_WEIGHTINGS, "loss", "local_weighting", f"one of {LOCAL_WEIGHTINGS}",
+                 self.local_weighting)
+        _require(self.local_scope in LOCAL_SCOPES, "loss", "local_scope", f"one of {LOCAL_SCOPES}", self.local_scope)
 
 
 @dataclass

@@ -69,9 +69,12 @@ def make_inputs(B, Tq, Tc, d, q_mask_kind, c_mask_kind, dtype=torch.float32):
     return q, c, mask(q_mask_kind, Tq), mask(c_mask_kind, Tc), w, b
 
 
-def loss_and_grads(fn, q, c, qm, cm, w, b, renorm, gout, *ct):
-    loss = fn(q, c, qm, cm, w, b, 0.1, renorm, *ct)
-    grads = torch.autograd.grad(loss, (q, c, w, b), grad_outputs=gout)
+def loss_and_grads(fn, q, c, qm, cm, w, b, renorm, gout, *ct, **kw):
+    """[loss, dq, dc, dw, db]. A keyword (weighting=...) goes to fn; with uniform weights the reference's
+    in_proj is not in the graph, so its gradients read as zeros (materialize_grads)."""
+    loss = fn(q, c, qm, cm, w, b, 0.1, renorm, *ct, **kw)
+    grads = torch.autograd.grad(loss, (q, c, w, b), grad_outputs=gout, allow_unused=bool(kw),
+                                materialize_grads=bool(kw))
     return [loss.detach().float()] + [g.float() for g in grads]
 
 
@@ -124,12 +127,13 @@ def test_interp_fused_full_size_word_side(interpret):
         assert_close_rel(g, r, 3e-5, name)
 
 
-def _low_precision_rule(fn, B, Tq, Tc, d, qm, cm, renorm, ct, loss_seeds=4):
+def _low_precision_rule(fn, B, Tq, Tc, d, qm, cm, renorm, ct, loss_seeds=4, zero=(), **kw):
     """err(fn with compute_dtype ct, fp32 ref) <= 2 * err(the reference with its bmm operands rounded to ct,
     forward and backward, fp32 ref) for the loss and every gradient; fp32 inputs, fp32 results.
 
     The loss is one number whose rounding error is a single random draw, so its rule takes the largest
-    error over a few independent inputs; the gradients (many entries each) use the first inputs."""
+    error over a few independent inputs; the gradients (many entries each) use the first inputs.
+    ``zero``: outputs that must be exactly 0 on every path (the in_proj gradients of uniform weights)."""
     errs = {name: [0.0, 0.0] for name in ["loss", "dq", "dc", "dw", "db"]}
     for seed in range(loss_seeds):
         torch.manual_seed(seed)
@@ -137,18 +141,24 @@ def _low_precision_rule(fn, B, Tq, Tc, d, qm, cm, renorm, ct, loss_seeds=4):
         gout = torch.tensor(1.0)
         grads = seed == 0
         runs = []
-        for f, extra in ((la.token_align_loss_ref, ()), (la.token_align_loss_ref, (ct,)), (fn, (ct,))):
+        for f, extra in ((la.token_align_loss_ref, (None,)), (la.token_align_loss_ref, (ct,)), (fn, (ct,))):
             if grads:
-                runs.append(loss_and_grads(f, q, c, q_mask, c_mask, w, b, renorm, gout, *extra))
+                runs.append(loss_and_grads(f, q, c, q_mask, c_mask, w, b, renorm, gout, *extra, **kw))
             else:
                 with torch.no_grad():
-                    runs.append([f(q, c, q_mask, c_mask, w, b, 0.1, renorm, *extra).float()])
+                    runs.append([f(q, c, q_mask, c_mask, w, b, 0.1, renorm, *extra, **kw).float()])
         ref, base, got = runs
         if grads:
             assert all(g.dtype == torch.float32 for g in got)
         for name, g, t, r in zip(errs, got, base, ref):
             errs[name][0] = max(errs[name][0], (g - r).abs().max().item())
             errs[name][1] = max(errs[name][1], (t - r).abs().max().item())
+        if grads:
+            for name in zero:
+                i = list(errs).index(name)
+                assert all((run[i] == 0).all() for run in runs), f"{name}: must be exactly 0"
+    for name in zero:
+        errs.pop(name)
     ratios = {}
     for name, (err_k, err_t) in errs.items():
         assert err_t > 0, f"{name}: the rounded reference shows no error; the comparison would be empty"
@@ -174,6 +184,59 @@ def test_torch_twin_low_precision_rule(monkeypatch, B, Tq, Tc, d, qm, cm, renorm
     """The custom ops' PyTorch twin (CPU without the interpreter) follows the same rounding."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _low_precision_rule(la._token_align_loss_fused, B, Tq, Tc, d, qm, cm, renorm, ct)
+
+
+# Uniform weighting (LossCfg.local_weighting): odd shapes, masks on and off, both context normalisations.
+UNIFORM_CASES = [(3, 97, 50, 32, "words", "lateral", True), (7, 13, 111, 32, None, None, False),
+                 (1, 1, 24, 32, None, None, True)]
+
+
+def _assert_uniform_matches(got, ref, d):
+    for name, g, r in zip(["loss", "dq", "dc", "d_in_proj_weight", "d_in_proj_bias"], got, ref):
+        assert torch.isfinite(g).all(), name
+        assert_close_rel(g, r, 1e-5, name)
+    # the weights no longer depend on the in_proj: exactly zero gradients (the reference has none at all)
+    assert got[3].abs().max() == 0 and got[4].abs().max() == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm", UNIFORM_CASES)
+def test_interp_uniform_weighting_matches_reference_fp32(interpret, B, Tq, Tc, d, qm, cm, renorm):
+    q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, qm, cm)
+    gout = torch.tensor(1.3)
+    ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, weighting="uniform")
+    got = loss_and_grads(la.token_align_loss, q, c, q_mask, c_mask, w, b, renorm, gout, weighting="uniform")
+    assert interpret == {"fwd": 1, "bwd": 1}, "the fused kernels did not run"
+    _assert_uniform_matches(got, ref, d)
+    learned = la.token_align_loss_ref(q, c, q_mask, c_mask, w, b, 0.1, renorm)
+    if Tq > 1:  # the switch changes the loss (one token: both weightings are 1), by far more than round-off
+        assert abs(learned.item() - ref[0].item()) > 1e-5 * abs(learned.item())
+
+
+@needs_triton
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm,ct", [(3, 97, 50, 32, "words", "lateral", True, torch.bfloat16),
+                                                       (2, 37, 70, 48, None, "words", False, torch.bfloat16)])
+def test_interp_uniform_weighting_low_precision_rule(interpret, B, Tq, Tc, d, qm, cm, renorm, ct):
+    _low_precision_rule(la.token_align_loss, B, Tq, Tc, d, qm, cm, renorm, ct, zero=("dw", "db"),
+                        weighting="uniform")
+    assert interpret["bwd"] == 1 and interpret["fwd"] == 4
+
+
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm", UNIFORM_CASES)
+def test_torch_twin_uniform_weighting_matches_reference(monkeypatch, B, Tq, Tc, d, qm, cm, renorm):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, qm, cm)
+    gout = torch.tensor(1.3)
+    ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, weighting="uniform")
+    got = loss_and_grads(la._token_align_loss_fused, q, c, q_mask, c_mask, w, b, renorm, gout, weighting="uniform")
+    _assert_uniform_matches(got, ref, d)
+
+
+def test_unknown_weighting_is_an_error_naming_the_file():
+    q, c, _, _, w, b = make_inputs(1, 3, 4, 16, None, None)
+    for fn in (la.token_align_loss, la.token_align_loss_ref):
+        with pytest.raises(ValueError, match="local_align.py: weighting"):
+            fn(q, c, None, None, w, b, 0.1, True, None, "mean")
 
 
 @pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm", CASES)
