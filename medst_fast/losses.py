@@ -68,13 +68,28 @@ def cycle_alignment_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.1, var
     return w_fmc * fmc + w_rmr * rmr
 
 
+def series_permutation(n_series: int, T: int, device) -> torch.Tensor:
+    """(n_series, T) int64: an independent uniformly random permutation of 0..T-1 per series.
+
+    Drawn on ``device`` from torch's global RNG as the argsort of uniform noise, so no host sync; a seed
+    (torch.manual_seed) fixes it."""
+    return torch.rand(n_series, T, device=device).argsort(dim=1)
+
+
 def temporal_loss(img: torch.Tensor, txt: torch.Tensor, n_full: int, cfg: LossCfg) -> torch.Tensor:
-    """Both directions over the first ``n_full`` complete series (rows [:n_full*T], in order)."""
+    """Both directions over the first ``n_full`` complete series (rows [:n_full*T], in order).
+
+    ``cfg.temporal_shuffle``: each series' studies are first put in a random order (images and reports with
+    the same permutation, :func:`series_permutation`), so pairs stay pairs but time order is lost."""
     T = cfg.series_len
     if n_full == 0:
         return img.new_zeros(()).float() + 0.0 * (img.sum() + txt.sum())
     u = img[: n_full * T].reshape(n_full, T, -1)
     v = txt[: n_full * T].reshape(n_full, T, -1)
+    if cfg.temporal_shuffle:
+        perm = series_permutation(n_full, T, u.device)
+        u = u.gather(1, perm[..., None].expand(-1, -1, u.shape[-1]))
+        v = v.gather(1, perm[..., None].expand(-1, -1, v.shape[-1]))
     kw = dict(tau=cfg.tau_temporal, variance_lambda=cfg.variance_lambda, huber_delta=cfg.huber_delta,
               w_fmc=cfg.lambda_fmc, w_rmr=cfg.lambda_rmr)
     return cycle_alignment_loss(u, v, **kw) + cycle_alignment_loss(v, u, **kw)

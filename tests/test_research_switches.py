@@ -113,3 +113,72 @@ def test_uniform_weighting_changes_only_the_local_loss(tiny):
     assert all(p.grad is None or (p.grad == 0).all() for p in model.word_weighting.parameters())
     assert all(p.grad is None or (p.grad == 0).all() for p in model.patch_weighting.parameters())
     model.zero_grad()
+
+
+# ------------------------------------------------------------------------------------- temporal shuffle
+from medst_fast.losses import series_permutation, temporal_loss  # noqa: E402
+
+
+def test_series_permutation_is_a_real_permutation_per_series():
+    torch.manual_seed(1)
+    perm = series_permutation(64, 4, "cpu")
+    assert perm.shape == (64, 4) and perm.dtype == torch.int64
+    assert (perm.sort(dim=1).values == torch.arange(4)).all()  # every row a permutation of 0..3
+    identity = (perm == torch.arange(4)).all(1)
+    assert not identity.all() and identity.sum() < 16  # 1 in 24 is the identity: expect ~3 of 64
+    assert len({tuple(r) for r in perm.tolist()}) > 12  # many distinct orders, not one repeated
+    torch.manual_seed(1)
+    assert torch.equal(series_permutation(64, 4, "cpu"), perm)  # the seed fixes it
+
+
+def _permuted_rows(x, perm, T):
+    """x with the rows of each complete series reordered by perm (an explicit index, no gather)."""
+    n = perm.shape[0]
+    out = x.clone()
+    for s in range(n):
+        for t in range(T):
+            out[s * T + t] = x[s * T + perm[s, t]]
+    return out
+
+
+@pytest.mark.parametrize("n_full,extra", [(3, 2), (1, 0)])
+def test_shuffled_temporal_loss_equals_loss_of_explicitly_permuted_inputs(n_full, extra):
+    T, E = 4, 6
+    img = F.normalize(torch.randn(n_full * T + extra, E), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(n_full * T + extra, E), dim=-1).requires_grad_()
+    plain, shuffled = LossCfg(), LossCfg(temporal_shuffle=True)
+    seed = 5
+    torch.manual_seed(seed)
+    perm = series_permutation(n_full, T, "cpu")
+    assert not (perm == torch.arange(T)).all(), "pick a seed whose permutation is not the identity"
+    want = temporal_loss(_permuted_rows(img, perm, T), _permuted_rows(txt, perm, T), n_full, plain)
+    torch.manual_seed(seed)
+    got = temporal_loss(img, txt, n_full, shuffled)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (img, txt)), torch.autograd.grad(want, (img, txt))):
+        torch.testing.assert_close(a, b)
+    # the order matters to the loss, so the shuffle changes it
+    assert abs(got.item() - temporal_loss(img, txt, n_full, plain).item()) > 1e-4
+
+
+def test_temporal_shuffle_changes_only_the_temporal_loss(tiny):
+    model, batch = tiny
+    torch.manual_seed(2)
+    base = _losses(model, batch)
+    torch.manual_seed(2)
+    shuf = _losses(model, batch, temporal_shuffle=True)
+    # dropout is off, so both forwards give the same embeddings; only the temporal term sees the order
+    assert shuf.ita == base.ita and shuf.local == base.local
+    assert abs(shuf.temporal.item() - base.temporal.item()) > 1e-5
+
+
+def test_temporal_shuffle_traces_without_a_graph_break():
+    """A host sync (.item(), a data-dependent shape) would break a fullgraph trace; the shuffle has none."""
+    torch._dynamo.reset()
+    cfg = LossCfg(temporal_shuffle=True)
+    fn = torch.compile(lambda i, t: temporal_loss(i, t, 2, cfg), fullgraph=True, backend="aot_eager")
+    img, txt = F.normalize(torch.randn(9, 6), dim=-1), F.normalize(torch.randn(9, 6), dim=-1)
+    torch.manual_seed(3)
+    got = fn(img, txt)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, temporal_loss(img, txt, 2, cfg))
