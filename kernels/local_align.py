@@ -17,6 +17,20 @@ The word side is ``token_align_loss(W, P, ...)``, the patch side ``token_align_l
 mean over the q_mask rows, w_i = 1 / #valid (1 / Tq without a mask): the control for "does the learned
 weighting matter". The in_proj parameters then get zero gradients from the fused op (none from the reference).
 
+``scope="batch"`` (LossCfg.local_scope) widens the pool a token's context is drawn from to the whole batch:
+every report's words attend over every image's valid patches (and every patch over every report's words):
+
+    ctx_{b,i} = sum_{b',j} softmax_{(b',j)}(q_{b,i} . c_{b',j} / tau) c_{b',j}   (all b', j with c_mask[b', j])
+
+and everything after it (a_i, abar, w_i, S, both cross-entropies, the 1/B mean) is the per-sample loss
+above, still contrasting the tokens of one sample. This is a true generalisation: restricting the softmax to
+b' = b (a block-diagonal key mask) gives the per-sample loss exactly, and at B = 1 the two are the same.
+It changes one thing only, where the context may come from; if the local loss learns which region of *its
+own* image a word describes, widening the pool to other studies should cost accuracy. (The other reading,
+one context per (token, image) pair with a cross-sample contrast, would change the contrast as well, which
+the global ITA loss already does across studies, and needs B^2 T d contexts.) The fused path runs the
+attention over the flattened batch, flash-style: memory stays O(B T d), no (B T, B T_c) score tensor exists.
+
 ``token_align_loss_ref`` is the plain PyTorch reference. ``token_align_loss`` dispatches to the fused
 Triton implementation when it is available (see kernels/_utils.py), else to the reference.
 
@@ -51,6 +65,15 @@ def _uniform(weighting: str) -> bool:
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"kernels/local_align.py: weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
     return weighting == "uniform"
+
+
+_SCOPES = ("sample", "batch")
+
+
+def _batch_scope(scope: str) -> bool:
+    if scope not in _SCOPES:
+        raise ValueError(f"kernels/local_align.py: scope must be one of {_SCOPES}, got {scope!r}")
+    return scope == "batch"
 
 
 def _compute_dtype(compute_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -100,16 +123,31 @@ def token_align_loss_ref(
     renorm_context: bool = True,
     compute_dtype: Optional[torch.dtype] = None,
     weighting: str = "learned",
+    scope: str = "sample",
 ) -> torch.Tensor:
     """Reference. q: (B, Tq, d), c: (B, Tc, d), masks (B, T) bool or None; MHA in_proj (3d, d), (3d,).
 
     ``compute_dtype`` bf16/fp16 rounds the operands of its three bmm (and of their backward products).
-    ``weighting``: "learned" (the paper's w_i) or "uniform" (see the module docstring)."""
+    ``weighting``: "learned" (the paper's w_i) or "uniform"; ``scope``: "sample" (the paper's) or "batch"
+    (see the module docstring). The batch scope builds the (B Tq, B Tc) scores."""
     ct = _compute_dtype(compute_dtype)
-    uniform = _uniform(weighting)
+    uniform, batch = _uniform(weighting), _batch_scope(scope)
     with torch.autocast(q.device.type, enabled=False):  # fp32 maths even when called under autocast
         return _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct,
-                                     uniform)
+                                     uniform, batch)
+
+
+def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, T, ...) -> (1, B T, ...): the whole batch as one sample (the batch scope's attention)."""
+    return None if t is None else t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _context_ref(qf, cf, c_mask, tau, ct):
+    """sum_j softmax_j(q_i . c_j / tau) c_j per sample, keys outside c_mask excluded."""
+    s = _bmm(qf, cf.transpose(1, 2), ct) / tau  # (B, Tq, Tc)
+    if c_mask is not None:
+        s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
+    return _bmm(torch.softmax(s, dim=-1), cf, ct)
 
 
 def _uniform_weights(q, q_mask):
@@ -138,14 +176,15 @@ def _learned_weights(a, q_mask, in_proj_weight, in_proj_bias):
     return torch.softmax(logits, dim=-1)
 
 
-def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct, uniform):
-    B, Tq, d = q.shape
+def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct, uniform,
+                          batch):
+    B = q.shape[0]
     neg = torch.finfo(torch.float32).min
     qf, cf = q.float(), c.float()
-    s = _bmm(qf, cf.transpose(1, 2), ct) / tau  # (B, Tq, Tc)
-    if c_mask is not None:
-        s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
-    ctx = _bmm(torch.softmax(s, dim=-1), cf, ct)
+    if batch:  # one softmax over the valid context tokens of every sample
+        ctx = _context_ref(_flat(qf), _flat(cf), _flat(c_mask), tau, ct).reshape(qf.shape)
+    else:
+        ctx = _context_ref(qf, cf, c_mask, tau, ct)
     if renorm_context:
         ctx = F.normalize(ctx, dim=-1)
     a = F.normalize(qf * ctx, dim=-1)
@@ -178,6 +217,8 @@ def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, ta
 #   _attn_bwd_kernel      the attention's backward from the saved logsumexp (dq and dc programs)
 #   _param_grad_kernel    the in_proj gradients, summed over the batch
 # softmax_rows (the generic building block, its own custom op) uses the first and the sixth kernel.
+# The batch scope changes only the launches of the two attention kernels: one sample of B Tq query rows over
+# B Tc keys (contiguous (B, T, d) tensors are already (1, B T, d) in memory); every other kernel stays per sample.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -329,13 +370,16 @@ def _attn_bwd_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, DY, DXA, DXB, Tx, Ty, D: 
         tl.store(DY + b * Ty * D + y_off, acc, mask=ymask)
 
 
-def _attn_combine_kernel(PACC, PML, Q, QMASK, CTX, A, ROWS, APART, Tq, D: tl.constexpr, n_split,
-                         HAS_QMASK: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_combine_kernel(PACC, PML, Q, QMASK, CTX, A, ROWS, APART, Tq, D: tl.constexpr, n_split, pml_split, pml_b,
+                         pml_l, HAS_QMASK: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     """Merge the key splits into ctx_raw (and its logsumexp), then the loss's per-row glue for a block of
     query rows: ctx = normalize(ctx_raw) if RENORM, qc = q * ctx, a = normalize(qc), and the block's sum of
     a over q_mask rows (for abar) into APART[b, block].
-    ROWS (B, 8, Tq) gets: 0 lse1, 1 max(|ctx_raw|, eps) (1 if not RENORM), 2 max(|qc|, eps)."""
+    ROWS (B, 8, Tq) gets: 0 lse1, 1 max(|ctx_raw|, eps) (1 if not RENORM), 2 max(|qc|, eps).
+    The running max of split sp, sample b, row t is PML[sp * pml_split + b * pml_b + t], its sum pml_l
+    further: (S, B, 2, Tq) for the per-sample attention, (S, 2, B Tq) for the batch scope's (one sample of
+    B Tq rows); PACC is (S, B, Tq, D) in both."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     nbat = tl.num_programs(1)
@@ -344,15 +388,16 @@ def _attn_combine_kernel(PACC, PML, Q, QMASK, CTX, A, ROWS, APART, Tq, D: tl.con
     rmask = rm < Tq
     m2 = rmask[:, None] & (rd[None, :] < D)
     big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    PMLb = PML + b * pml_b
     for sp in range(0, n_split):
-        big_m = tl.maximum(big_m, tl.load(PML + ((sp * nbat + b) * 2) * Tq + rm, mask=rmask, other=float("-inf")))
+        big_m = tl.maximum(big_m, tl.load(PMLb + sp * pml_split + rm, mask=rmask, other=float("-inf")))
     m_safe = tl.where(big_m == float("-inf"), 0.0, big_m)
     big_l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for sp in range(0, n_split):
         sb = sp * nbat + b
-        f = tl.exp(tl.load(PML + sb * 2 * Tq + rm, mask=rmask, other=float("-inf")) - m_safe)
-        big_l += tl.load(PML + sb * 2 * Tq + Tq + rm, mask=rmask, other=0.0) * f
+        f = tl.exp(tl.load(PMLb + sp * pml_split + rm, mask=rmask, other=float("-inf")) - m_safe)
+        big_l += tl.load(PMLb + sp * pml_split + pml_l + rm, mask=rmask, other=0.0) * f
         acc += tl.load(PACC + (sb * Tq + rm[:, None]) * D + rd[None, :], mask=m2, other=0.0) * f[:, None]
     ctx = acc / tl.where(big_l > 0, big_l, 1.0)[:, None]
     lse1 = tl.where(big_l > 0, big_m + tl.log(tl.where(big_l > 0, big_l, 1.0)), float("-inf"))  # -inf: no key
@@ -695,30 +740,42 @@ def _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale: float, with_
     return dx, dy
 
 
-def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype,
-                     uniform: bool = False):
+def _attention_split_fwd(q, c, cm, has_cmask: bool, scale: float, ct: torch.dtype, cfg: _Tiles, batch: bool):
+    """The attention's key-split partials (pacc (S, B, Tq, d), pml) and pml's strides (split, sample, sum).
+
+    The batch scope runs it as one sample of B Tq query rows over B Tc keys: q, c and the key mask are
+    contiguous, so (B, T, d) is already (1, B T, d) in memory, and the partials keep pacc's layout."""
     B, Tq, d = q.shape
     Tc = c.shape[1]
+    nb_, tx, ty = (1, B * Tq, B * Tc) if batch else (B, Tq, Tc)
+    n_m, n_kb = triton_cdiv(tx, cfg.block_m), triton_cdiv(ty, cfg.block_n)
+    per_split = triton_cdiv(n_kb, max(1, min(n_kb, triton_cdiv(_FILL_PROGRAMS, n_m * nb_)))) * cfg.block_n
+    n_split = triton_cdiv(ty, per_split)
+    pacc = torch.empty(n_split, B, Tq, d, device=q.device, dtype=torch.float32)
+    pml = torch.empty(n_split, nb_, 2, tx, device=q.device, dtype=torch.float32)
+    launch(_attn_fwd_kernel, (n_m * n_split, nb_), q, c, cm, pacc, pml, tx, ty, d, scale, per_split,
+           HAS_MASK=has_cmask, WITH_OUT=True, SPLIT=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           **_kw(ct, d, cfg, "attn_fwd"))
+    strides = (2 * B * Tq, Tq, B * Tq) if batch else (2 * B * Tq, 2 * Tq, Tq)
+    return pacc, pml, n_split, strides
+
+
+def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype,
+                     uniform: bool = False, batch: bool = False):
+    B, Tq, d = q.shape
     dev, f32 = q.device, torch.float32
     q, c = q.contiguous(), c.contiguous()
     in_w, in_b = in_w.contiguous(), in_b.contiguous()
     cfg, scale = _tiles(ct), 1.0 / tau
     qm, cm = _mask_arg(q_mask, q), _mask_arg(c_mask, q)
     # attention over key splits, then the merge + per-row glue
-    n_m, n_kb = triton_cdiv(Tq, cfg.block_m), triton_cdiv(Tc, cfg.block_n)
-    per_split = triton_cdiv(n_kb, max(1, min(n_kb, triton_cdiv(_FILL_PROGRAMS, n_m * B)))) * cfg.block_n
-    n_split = triton_cdiv(Tc, per_split)
-    pacc = torch.empty(n_split, B, Tq, d, device=dev, dtype=f32)
-    pml = torch.empty(n_split, B, 2, Tq, device=dev, dtype=f32)
-    launch(_attn_fwd_kernel, (n_m * n_split, B), q, c, cm, pacc, pml, Tq, Tc, d, scale, per_split,
-           HAS_MASK=c_mask is not None, WITH_OUT=True, SPLIT=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-           **_kw(ct, d, cfg, "attn_fwd"))
+    pacc, pml, n_split, pml_strides = _attention_split_fwd(q, c, cm, c_mask is not None, scale, ct, cfg, batch)
     ctx = torch.empty(B, Tq, d, device=dev, dtype=f32)
     a = torch.empty(B, Tq, d, device=dev, dtype=f32)
     rows = torch.empty(B, 8, Tq, device=dev, dtype=f32)
     n_ap = triton_cdiv(Tq, _GLUE_ROWS)
     apart = torch.empty(B, n_ap, d, device=dev, dtype=f32)
-    launch(_attn_combine_kernel, (n_ap, B), pacc, pml, q, qm, ctx, a, rows, apart, Tq, d, n_split,
+    launch(_attn_combine_kernel, (n_ap, B), pacc, pml, q, qm, ctx, a, rows, apart, Tq, d, n_split, *pml_strides,
            HAS_QMASK=q_mask is not None, RENORM=renorm, BLOCK_M=_GLUE_ROWS, BLOCK_D=max(16, next_pow2(d)))
     # S = q ctx^T / tau, once, tile by tile
     nb = triton_cdiv(Tq, cfg.block_m)
@@ -736,7 +793,7 @@ def _loss_fwd_triton(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool,
 
 
 def _loss_bwd_triton(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst, tau: float, renorm: bool,
-                     ct: torch.dtype):
+                     ct: torch.dtype, batch: bool = False):
     B, Tq, d = q.shape
     Tc = c.shape[1]
     dev, f32 = q.device, torch.float32
@@ -751,8 +808,13 @@ def _loss_bwd_triton(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst,
            RENORM=renorm, BLOCK=cfg.block_m, **_kw(ct, d, cfg, "s_bwd"))
     dq = torch.empty(B, Tq, d, device=dev, dtype=f32)
     dc = torch.empty(B, Tc, d, device=dev, dtype=f32)
-    grid = (triton_cdiv(Tq, cfg.block_m) + triton_cdiv(Tc, cfg.block_n), B)
-    launch(_attn_bwd_kernel, grid, q, c, cm, rows, delta, dctxr, dq, dc, dqs, dqg, Tq, Tc, d, scale, 8 * Tq, Tq,
+    if batch:
+        # one sample of B Tq rows over B Tc keys (see _attention_split_fwd); its logsumexps contiguous
+        nb_, tx, ty, lse, lse_sb = 1, B * Tq, B * Tc, rows[:, 0].contiguous(), B * Tq
+    else:
+        nb_, tx, ty, lse, lse_sb = B, Tq, Tc, rows, 8 * Tq
+    grid = (triton_cdiv(tx, cfg.block_m) + triton_cdiv(ty, cfg.block_n), nb_)
+    launch(_attn_bwd_kernel, grid, q, c, cm, lse, delta, dctxr, dq, dc, dqs, dqg, tx, ty, d, scale, lse_sb, tx,
            HAS_MASK=c_mask is not None, WITH_OUT=True, EXTRA_DX=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
            **_kw(ct, d, cfg, "attn_bwd"))
     dw = torch.empty(3 * d, d, device=dev, dtype=f32)
@@ -776,17 +838,40 @@ def _masked_lse(s, keep, dim):
     return lse
 
 
-def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype,
-                    uniform: bool = False):
-    B, Tq, d = q.shape
-    scale = 1.0 / tau
-    qf, cf = q.float(), c.float()
+def _attention_fwd_torch(qf, cf, c_mask, scale: float, ct: torch.dtype):
+    """(logsumexp (B, Tq), softmax(q c^T * scale) c (B, Tq, d)), keys outside c_mask excluded."""
     s = torch.bmm(_rounded(qf, ct), _rounded(cf, ct).transpose(1, 2)) * scale
     if c_mask is not None:
         s = s.masked_fill(~c_mask[:, None, :], float("-inf"))
     lse1 = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isneginf(lse1), 0.0, lse1)[..., None])
-    ctx = torch.bmm(_rounded(p, ct), _rounded(cf, ct))
+    return lse1, torch.bmm(_rounded(p, ct), _rounded(cf, ct))
+
+
+def _attention_bwd_torch(qf, cf, c_mask, lse1, dctx, delta, scale: float, ct: torch.dtype):
+    """(dq, dc) of the attention from its saved logsumexp; delta = dctx . ctx_raw per row."""
+    s = torch.bmm(_rounded(qf, ct), _rounded(cf, ct).transpose(1, 2)) * scale
+    p = torch.exp(s - torch.where(torch.isneginf(lse1), float("inf"), lse1)[..., None])
+    if c_mask is not None:
+        p = p.masked_fill(~c_mask[:, None, :], 0.0)
+    dp = torch.bmm(_rounded(dctx, ct), _rounded(cf, ct).transpose(1, 2))
+    ds = p * (dp - delta[..., None]) * scale
+    dq = torch.bmm(_rounded(ds, ct), _rounded(cf, ct))
+    dc = torch.bmm(_rounded(ds, ct).transpose(1, 2), _rounded(qf, ct)) + torch.bmm(_rounded(p, ct).transpose(1, 2),
+                                                                                  _rounded(dctx, ct))
+    return dq, dc
+
+
+def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, ct: torch.dtype,
+                    uniform: bool = False, batch: bool = False):
+    B, Tq, d = q.shape
+    scale = 1.0 / tau
+    qf, cf = q.float(), c.float()
+    if batch:  # the whole batch as one sample of B Tq queries over B Tc keys
+        lse1, ctx = _attention_fwd_torch(_flat(qf), _flat(cf), _flat(c_mask), scale, ct)
+        lse1, ctx = lse1.reshape(B, Tq), ctx.reshape(B, Tq, d)
+    else:
+        lse1, ctx = _attention_fwd_torch(qf, cf, c_mask, scale, ct)
     cn = ctx.norm(dim=-1).clamp_min(_EPS) if renorm else torch.ones_like(lse1)
     ctx = ctx / cn[..., None]
     qc = qf * ctx
@@ -825,7 +910,7 @@ def _loss_fwd_torch(q, c, q_mask, c_mask, in_w, in_b, tau: float, renorm: bool, 
 
 
 def _loss_bwd_torch(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst, tau: float, renorm: bool,
-                    ct: torch.dtype):
+                    ct: torch.dtype, batch: bool = False):
     B, Tq, d = q.shape
     scale = 1.0 / tau
     gam = gout.float()
@@ -852,15 +937,13 @@ def _loss_bwd_torch(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst, 
         dctx = (dctx - ctx * cd[..., None]) / cn[..., None]
     delta = (dctx * ctx).sum(-1) * cn
     # the attention
-    s = torch.bmm(_rounded(qf, ct), _rounded(cf, ct).transpose(1, 2)) * scale
-    p = torch.exp(s - torch.where(torch.isneginf(lse1), float("inf"), lse1)[..., None])
-    if c_mask is not None:
-        p = p.masked_fill(~c_mask[:, None, :], 0.0)
-    dp = torch.bmm(_rounded(dctx, ct), _rounded(cf, ct).transpose(1, 2))
-    ds = p * (dp - delta[..., None]) * scale
-    dq = dq + torch.bmm(_rounded(ds, ct), _rounded(cf, ct))
-    dc = torch.bmm(_rounded(ds, ct).transpose(1, 2), _rounded(qf, ct)) + torch.bmm(_rounded(p, ct).transpose(1, 2),
-                                                                                  _rounded(dctx, ct))
+    if batch:
+        dqa, dc = _attention_bwd_torch(_flat(qf), _flat(cf), _flat(c_mask), _flat(lse1), _flat(dctx), _flat(delta),
+                                       scale, ct)
+        dqa, dc = dqa.reshape(q.shape), dc.reshape(c.shape)
+    else:
+        dqa, dc = _attention_bwd_torch(qf, cf, c_mask, lse1, dctx, delta, scale, ct)
+    dq = dq + dqa
     z = dqq.new_zeros(d, d)
     dw = gam * torch.cat([dqq.t() @ abar, qq.t() @ du, z])
     db = gam * torch.cat([dqq.sum(0), qq.t() @ dcst, z[0]])
@@ -971,17 +1054,18 @@ _LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 @torch.library.custom_op("medst_fast::token_align_fwd", mutates_args=())
 def _loss_fwd_op(q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor], c_mask: Optional[torch.Tensor],
                  in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor, tau: float, renorm: bool,
-                 compute_dtype: torch.dtype, uniform: bool) -> _LossOut:
+                 compute_dtype: torch.dtype, uniform: bool, batch: bool) -> _LossOut:
     """(loss, ctx, a, rows (B, 8, Tq), vecs (B, 6, d), dcst (B,)): the loss and what its backward reads.
-    The backward needs no ``uniform`` flag: a uniform forward saves zero weighting derivatives."""
+    The backward needs no ``uniform`` flag: a uniform forward saves zero weighting derivatives.
+    ``batch``: the batch scope (module docstring); the saved tensors have the same shapes."""
     with torch.autocast(q.device.type, enabled=False):
         fn = _loss_fwd_triton if use_triton(q, c) else _loss_fwd_torch
         return fn(q, c, q_mask, c_mask, in_proj_weight.float(), in_proj_bias.float(), tau, renorm, compute_dtype,
-                  uniform)
+                  uniform, batch)
 
 
 @_loss_fwd_op.register_fake
-def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_dtype, uniform):
+def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_dtype, uniform, batch):
     B, Tq, d = q.shape
     f32 = torch.float32
     return (q.new_empty((), dtype=f32), q.new_empty(B, Tq, d, dtype=f32), q.new_empty(B, Tq, d, dtype=f32),
@@ -992,15 +1076,17 @@ def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_d
 def _loss_bwd_op(gout: torch.Tensor, q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor],
                  c_mask: Optional[torch.Tensor], in_proj_weight: torch.Tensor, ctx: torch.Tensor, a: torch.Tensor,
                  rows: torch.Tensor, vecs: torch.Tensor, dcst: torch.Tensor, tau: float, renorm: bool,
-                 compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 compute_dtype: torch.dtype, batch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
     """(dq, dc, d in_proj_weight, d in_proj_bias), fp32."""
     with torch.autocast(q.device.type, enabled=False):
         fn = _loss_bwd_triton if use_triton(q, c) else _loss_bwd_torch
-        return fn(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau, renorm, compute_dtype)
+        return fn(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau, renorm, compute_dtype,
+                  batch)
 
 
 @_loss_bwd_op.register_fake
-def _(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau, renorm, compute_dtype):
+def _(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau, renorm, compute_dtype, batch):
     f32 = torch.float32
     d = q.shape[-1]
     return (q.new_empty(q.shape, dtype=f32), c.new_empty(c.shape, dtype=f32), q.new_empty(3 * d, d, dtype=f32),
@@ -1008,9 +1094,9 @@ def _(gout, q, c, q_mask, c_mask, in_proj_weight, ctx, a, rows, vecs, dcst, tau,
 
 
 def _loss_setup(ctx, inputs, output):
-    q, c, q_mask, c_mask, in_w, in_b, tau, renorm, compute_dtype, _uniform_flag = inputs
+    q, c, q_mask, c_mask, in_w, in_b, tau, renorm, compute_dtype, _uniform_flag, batch = inputs
     _, cx, a, rows, vecs, dcst = output
-    ctx.args = (tau, renorm, compute_dtype, q_mask is not None, c_mask is not None)
+    ctx.args = (tau, renorm, compute_dtype, q_mask is not None, c_mask is not None, batch)
     ctx.dtypes = (q.dtype, c.dtype, in_w.dtype, in_b.dtype)
     none = q.new_empty(0, dtype=torch.bool)
     ctx.save_for_backward(q, c, q_mask if q_mask is not None else none, c_mask if c_mask is not None else none,
@@ -1019,11 +1105,11 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, gout, *_unused):
     q, c, q_mask, c_mask, in_w, cx, a, rows, vecs, dcst = ctx.saved_tensors
-    tau, renorm, ct, has_qm, has_cm = ctx.args
+    tau, renorm, ct, has_qm, has_cm, batch = ctx.args
     dq, dc, dw, db = _loss_bwd_op(gout, q, c, q_mask if has_qm else None, c_mask if has_cm else None, in_w, cx, a,
-                                  rows, vecs, dcst, tau, renorm, ct)
+                                  rows, vecs, dcst, tau, renorm, ct, batch)
     grads = [t.to(dt) for t, dt in zip((dq, dc, dw, db), ctx.dtypes)]
-    return (grads[0], grads[1], None, None, grads[2], grads[3], None, None, None, None)
+    return (grads[0], grads[1], None, None, grads[2], grads[3], None, None, None, None, None)
 
 
 _loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -1046,26 +1132,30 @@ def _check_inputs(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias):
 
 def _token_align_loss_fused(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau: float = 0.1,
                             renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None,
-                            weighting: str = "learned") -> torch.Tensor:
-    """Same value and gradients as :func:`token_align_loss_ref`, with no (B, Tq, Tc) or (B, Tq, Tq) tensor."""
+                            weighting: str = "learned", scope: str = "sample") -> torch.Tensor:
+    """Same value and gradients as :func:`token_align_loss_ref`, with no (B, Tq, Tc) or (B, Tq, Tq) tensor
+    (and, for the batch scope, no (B Tq, B Tc) one)."""
     return _loss_fwd_op(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, float(tau), bool(renorm_context),
-                        _compute_dtype(compute_dtype), _uniform(weighting))[0]
+                        _compute_dtype(compute_dtype), _uniform(weighting), _batch_scope(scope))[0]
 
 
 def token_align_loss(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau: float = 0.1,
                      renorm_context: bool = True, compute_dtype: Optional[torch.dtype] = None,
-                     weighting: str = "learned") -> torch.Tensor:
+                     weighting: str = "learned", scope: str = "sample") -> torch.Tensor:
     """Dispatching entry point (fused Triton kernels where available, reference otherwise).
 
     ``compute_dtype``: None (exact fp32) or the autocast dtype (bf16/fp16 product operands), see the module
-    docstring; the same maths on either path. ``weighting``: "learned" or "uniform" (module docstring)."""
+    docstring; the same maths on either path. ``weighting``: "learned" or "uniform"; ``scope``: "sample" or
+    "batch" (module docstring)."""
     _check_inputs(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias)
     ct = _compute_dtype(compute_dtype)
     _uniform(weighting)
+    _batch_scope(scope)
     if use_triton(q, c) and _triton_impl is not None:
-        return _triton_impl(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct, weighting)
+        return _triton_impl(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct, weighting,
+                            scope)
     return token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm_context, ct,
-                                weighting)
+                                weighting, scope)
 
 
 # The dispatch hook: token_align_loss routes here whenever use_triton() says the fused kernels can run.

@@ -100,7 +100,8 @@ def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
 
     Under autocast (``out.amp_dtype``) the token-to-patch products take bf16/fp16 operands with fp32
     accumulation, as autocast gives a plain bmm; normalisation, softmax and cross-entropy stay fp32.
-    ``cfg.local_weighting`` selects the token weights (kernels/local_align.py).
+    ``cfg.local_weighting`` selects the token weights, ``cfg.local_scope`` the context pool (one sample, or the
+    whole batch: this rank's batch under DDP; kernels/local_align.py).
     """
     W, P = out.word_local, out.patch_local
     wm, pm = out.word_mask, out.patch_mask
@@ -108,7 +109,7 @@ def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
     ct = getattr(out, "amp_dtype", None)
     if ct == torch.float32:
         ct = None
-    sw = dict(weighting=cfg.local_weighting)
+    sw = dict(weighting=cfg.local_weighting, scope=cfg.local_scope)
     if faithful:
         lw = token_align_loss(W, P, None, None, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True, ct, **sw)
         lp = token_align_loss(P, W, None, wm, pw.in_proj_weight, pw.in_proj_bias, cfg.tau_local, False, ct, **sw)

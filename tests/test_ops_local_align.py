@@ -232,11 +232,120 @@ def test_torch_twin_uniform_weighting_matches_reference(monkeypatch, B, Tq, Tc, 
     _assert_uniform_matches(got, ref, d)
 
 
-def test_unknown_weighting_is_an_error_naming_the_file():
+def test_unknown_weighting_or_scope_is_an_error_naming_the_file():
     q, c, _, _, w, b = make_inputs(1, 3, 4, 16, None, None)
     for fn in (la.token_align_loss, la.token_align_loss_ref):
         with pytest.raises(ValueError, match="local_align.py: weighting"):
             fn(q, c, None, None, w, b, 0.1, True, None, "mean")
+        with pytest.raises(ValueError, match="local_align.py: scope"):
+            fn(q, c, None, None, w, b, 0.1, True, None, "learned", "global")
+
+
+# Batch scope (LossCfg.local_scope): every query attends over the context tokens of every sample. Odd shapes
+# whose flattened B Tq / B Tc cross the tiles; masks on and off; both weightings; both normalisations.
+BATCH_CASES = [(3, 37, 50, 32, "words", "lateral", True, "learned"),
+               (5, 13, 29, 32, None, None, False, "learned"),
+               (2, 50, 11, 32, "lateral", "words", True, "uniform"),
+               (1, 20, 33, 32, None, "lateral", True, "learned")]
+
+
+def _assert_all_close(got, ref, rtol=1e-5):
+    for name, g, r in zip(["loss", "dq", "dc", "d_in_proj_weight", "d_in_proj_bias"], got, ref):
+        assert torch.isfinite(g).all(), name
+        assert_close_rel(g, r, rtol, name)
+
+
+@needs_triton
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm,weighting", BATCH_CASES)
+def test_interp_batch_scope_matches_reference_fp32(interpret, B, Tq, Tc, d, qm, cm, renorm, weighting):
+    q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, qm, cm)
+    gout = torch.tensor(0.8)
+    kw = dict(weighting=weighting, scope="batch")
+    ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, **kw)
+    got = loss_and_grads(la.token_align_loss, q, c, q_mask, c_mask, w, b, renorm, gout, **kw)
+    assert interpret == {"fwd": 1, "bwd": 1}, "the fused kernels did not run"
+    _assert_all_close(got, ref)
+    per_sample = la.token_align_loss_ref(q, c, q_mask, c_mask, w, b, 0.1, renorm, None, weighting)
+    if B == 1:  # one sample: the scopes coincide
+        assert_close_rel(got[0], per_sample.detach(), 1e-5, "B=1 loss")
+    else:
+        assert abs(got[0].item() - per_sample.item()) > 1e-3 * abs(per_sample.item())
+
+
+@needs_triton
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm,ct", [(3, 37, 50, 32, "words", "lateral", True, torch.bfloat16),
+                                                       (4, 29, 13, 48, "lateral", None, False, torch.bfloat16)])
+def test_interp_batch_scope_low_precision_rule(interpret, B, Tq, Tc, d, qm, cm, renorm, ct):
+    _low_precision_rule(la.token_align_loss, B, Tq, Tc, d, qm, cm, renorm, ct, scope="batch")
+    assert interpret == {"fwd": 4, "bwd": 1}
+
+
+class _Allocations(TorchDispatchMode):
+    """The largest tensor any aten op outside a Triton launch returns (the interpreter's own copies of a
+    launch's arguments excluded): every buffer the fused path allocates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+        return out
+
+
+@needs_triton
+def test_interp_batch_scope_memory_is_linear_in_the_batch(interpret, monkeypatch):
+    """No tensor of the batch scope's fused fwd + bwd, saved or temporary, comes near the (B Tq, B Tc)
+    cross-sample score tensor: saved or temporary, each is at most B max(Tq, Tc) d (the inputs' size).
+    The key-split partials are n_split B Tq d with n_split n_m <= _FILL_PROGRAMS, a fixed fill target that
+    does not grow with B; at these tiny shapes it would make them the largest buffer, so the test asks for
+    one split. The reference does build the score tensor."""
+    monkeypatch.setattr(la, "_FILL_PROGRAMS", 1)
+    B, Tq, Tc, d = 5, 37, 41, 16
+    q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, "words", "lateral")
+    scores = B * Tq * B * Tc
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    alloc = _Allocations()
+
+    def paused_launch(*a, _orig=la.launch, **k):
+        alloc.paused = True
+        try:
+            return _orig(*a, **k)
+        finally:
+            alloc.paused = False
+
+    monkeypatch.setattr(la, "launch", paused_launch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with alloc:
+            loss = la.token_align_loss(q, c, q_mask, c_mask, w, b, 0.1, True, scope="batch")
+            loss.backward()
+    assert interpret == {"fwd": 1, "bwd": 1}
+    assert saved and max(saved) <= B * max(Tq, Tc) * d, saved
+    assert 0 < alloc.largest <= B * max(Tq, Tc) * d < scores // B, (alloc.largest, scores)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        la.token_align_loss_ref(q, c, q_mask, c_mask, w, b, 0.1, True, scope="batch")
+    assert max(saved) >= scores  # the check would catch the materialised scores
+
+
+@pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm,weighting", BATCH_CASES)
+def test_torch_twin_batch_scope_matches_reference(monkeypatch, B, Tq, Tc, d, qm, cm, renorm, weighting):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, qm, cm)
+    gout = torch.tensor(0.8)
+    kw = dict(weighting=weighting, scope="batch")
+    ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, **kw)
+    got = loss_and_grads(la._token_align_loss_fused, q, c, q_mask, c_mask, w, b, renorm, gout, **kw)
+    _assert_all_close(got, ref)
 
 
 @pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm", CASES)
