@@ -182,3 +182,189 @@ def test_temporal_shuffle_traces_without_a_graph_break():
     got = fn(img, txt)
     torch.manual_seed(3)
     torch.testing.assert_close(got, temporal_loss(img, txt, 2, cfg))
+
+
+# ----------------------------------------------------------------------------------------- batch scope
+def direct_local(q, c, q_mask, c_mask, mha_w, mha_b, tau, renorm, pool):
+    """The local loss token by token. pool "own": word i of sample b draws its context from the valid tokens
+    of c[b] (the paper's loss); "all": from the valid tokens of every c[b'] (the batch scope)."""
+    B, Tq, d = q.shape
+    keys = {b: c[b] if c_mask is None else c[b][c_mask[b]] for b in range(B)}
+    everything = torch.cat([keys[b] for b in range(B)])
+    total = 0.0
+    for b in range(B):
+        Q = q[b] if q_mask is None else q[b][q_mask[b]]
+        C = keys[b] if pool == "own" else everything
+        ctx = torch.stack([torch.softmax(C @ Q[i] / tau, 0) @ C for i in range(Q.shape[0])])
+        if renorm:
+            ctx = F.normalize(ctx, dim=-1)
+        a = F.normalize(Q * ctx, dim=-1)
+        qq = mha_w[:d] @ a.mean(0) + mha_b[:d]
+        kk = a @ mha_w[d:2 * d].t() + mha_b[d:2 * d]
+        w = torch.softmax(kk @ qq / d ** 0.5, 0)
+        S = Q @ ctx.t() / tau
+        tgt = torch.arange(S.shape[0])
+        ce = (F.cross_entropy(S, tgt, reduction="none") + F.cross_entropy(S.t(), tgt, reduction="none")) / 2
+        total = total + (w * ce).sum()
+    return total / B
+
+
+@pytest.mark.parametrize("B,Tq,Tc,d", [(3, 5, 7, 4), (2, 6, 3, 8), (1, 4, 5, 4)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_batch_scope_reference_matches_direct_computation(B, Tq, Tc, d, masked, renorm):
+    q = F.normalize(torch.randn(B, Tq, d, dtype=torch.float64), dim=-1).requires_grad_()
+    c = F.normalize(torch.randn(B, Tc, d, dtype=torch.float64), dim=-1).requires_grad_()
+    w = (torch.randn(3 * d, d, dtype=torch.float64) / d ** 0.5).requires_grad_()
+    bias = (0.1 * torch.randn(3 * d, dtype=torch.float64)).requires_grad_()
+    qm = cm = None
+    if masked:
+        qm, cm = torch.rand(B, Tq) > 0.3, torch.rand(B, Tc) > 0.3
+        qm[:, 0] = cm[:, 0] = True
+    inputs = (q, c, w, bias)
+    for scope, pool in (("batch", "all"), ("sample", "own")):  # one definition, two pools
+        got = token_align_loss_ref(q, c, qm, cm, w, bias, 0.1, renorm, scope=scope)
+        want = direct_local(q, c, qm, cm, w, bias, 0.1, renorm, pool)
+        assert got.item() == pytest.approx(want.item(), rel=2e-6, abs=1e-6), scope  # the reference is fp32
+        for x, y in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+            torch.testing.assert_close(x.double(), y, atol=2e-6, rtol=1e-5)
+    per_sample = token_align_loss_ref(q, c, qm, cm, w, bias, 0.1, renorm)
+    batch = token_align_loss_ref(q, c, qm, cm, w, bias, 0.1, renorm, scope="batch")
+    if B == 1:
+        torch.testing.assert_close(batch, per_sample)
+    else:
+        assert abs(batch.item() - per_sample.item()) > 1e-4
+
+
+def test_batch_scope_changes_only_the_local_loss(tiny):
+    model, batch = tiny
+    base, wide = _losses(model, batch), _losses(model, batch, local_scope="batch")
+    assert wide.ita == base.ita and wide.temporal == base.temporal
+    assert abs(wide.local.item() - base.local.item()) > 1e-4
+    model.zero_grad()
+    wide.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad()
+
+
+# ----------------------------------------------------------------------------------- views analysis
+from medst_fast import analysis  # noqa: E402
+
+
+def hsic_cka(x, y):
+    """Linear CKA in its kernel form: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = x x^T, L = y y^T,
+    HSIC(K, L) = tr(K H L H) with the centring matrix H = I - 11^T / n."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    K, L = x @ x.t(), y @ y.t()
+
+    def hsic(a, b):
+        return torch.trace(a @ H @ b @ H)
+
+    return (hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L))).item()
+
+
+@pytest.mark.parametrize("n,p,q", [(7, 5, 3), (20, 16, 16), (3, 40, 9)])
+def test_linear_cka_matches_the_kernel_formula(n, p, q):
+    x, y = torch.randn(n, p), torch.randn(n, q)
+    assert analysis.linear_cka(x, y) == pytest.approx(hsic_cka(x, y), rel=1e-9)
+    y2 = x[:, :min(p, q)] @ torch.randn(min(p, q), q) + 0.1 * y
+    assert analysis.linear_cka(x, y2) == pytest.approx(hsic_cka(x, y2), rel=1e-9)
+
+
+def test_linear_cka_invariances():
+    x = torch.randn(30, 8, dtype=torch.float64)
+    rot, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    assert analysis.linear_cka(x, 3.0 * x @ rot + 5.0) == pytest.approx(1.0, abs=1e-12)  # rotation, scale, shift
+    assert analysis.linear_cka(x, torch.randn(30, 8)) < 0.6  # unrelated features score well below 1
+    with pytest.raises(ValueError, match="at least 2"):
+        analysis.linear_cka(x[:1], x[:1])
+
+
+def test_mean_pairwise_cosine_matches_the_double_loop():
+    z = torch.randn(6, 4)
+    u = F.normalize(z.double(), dim=-1)
+    want = sum((u[i] @ u[j]).item() for i in range(6) for j in range(6) if i != j) / 30
+    assert analysis.mean_pairwise_cosine(z) == pytest.approx(want, rel=1e-12)
+    assert analysis.mean_pairwise_cosine(torch.ones(5, 3)) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def views_setup(tmp_path_factory):
+    """A small synthetic index and a saved medst_tiny model."""
+    from medst_fast.data import prepare, synth
+
+    root = tmp_path_factory.mktemp("views")
+    synth.generate(root / "tree", patients=8, seed=3, extras=False, image_size=(96, 80))
+    prepare.prepare_mimic(root / "tree", root / "tree", root / "idx", cache_size=None, workers=0, progress=False)
+    torch.manual_seed(0)
+    model = medst_fast.create_model("medst_tiny")
+    medst_fast.save_pretrained(model, root / "model")
+    return root, model
+
+
+def test_block_taps_read_the_documented_points(views_setup):
+    """The hooks' "after" features are the blocks' outputs and "before" the residual stream after attention,
+    both recomputed here block by block."""
+    _, model = views_setup
+    vit = model.eval().visual
+    xf, xl = torch.randn(3, 1, 96, 96), torch.randn(3, 1, 96, 96)
+    taps = analysis._BlockTaps(vit)
+    with torch.no_grad():
+        vit.forward_features(xf, xl)
+    taps.remove()
+    feats = taps.features()
+    nf = vit.num_frontal_tokens
+    with torch.no_grad():
+        x = vit.embed(xf, xl)
+        for k, blk in enumerate(vit.blocks):
+            mid = x + blk.attn(blk.norm1(x))
+            x = blk(x, nf)
+            for point, h in (("before", mid), ("after", x)):
+                f, l = h[:, 1:nf], h[:, nf:]
+                torch.testing.assert_close(feats[(k, point, "frontal")][:, 0], f.mean(1))
+                torch.testing.assert_close(feats[(k, point, "lateral")][:, 0], l.mean(1))
+                torch.testing.assert_close(feats[(k, point, "lateral")][:, 1], F.normalize(l, dim=-1).mean(1))
+    assert not vit.blocks[0]._forward_hooks and not vit.blocks[0].norm2._forward_pre_hooks  # removed
+
+
+@pytest.mark.parametrize("with_matplotlib", [True, False])
+def test_views_cli_writes_the_table_and_the_plot(views_setup, monkeypatch, capsys, with_matplotlib):
+    root, _ = views_setup
+    if not with_matplotlib:  # as if the [plot] extra were not installed
+        import builtins
+
+        real_import = builtins.__import__
+
+        def no_matplotlib(name, *a, **k):
+            if name.startswith("matplotlib"):
+                raise ImportError("No module named 'matplotlib'")
+            return real_import(name, *a, **k)
+
+        monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = root / f"report-{with_matplotlib}" / "views"
+    rc = analysis.main(["views", "--checkpoint", str(root / "model"), "--data", str(root / "idx"), "--split", "train",
+                        "--max-studies", "12", "--out", str(out), "--device", "cpu", "--batch-size", "5"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    table = (root / f"report-{with_matplotlib}" / "views.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2  # medst_tiny has 2 blocks
+    for line in rows:
+        vals = [float(v) for v in line.strip("|").split("|")[1:]]
+        assert all(-1.0 <= v <= 1.0 + 1e-9 for v in vals), line
+    assert "Frontal-only embedding spread" in table and "studies with both views" in table
+    png = root / f"report-{with_matplotlib}" / "views.png"
+    if with_matplotlib:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()
+        assert "matplotlib is not installed" in printed
+
+
+def test_views_cli_errors_name_the_problem(views_setup, capsys):
+    root, _ = views_setup
+    rc = analysis.main(["views", "--checkpoint", str(root / "model"), "--data", str(root / "idx"), "--split", "nope",
+                        "--out", str(root / "x")])
+    assert rc == 1 and "no study has field 'split' == 'nope'" in capsys.readouterr().err
