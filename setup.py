@@ -13,6 +13,7 @@ import glob
 import os
 import shutil
 import sys
+import warnings
 
 from setuptools import find_packages, setup
 
@@ -32,25 +33,36 @@ def _flag(name):
     return os.environ.get(name, "0") not in ("", "0")
 
 
-def _skip(reason):
-    print(f"medst_fast: not building the C++/CUDA extension medst_fast._C ({reason}); "
-          "the PyTorch fallbacks will be used", file=sys.stderr)
+BUILD_HINT = ("to build it: pip install --no-build-isolation . (torch installed first), or "
+              "python setup.py build_ext --inplace in a source checkout")
+
+
+def _say(msg):
+    # pip hides a build's stdout/stderr unless -v, but shows the warnings the build backend raises: a skipped
+    # extension is then a line the user sees, with how to build it.
+    print(msg, file=sys.stderr)
+    warnings.warn(msg, stacklevel=2)
+
+
+def _skip(reason, hint=True):
+    _say(f"medst_fast: the C++/CUDA extension medst_fast._C is not built ({reason}); the PyTorch fallbacks "
+         f"will be used" + (f"; {BUILD_HINT}" if hint else ""))
     return [], {}
 
 
 def extension_build():
     """(ext_modules, cmdclass) for medst_fast._C, or ([], {}) with a message when it cannot be built."""
     if _flag("MEDST_FAST_NO_EXT"):
-        return _skip("MEDST_FAST_NO_EXT is set")
+        return _skip("MEDST_FAST_NO_EXT is set", hint=False)
     try:
         import torch
         from torch.utils import cpp_extension
     except Exception as e:  # the usual case under pip's build isolation
-        return _skip(f"torch is not importable at build time: {type(e).__name__}: {e}; "
-                     "use `pip install --no-build-isolation -e .` to build it")
+        return _skip(f"torch is not importable at build time, as in pip's isolated build environment: "
+                     f"{type(e).__name__}: {e}")
     csrc = "csrc"
     if not os.path.isfile(os.path.join(here, csrc, "ops.cpp")):
-        return _skip("csrc/ops.cpp not found")
+        return _skip("csrc/ops.cpp not found (a source distribution made without MANIFEST.in?)")
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else shutil.which("nvcc")
     with_cuda = bool(torch.version.cuda) and bool(nvcc) and os.path.exists(nvcc) and not _flag("MEDST_FAST_NO_CUDA_EXT")
     # at::parallel_for expands to an OpenMP region in the header, so the CPU kernel needs -fopenmp itself.
@@ -87,8 +99,8 @@ def extension_build():
             try:
                 super().run()
             except Exception as e:  # compiler missing, CUDA/torch mismatch, ...
-                print(f"medst_fast: building medst_fast._C failed ({type(e).__name__}: {e}); "
-                      "continuing without it, the PyTorch fallbacks will be used", file=sys.stderr)
+                _say(f"medst_fast: building medst_fast._C failed ({type(e).__name__}: {e}); continuing "
+                     f"without it, the PyTorch fallbacks will be used")
                 self.extensions = []
 
         def get_outputs(self):

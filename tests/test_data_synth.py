@@ -188,3 +188,47 @@ def test_cli_writes_ground_truth(tmp_path, capsys):
     from PIL import Image
     s = next(iter(gt["studies"].values()))
     assert Image.open(tmp_path / s["views"][0]["path"]).size == (48, 64)
+
+
+def test_eval_sets_added_to_a_tree_without_them_equal_generate_extras(tmp_path):
+    with_extras, without = str(tmp_path / "a"), str(tmp_path / "b")
+    synth.generate(with_extras, patients=12, seed=3, rsna=6, covidx=6)
+    synth.generate(without, patients=12, seed=3, rsna=6, covidx=6, extras=False)
+    assert not os.path.exists(os.path.join(without, "msxrt"))
+    counts = synth.ensure_eval_sets(without, rsna=6, covidx=6)
+    assert counts["msxrt"]["image_pairs"] > 0 and counts["covidx"] == {"train": 6, "test": 3}
+    da, db = _digest(with_extras), _digest(without)
+    sets = lambda d: {k: v for k, v in d.items() if k.split(os.sep)[0] in ("msxrt", "rsna", "covidx")}  # noqa: E731
+    assert sets(da) == sets(db) and len(sets(da)) > 10  # the same bytes as generate(extras=True)
+    # a second call finds them complete and rewrites nothing
+    mtime = os.path.getmtime(os.path.join(without, "covidx", "train.txt"))
+    assert synth.ensure_eval_sets(without) == counts
+    assert os.path.getmtime(os.path.join(without, "covidx", "train.txt")) == mtime
+    with pytest.raises(FileNotFoundError, match="ground_truth.json"):
+        synth.ensure_eval_sets(str(tmp_path))
+
+
+@pytest.mark.parametrize("finding", ["pleural_effusion", "consolidation", "pneumothorax", "pneumonia"])
+def test_finding_region_is_where_render_draws(finding):
+    """The region a grounding map is scored against covers the pixels the finding changes."""
+    for i in range(4):
+        rng = synth._rng(0, 9, i)
+        anat = synth._Anatomy(rng)
+        state = rng.bit_generator.state
+        jitter = synth.peek_jitter(rng)
+        assert rng.bit_generator.state == state  # peeking consumes nothing
+        sev = {f: 0 for f in synth.FINDINGS}
+        sev[finding] = 3
+        a = synth.render("PA", sev, anat, rng, (110, 110)).astype(int)
+        rng.bit_generator.state = state
+        b = synth.render("PA", {f: 0 for f in synth.FINDINGS}, anat, rng, (110, 110)).astype(int)
+        region = synth.finding_region(finding, 3, anat, (110, 110), jitter)
+        changed = np.abs(a - b) > 8
+        assert changed.sum() > 50
+        grown = region.copy()  # the blur (radius 1.2) spreads each edge by a pixel or two
+        for dy in (-2, -1, 1, 2):
+            grown |= np.roll(region, dy, 0) | np.roll(region, dy, 1)
+        assert (changed & grown).sum() >= 0.95 * changed.sum()
+        assert (changed & region).sum() >= 0.6 * region.sum()
+        assert region.mean() < 0.08  # a small part of the image: a peak there is no accident
+    assert not synth.finding_region(finding, 0, anat, (110, 110)).any()

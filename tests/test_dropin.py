@@ -244,3 +244,54 @@ def test_lock_text_tower_layers_and_layer_norm():
     m2.text_global_head(m2.text(torch.randint(5, 100, (3, 8)))[0]).sum().backward()
     opt.step()
     assert all(torch.equal(v0[k], v) for k, v in m2.visual.state_dict().items())
+
+
+# -- packaging ------------------------------------------------------------------------------------------------
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _copy_sources(dst):
+    import shutil
+
+    for name in ("setup.py", "MANIFEST.in", "pyproject.toml", "README.md", "CMakeLists.txt"):
+        shutil.copy(os.path.join(_REPO, name), dst)
+    for d in ("csrc", "kernels", "medst_fast"):
+        shutil.copytree(os.path.join(_REPO, d), os.path.join(dst, d),
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+
+
+def test_sdist_carries_the_extension_sources(tmp_path):
+    import subprocess
+    import sys
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_sources(src)
+    env = dict(os.environ, MEDST_FAST_NO_EXT="1")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (tar,) = list((tmp_path / "dist").glob("*.tar.gz"))
+    names = {n.split("/", 1)[1] for n in tarfile.open(tar).getnames() if "/" in n}
+    want = {"CMakeLists.txt", "MANIFEST.in", "setup.py", "medst_fast/model_configs/medst_tiny.json",
+            "kernels/move_ffn.py"}
+    want |= {f"csrc/{f}" for f in os.listdir(os.path.join(_REPO, "csrc"))}
+    assert want <= names, sorted(want - names)
+
+
+def test_isolated_build_says_the_extension_was_skipped(tmp_path):
+    """Under pip's build isolation torch is not importable: the build warns (pip shows backend warnings)."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('no torch in this build environment')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake))
+    env.pop("MEDST_FAST_NO_EXT", None)
+    r = subprocess.run([sys.executable, "-W", "always", os.path.join(_REPO, "setup.py"), "--version"], cwd=_REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "UserWarning: medst_fast: the C++/CUDA extension medst_fast._C is not built" in r.stderr
+    assert "pip install --no-build-isolation" in r.stderr

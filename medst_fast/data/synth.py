@@ -212,6 +212,53 @@ def render(view: str, sev: Dict[str, int], anat: _Anatomy, rng: np.random.Genera
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def peek_jitter(rng: np.random.Generator) -> Tuple[float, float]:
+    """The positioning jitter the next ``render(..., rng, ...)`` call will draw, without consuming ``rng``."""
+    twin = np.random.Generator(type(rng.bit_generator)())
+    twin.bit_generator.state = rng.bit_generator.state
+    jy, jx = twin.normal(0, 0.01, size=2)
+    return float(jy), float(jx)
+
+
+_VISIBLE = 8.0  # grey levels: about the film-grain noise (std 5) plus JPEG error
+
+
+def finding_region(finding: str, sev: int, anat: _Anatomy, size: Tuple[int, int],
+                   jitter: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Where ``render`` draws ``finding`` at severity ``sev`` on a frontal view: bool (H, W).
+
+    The same geometry as the frontal branch of ``render`` (pass ``peek_jitter(rng)`` taken just before the
+    render call), so a grounding map can be scored against the planted region. A blob counts out to where it
+    adds a tenth of its peak intensity; edema (diffuse over both lungs) returns the lungs.
+    """
+    if finding not in FINDINGS:
+        raise ValueError(f"unknown finding {finding!r}; one of {FINDINGS}")
+    H, W = size
+    yy, xx = _grid(H, W)
+    yy, xx = yy + jitter[0], xx + jitter[1]
+    cx = (0.5 - anat.lung_dx, 0.5 + anat.lung_dx)
+    lungs = [_ellipse(yy, xx, anat.lung_cy, c, anat.lung_ry, anat.lung_rx) for c in cx]
+    side_lung = lungs[anat.side]
+    lcx, lcy = cx[anat.side], anat.lung_cy
+    bottom = anat.lung_cy + anat.lung_ry
+    if sev <= 0:
+        return np.zeros((H, W), bool)
+    if finding == "pleural_effusion":
+        level = bottom - (0.02 + 0.07 * (sev - 1)) - 0.02 * np.abs(xx - lcx) / anat.lung_rx
+        return side_lung & (yy > level)
+    if finding == "consolidation":
+        fx, fy = lcx + anat.focus[0] * anat.lung_rx, lcy + anat.focus[1] * anat.lung_ry
+        return side_lung & (28.0 * sev * _blob(yy, xx, fy, fx, 0.025 + 0.015 * sev) >= _VISIBLE)
+    if finding == "pneumothorax":
+        edge = lcx + (-1 if anat.side == 0 else 1) * anat.lung_rx * (1.0 - 0.22 * sev)
+        apical = side_lung & (yy < lcy)
+        # the lucency beyond the collapsed lung's edge, and the pleural line drawn at the edge
+        return apical & (((xx < edge) if anat.side == 0 else (xx > edge)) | (np.abs(xx - edge) < 0.006))
+    if finding == "pneumonia":
+        return 7.0 * sev * _blob(yy, xx, bottom - 0.08, 0.5 + (0.08 if anat.side else -0.08), 0.05) >= _VISIBLE
+    return lungs[0] | lungs[1]
+
+
 _NOISE_CACHE: Dict[Tuple[int, int], np.ndarray] = {}
 
 
@@ -431,6 +478,53 @@ def generate(out_dir, patients: int = 100, seed: int = 0, image_size: Optional[T
     with open(os.path.join(out_dir, "ground_truth.json"), "w", encoding="utf-8") as f:
         json.dump(gt, f, indent=1, sort_keys=True)
     return gt
+
+
+EVAL_SETS_MARKER = "EVAL_SETS_COMPLETE"
+
+
+def ensure_eval_sets(root: str, rsna: int = 40, covidx: int = 60) -> dict:
+    """Write the MS-CXR-T, RSNA and COVIDx-format sets into a generated tree that lacks them; returns counts.
+
+    ``root`` is a folder ``generate`` wrote (it reads ``ground_truth.json``), e.g. the trainer's synthetic
+    cache ``<cache>/synthetic-.../raw``, which is generated without them. The sets are derived from the
+    ground truth alone (the same bytes ``generate(extras=True)`` writes), so the MIMIC tree is not touched.
+    Built once under a lock; ``EVAL_SETS_COMPLETE`` (written last, holding the counts) marks a finished build.
+    """
+    from ..hub import lock_process
+
+    root = os.fspath(root)
+    marker = os.path.join(root, EVAL_SETS_MARKER)
+    gt_path = os.path.join(root, "ground_truth.json")
+    if not os.path.isfile(gt_path):
+        raise FileNotFoundError(f"{gt_path}: missing; {root} is not a tree written by medst_fast.data.synth")
+    fd = os.open(os.path.join(root, ".eval_sets.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock_process(fd)
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                return json.load(f)
+        with open(gt_path, encoding="utf-8") as f:
+            try:
+                gt = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{gt_path}: not valid JSON ({e})") from None
+        for k in ("msxrt", "rsna", "covidx"):
+            if isinstance(gt.get(k), dict):  # generate(extras=True) wrote them already
+                counts = {k: gt[k] for k in ("msxrt", "rsna", "covidx") if k in gt}
+                break
+        else:
+            log.info("writing the synthetic evaluation sets (MS-CXR-T, RSNA, COVIDx formats) into %s", root)
+            seed = int(gt["seed"])
+            counts = {"msxrt": _write_msxrt(root, gt), "rsna": _write_rsna(os.path.join(root, "rsna"), seed, rsna),
+                      "covidx": _write_covidx(os.path.join(root, "covidx"), seed, covidx)}
+        tmp = marker + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(counts, f, sort_keys=True)
+        os.replace(tmp, marker)
+        return counts
+    finally:
+        os.close(fd)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -13,6 +13,7 @@ once from the centre crop, so the head sees no crop augmentation.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Sequence
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from . import common
 from .metrics import require_finite
 from .report import TaskResult
+
+log = logging.getLogger("medst_fast")
 
 CLASSES = {"normal": 0, "pneumonia": 1, "covid-19": 2, "covid19": 2, "covid": 2}
 PCTS = (0.01, 0.1, 1.0)
@@ -134,11 +137,22 @@ def evaluate(model, data, pcts: Sequence[float] = PCTS, max_epochs: int = 200, p
     res = TaskResult("covidx_probe", meta={"data": data, "train": len(full["train"]), "valid": len(full["valid"]),
                                            "test": len(full["test"]), "feature": "final-LN CLS, centre crop",
                                            "max_epochs": max_epochs, "patience": patience})
+    skipped = {}
     for pct in pcts:
+        n_train = len(full["train"].sample(frac=pct, random_state=42)) if pct != 1 else len(full["train"])
+        if n_train == 0:  # a small set: reported as skipped, the other fractions still run
+            skipped[f"{pct * 100:g}%"] = f"{pct:g} of {len(full['train'])} training images is none"
+            continue
         tr = official_splits(data, pct)["train"]
         xtr, ytr = tensors(tr, "train")
         head = train_head(xtr, ytr, xva, yva, max_epochs=max_epochs, patience=patience, seed=seed)
         with torch.no_grad():
             acc = (head(xte).argmax(-1) == yte).float().mean().item()
         res.add(f"{pct * 100:g}%", "accuracy", acc, n=len(yte), note=f"{len(tr)} training images")
+    if skipped:
+        res.meta["skipped"] = skipped
+        for k, why in skipped.items():
+            log.warning("covidx_probe: skipped %s: %s", k, why)
+    if not res.rows:
+        raise ValueError(f"{data}: every training fraction {list(pcts)} leaves no training image; too few images")
     return res
