@@ -595,3 +595,30 @@ def test_trainer_checkpoint_brings_its_config(tmp_path):
     assert m.cfg.text.vocab_size == 500 and not m.training
     m2 = common.load_model(checkpoint=path, model_name="medst_tiny", device="cpu")
     assert m2.cfg.text.vocab_size == 500
+
+
+def test_all_evaluates_a_quick_start_run(tmp_path):
+    """README quick start: `python -m medst_fast.eval all --checkpoint RUN/final` right after pretraining."""
+    pytest.importorskip("sklearn.svm")
+    from medst_fast.eval.__main__ import main
+    from medst_fast.pretrain import main as pretrain
+
+    run = tmp_path / "run"
+    pretrain(["--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", "--workers", "0", "--out", str(run)])
+    results = main(["all", "--checkpoint", str(run / "final"), "--seeds", "42", "--folds", "2", "--pcts", "1",
+                    "--max-epochs", "2", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "out")])
+    tasks = [r.task for r in results]
+    assert tasks[:2] == ["msxrt_image", "msxrt_sentence"] and "covidx_probe" in tasks
+    import importlib.util
+
+    if importlib.util.find_spec("pydicom"):  # the synthetic RSNA set is DICOM
+        assert "rsna_zeroshot" in tasks
+    table = pd.read_csv(tmp_path / "out" / "all.csv")
+    assert set(table["task"]) == set(tasks) and table["value"].notna().all()
+    assert all(r.meta["model"] == str(run / "final") for r in results)
+    # the sets were written beside the run's training data, once
+    (raw,) = list((tmp_path / "cache").glob("synthetic-*/raw"))
+    assert (raw / "EVAL_SETS_COMPLETE").is_file() and (raw / "msxrt").is_dir()
+    with pytest.raises(ValueError, match="not inside a training run folder"):
+        medst_fast.save_pretrained(medst_fast.create_model("medst_tiny"), tmp_path / "loose")
+        main(["all", "--checkpoint", str(tmp_path / "loose"), "--out", str(tmp_path / "out")])
