@@ -1,0 +1,102 @@
+"""Grounding maps: equal to the local alignment's own similarities, geometry back to the image, the PNG, the CLI,
+and (on the synthetic set with planted findings) a pretrained tiny model points at the planted region."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import medst_fast
+from medst_fast.data import synth, transforms as T
+from medst_fast.grounding import plot_overlay, similarity_maps
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return medst_fast.create_model("medst_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def tok(vocab_path):
+    return medst_fast.get_tokenizer(vocab_path)
+
+
+def _xray(seed=0, size=(110, 110), finding="pleural_effusion", sev=3):
+    rng = synth._rng(seed, 9, 0)
+    anat = synth._Anatomy(rng)
+    s = {f: 0 for f in synth.FINDINGS}
+    s[finding] = sev
+    jitter = synth.peek_jitter(rng)
+    return synth.render("PA", s, anat, rng, size), synth.finding_region(finding, sev, anat, size, jitter)
+
+
+def test_maps_are_the_local_alignment_similarities(model, tok):
+    img, _ = _xray()
+    text = "Large right pleural effusion."
+    m = similarity_maps(model, tok, img, text)
+    assert m.words == ["large", "right", "pleural", "effusion", "."]
+    # the independent path: the model's own forward gives the normalised local embeddings of both towers
+    enc = tok([text])
+    x = T.eval_transform(img, 96)[None]
+    with torch.no_grad():
+        out = model(dict(frontal=x, n_full_series=0, **enc))
+    slots = sorted(set(enc["word_slots"][0].tolist()) - {-1, 0})[:-1]  # words, without [SEP]
+    cos = out.word_local[0, [s - 1 for s in slots]] @ out.patch_local[0].T
+    torch.testing.assert_close(m.patch_cosine.flatten(1), cos, atol=1e-5, rtol=1e-5)
+    att = torch.softmax(cos / model.cfg.loss.tau_local, -1)
+    torch.testing.assert_close(m.patch_attention.flatten(1), att, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.patch_attention.sum((1, 2)), torch.ones(5))
+    # bilinearly upsampled to the 96 x 96 input (16 px per patch): the corners are their patches' values
+    assert m.attention.shape == m.cosine.shape == (5, 96, 96) and m.image.shape == (96, 96)
+    assert torch.allclose(m.cosine[:, 0, 0], m.patch_cosine[:, 0, 0], atol=1e-6)
+    assert torch.allclose(m.attention[:, 95, 95], m.patch_attention[:, -1, -1], atol=1e-7)
+    np.testing.assert_array_equal(m.image, np.rint((x[0, 0].numpy() * 0.5 + 0.5) * 255).astype(np.uint8))
+    assert m.word_map("Effusion").shape == (96, 96)
+    with pytest.raises(KeyError, match="pneumothorax"):
+        m.word_map("pneumothorax")
+
+
+def test_phrases_and_original_geometry(model, tok):
+    img, _ = _xray(size=(110, 110))
+    m = similarity_maps(model, tok, img, ["small left effusion", "no pneumothorax"], on="original")
+    assert m.words == ["small", "left", "effusion", "no", "pneumothorax"] and m.phrase_words == [[0, 1, 2], [3, 4]]
+    torch.testing.assert_close(m.phrase_maps("cosine")[1], m.cosine[3:5].mean(0), equal_nan=True)
+    inp = similarity_maps(model, tok, img, ["small left effusion", "no pneumothorax"])
+    # 110 px is already the resize side: the original is the canvas, and the centre crop starts at 7
+    assert m.attention.shape == (5, 110, 110) and m.image.shape == (110, 110)
+    torch.testing.assert_close(m.attention[:, 7:103, 7:103], inp.attention, atol=1e-6, rtol=1e-5)
+    assert torch.isnan(m.attention[:, :7]).all() and torch.isnan(m.cosine[:, :, 103:]).all()
+    # a tall original: resized, padded and cropped; the map covers the crop's part of it, NaN elsewhere
+    tall = np.full((300, 150), 90, np.uint8)
+    t = similarity_maps(model, tok, tall, "effusion", on="original")
+    assert t.attention.shape == (1, 300, 150) and torch.isnan(t.attention[0, :10]).all()
+    assert torch.isfinite(t.attention[0, 150]).all()  # the middle row lies inside the crop
+    with pytest.raises(ValueError, match="on must be"):
+        similarity_maps(model, tok, img, "x", on="canvas")
+    with pytest.raises(ValueError, match="non-empty"):
+        similarity_maps(model, tok, img, ["ok", " "])
+
+
+def test_plot_overlay_and_cli(tmp_path, model, tok, vocab_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    img, _ = _xray()
+    m = similarity_maps(model, tok, img, ["large right pleural effusion", "no pneumothorax"])
+    out = plot_overlay(m, tmp_path / "map.png", words=["effusion", "pneumothorax"], kind="cosine")
+    with Image.open(out) as im:
+        im.load()
+        assert im.format == "PNG" and im.size[0] > 300
+    medst_fast.save_pretrained(model, tmp_path / "m", vocab=vocab_path)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    from medst_fast.ground import main
+
+    png = main(["--checkpoint", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--text",
+                "large right pleural effusion", "--out", str(tmp_path / "cli.png"), "--on", "original"])
+    with Image.open(png) as im:
+        im.load()
+    medst_fast.save_pretrained(model, tmp_path / "enc", components=["visual", "visual_global_head"])
+    with pytest.raises((RuntimeError, ValueError), match="enc"):
+        main(["--checkpoint", str(tmp_path / "enc"), "--vocab", vocab_path, "--image", str(tmp_path / "x.png"),
+              "--text", "effusion", "--out", str(tmp_path / "no.png")])
