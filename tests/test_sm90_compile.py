@@ -39,6 +39,25 @@ GEMM_KERNELS = {"_grouped_mm_kernel", "_grouped_wgrad_kernel", "_attn_fwd_kernel
                 "_s_fwd_kernel", "_s_bwd_kernel"}
 
 
+def switch_launches(batch: int, tq: int, tc: int, masks: bool, renorm: bool, ct, d: int = 128):
+    """The local loss's research switches (LossCfg.local_weighting "uniform", local_scope "batch", and both):
+    forward + backward launches, recorded as kernels/_sm90.local_align_launches records the default ones."""
+    from medst_fast.kernels import _sm90
+    from medst_fast.kernels import local_align as la
+
+    m = _sm90._meta
+    q, c = m(batch, tq, d), m(batch, tc, d)
+    qm = m(batch, tq, dtype=torch.bool) if masks else None
+    cm = m(batch, tc, dtype=torch.bool) if masks else None
+    w, b = m(3 * d, d), m(3 * d)
+    with _sm90.record_launches(la) as rec:
+        for uniform, scope_batch in ((True, False), (False, True), (True, True)):
+            _, ctx, a, rows, vecs, dcst = la._loss_fwd_triton(q, c, qm, cm, w, b, 0.1, renorm, ct, uniform=uniform,
+                                                              batch=scope_batch)
+            la._loss_bwd_triton(m(()), q, c, qm, cm, w, ctx, a, rows, vecs, dcst, 0.1, renorm, ct, batch=scope_batch)
+    return rec
+
+
 def all_launches():
     from medst_fast.kernels import _sm90
 
@@ -47,6 +66,7 @@ def all_launches():
         launches += [(ct, l) for l in _sm90.move_ffn_launches(studies, x_dt, ct)]
     for batch, (tq, tc, renorm), masks, ct in itertools.product(ALIGN_BATCH, ALIGN_SIDES, (False, True), ALIGN_DTYPES):
         launches += [(ct, l) for l in _sm90.local_align_launches(batch, tq, tc, masks, renorm, ct)]
+        launches += [(ct, l) for l in switch_launches(batch, tq, tc, masks, renorm, ct)]
     return launches
 
 
@@ -98,7 +118,8 @@ def write_table(rows, n_launches):
         f"bundled with Triton, `-v --gpu-name sm_90a`. {n_launches} launches recorded from the launchers at ViT-B "
         f"shapes (MoVE FFN: {', '.join(map(str, FFN_STUDIES))} studies, half with a lateral, width 768, hidden "
         f"3072, x/compute dtypes fp32/bf16, bf16/bf16, fp32/fp32; local alignment: B {', '.join(map(str, ALIGN_BATCH))},"
-        f" 111 words x 392 patches both ways, d 128, masks on/off, fp32 and bf16, plus softmax_rows) compile to "
+        f" 111 words x 392 patches both ways, d 128, masks on/off, fp32 and bf16, each with the default loss, "
+        f"uniform weighting, batch scope and both switches, plus softmax_rows) compile to "
         f"{len(rows)} distinct binaries, listed here. Shared memory is the dynamic allocation of one block "
         f"(limit {_sm90.SMEM_LIMIT} bytes). These are compile facts, not timings: no GPU has run them.",
         "",
@@ -142,6 +163,23 @@ def test_tensor_core_kernels_use_wgmma(compiled):
     bad = [(r["kernel"], r["config"], r["wgmma"], r["mma_sync"]) for r in gemms if not r["wgmma"] or r["mma_sync"]]
     assert not bad, bad
     assert all(r["mma_sync"] == 0 for r in compiled)  # nothing falls back to the pre-Hopper instruction
+
+
+def test_research_switch_variants_are_compiled(compiled):
+    """The uniform weighting's per-sample kernel, in every mask / size variant, is among the binaries."""
+    uniform = [r for r in compiled if r["kernel"] == "_sample_kernel" and "UNIFORM" in r["config"].split()]
+    learned = [r for r in compiled if r["kernel"] == "_sample_kernel" and "UNIFORM" not in r["config"].split()]
+    assert uniform and len(uniform) == len(learned)
+
+
+def test_batch_scope_launches_one_sample_of_the_whole_batch():
+    """The batch scope's attention runs over the flattened batch (grid over one sample of B Tq rows)."""
+    launches = switch_launches(40, 111, 392, True, True, torch.bfloat16)
+    fwd = [l for l in launches if l.kernel == "_attn_fwd_kernel"]
+    bwd = [l for l in launches if l.kernel == "_attn_bwd_kernel"]
+    assert len(fwd) == 3 and len(bwd) == 3
+    wide = [l for l in fwd if l.grid[1] == 1]
+    assert len(wide) == 2 and all(l.args[5] == 40 * 111 and l.args[6] == 40 * 392 for l in wide)  # Tx, Ty
 
 
 def test_launch_recording_matches_the_launchers():
