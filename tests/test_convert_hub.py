@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,12 +198,19 @@ def test_config_json_round_trip_and_overrides(tmp_path):
 
 
 def test_readme_drop_in_snippet(tmp_path, vocab_path):
-    m = medst_fast.create_model("medst_tiny").eval()
-    medst_fast.save_pretrained(m, tmp_path / "m")
-    m = medst_fast.create_model("medst_tiny", pretrained=str(tmp_path / "m")).eval()
-    tok = medst_fast.get_tokenizer(vocab_path)
-    img = torch.randn(2, 1, 96, 96)
-    z_img, z_txt = m.encode_image(img), m.encode_text(**tok(["small left effusion", "no pneumothorax"]))
-    assert z_img.shape == z_txt.shape == (2, 32)
-    torch.testing.assert_close(z_img.norm(dim=-1), torch.ones(2))
-    assert m.image_features(img).shape == (2, 64)
+    """The README's drop-in block, with medst_tiny and files made here."""
+    from PIL import Image
+
+    medst_fast.save_pretrained(medst_fast.create_model("medst_tiny"), tmp_path / "m", vocab=vocab_path)
+    model, train_tf, eval_tf = medst_fast.create_model_and_transforms(None, pretrained=str(tmp_path / "m"))
+    tok = medst_fast.get_tokenizer(tmp_path / "m")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (130, 110), dtype=np.uint8)).save(tmp_path / "scan.png")
+    img = eval_tf(str(tmp_path / "scan.png"))[None]
+    assert img.shape == (1, 1, 96, 96)
+    with torch.no_grad():
+        z_img, z_txt = model.encode_image(img), model.encode_text(**tok(["small left effusion", "no pneumothorax"]))
+        assert z_img.shape == (1, 32) and z_txt.shape == (2, 32)
+        torch.testing.assert_close(z_img.norm(dim=-1), torch.ones(1))
+        assert model.image_features(img).shape == (1, 64)
+    medst_fast.save_pretrained(model, tmp_path / "out", tokenizer=tok)
+    assert (tmp_path / "out" / "vocab.txt").is_file()
