@@ -611,3 +611,57 @@ def test_cuda_fused_bf16_rule(B, Tq, Tc, qm, cm, renorm):
             assert ek <= 2 * et + 1e-6, f"{name}: fused err {ek:.3e} vs rounded reference err {et:.3e}"
     finally:
         _utils.set_backend(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("weighting,scope", [("uniform", "sample"), ("learned", "batch"), ("uniform", "batch")])
+@pytest.mark.parametrize("B,Tq,Tc,qm,cm,renorm", [(40, 111, 392, "words", "lateral", True),
+                                                  (40, 392, 111, "lateral", "words", False)])
+def test_cuda_research_switches(B, Tq, Tc, qm, cm, renorm, weighting, scope):
+    """The switches on the compiled kernels at the real shapes: fp32 against the reference, bf16 by the 2x
+    rule (the in_proj gradients of uniform weights exactly 0 on both)."""
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    kw = dict(weighting=weighting, scope=scope)
+    try:
+        q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, 128, qm, cm)
+        q, c, w, b = (t.detach().cuda().requires_grad_() for t in (q, c, w, b))
+        q_mask, c_mask = q_mask.cuda(), c_mask.cuda()
+        gout = torch.tensor(1.0, device="cuda")
+        ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, None, **kw)
+        got = loss_and_grads(la.token_align_loss, q, c, q_mask, c_mask, w, b, renorm, gout, None, **kw)
+        for name, g, r in zip(["loss", "dq", "dc", "dw", "db"], got, ref):
+            assert_close_rel(g, r, 1e-4, name)
+        base = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, torch.bfloat16, **kw)
+        low = loss_and_grads(la.token_align_loss, q, c, q_mask, c_mask, w, b, renorm, gout, torch.bfloat16, **kw)
+        for name, g, t, r in zip(["loss", "dq", "dc", "dw", "db"], low, base, ref):
+            ek, et = (g - r).abs().max().item(), (t - r).abs().max().item()
+            assert ek <= 2 * et + 1e-6, f"{name}: fused err {ek:.3e} vs rounded reference err {et:.3e}"
+        if weighting == "uniform":
+            assert all((g == 0).all() for g in got[3:] + low[3:])
+    finally:
+        _utils.set_backend(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batch_scope_peak_memory():
+    """The batch scope's fused fwd + bwd at B = 40 (word side) peaks far below the (B Tq, B Tc) fp32 scores."""
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    try:
+        B, Tq, Tc, d = 40, 111, 392, 128
+        q, c, q_mask, c_mask, w, b = make_inputs(B, Tq, Tc, d, "words", "lateral")
+        q, c, w, b = (t.detach().cuda().requires_grad_() for t in (q, c, w, b))
+        q_mask, c_mask = q_mask.cuda(), c_mask.cuda()
+        for _ in range(2):  # the second pass measures: kernels compiled, allocator warm
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            la.token_align_loss(q, c, q_mask, c_mask, w, b, 0.1, True, torch.bfloat16, scope="batch").backward()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        scores = B * Tq * B * Tc * 4
+        print(f"batch scope fwd+bwd peak {peak / 2**20:.1f} MiB; the score tensor alone {scores / 2**20:.1f} MiB")
+        assert peak < scores / 4  # inputs, grads and the O(B T d) buffers: tens of MiB
+    finally:
+        _utils.set_backend(old)
