@@ -45,7 +45,13 @@ def test_readme_main_command(readme_run):
     assert rows[0].startswith("step,epoch,loss,ita,local,temporal,lr,studies_per_s")
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
     assert int(last["epoch"]) == 8 and all(float(last[k]) == float(last[k]) for k in ("loss", "ita", "local", "temporal"))
-    assert "studies/s" in r.stderr and "lr" in r.stderr
+    assert "studies/s" in r.stderr and "lr" in r.stderr and "ETA" in r.stderr and "waiting for data" in r.stderr
+    # reassuring: the validation numbers (with chance levels) every epoch, the best model exported, the curves
+    val = [dict(zip(rows[0].split(","), x.split(","))) for x in rows[1:]]
+    val = [v for v in val if v["val_loss"]]
+    assert [int(v["epoch"]) for v in val] == list(range(1, 9)) and all(float(v["val_loss"]) > 0 for v in val)
+    assert "validation at step 40: loss" in r.stderr and "(chance" in r.stderr
+    assert (run / "best" / "vocab.txt").is_file() and (run / "training_curves.png").is_file()
 
     model = medst_fast.from_pretrained(str(run / "final")).eval()  # the full export, with its vocab
     tok = medst_fast.get_tokenizer(str(run / "final" / "vocab.txt"))

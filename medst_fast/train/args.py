@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Set
 DEFAULT_SYNTHETIC_PATIENTS = 40
 # Flags a resumed run does not take from its args.json: where and how to run, not what the run is.
 NOT_INHERITED = {"config", "resume", "out", "overwrite", "allow_changed_args", "device", "workers", "progress",
-                 "kernels", "init", "init_kind", "text_init"}
+                 "progress_interval", "kernels", "init", "init_kind", "text_init"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="log line and metrics row every N steps")
-    g.add_argument("--report-to", default="", help="comma list; 'tensorboard' writes <out>/tensorboard")
-    g.add_argument("--progress", default="auto", choices=["auto", "on", "off"], help="tqdm bar (auto: when stderr is a TTY)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="validation (loss and image-to-report R@1/R@5 on the 'valid' split) every N steps and at the "
+                        "end; 0: only at the end; default: once per epoch. The best model by validation loss is "
+                        "exported to <out>/best")
+    g.add_argument("--report-to", default="",
+                   help="comma list of csv, tensorboard, wandb: csv is <out>/metrics.csv (always written), "
+                        "tensorboard writes <out>/tensorboard (pip install medst_fast[tensorboard]), wandb logs to "
+                        "Weights & Biases, project $WANDB_PROJECT or medst_fast (pip install medst_fast[wandb])")
+    g.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                   help="auto: a tqdm bar when stderr is a terminal, else a progress log line at most every "
+                        "--progress-interval seconds without other log lines; on: a tqdm bar even to a file")
+    g.add_argument("--progress-interval", type=float, default=30.0,
+                   help="seconds between progress updates when stderr is not a terminal")
     g.add_argument("--no-export", action="store_true", help="skip the save_pretrained exports at the end")
     return p
 
@@ -247,6 +258,10 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
             bad(f"{flag(name)} must be >= 1, got {getattr(a, name)}")
     if a.max_steps is not None and a.max_steps < 1:
         bad(f"--max-steps must be >= 1, got {a.max_steps}")
+    if a.eval_every is not None and a.eval_every < 0:
+        bad(f"--eval-every must be >= 0 (0: only at the end), got {a.eval_every}")
+    if not (math.isfinite(a.progress_interval) and a.progress_interval >= 0):
+        bad(f"--progress-interval must be a finite number >= 0, got {a.progress_interval}")
     # written as "not (x >= 0)" so that NaN (JSON NaN, or the literal 'nan' on the command line) fails too
     for name in ("lr", "min_lr", "wd", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr"):
         v = getattr(a, name)
@@ -270,9 +285,9 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         bad("--resume auto needs --out (the run folder to resume)")
     if a.overwrite and a.resume:
         bad("--overwrite starts a fresh run; it cannot be combined with --resume")
-    bad_reports = [r for r in _report_list(a.report_to) if r not in ("tensorboard",)]
+    bad_reports = [r for r in _report_list(a.report_to) if r not in ("csv", "tensorboard", "wandb")]
     if bad_reports:
-        bad(f"--report-to: unknown backend(s) {bad_reports}; supported: tensorboard")
+        bad(f"--report-to: unknown backend(s) {bad_reports}; supported: csv, tensorboard, wandb")
 
 
 def parse_overrides(items: List[str]) -> dict:

@@ -31,7 +31,7 @@ import shutil
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -41,10 +41,17 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from ..losses import MedSTLoss
 from .args import parse_overrides, resolve
-from .data import BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, ensure_synthetic
-from .metrics import MetricsWriter, make_progress, memory_gib, setup_logging
+from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, ensure_synthetic,
+                   split_size)
+from .metrics import MetricsWriter, check_report_to, data_note, hms, make_progress, memory_gib, setup_logging, timing_note
 from .schedule import cosine_warmup_lr
+from .validate import Validator, describe
+
+from ..plot import PLOT_FILE
+
+VAL_SPLIT = "valid"
 
 log = logging.getLogger("medst_fast")
 
@@ -75,17 +82,17 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _timing(row: Dict[str, float]) -> str:
-    """'input 12 ms compute 130 ms/step (8% waiting for data)': is the loader the bottleneck?"""
-    i, c = row["input_ms"], row["compute_ms"]
-    return f"input {i:.0f} ms compute {c:.0f} ms/step ({100 * i / max(i + c, 1e-9):.0f}% waiting for data)"
+@contextlib.contextmanager
+def _without_loader_line():
+    """Drop build_series_loader's "loader: ..." record while the validation loader is built (one such line per run)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("loader: ")
 
-
-def _data_note(row: Dict[str, float]) -> str:
-    """The loader's counts over the run, only when there is something to say."""
-    parts = [f"{row[k]} {name}" for k, name in (("bad_images", "bad images"), ("dropped_studies", "dropped studies"),
-                                                 ("cpu_decoded", "CPU-decoded images")) if row[k]]
-    return f"; data: {', '.join(parts)}" if parts else ""
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 class TrainingDiverged(RuntimeError):
@@ -267,6 +274,27 @@ class StepRunner:
 
 
 @dataclass
+class _Window:
+    """What the next log line averages over: the steps since the last one."""
+
+    t: float  # start (moved on by the time validation took)
+    studies: float = 0.0
+    steps: int = 0
+    good: int = 0
+    acc: np.ndarray = field(default_factory=lambda: np.zeros(4))
+
+    def add(self, s: List[float], world: int) -> bool:
+        """Count one step's all-reduced stats; True when it was a good step (its loss enters the mean)."""
+        self.steps += 1
+        self.studies += s[6]
+        good = s[0] == 0 and not math.isnan(s[2])
+        if good:
+            self.acc += np.array(s[2:6]) / world
+            self.good += 1
+        return good
+
+
+@dataclass
 class TrainResult:
     run_dir: str
     step: int
@@ -277,6 +305,8 @@ class TrainResult:
     bad_steps: int = 0
     last_loss: float = float("nan")
     bad_batches: int = 0  # steps skipped because a batch could not be used (counted per micro-batch)
+    val: Optional[Dict[str, Any]] = None  # the last validation (val_loss, val_r1, val_r5, studies, ...)
+    best_dir: Optional[str] = None  # <run>/best: the model with the lowest validation loss so far
 
 
 class Trainer:
@@ -295,6 +325,7 @@ class Trainer:
         want_cuda = (a.device in (None, "cuda")) and torch.cuda.is_available()
         self.world, self.device = D.init_distributed("cuda" if want_cuda else "cpu")
         a = self.args = resolve(a, cuda_available=want_cuda)
+        check_report_to(a.report_to)  # every rank, before any collective: a missing extra stops all of them
         primary = self.world.is_primary
         if a.kernels:
             from ..kernels import set_backend
@@ -387,11 +418,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * a.epochs
         if a.max_steps:
             self.total_steps = min(self.total_steps, a.max_steps)
+        self.eval_every = self.steps_per_epoch if a.eval_every is None else a.eval_every  # 0: at the end only
+        self.validator = self._build_validator(data)
+        self.best_val: Optional[float] = None  # the lowest validation loss so far (the model in <run>/best)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, a, self.device)
-        from ..losses import MedSTLoss
-
         loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful, gather=D.make_gather(a.gather_with_grad))
         module: nn.Module = PretrainModule(self.model, loss_fn)
         if a.compile:
@@ -424,6 +456,62 @@ class Trainer:
                  "%d steps per epoch, %d steps in total", a.batch_series, a.batch_series * self.world.world_size,
                  self.world.world_size, a.batch_series * self.world.world_size * a.accum_steps, a.accum_steps,
                  self.steps_per_epoch, self.total_steps)
+
+    def _build_validator(self, data: Optional[str]) -> Optional[Validator]:
+        """The validation pass over the index's 'valid' split with the training back-end, or None (logged why)."""
+        a, W = self.args, self.world.world_size
+        if a.dataset_type == "random":
+            log.info("validation: off (--dataset-type random has no %r split)", VAL_SPLIT)
+            return None
+        n = split_size(data, VAL_SPLIT)
+        if n < W:
+            log.info("validation: off (%s has %d series in its %r split, fewer than the %d rank(s))", data, n,
+                     VAL_SPLIT, W)
+            return None
+        bs = min(a.batch_series, n // W)
+        with _without_loader_line():  # the training loader's line already said which back-end runs and why
+            loader, _ = build_train_loader(a.dataset_type, data, VAL_SPLIT, self.tokenizer, self.cfg.vision.img_size,
+                                           bs, self.world.rank, W, a.seed, a.workers, self.device,
+                                           backend=self.loader.backend, replicate_collate_bug=a.replicate_collate_bug,
+                                           train=False)
+        when = f"every {self.eval_every} steps and at the end" if self.eval_every else "at the end"
+        log.info("validation: %d of the %d series of the %r split (%d per batch and rank, centre crops), %s; the "
+                 "model with the lowest validation loss is exported to %s", len(loader) * bs * W, n, VAL_SPLIT, bs,
+                 when, os.path.join(self.run_dir, "best"))
+        self.val_loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful)  # per rank: no gather, no gradients
+        return Validator(loader, n, bs)
+
+    def _validate_if_due(self) -> Optional[Dict[str, Any]]:
+        """Validate after this step when it is due (every rank); export best/ when the loss improved."""
+        due = self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0)
+        if self.validator is None or not due:
+            return None
+        t = time.perf_counter()
+        v = self.validator.run(self.model, self.val_loss_fn, self.device, self.runner.dtype,
+                               lambda b: self.model.prepare_batch(batch_to(b, self.device)))
+        improved = math.isfinite(v["val_loss"]) and (self.best_val is None or v["val_loss"] < self.best_val)
+        if improved:
+            self.best_val = v["val_loss"]
+            self._export_best(v)
+        v["seconds"] = time.perf_counter() - t
+        note = f"; best so far, exported to {os.path.join(self.run_dir, 'best')}" if improved else \
+            (f"; best {self.best_val:.4f}" if self.best_val is not None else "")
+        log.info("validation at step %d: %s (%.1f s)%s", self.step, describe(v), v["seconds"], note)
+        return v
+
+    def _export_best(self, v: Dict[str, Any]) -> None:
+        self._check_finite("export the best model")  # collective
+        if self.world.is_primary:
+            from ..hub import save_pretrained
+
+            best = save_pretrained(self.model, os.path.join(self.run_dir, "best"))
+            shutil.copyfile(self.args.vocab, os.path.join(best, "vocab.txt"))
+            info = {"step": self.step, **{k: v[k] for k in ("val_loss", "val_r1", "val_r5", "studies")}}
+            tmp = os.path.join(best, ".tmp-best.json")
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=2)
+            os.replace(tmp, os.path.join(best, "best.json"))
+        D.barrier()
 
     def _data_counts(self) -> Dict[str, Counter]:
         """This rank's loader counts over the whole run: the resumed checkpoint's plus this process's."""
@@ -467,7 +555,7 @@ class Trainer:
     def _require_fresh_folder(self) -> None:
         """A fresh run may not mix with another run's checkpoints, exports and records (--overwrite deletes them)."""
         d = self.run_dir
-        prior = [n for n in ("args.json", "metrics.csv", "final", "final_encoder") if os.path.exists(os.path.join(d, n))]
+        prior = [n for n in ("args.json", "metrics.csv", "final", "final_encoder", "best") if os.path.exists(os.path.join(d, n))]
         prior += [os.path.join(ckpt.CKPT_DIR, os.path.basename(p)) for p in ckpt.list_checkpoints(d)]
         if not prior:
             return
@@ -475,7 +563,8 @@ class Trainer:
             raise ckpt.RunFolderError(
                 f"{d} already holds a run ({', '.join(prior[:6])}{' ...' if len(prior) > 6 else ''}); continue it "
                 f"with --resume auto, or start over with --overwrite (deletes its checkpoints and exports)")
-        for n in (ckpt.CKPT_DIR, "final", "final_encoder", "tensorboard", "args.json", "metrics.csv", "train.log"):
+        for n in (ckpt.CKPT_DIR, "final", "final_encoder", "best", "tensorboard", "args.json", "metrics.csv", "train.log",
+                  PLOT_FILE, "wandb-id.txt"):
             p = os.path.join(d, n)
             if os.path.isdir(p):
                 shutil.rmtree(p)
@@ -498,6 +587,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "bad_steps": self.bad_total, "bad_batches": self.bad_batches,
             "n_series": self.n_series,
+            "best_val_loss": self.best_val,
             "rng": rngs,
             # per rank, like the RNG states: what the loader skipped or decoded on the CPU so far
             "loader_counts": D.all_gather_object({k: dict(v) for k, v in self._data_counts().items()}),
@@ -551,6 +641,7 @@ class Trainer:
                                        f"epoch now has {self.steps_per_epoch} steps: the data set changed")
         rngs = st["rng"]
         ckpt.restore_rng(rngs[self.world.rank] if isinstance(rngs, list) else rngs)
+        self.best_val = st.get("best_val_loss")
         counts = st.get("loader_counts")
         if counts:  # the world size is fixed on resume, so rank r continues rank r's counts
             self._counts_base = {k: Counter(counts[self.world.rank].get(k, {})) for k in self._counts_base}
@@ -606,17 +697,16 @@ class Trainer:
         primary = self.world.is_primary
         self.last_ckpt = self.resumed_from
         # resume_step: the position continued from (0 for a fresh start), so no step is ever logged twice
-        writer = MetricsWriter(self.run_dir, a.report_to, resume_step=self.step) if primary else None
-        bar = make_progress(self.total_steps, self.step, a.progress, primary)
+        writer = MetricsWriter(self.run_dir, a.report_to, resume_step=self.step,
+                               config=self._args_dict()) if primary else None
+        bar = make_progress(self.total_steps, self.step, a.progress, primary, a.progress_interval)
         result = TrainResult(self.run_dir, self.step, self.epoch, bad_steps=self.bad_total, bad_batches=self.bad_batches)
         self._install_signals()
         self._bad_run = 0
         self._weights_bad = torch.zeros(1, device=self.device, dtype=torch.float64)  # set after each update
         W = self.world.world_size
-        t0 = time.perf_counter()
-        t_log, studies_log = t0, 0.0
-        acc = np.zeros(4)
-        n_acc = n_log = 0
+        self._t0, self._step0 = time.perf_counter(), self.step  # for elapsed and ETA
+        win = _Window(self._t0)
         self._t_input = self._t_compute = 0.0  # seconds this log window spent waiting for batches / the rest
         try:
             self.module_train(True)
@@ -627,43 +717,24 @@ class Trainer:
                 while self.epoch == epoch_now and self.step < self.total_steps:
                     lr = cosine_warmup_lr(self.step, self.total_steps, a.lr, a.min_lr, a.warmup_frac)
                     s = self._one_step(it, lr)
-                    if s[0] == 0 and not math.isnan(s[2]):
-                        acc += np.array(s[2:6]) / W
-                        n_acc += 1
+                    if win.add(s, W):
                         result.last_loss = s[2] / W
                     self.step += 1
                     self.step_in_epoch += 1
                     log_epoch = self.epoch + 1
                     if self.step_in_epoch == self.steps_per_epoch:  # position saved = start of the next epoch
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    studies_log += s[6]
-                    n_log += 1
+                    val = self._validate_if_due()  # before the checkpoint, which records the best loss so far
+                    if val is not None:
+                        result.val = val
+                        win.t += val["seconds"]  # studies/s and the window's times count training only
                     if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix_str(f"ep {log_epoch}/{a.epochs} loss {s[2] / W:.3f} "
-                                            f"ita {s[3] / W:.3f} loc {s[4] / W:.3f} tcc {s[5] / W:.3f} lr {lr:.2e} "
-                                            f"mem {memory_gib(self.device):.2f}G")
-                    if self.step % a.log_every == 0 or self.step == self.total_steps:
-                        now = time.perf_counter()
-                        rate = studies_log / max(now - t_log, 1e-9)
-                        m = acc / n_acc if n_acc else np.full(4, np.nan)  # no good step in the window: no loss
-                        row = dict(step=self.step, epoch=log_epoch, loss=m[0], ita=m[1], local=m[2], temporal=m[3],
-                                   lr=lr, studies_per_s=rate, studies_per_s_per_rank=rate / W,
-                                   mem_gib=memory_gib(self.device), bad_steps=self.bad_total,
-                                   bad_batches=self.bad_batches, elapsed_s=now - t0,
-                                   input_ms=1e3 * self._t_input / n_log, compute_ms=1e3 * self._t_compute / n_log,
-                                   **self._data_summary())
-                        if primary:
-                            writer.write(row)
-                            msg = (f"step {self.step}/{self.total_steps} epoch {log_epoch}/{a.epochs} "
-                                   f"loss {m[0]:.4f} (ita {m[1]:.4f} local {m[2]:.4f} tcc {m[3]:.4f}) "
-                                   f"{rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} mem {row['mem_gib']:.2f} GiB "
-                                   f"{_timing(row)}{_data_note(row)}")
-                            (bar.write if bar is not None else log.info)(msg)
-                            if bar is not None:
-                                log.debug(msg)
-                        t_log, studies_log, acc, n_acc, n_log = now, 0.0, np.zeros(4), 0, 0
-                        self._t_input = self._t_compute = 0.0
+                        bar.update(self.step, f"ep {log_epoch}/{a.epochs} loss {s[2] / W:.3f} ita {s[3] / W:.3f} "
+                                              f"loc {s[4] / W:.3f} tcc {s[5] / W:.3f} lr {lr:.2e} "
+                                              f"{self._clock(time.perf_counter())}")
+                    if self.step % a.log_every == 0 or self.step == self.total_steps or val is not None:
+                        self._log_window(win, log_epoch, lr, val, writer, bar)
+                        win = _Window(time.perf_counter())
                     stop = s[1] > 0
                     if stop or self.step % a.save_every == 0 or self.step == self.total_steps:
                         self.save()
@@ -681,6 +752,36 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
+
+    def _clock(self, now: float) -> str:
+        """'elapsed 0:01:02 ETA 0:10:00' for this process's part of the run (checkpoints and validation included)."""
+        done = self.step - self._step0
+        eta = (now - self._t0) / done * (self.total_steps - self.step) if done else float("nan")
+        return f"elapsed {hms(now - self._t0)} ETA {hms(eta)}"
+
+    def _log_window(self, win: "_Window", epoch: int, lr: float, val: Optional[Dict[str, Any]], writer, bar) -> None:
+        """The metrics row and log line of the steps since the last one (every rank: the counts are summed)."""
+        a, W = self.args, self.world.world_size
+        now = time.perf_counter()
+        rate = win.studies / max(now - win.t, 1e-9)
+        m = win.acc / win.good if win.good else np.full(4, np.nan)  # no good step in the window: no loss
+        done = self.step - self._step0
+        row = dict(step=self.step, epoch=epoch, loss=m[0], ita=m[1], local=m[2], temporal=m[3], lr=lr,
+                   studies_per_s=rate, studies_per_s_per_rank=rate / W, mem_gib=memory_gib(self.device),
+                   bad_steps=self.bad_total, bad_batches=self.bad_batches, elapsed_s=now - self._t0,
+                   input_ms=1e3 * self._t_input / win.steps, compute_ms=1e3 * self._t_compute / win.steps,
+                   eta_s=(now - self._t0) / done * (self.total_steps - self.step), **self._data_summary())
+        if val is not None:
+            row.update({k: val[k] for k in ("val_loss", "val_r1", "val_r5")})
+        self._t_input = self._t_compute = 0.0
+        if not self.world.is_primary:
+            return
+        writer.write(row)
+        log.info(f"step {self.step}/{self.total_steps} epoch {epoch}/{a.epochs} loss {m[0]:.4f} (ita {m[1]:.4f} "
+                 f"local {m[2]:.4f} tcc {m[3]:.4f}) {rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} "
+                 f"mem {row['mem_gib']:.2f} GiB {timing_note(row)} {self._clock(now)}{data_note(row)}")
+        if bar is not None:
+            bar.logged()
 
     def _next_batch(self, it) -> Dict[str, Any]:
         try:
@@ -764,6 +865,10 @@ class Trainer:
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"ckpt-{self.step:08d}.pt"):
             self.save()
         result.last_checkpoint = self.last_ckpt
+        if self.best_val is not None and os.path.isdir(os.path.join(self.run_dir, "best")):
+            result.best_dir = os.path.join(self.run_dir, "best")
+        if self.world.is_primary:
+            self._plot()
         if export:
             self._check_finite("export the model")
         if export and self.world.is_primary:
@@ -777,6 +882,17 @@ class Trainer:
                      os.path.join(self.run_dir, "final_encoder"))
         D.barrier()
         return result
+
+    def _plot(self) -> None:
+        """<run>/training_curves.png; never fails the run (matplotlib is the optional extra [plot])."""
+        from ..plot import plot_run
+
+        try:
+            log.info("training curves: %s", plot_run(self.run_dir))
+        except ImportError as e:
+            log.info("no %s: %s", PLOT_FILE, e)
+        except Exception as e:  # a plot is a convenience: a bad row must not cost the finished run
+            log.warning("could not plot the training curves (%s: %s)", type(e).__name__, e)
 
     def close(self) -> None:
         self._release_lock()

@@ -1,0 +1,107 @@
+"""``python -m medst_fast.plot RUN_DIR``: the training curves of a run as ``RUN_DIR/training_curves.png``.
+
+Reads ``RUN_DIR/metrics.csv`` (the trainer writes the same picture at the end of a run): the loss and its
+terms, the learning rate, the validation loss and image-to-report R@1/R@5, and the input vs compute time
+per step. Needs matplotlib, the optional extra ``[plot]`` (``pip install medst_fast[plot]``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+PLOT_FILE = "training_curves.png"
+_INSTALL = "pip install medst_fast[plot]"
+
+
+def read_metrics(path: str) -> Dict[str, List[float]]:
+    """Columns of metrics.csv as floats; an empty cell (a column that row does not have) is NaN."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no metrics.csv (is this a run folder of medst_fast.pretrain?)") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows yet (the first row is written at the first --log-every step)")
+    cols: Dict[str, List[float]] = {k: [] for k in rows[0]}
+    for line, r in enumerate(rows, start=2):
+        for k in cols:
+            v = r.get(k) or ""
+            try:
+                cols[k].append(float(v) if v.strip() else math.nan)
+            except ValueError:
+                raise ValueError(f"{path}: line {line}, column {k!r}: not a number ({v!r})") from None
+    return cols
+
+
+def _series(cols: Dict[str, List[float]], key: str):
+    """(steps, values) where the column has a number: rows without it (NaN) are left out of that curve."""
+    pts = [(s, v) for s, v in zip(cols["step"], cols.get(key, [])) if not math.isnan(v)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _panel(ax, cols, keys: Sequence[str], title: str, log_y: bool = False) -> None:
+    drawn = False
+    for k in keys:
+        x, y = _series(cols, k)
+        if x:
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=k)
+            drawn = True
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if not drawn:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        return
+    if log_y and all(v > 0 for k in keys for v in _series(cols, k)[1]):
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_run(run_dir: str, out: Optional[str] = None) -> str:
+    """Write the training curves of ``run_dir`` to ``out`` (default RUN_DIR/training_curves.png); returns the path.
+
+    Raises ImportError naming the extra when matplotlib is missing.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        # Figure + the Agg canvas, not pyplot: no global backend switch in the caller's process
+        raise ImportError(f"plotting needs matplotlib, the optional extra [plot]: {_INSTALL}") from None
+    cols = read_metrics(os.path.join(run_dir, "metrics.csv"))
+    fig = Figure(figsize=(15, 8), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    _panel(axes[0][0], cols, ("loss", "ita", "local", "temporal"), "training loss and its terms", log_y=True)
+    _panel(axes[0][1], cols, ("lr",), "learning rate")
+    _panel(axes[0][2], cols, ("input_ms", "compute_ms"), "ms per step: waiting for data vs the rest")
+    _panel(axes[1][0], cols, ("val_loss",), "validation loss")
+    _panel(axes[1][1], cols, ("val_r1", "val_r5"), "validation image-to-report recall")
+    _panel(axes[1][2], cols, ("studies_per_s",), "studies/s (all ranks)")
+    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    out = out or os.path.join(run_dir, PLOT_FILE)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp-{os.getpid()}-{os.path.basename(out)}")
+    fig.savefig(tmp, format="png", dpi=90)
+    os.replace(tmp, out)  # a reader never sees a half-written picture
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medst_fast.plot", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a run folder (holds metrics.csv)")
+    p.add_argument("--out", default=None, help=f"PNG to write (default: RUN_DIR/{PLOT_FILE})")
+    a = p.parse_args(argv)
+    try:
+        print(plot_run(a.run_dir, a.out))
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        print(f"medst_fast.plot: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Validation during pretraining: the training loss on the valid split and image-to-report retrieval.
+
+Every rank evaluates its share of the split (whole series per rank, centre crops, index order, the same
+``--loader`` back-end as training); the loss sums and the global embeddings are gathered, so every rank
+gets the same numbers and takes the same decision (e.g. a ``best/`` export). The loss is the training
+objective (ITA + local + temporal with the run's weights) per batch, averaged over batches; like the
+training loss it depends on the batch size (the contrastive terms compare the studies of a batch).
+
+Retrieval: image-to-report recall@K over all validation studies. The rank of study i's own report is the
+number of reports scored strictly higher than it, so identical reports (which embed identically) never
+push the true one down. Evaluation touches no RNG and no training state: the RNG states are restored
+afterwards, so a run with validation resumes as exactly as one without.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as D
+
+log = logging.getLogger("medst_fast")
+
+
+def recall_at_k(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, float]:
+    """Image-to-report recall@K for (N, E) embeddings whose row i of each belongs to study i.
+
+    NaN for every K when an embedding is NaN/inf (a comparison with NaN would count as a hit).
+    """
+    if img.shape != txt.shape or img.dim() != 2:
+        raise ValueError(f"recall_at_k: expected two (N, E) tensors of one shape, got {tuple(img.shape)} and "
+                         f"{tuple(txt.shape)}")
+    if img.shape[0] == 0 or not (torch.isfinite(img).all() and torch.isfinite(txt).all()):
+        return {k: float("nan") for k in ks}
+    sim = img.double() @ txt.double().T  # (N, N)
+    rank = (sim > sim.diagonal()[:, None]).sum(1)  # reports strictly closer than the study's own
+    return {k: float((rank < k).double().mean()) for k in ks}
+
+
+class Validator:
+    """Runs the validation pass; build it once, call it every ``--eval-every`` steps.
+
+    Args:
+        loader: a ``build_series_loader`` loader over the valid split (``train=False``).
+        n_series: series in the split; batch_series: per batch and rank (series past the last whole batch on
+            every rank are left out, as the training sampler does).
+    """
+
+    def __init__(self, loader, n_series: int, batch_series: int):
+        self.loader, self.n_series, self.batch_series = loader, n_series, batch_series
+
+    @torch.no_grad()
+    def run(self, model, loss_fn, device: torch.device, dtype: Optional[torch.dtype], prepare) -> Dict[str, Any]:
+        """{"val_loss", "val_r1", "val_r5", "studies", "batches", "skipped"}, the same on every rank.
+
+        ``prepare(batch) -> batch on device``; ``loss_fn(out, model)`` the training objective (no gather)."""
+        rng = ckpt.capture_rng()
+        was_training = model.training
+        model.eval()
+        loss_sum, n_batches, skipped, img, txt = 0.0, 0, 0, [], []
+        try:
+            self.loader.set_epoch(0, 0)
+            for raw in self.loader:
+                if "frontal" not in raw:  # the loader's stand-in for a batch without one readable study
+                    skipped += 1
+                    continue
+                batch = prepare(raw)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = model(batch)
+                loss_sum += float(loss_fn(out, model).total)  # a device->host sync per batch: validation only
+                n_batches += 1
+                img.append(out.img_global.float().cpu())
+                txt.append(out.txt_global.float().cpu())
+        finally:
+            model.train(was_training)
+            ckpt.restore_rng(rng)
+        mine = {"loss": loss_sum, "batches": n_batches, "skipped": skipped,
+                "img": torch.cat(img) if img else torch.zeros(0, 1), "txt": torch.cat(txt) if txt else torch.zeros(0, 1)}
+        parts = D.all_gather_object(mine)  # small: E floats per study
+        n = sum(p["batches"] for p in parts)
+        embeds = [p for p in parts if p["batches"]]
+        all_img = torch.cat([p["img"] for p in embeds]) if embeds else torch.zeros(0, 1)
+        all_txt = torch.cat([p["txt"] for p in embeds]) if embeds else torch.zeros(0, 1)
+        r = recall_at_k(all_img, all_txt, (1, 5))
+        val_loss = sum(p["loss"] for p in parts) / n if n else float("nan")
+        if n and not math.isfinite(val_loss):
+            log.warning("validation loss is %s: not a best model", val_loss)
+        return {"val_loss": val_loss, "val_r1": r[1], "val_r5": r[5], "studies": int(all_img.shape[0]),
+                "batches": n, "skipped": sum(p["skipped"] for p in parts)}
+
+
+def describe(v: Dict[str, Any]) -> str:
+    """One log line: the numbers with the chance level of retrieval beside them, so they can be judged."""
+    n = v["studies"]
+    chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f})" if n else ""
+    skipped = f", {v['skipped']} unreadable batch(es) skipped" if v["skipped"] else ""
+    return (f"loss {v['val_loss']:.4f}, image-to-report R@1 {v['val_r1']:.3f} R@5 {v['val_r5']:.3f}{chance} "
+            f"over {n} studies in {v['batches']} batch(es){skipped}")
