@@ -91,7 +91,8 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medst_fast.plot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m medst_fast.plot", description="Draw a run's training curves "
+                                "(RUN_DIR/metrics.csv) as a PNG.")
     p.add_argument("run_dir", help="a run folder (holds metrics.csv)")
     p.add_argument("--out", default=None, help=f"PNG to write (default: RUN_DIR/{PLOT_FILE})")
     a = p.parse_args(argv)

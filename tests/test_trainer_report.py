@@ -136,8 +136,9 @@ def test_validation_is_logged_recorded_and_exported_as_best(tmp_path, val_index,
 def test_validation_default_is_once_per_epoch_and_zero_means_the_end(tmp_path, val_index, vocab_path):
     main(_argv(tmp_path / "a", val_index, vocab_path, "--epochs", "2", "--log-every", "10"))  # 5 steps per epoch
     assert [r["step"] for r in _metrics(tmp_path / "a") if r["val_loss"]] == ["5", "10"]
-    main(_argv(tmp_path / "b", val_index, vocab_path, "--max-steps", "3", "--eval-every", "0", "--no-export"))
+    res = main(_argv(tmp_path / "b", val_index, vocab_path, "--max-steps", "3", "--eval-every", "0", "--no-export"))
     assert [r["step"] for r in _metrics(tmp_path / "b") if r["val_loss"]] == ["3"]
+    assert res.val is not None and res.best_dir is None and not (tmp_path / "b" / "best").exists()  # --no-export
     text = (tmp_path / "b" / "train.log").read_text()
     assert "validation: 2 of the 3 series of the 'valid' split (2 per batch and rank, centre crops), at the end" in text
     assert text.count("loader: ") == 1  # the validation loader does not repeat the line
@@ -146,7 +147,7 @@ def test_validation_default_is_once_per_epoch_and_zero_means_the_end(tmp_path, v
 def test_resume_with_validation_is_bitwise(tmp_path, val_index, vocab_path, monkeypatch):
     """Validation draws nothing from the RNGs and changes no state: a stopped + resumed run equals the
     uninterrupted one, validation numbers included."""
-    extra = ("--max-steps", "5", "--eval-every", "2", "--save-every", "100", "--no-export")
+    extra = ("--max-steps", "5", "--eval-every", "2", "--save-every", "100")
     a = main(_argv(tmp_path / "ref", val_index, vocab_path, *extra))
     calls = {"n": 0}
 
@@ -186,7 +187,7 @@ def test_two_ranks_validate_together(tmp_path, val_index, vocab_path):
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "medst_fast.pretrain", *_argv(out, val_index, vocab_path, "--batch-series", "1", "--max-steps", "2",
-                                         "--eval-every", "1", "--no-export")]
+                                         "--eval-every", "1")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--progress-interval seconds without other log lines; on: a tqdm bar even to a file")
     g.add_argument("--progress-interval", type=float, default=30.0,
                    help="seconds between progress updates when stderr is not a terminal")
-    g.add_argument("--no-export", action="store_true", help="skip the save_pretrained exports at the end")
+    g.add_argument("--no-export", action="store_true", help="skip the save_pretrained exports (final/ and final_encoder/ at the end, best/ after validations)")
     return p
 
 

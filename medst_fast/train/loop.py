@@ -492,10 +492,13 @@ class Trainer:
         improved = math.isfinite(v["val_loss"]) and (self.best_val is None or v["val_loss"] < self.best_val)
         if improved:
             self.best_val = v["val_loss"]
-            self._export_best(v)
+            if not self.args.no_export:
+                self._export_best(v)
         v["seconds"] = time.perf_counter() - t
-        note = f"; best so far, exported to {os.path.join(self.run_dir, 'best')}" if improved else \
-            (f"; best {self.best_val:.4f}" if self.best_val is not None else "")
+        if improved:
+            note = "; best so far" + ("" if self.args.no_export else f", exported to {os.path.join(self.run_dir, 'best')}")
+        else:
+            note = f"; best {self.best_val:.4f}" if self.best_val is not None else ""
         log.info("validation at step %d: %s (%.1f s)%s", self.step, describe(v), v["seconds"], note)
         return v
 
