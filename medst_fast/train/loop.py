@@ -42,14 +42,13 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from ..losses import MedSTLoss
+from ..plot import PLOT_FILE
 from .args import parse_overrides, resolve
 from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, ensure_synthetic,
                    split_size)
 from .metrics import MetricsWriter, check_report_to, data_note, hms, make_progress, memory_gib, setup_logging, timing_note
 from .schedule import cosine_warmup_lr
 from .validate import Validator, describe
-
-from ..plot import PLOT_FILE
 
 VAL_SPLIT = "valid"
 
