@@ -3,7 +3,7 @@
 Both back-ends follow the trainer's ``SeriesDataset`` + ``SeriesBatchSampler`` study by study, so that for
 the same (seed, epoch, start batch) they give the same batches as the PIL workers:
 
-* the batches of series ids per rank come from ``medst_fast.train.data.SeriesBatchSampler`` itself;
+* the batches of series ids per rank come from ``medst_fast.data.sampling.SeriesBatchSampler`` itself;
 * an image is unreadable exactly when ``medst_fast.data.images.load_gray`` fails on it: a file that is not
   a JPEG (PNG 8/16-bit, RGBA, DICOM, ...) or whose header check fails is decoded on the CPU by that
   decoder, and so is a JPEG the batched decoder rejects; the counts in ``bad`` use the dataset's names
@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..train.data import BAD_BATCH, SeriesBatchSampler, item_seed
+from .sampling import BAD_BATCH, SeriesBatchSampler, item_seed
 from .dataset import SERIES_LEN
 from .images import ImageReadError, load_gray
 from .index import SPLITS, SeriesIndex
