@@ -232,3 +232,36 @@ def test_finding_region_is_where_render_draws(finding):
         assert (changed & region).sum() >= 0.6 * region.sum()
         assert region.mean() < 0.08  # a small part of the image: a peak there is no accident
     assert not synth.finding_region(finding, 0, anat, (110, 110)).any()
+
+
+def test_findings_are_drawn_on_the_side_the_report_names(tmp_path):
+    """Patient's right is the image's left: an effusion the reports call 'right' brightens the image's left half."""
+    from PIL import Image
+
+    root = str(tmp_path / "s")
+    gt = synth.generate(root, patients=100, seed=5, extras=False, zip_reports=False, image_size=(96, 80))
+    agree = []
+    for subject, pat in gt["patients"].items():
+        pa = []
+        for sid in pat["studies"]:
+            st = gt["studies"][sid]
+            v = next((v for v in st["views"] if v["view"] == "PA"), None)
+            if v is not None:
+                pa.append((st["findings"], v["path"]))
+        # two PA studies whose only difference is a larger effusion
+        pair = next(((a, b) for a in pa for b in pa
+                     if b[0]["pleural_effusion"] - a[0]["pleural_effusion"] >= 1
+                     and all(a[0][f] == b[0][f] for f in synth.FINDINGS if f != "pleural_effusion")), None)
+        if pair is None:
+            continue
+        img = lambda rel: np.asarray(Image.open(os.path.join(root, rel)), dtype=np.float64)  # noqa: E731
+        a, b = img(pair[1][1]), img(pair[0][1])
+        # each image has its own gain and offset: fit them away before looking at what the effusion added
+        A = np.stack([b.ravel(), np.ones(b.size)], 1)
+        coef = np.linalg.lstsq(A, a.ravel(), rcond=None)[0]
+        diff = a - (A @ coef).reshape(a.shape)
+        w = diff.shape[1]
+        left, right = diff[:, : w // 2].clip(0).sum(), diff[:, w // 2:].clip(0).sum()
+        agree.append((left > right) == (pat["side"] == "right"))
+    # a side drawn at random would agree about half the time; jitter and film grain blur a few pairs
+    assert len(agree) >= 8 and np.mean(agree) >= 0.85, agree

@@ -402,6 +402,8 @@ def generate(out_dir, patients: int = 100, seed: int = 0, image_size: Optional[T
         subject = pl["subject"]
         rng = _rng(seed, 3, p)
         anat = _Anatomy(rng)
+        # the findings are drawn on the side the reports name (_Anatomy's own draw is kept for the RNG stream)
+        anat.side = 0 if pl["side"] == "right" else 1
         pdir = os.path.join(out_dir, "files", f"p{str(subject)[:2]}", f"p{subject}")
         prev = None
         study_ids = []
