@@ -21,7 +21,7 @@ from ..data.sampling import BAD_BATCH, SeededItems, SeriesBatchSampler, item_see
 
 log = logging.getLogger("medst_fast")
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # 2: findings drawn on the side the report names (data/synth.py)
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: id 0 = TextCfg.pad_token_id
 
 
