@@ -181,8 +181,8 @@ def similarity_maps(model, tokenizer, image, text: Union[str, Sequence[str]], on
 
 # -- drawing --------------------------------------------------------------------------------------------------
 def plot_overlay(maps: GroundingMaps, out: Union[str, os.PathLike], words: Optional[Sequence[str]] = None,
-                 kind: str = "attention", alpha: float = 0.45, max_panels: int = 12, title: Optional[str] = None
-                 ) -> str:
+                 kind: str = "attention", alpha: float = 0.45, max_panels: int = 12, title: Optional[str] = None,
+                 dpi: int = 100) -> str:
     """Write a PNG: the image, then each phrase's and each word's map over it. Returns the path.
 
     Args:
@@ -215,6 +215,6 @@ def plot_overlay(maps: GroundingMaps, out: Union[str, os.PathLike], words: Optio
     fig.tight_layout()
     out = os.fspath(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
