@@ -30,7 +30,12 @@ import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageFilter
+
+try:
+    from PIL import Image, ImageFilter
+except ImportError as e:  # a core install: name the extra instead of a raw ModuleNotFoundError
+    raise ImportError("the synthetic data set (python -m medst_fast.pretrain's default data) needs Pillow, which "
+                      "is not installed: pip install 'medst_fast[train]'") from e
 
 log = logging.getLogger("medst_fast")
 
