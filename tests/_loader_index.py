@@ -86,7 +86,7 @@ def write_dicom(path, arr, mono1=False):
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
     ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
     ds.PixelData = np.ascontiguousarray(arr.astype(np.uint16)).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    ds.save_as(str(path), enforce_file_format=True)
 
 
 def write_format(path, kind, h, w, seed):

@@ -2,6 +2,7 @@
 folders (vocab + preprocessing), encoder-only exports, checkpoints that carry their config, optional extras."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -11,27 +12,14 @@ import medst_fast
 from medst_fast import factory
 from medst_fast.data import transforms as T
 from medst_fast.data.images import load_gray
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _loader_index import write_dicom  # noqa: E402
 
 
 def _grey(h=120, w=100, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
 
 
-def _write_dicom(path, arr16, mono1=False):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr16.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
-    ds.PixelData = np.ascontiguousarray(arr16.astype(np.uint16)).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
 
 
 # -- transforms ---------------------------------------------------------------------------------------------
@@ -70,8 +58,8 @@ def test_transform_inputs_path_pil_array_dicom(tmp_path):
     Image.fromarray(a16).save(tmp_path / "d.png")
     torch.testing.assert_close(ev(a16), ev(str(tmp_path / "d.png")), atol=0, rtol=0)
     # DICOM, with and without its extension (detected by the DICM marker); MONOCHROME1 inverted
-    _write_dicom(tmp_path / "e.dcm", a16, mono1=True)
-    _write_dicom(tmp_path / "noext", a16, mono1=True)
+    write_dicom(tmp_path / "e.dcm", a16, mono1=True)
+    write_dicom(tmp_path / "noext", a16, mono1=True)
     d = ev(str(tmp_path / "e.dcm"))
     torch.testing.assert_close(ev(str(tmp_path / "noext")), d, atol=0, rtol=0)
     assert (d - ev(a16)).abs().max() > 0.5  # inverted, not the MONOCHROME2 image

@@ -4,6 +4,7 @@ The numbers are checked against the same protocol computed directly (embeddings 
 sklearn for the classifier/metric), so a wiring error (pair order, wrong image, split) fails.
 """
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,8 @@ import torch
 
 import medst_fast
 from medst_fast.eval import common, covidx_probe, msxrt_image, msxrt_sentence, rsna_zeroshot
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _loader_index import write_dicom  # noqa: E402
 
 FINDINGS = msxrt_image.FINDINGS
 PROG = ["improving", "stable", "worsening"]
@@ -75,21 +78,6 @@ def write_sentences(path, header=("subset_name", "sentence_1", "sentence_2", "ca
     return path
 
 
-def write_dicom(path, arr, mono1=False):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
-    ds.PixelData = np.ascontiguousarray(arr.astype(np.uint16)).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def write_rsna(d, n=60, seed=0):
