@@ -68,7 +68,7 @@ def test_defaults_are_the_official_recipe():
 
 
 def test_bad_flags_are_rejected(capsys):
-    for argv in (["--batch-series", "0"], ["--resume", "auto"], ["--warmup-frac", "1.5"], ["--report-to", "wandb"]):
+    for argv in (["--batch-series", "0"], ["--resume", "auto"], ["--warmup-frac", "1.5"], ["--report-to", "mlflow"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
 
