@@ -368,3 +368,157 @@ def test_views_cli_errors_name_the_problem(views_setup, capsys):
     rc = analysis.main(["views", "--checkpoint", str(root / "model"), "--data", str(root / "idx"), "--split", "nope",
                         "--out", str(root / "x")])
     assert rc == 1 and "no study has field 'split' == 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ trainer flags (issue 14)
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from medst_fast.train import checkpoint as ck  # noqa: E402
+from medst_fast.train import loop as loop_mod  # noqa: E402
+from medst_fast.train.args import parse_args  # noqa: E402
+
+SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
+SWITCH_FLAGS = ["--temporal-shuffle", "--local-weighting", "uniform", "--local-scope", "batch"]
+
+
+def _argv(out, vocab, *extra):
+    return ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out), "--workers", "0",
+            "--batch-series", "2", "--log-every", "1", "--no-export", *SMALL, *extra]
+
+
+def test_switch_flags_default_to_the_paper_loss(vocab_path):
+    a = parse_args(_argv("unused", vocab_path))
+    assert (a.temporal_shuffle, a.local_weighting, a.local_scope, a.series_len) == (False, "learned", "sample", 4)
+    loss = loop_mod.model_overrides(a)["loss"]
+    assert {k: loss[k] for k in ("temporal_shuffle", "local_weighting", "local_scope", "series_len")} == {
+        k: getattr(LossCfg(), k) for k in ("temporal_shuffle", "local_weighting", "local_scope", "series_len")}
+
+
+def test_switch_flags_set_the_loss_config(vocab_path):
+    o = loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, *SWITCH_FLAGS, "--series-len", "6",
+                                                  "--model-override", "loss.tau_local=0.2")))
+    cfg = medst_fast.get_model_config("medst_tiny").replace(**o).loss
+    assert (cfg.temporal_shuffle, cfg.local_weighting, cfg.local_scope, cfg.series_len) == (True, "uniform", "batch", 6)
+    assert cfg.tau_local == 0.2  # other loss overrides are kept beside the flags
+
+
+@pytest.mark.parametrize("override", ["loss.temporal_shuffle=true", "loss.local_weighting=\"uniform\"",
+                                      "loss.local_scope=\"batch\"", "loss.series_len=4",
+                                      'loss={"local_scope": "sample"}'])
+def test_switch_set_by_flag_and_model_override_is_an_error(vocab_path, override):
+    with pytest.raises(SystemExit, match="have their own flags"):
+        loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--model-override", override)))
+
+
+@pytest.mark.parametrize("extra,flag", [(["--series-len", "3"], "--series-len"), (["--temporal-shuffle"], "--temporal-shuffle"),
+                                        (["--local-weighting", "uniform"], "--local-weighting"),
+                                        (["--local-scope", "batch"], "--local-scope")])
+def test_faithful_refuses_every_switch(vocab_path, capsys, extra, flag):
+    with pytest.raises(SystemExit):
+        parse_args(_argv("unused", vocab_path, "--faithful", *extra))
+    err = capsys.readouterr().err
+    assert f"--faithful cannot be combined with {flag}" in err and "faithful mode keeps the paper's" in err
+    # the same through the config route: --model-override faithful=true
+    with pytest.raises(SystemExit, match=f"faithful=true cannot be combined with {flag}: faithful mode keeps"):
+        loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--model-override", "faithful=true", *extra)))
+    assert loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--faithful")))["faithful"] is True
+
+
+@pytest.mark.parametrize("n", ["1", "9", "0"])
+def test_series_len_range_is_checked(vocab_path, capsys, n):
+    with pytest.raises(SystemExit):
+        parse_args(_argv("unused", vocab_path, "--series-len", n))
+    assert f"--series-len must be in 2..8, got {n}" in capsys.readouterr().err
+
+
+def test_switch_values_from_a_config_file_are_checked(tmp_path, vocab_path):
+    p = tmp_path / "run.json"
+    p.write_text('{"local-scope": "global"}')
+    with pytest.raises(SystemExit, match="field 'local_scope' \\(--local-scope\\): expected one of"):
+        parse_args(_argv("unused", vocab_path, "--config", str(p)))
+    p.write_text('{"temporal-shuffle": "true"}')
+    with pytest.raises(SystemExit, match="expected true or false"):
+        parse_args(_argv("unused", vocab_path, "--config", str(p)))
+
+
+def test_uniform_weighting_freezes_the_weighting_attentions():
+    learned = medst_fast.create_model("medst_tiny")
+    assert all(n.startswith(loop_mod.UNUSED_PARAMS) for n in loop_mod.freeze_unused(learned))
+    assert learned.word_weighting.in_proj_weight.requires_grad and learned.patch_weighting.in_proj_bias.requires_grad
+    uni = medst_fast.create_model("medst_tiny", loss={"local_weighting": "uniform"})
+    frozen = loop_mod.freeze_unused(uni)
+    weighting = [n for n, _ in uni.named_parameters() if n.startswith(("word_weighting.", "patch_weighting."))]
+    assert sorted(frozen) == sorted(weighting) and len(weighting) == 8
+    assert not any(p.requires_grad for m in (uni.word_weighting, uni.patch_weighting) for p in m.parameters())
+    assert all(p.requires_grad for n, p in uni.named_parameters() if n not in frozen)
+
+
+def test_switch_run_records_flags_and_keeps_weighting_weights(tmp_path, vocab_path):
+    """A short run with every switch: args.json and the checkpoint's config hold them; the frozen weighting
+    attentions are not in the optimizer, so weight decay leaves them bit for bit as initialised."""
+    from medst_fast.pretrain import main
+
+    out = tmp_path / "r"
+    res = main(_argv(out, vocab_path, *SWITCH_FLAGS, "--max-steps", "2", "--wd", "0.5", "--lr", "1e-2"))
+    args = json.loads((out / "args.json").read_text())
+    assert (args["temporal_shuffle"], args["local_weighting"], args["local_scope"], args["series_len"]) == (
+        True, "uniform", "batch", 4)
+    st = ck.load_checkpoint(res.last_checkpoint)
+    loss = st["config"]["loss"]
+    assert (loss["temporal_shuffle"], loss["local_weighting"], loss["local_scope"]) == (True, "uniform", "batch")
+    torch.manual_seed(args["seed"])  # the trainer's initial weights: create_model after set_seed(seed)
+    init = medst_fast.create_model("medst_tiny", vision={"img_size": 32}, text={"max_length": 32},
+                                   loss={"local_weighting": "uniform"})
+    for k, v in init.state_dict().items():
+        if k.startswith(("word_weighting.", "patch_weighting.")):
+            assert torch.equal(st["model"][k], v), k
+    moved = [k for k, v in init.state_dict().items() if k.startswith("visual.") and v.is_floating_point()
+             and v.shape == st["model"][k].shape and not torch.equal(st["model"][k], v)]
+    assert moved  # the rest of the model did train (and the initial weights above are the trainer's)
+
+
+def test_resume_refuses_a_changed_switch(tmp_path, vocab_path):
+    from medst_fast.pretrain import main
+
+    out = tmp_path / "r"
+    main(_argv(out, vocab_path, "--max-steps", "2"))
+    for extra, flag in ((["--local-scope", "batch"], "--local-scope"), (["--temporal-shuffle"], "--temporal-shuffle"),
+                        (["--local-weighting", "uniform"], "--local-weighting")):
+        with pytest.raises(ck.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
+            main(_argv(out, vocab_path, "--resume", "auto", *extra))
+    res = main(_argv(out, vocab_path, "--resume", "auto", "--allow-changed-args", "--local-scope", "batch"))
+    assert res.step == 2 and json.loads((out / "args.json").read_text())["local_scope"] == "batch"
+
+
+def test_resume_config_comparison_fills_fields_added_later():
+    """A checkpoint written before a config field existed compares equal to the same config now."""
+    now = MedSTConfig().to_dict()
+    old = json.loads(json.dumps(now))
+    for k in ("local_scope", "local_weighting", "temporal_shuffle", "lambda_fmc"):
+        del old["loss"][k]
+    del old["vision"]["lateral_expert"]
+    assert loop_mod._architecture(old) == loop_mod._architecture(now)
+    other = json.loads(json.dumps(now))
+    other["vision"]["depth"] = 3
+    assert loop_mod._architecture(other) != loop_mod._architecture(now)
+    # loss fields that are flags are compared as arguments, not as the model
+    flagged = MedSTConfig().replace(**{"loss.local_scope": "batch", "loss.series_len": 6}).to_dict()
+    assert loop_mod._architecture(flagged) == loop_mod._architecture(now)
+    with pytest.raises(ck.CheckpointError, match="cannot be read by this version"):
+        loop_mod._architecture({**now, "vision": {**now["vision"], "bogus": 1}})
+
+
+def test_uniform_weighting_under_ddp_two_ranks(tmp_path, vocab_path):
+    """torchrun, 2 gloo ranks, uniform weighting: DDP would stop at the second step on the weighting
+    attentions' missing gradients if they were left trainable."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "medst_fast.pretrain", *_argv(out, vocab_path, "--local-weighting", "uniform", "--max-steps", "3",
+                                         "--batch-series", "2")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    st = ck.load_checkpoint(ck.list_checkpoints(str(out))[-1])
+    assert st["step"] == 3 and st["args"]["world_size"] == 2 and st["config"]["loss"]["local_weighting"] == "uniform"

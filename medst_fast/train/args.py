@@ -18,6 +18,7 @@ import os
 from typing import Any, Dict, List, Optional, Set
 
 DEFAULT_SYNTHETIC_PATIENTS = 40
+SERIES_LEN_DEFAULT, SERIES_LEN_MIN, SERIES_LEN_MAX = 4, 2, 8  # the paper's series have 4 studies
 # Flags a resumed run does not take from its args.json: where and how to run, not what the run is.
 NOT_INHERITED = {"config", "resume", "out", "overwrite", "allow_changed_args", "device", "workers", "progress",
                  "progress_interval", "kernels", "init", "init_kind", "text_init"}
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-patients", type=int, default=DEFAULT_SYNTHETIC_PATIENTS, help="patients in the synthetic set")
     g.add_argument("--random-series", type=int, default=64, help="series in the --dataset-type random set")
     g.add_argument("--split", default="train", help="index split to train on")
-    g.add_argument("--batch-series", type=int, default=10, help="series (up to 4 studies each) per step per rank")
+    g.add_argument("--batch-series", type=int, default=10, help="series (up to --series-len studies each) per step per rank")
     g.add_argument("--workers", type=int, default=None,
                    help="per rank: PIL loader worker processes, or the file-reading threads of the dali/nvjpeg "
                         "loaders (default: from CPU count)")
@@ -86,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-temporal", type=float, default=1.0)
     g.add_argument("--lambda-fmc", type=float, default=1.0, help="weight of FMC inside the temporal loss (ablation)")
     g.add_argument("--lambda-rmr", type=float, default=1.0, help="weight of RMR inside the temporal loss (ablation)")
+    # Research switches (issue 14): the defaults are the paper's loss; each sets its loss.* model config field.
+    g.add_argument("--temporal-shuffle", action="store_true",
+                   help="control run: permute each complete series' studies (images and reports alike) before the "
+                        "temporal loss, so time order carries no signal (loss.temporal_shuffle)")
+    g.add_argument("--local-weighting", default="learned", choices=["learned", "uniform"],
+                   help="token weights of the local loss: the learned 1-head attention (paper) or uniform over the "
+                        "valid tokens, which freezes the weighting attention (loss.local_weighting)")
+    g.add_argument("--local-scope", default="sample", choices=["sample", "batch"],
+                   help="context pool of each token in the local loss: its own sample (paper) or every sample of "
+                        "the rank's batch (loss.local_scope)")
+    g.add_argument("--series-len", type=int, default=SERIES_LEN_DEFAULT,
+                   help=f"studies per series ({SERIES_LEN_MIN}..{SERIES_LEN_MAX}): the data is cut into series of "
+                        f"this length and the temporal loss runs over the complete ones (loss.series_len)")
     g.add_argument("--gather-with-grad", action="store_true",
                    help="global contrastive loss over all ranks' batches (the official contrasts within a GPU)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
@@ -267,6 +281,17 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         v = getattr(a, name)
         if not (math.isfinite(v) and v >= 0):
             bad(f"{flag(name)} must be a finite number >= 0, got {v}")
+    if not SERIES_LEN_MIN <= a.series_len <= SERIES_LEN_MAX:
+        bad(f"--series-len must be in {SERIES_LEN_MIN}..{SERIES_LEN_MAX}, got {a.series_len}")
+    if a.faithful:  # faithful is the official code's maths: none of the research switches exist there
+        changed = [f for f, v, d in (("--series-len", a.series_len, SERIES_LEN_DEFAULT),
+                                      ("--temporal-shuffle", a.temporal_shuffle, False),
+                                      ("--local-weighting", a.local_weighting, "learned"),
+                                      ("--local-scope", a.local_scope, "sample")) if v != d]
+        if changed:
+            bad(f"--faithful cannot be combined with {', '.join(changed)}: faithful mode keeps the paper's loss "
+                f"(series of {SERIES_LEN_DEFAULT} studies, time-ordered temporal loss, learned local weighting, "
+                f"per-sample local context)")
     if a.min_lr > a.lr:
         bad(f"--min-lr {a.min_lr} is above --lr {a.lr}: the schedule would rise instead of decay")
     for name in ("beta1", "beta2"):

@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from ..config import LossCfg, MedSTConfig
 from ..losses import MedSTLoss
 from ..plot import PLOT_FILE
 from .args import parse_overrides, resolve
@@ -61,12 +62,15 @@ log = logging.getLogger("medst_fast")
 UNUSED_PARAMS = ("word_weighting.out_proj.", "patch_weighting.out_proj.")
 ENCODER_COMPONENTS = ["visual", "visual_global_head"]
 # Arguments that fix the sampler order or the meaning of a step: a resumed run must keep them.
-_RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split", "synthetic_patients", "random_series")
+_RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split", "synthetic_patients", "random_series",
+                 "series_len")
 # Arguments that define the run's optimisation and data: a change on resume needs --allow-changed-args.
 RUN_DEFINING = ("lr", "min_lr", "warmup_frac", "epochs", "max_steps", "wd", "beta1", "beta2", "eps", "clip_grad",
                 "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr", "gather_with_grad",
-                "amp", "data", "data_path", "vocab_sha256", "replicate_collate_bug")
+                "amp", "data", "data_path", "vocab_sha256", "replicate_collate_bug", "temporal_shuffle",
+                "local_weighting", "local_scope")
 _NOT_RECORDED = ("inherited",)  # parse_args bookkeeping, not a setting
+_PAPER_LOSS = LossCfg()  # the defaults are the paper's loss
 
 
 def _flag(name: str) -> str:
@@ -114,10 +118,20 @@ class PretrainModule(nn.Module):
         return lo.total, torch.stack([lo.ita, lo.local, lo.temporal]).float()
 
 
+# With loss.local_weighting "uniform" the local loss never reads the weighting attentions: their input
+# projections get no gradient either (None on the reference path, zeros from the fused kernels).
+WEIGHTING_PARAMS = ("word_weighting.", "patch_weighting.")
+
+
 def freeze_unused(model: nn.Module) -> List[str]:
+    """Freeze the parameters the loss never uses, so DDP finds no unused parameter and AdamW's weight decay,
+    which also acts on a zero gradient, leaves them as initialised; returns their names."""
+    unused = UNUSED_PARAMS
+    if model.cfg.loss.local_weighting == "uniform":
+        unused = UNUSED_PARAMS + WEIGHTING_PARAMS
     names = []
     for n, p in model.named_parameters():
-        if n.startswith(UNUSED_PARAMS):
+        if n.startswith(unused):
             p.requires_grad_(False)
             names.append(n)
     return names
@@ -153,6 +167,8 @@ def amp_dtype(amp: str) -> Optional[torch.dtype]:
 
 
 _LAMBDAS = ("lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr")
+# LossCfg fields with a trainer flag of the same name (--lambda-*, the research switches, --series-len).
+_LOSS_FLAGS = _LAMBDAS + ("temporal_shuffle", "local_weighting", "local_scope", "series_len")
 
 
 def _merge_section(overrides: Dict[str, Any], section: str, values: Dict[str, Any]) -> None:
@@ -162,13 +178,14 @@ def _merge_section(overrides: Dict[str, Any], section: str, values: Dict[str, An
 
 
 def model_overrides(a: argparse.Namespace) -> Dict[str, Any]:
-    """--model-override items plus the flags that set model config fields (--faithful, --lambda-*).
+    """--model-override items plus the flags that set model config fields (--faithful, --lambda-*, the
+    research switches, --series-len).
 
     A field set both ways is an error: one of the two would be dropped without a word.
     """
     overrides: Dict[str, Any] = dict(parse_overrides(a.model_override))
     loss_dict = overrides.get("loss") if isinstance(overrides.get("loss"), dict) else {}
-    clash = [k for k in _LAMBDAS if f"loss.{k}" in overrides or k in loss_dict]
+    clash = [k for k in _LOSS_FLAGS if f"loss.{k}" in overrides or k in loss_dict]
     if a.faithful and "faithful" in overrides:
         clash.append("faithful")
     if clash:
@@ -176,15 +193,25 @@ def model_overrides(a: argparse.Namespace) -> Dict[str, Any]:
                          f"({', '.join(_flag(k) for k in clash)}): use the flags")
     if a.faithful:
         overrides["faithful"] = True
-    _merge_section(overrides, "loss", {k: getattr(a, k) for k in _LAMBDAS})
+    loss = {k: getattr(a, k) for k in _LOSS_FLAGS}
+    if overrides.get("faithful") is True:  # parse_args checks --faithful; this catches --model-override faithful=true
+        changed = [_flag(k) for k, v in loss.items() if k not in _LAMBDAS and v != getattr(_PAPER_LOSS, k)]
+        if changed:
+            raise SystemExit(f"--model-override faithful=true cannot be combined with {', '.join(changed)}: faithful "
+                             f"mode keeps the paper's loss (series of {_PAPER_LOSS.series_len} studies, time-ordered "
+                             f"temporal loss, learned local weighting, per-sample local context)")
+    _merge_section(overrides, "loss", loss)
     return overrides
 
 
 def _architecture(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """A config dict without the loss weights: those are flags, compared with the run-defining arguments."""
-    d = dict(cfg)
-    if isinstance(d.get("loss"), dict):
-        d["loss"] = {k: v for k, v in d["loss"].items() if k not in _LAMBDAS}
+    """A config dict without the loss fields that are flags (compared with the run-defining arguments), with
+    every field a later version added filled by its default, so an older run's checkpoint still matches."""
+    try:
+        d = MedSTConfig.from_dict(cfg).to_dict()
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"the checkpoint's model config cannot be read by this version ({e})") from None
+    d["loss"] = {k: v for k, v in d["loss"].items() if k not in _LOSS_FLAGS}
     return d
 
 
@@ -366,6 +393,8 @@ class Trainer:
         from ..text.tokenizer import MedSTTokenizer
 
         overrides = model_overrides(a)
+        if a.series_len != 4:  # until the data pipeline cuts series of N (issue 14 item 5)
+            raise SystemExit(f"--series-len {a.series_len}: the data pipeline still cuts series of 4 studies")
         try:
             cfg = get_model_config(a.model).replace(**overrides)
         except ValueError as e:
