@@ -558,6 +558,32 @@ def _sample_kernel(A, APART, QMASK, ROWS, RSTAT, CSTAT, INW, INB, VECS, DCST, LO
         tl.store(vec + D + k, tl.sum(wq * dqq[:, None], 0) / cnt, mask=km)
 
 
+@triton_helper
+def _g_block_times(x, l_own, g_own, r0, Y, L_OTHER, G_OTHER, gam, Tq, D: tl.constexpr, rd, dm, scale,
+                   CT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """scale * sum over the other side's blocks of G(own rows, other rows) @ y, for _s_bwd_kernel.
+
+    G is symmetric in its two sides (see _s_bwd_kernel), so one body serves the row programs (own = q, other =
+    ctx: the G tiles) and the column programs (own = ctx, other = q: the G^T tiles). ``l_own`` / ``g_own`` are
+    the own rows' logsumexps and weights, L_OTHER / G_OTHER the other side's (pointers into ROWS)."""
+    f_own = (l_own < float("inf")).to(tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for j0 in range(0, Tq, BLOCK):
+        rj = j0 + tl.arange(0, BLOCK)
+        y = as_operand(tl.load(Y + rj[:, None] * D + rd[None, :], mask=(rj < Tq)[:, None] & dm[None, :], other=0.0),
+                       CT, INTERP)
+        l_oth = tl.load(L_OTHER + rj, mask=rj < Tq, other=float("inf"))
+        f_oth = (l_oth < float("inf")).to(tl.float32)
+        g_oth = gam * tl.load(G_OTHER + rj, mask=rj < Tq, other=0.0)
+        s = tl.dot(x, tl.trans(y), input_precision=PREC) * scale
+        g = (g_own[:, None] * tl.exp(s - l_own[:, None])) * f_oth[None, :] + \
+            (g_oth[None, :] * tl.exp(s - l_oth[None, :])) * f_own[:, None]
+        g = tl.where(r0[:, None] == rj[None, :], g - 2.0 * g_own[:, None], g)  # the -2 S_ii term, see the kernel
+        acc = tl.dot(as_operand(g * scale, CT, INTERP), y, acc, input_precision=PREC)
+    return acc
+
+
 def _s_bwd_kernel(Q, CTX, A, ROWS, VECS, GOUT, DQS, DQG, DCTXR, DELTA, Tq, D: tl.constexpr, scale,
                   RENORM: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
                   INTERP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -583,40 +609,20 @@ def _s_bwd_kernel(Q, CTX, A, ROWS, VECS, GOUT, DQS, DQG, DCTXR, DELTA, Tq, D: tl
     r0 = tl.arange(0, BLOCK) + (pid if pid < nb else pid - nb) * BLOCK
     off0 = r0[:, None] * D + rd[None, :]
     m0_ = (r0 < Tq)[:, None] & dm[None, :]
-    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     if pid < nb:
         q = as_operand(tl.load(Qb + off0, mask=m0_, other=0.0), CT, INTERP)
         lr = tl.load(rows + 3 * Tq + r0, mask=r0 < Tq, other=float("inf"))
-        fi = (lr < float("inf")).to(tl.float32)
         gi = gam * tl.load(rows + 5 * Tq + r0, mask=r0 < Tq, other=0.0)
-        for j0 in range(0, Tq, BLOCK):
-            rj = j0 + tl.arange(0, BLOCK)
-            c = as_operand(tl.load(Cb + rj[:, None] * D + rd[None, :], mask=(rj < Tq)[:, None] & dm[None, :], other=0.0),
-                           CT, INTERP)
-            lc = tl.load(rows + 4 * Tq + rj, mask=rj < Tq, other=float("inf"))
-            fj = (lc < float("inf")).to(tl.float32)
-            gj = gam * tl.load(rows + 5 * Tq + rj, mask=rj < Tq, other=0.0)
-            s = tl.dot(q, tl.trans(c), input_precision=PREC) * scale
-            g = (gi[:, None] * tl.exp(s - lr[:, None])) * fj[None, :] + (gj[None, :] * tl.exp(s - lc[None, :])) * fi[:, None]
-            g = tl.where(r0[:, None] == rj[None, :], g - 2.0 * gi[:, None], g)  # the -2 S_ii term, see above
-            acc = tl.dot(as_operand(g * scale, CT, INTERP), c, acc, input_precision=PREC)
+        acc = _g_block_times(q, lr, gi, r0, Cb, rows + 4 * Tq, rows + 5 * Tq, gam, Tq, D, rd, dm, scale,
+                             CT, PREC, INTERP, BLOCK, BLOCK_D)
         tl.store(DQS + b * Tq * D + off0, acc, mask=m0_)
     else:
         c = as_operand(tl.load(Cb + off0, mask=m0_, other=0.0), CT, INTERP)
         lc = tl.load(rows + 4 * Tq + r0, mask=r0 < Tq, other=float("inf"))
         fj = (lc < float("inf")).to(tl.float32)
         gj = gam * tl.load(rows + 5 * Tq + r0, mask=r0 < Tq, other=0.0)
-        for i0 in range(0, Tq, BLOCK):
-            ri = i0 + tl.arange(0, BLOCK)
-            q = as_operand(tl.load(Qb + ri[:, None] * D + rd[None, :], mask=(ri < Tq)[:, None] & dm[None, :], other=0.0),
-                           CT, INTERP)
-            lr = tl.load(rows + 3 * Tq + ri, mask=ri < Tq, other=float("inf"))
-            fi = (lr < float("inf")).to(tl.float32)
-            gi = gam * tl.load(rows + 5 * Tq + ri, mask=ri < Tq, other=0.0)
-            st = tl.dot(c, tl.trans(q), input_precision=PREC) * scale  # (m, i): the S^T tile
-            gt = (gi[None, :] * tl.exp(st - lr[None, :])) * fj[:, None] + (gj[:, None] * tl.exp(st - lc[:, None])) * fi[None, :]
-            gt = tl.where(r0[:, None] == ri[None, :], gt - 2.0 * gj[:, None], gt)
-            acc = tl.dot(as_operand(gt * scale, CT, INTERP), q, acc, input_precision=PREC)
+        acc = _g_block_times(c, lc, gj, r0, Qb, rows + 3 * Tq, rows + 5 * Tq, gam, Tq, D, rd, dm, scale,
+                             CT, PREC, INTERP, BLOCK, BLOCK_D)  # the S^T tiles: (m, i)
         # the glue of rows m, in fp32; each tile loaded where it is used, to keep few of them live
         dlog = tl.load(rows + 6 * Tq + r0, mask=r0 < Tq, other=0.0)
         u = tl.load(VECS + b * 6 * D + rd, mask=dm, other=0.0)
