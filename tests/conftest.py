@@ -57,6 +57,13 @@ def shared_file(shared_dir):
 
 
 @pytest.fixture(scope="session")
+def covid(shared_file):
+    """The shared COVID-CXR sample folder (real X-rays + manifest.csv) the loader tests index."""
+    shared_file("data", "covid-cxr", "manifest.csv")  # a named skip (a failure in CI) when it is missing
+    return shared_file("data", "covid-cxr")
+
+
+@pytest.fixture(scope="session")
 def vocab_path(shared_dir):
     return _need("vocab", "bio_clinicalbert", "vocab.txt")
 

@@ -17,12 +17,6 @@ GREY = 2.0 / 255.0 + 1e-5  # one grey level after normalisation
 
 
 @pytest.fixture(scope="module")
-def covid(shared_file):
-    shared_file("data", "covid-cxr", "manifest.csv")  # a named skip (a failure in CI) when it is missing
-    return shared_file("data", "covid-cxr")
-
-
-@pytest.fixture(scope="module")
 def index_dir(covid, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("idx"))
     build_index(covid, out, max_studies=26)

@@ -15,12 +15,6 @@ GREY = 2.0 / 255.0 + 1e-5
 
 
 @pytest.fixture(scope="module")
-def covid(shared_file):
-    shared_file("data", "covid-cxr", "manifest.csv")  # a named skip (a failure in CI) when it is missing
-    return shared_file("data", "covid-cxr")
-
-
-@pytest.fixture(scope="module")
 def index_dir(covid, tmp_path_factory):
     from _loader_index import build_index
 

@@ -213,23 +213,12 @@ def _gray(path, level, size=(40, 48)):
 
 
 def _write_dicom(path, level):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from _loader_index import write_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
     a = np.full((50, 40), level * 16, dtype=np.uint16)
     a[10:20, :] = 4000
-    ds.Rows, ds.Columns = a.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = a.tobytes()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, a)
 
 
 def _manifest(path, rows, time_col="offset"):
