@@ -219,5 +219,35 @@ def launch(fn, grid, *args, **meta):
     jit_kernel(fn)[grid](*args, **meta)
 
 
+_autotuners = {}
+
+
+def autotuner(fn, configs: tuple, key: tuple, tag):
+    """``triton.autotune(configs, key)`` over the compiled kernel ``fn``, one per (fn, configs, key, tag).
+
+    configs: ((constexpr items...), num_warps, num_stages) tuples. ``tag`` separates autotuners whose keys
+    would collide, e.g. the token-count bucket: the kernel has no bucket argument, so each bucket gets its
+    own autotuner (and its own cache of timings) instead. Compiled mode only: the interpreter has nothing to
+    time, and callers never autotune CPU tensors.
+    """
+    ck = (fn, configs, key, tag)
+    at = _autotuners.get(ck)
+    if at is None:
+        import triton
+
+        if interpreting():
+            raise RuntimeError("kernels/_utils.py: autotuning under TRITON_INTERPRET=1 (nothing to time)")
+        tconfigs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in configs]
+        at = _autotuners[ck] = triton.autotune(configs=tconfigs, key=list(key))(jit_kernel(fn))
+    return at
+
+
+def autotune_launch(fn, grid, configs: tuple, key: tuple, tag, *args, **meta):
+    """Launch ``fn`` through :func:`autotuner`; ``grid`` is a function of the chosen constexprs. The first
+    launch per key benchmarks every config (the kernels' outputs must not feed their inputs: they run
+    several times)."""
+    autotuner(fn, configs, key, tag)[grid](*args, **meta)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()

@@ -19,10 +19,12 @@
   all per-tile sums per expert segment (contiguous in slot order) in a fixed order: deterministic, no
   atomics. Forward and backward issue no host sync (no nonzero / bincount / repeat_interleave / .item()).
 
-Tiles (sm_90): 128-row slot tiles x 128 x 64, 8 warps, 3 pipeline stages for bf16/fp16 (wgmma); weight
-gradients 128 x 128 over 64-slot steps; exact fp32 128 x 64 x 16. A fixed choice rather than an autotune set:
-no GPU has measured the alternatives yet, and a fixed choice keeps runs deterministic, never benchmarks inside
-a training step, and is exactly what tests/test_sm90_compile.py compiles (no spills, wgmma in every GEMM).
+Tiles (sm_90): 128-row slot tiles (fixed: the routing pads every expert segment to them); the rest of the tile
+comes from a small candidate set per compute kind (``GEMM_CONFIGS`` / ``WGRAD_CONFIGS``, see the launchers
+below), chosen by a deterministic table keyed on (slot-count bucket, N, K): every process picks the same tiles,
+so runs stay bitwise reproducible and no training step benchmarks anything. ``MEDST_FAST_AUTOTUNE=1`` opts
+into triton.autotune over the same set on CUDA (that breaks bitwise resume). tests/test_sm90_compile.py
+compiles every config of the sets (no spills, wgmma in every bf16 GEMM); no persistent scheduling (unmeasured).
 
 Mixed precision (``compute_dtype``, by default the autocast dtype when autocast is on): the GEMM operands
 (h, gelu(z1), dy, dz1 and the weights) are in the compute dtype, every product accumulates in fp32. With an
@@ -36,13 +38,16 @@ autocast kernel would cast x to bf16 and lose the fp32 residual stream); the dty
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._utils import as_operand, dot_precision, interpreting, launch, next_pow2, round_to, triton_helper, use_triton
+from ._utils import (as_operand, autotune_launch, dot_precision, interpreting, launch, next_pow2, round_to,
+                     triton_helper, use_triton)
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
@@ -301,22 +306,125 @@ _SUB = 4
 
 
 class GemmConfig(NamedTuple):
+    """Tile of the grouped GEMM (its BLOCK_M is always the slot tile, BLOCK_M = 128)."""
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
 
 
-# Hopper tiles for 128-row slot tiles. bf16/fp16: 128x128x64, 8 warps (two warpgroups on wgmma m64), three
-# stages of cp.async prefetch (96 KB of shared memory). Exact fp32 (ieee FMA products, the parity path):
-# narrow K steps so the operand slices each thread holds fit in registers (wider ones spill on sm_90).
-_GEMM_CFG = {"mma": GemmConfig(128, 64, 8, 3), "fp32": GemmConfig(64, 16, 8, 2)}
-_WGRAD_CFG = {"mma": (64, GemmConfig(128, 128, 8, 3)), "fp32": (16, GemmConfig(64, 64, 8, 2))}  # (BLOCK_R, tile)
+class WgradConfig(NamedTuple):
+    """Tile of the weight-gradient GEMM: a block_n x block_k tile of dW, reduced over block_r slots a step."""
+    block_r: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The candidate sets, per compute kind ("mma": bf16 / fp16 on the tensor cores; "fp32": exact ieee FMA, the
+# parity path, one config). Every config of every set is compiled for sm_90a at ViT-B shapes by
+# tests/test_sm90_compile.py (no spills, shared memory <= 227 KB, wgmma) and run under the interpreter by
+# tests/test_ops_move_ffn.py, so whatever the table or the autotuner picks is a checked binary.
+#   0: 128x128x64, two warpgroups (wgmma m64 each), 3 stages of prefetch, 96 KB smem (the former fixed tile)
+#   1: 128x128x64, two warpgroups, 4 stages (128 KB): deeper prefetch for the long K = 3072 loops
+#   2: 128x128x128, two warpgroups, 3 stages (192 KB): half the loop trips on the short K = 768 loops
+#   3: 128x64x64, one warpgroup, 4 stages (96 KB): twice the programs on the narrow (N = 768) GEMMs, fewer
+#      idle SMs in the last wave at small batches
+# Not in the set: 128x256 tiles (8 or 16 warps) and 128x128 on one warpgroup. Their 128 fp32 accumulator
+# registers per thread leave too little for the epilogues: ptxas spills 24-1036 bytes in the bias + GELU,
+# residual-scatter and gelu' epilogues (sm_90a, triton 3.8); only the plain dh GEMM compiles clean.
+# Exact fp32: narrow K steps so the operand slices each thread holds fit in registers (wider ones spill).
+GEMM_CONFIGS = {
+    "mma": (GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 4), GemmConfig(128, 128, 8, 3),
+            GemmConfig(64, 64, 4, 4)),
+    "fp32": (GemmConfig(64, 16, 8, 2),),
+}
+#   0: 128x128 over 64-slot steps, two warpgroups, 3 stages (the former fixed tile)
+#   1: 128x256, two warpgroups: half the programs, each reading its slot rows once for twice the columns
+#   2: 128x128 over 32-slot steps, one warpgroup, 4 stages
+#   3: 64x128, one warpgroup, 4 stages: twice the programs, which evens out the two experts' unequal
+#      segment lengths (the frontal segment is about twice the lateral one at half-lateral batches)
+WGRAD_CONFIGS = {
+    "mma": (WgradConfig(64, 128, 128, 8, 3), WgradConfig(64, 128, 256, 8, 3), WgradConfig(32, 128, 128, 4, 4),
+            WgradConfig(64, 64, 128, 4, 4)),
+    "fp32": (WgradConfig(16, 64, 64, 8, 2),),
+}
+# Slot-count buckets (the GEMMs' M): < 16384 slots (up to ~55 ViT-B studies of which half with a lateral),
+# < 32768 (~110), more. The selection and the autotuner's cache both key on the bucket, not the exact count,
+# so batches of slightly different token counts share one pick.
+TOKEN_BUCKETS = (16384, 32768)
+
+# The default selection: (token bucket, N, K) -> index into the kind's set, at the ViT-B GEMMs
+# (fc1 / dz1: N = 3072, K = 768; fc2 / dh: N = 768, K = 3072; weight gradients: dW1 3072 x 768, dW2
+# 768 x 3072). A FIRST GUESS from tile counts against the H200's 132 SMs, NOT a measurement: replace it with
+# the winners of benchmarks/bench_ops.py (MoVE FFN config rows) once benchmarks/device_check.sh has run on a
+# GPU. A shape not in the table takes config 0. A table lookup, not timing, so that every process picks the
+# same tiles: the reduction order, hence the bits, depends on the tile (kill -9 + resume is bitwise exact).
+_GEMM_TABLE = {
+    (0, 3072, 768): 0, (1, 3072, 768): 2, (2, 3072, 768): 2,  # short K: fewer, larger K steps once M is large
+    (0, 768, 3072): 3, (1, 768, 3072): 1, (2, 768, 3072): 1,  # narrow N: 128x64 at small M, else deeper prefetch
+}
+_WGRAD_TABLE = {
+    (0, 768, 3072): 3, (0, 3072, 768): 3,  # small batch: finer tiles even out the unequal expert segments
+}
 _GROUP = 8
+AUTOTUNE_ENV = "MEDST_FAST_AUTOTUNE"
+_forced = {"gemm": None, "wgrad": None}
 
 
 def _cfg_kind(compute_dtype: torch.dtype) -> str:
     return "fp32" if compute_dtype == torch.float32 else "mma"
+
+
+def token_bucket(slots: int) -> int:
+    """Index of the bucket of TOKEN_BUCKETS that a slot count falls in."""
+    return sum(slots >= b for b in TOKEN_BUCKETS)
+
+
+def gemm_config(compute_dtype: torch.dtype, slots: int, n: int, k: int) -> GemmConfig:
+    """The grouped GEMM's tile for C (slots x n) = A (slots x k) B: the forced one (see :func:`forced_configs`),
+    else the table's pick for the mma kind, else the kind's first config. Deterministic: a pure lookup."""
+    kind = _cfg_kind(compute_dtype)
+    if _forced["gemm"] is not None:
+        return _forced_for(kind, "gemm", GEMM_CONFIGS)
+    return GEMM_CONFIGS[kind][_GEMM_TABLE.get((token_bucket(slots), n, k), 0) if kind == "mma" else 0]
+
+
+def wgrad_config(compute_dtype: torch.dtype, slots: int, n: int, k: int) -> WgradConfig:
+    """The weight-gradient GEMM's tile for dW (n x k) reduced over ``slots``; as :func:`gemm_config`."""
+    kind = _cfg_kind(compute_dtype)
+    if _forced["wgrad"] is not None:
+        return _forced_for(kind, "wgrad", WGRAD_CONFIGS)
+    return WGRAD_CONFIGS[kind][_WGRAD_TABLE.get((token_bucket(slots), n, k), 0) if kind == "mma" else 0]
+
+
+def _forced_for(kind: str, which: str, sets: dict):
+    cfg = _forced[which]
+    if cfg not in sets[kind]:  # only checked binaries run: a tile outside the set was never compiled for sm_90
+        raise ValueError(f"kernels/move_ffn.py: forced {which} config {cfg} is not in the {kind!r} set {sets[kind]}")
+    return cfg
+
+
+@contextlib.contextmanager
+def forced_configs(gemm: Optional[GemmConfig] = None, wgrad: Optional[WgradConfig] = None):
+    """Within the block every launch uses these tiles (each must belong to its kind's set), not the table's
+    nor the autotuner's: for the tests (every config under the interpreter and the sm_90 compile) and the
+    per-config benchmark rows."""
+    saved = dict(_forced)
+    _forced.update(gemm=gemm, wgrad=wgrad)
+    try:
+        yield
+    finally:
+        _forced.update(saved)
+
+
+def autotune_enabled(t: torch.Tensor, compute_dtype: torch.dtype, which: str) -> bool:
+    """``MEDST_FAST_AUTOTUNE=1`` opts into triton.autotune over the set, on CUDA tensors only, for the mma kind,
+    when no config is forced. Never under the interpreter or on CPU / meta tensors (nothing is benchmarked
+    there). It breaks bitwise resume: the pick comes from timings, which can differ between two processes."""
+    return (os.environ.get(AUTOTUNE_ENV, "0") == "1" and t.is_cuda and not interpreting()
+            and _cfg_kind(compute_dtype) == "mma" and _forced[which] is None)
 
 
 def _fit(block: int, n: int) -> int:
@@ -324,27 +432,61 @@ def _fit(block: int, n: int) -> int:
     return min(block, max(16, next_pow2(n)))
 
 
+def _gemm_meta(cfg: GemmConfig, n: int, k: int):
+    return {"BLOCK_N": _fit(cfg.block_n, n), "BLOCK_K": _fit(cfg.block_k, k)}, cfg.num_warps, cfg.num_stages
+
+
+def _wgrad_meta(cfg: WgradConfig, n: int, k: int):
+    return ({"BLOCK_R": cfg.block_r, "BLOCK_N": _fit(cfg.block_n, n), "BLOCK_K": _fit(cfg.block_k, k)},
+            cfg.num_warps, cfg.num_stages)
+
+
+def _candidates(configs, to_meta, n, k) -> tuple:
+    """The set as (constexprs, num_warps, num_stages), fitted to (n, k), duplicates dropped (small shapes)."""
+    out = []
+    for cfg in configs:
+        meta, w, s = to_meta(cfg, n, k)
+        c = (tuple(sorted(meta.items())), w, s)
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
 def _mm(a, rows, tile_expert, w, n, k, c, *, b_ncontig, gather=False, epi=0, bias=None, aux=None, res=None,
         part=None):
-    cfg = _GEMM_CFG[_cfg_kind(w.dtype)]
-    bn, bk = _fit(cfg.block_n, n), _fit(cfg.block_k, k)
-    n_tiles = tile_expert.numel()
-    launch(_grouped_mm_kernel, (n_tiles * triton_cdiv(n, bn),),
-           a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
-           res if res is not None else c, part if part is not None else c, n_tiles, n, k,
-           part.stride(0) if part is not None else 0,
-           A_GATHER=gather, B_NCONTIG=b_ncontig, EPI=epi, PREC=dot_precision(w.dtype), INTERP=interpreting(),
-           BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, num_warps=cfg.num_warps,
-           num_stages=cfg.num_stages)
+    n_tiles, slots = tile_expert.numel(), rows.numel()
+    args = (a, rows, tile_expert, w, bias if bias is not None else w, c, aux if aux is not None else c,
+            res if res is not None else c, part if part is not None else c, n_tiles, n, k,
+            part.stride(0) if part is not None else 0)
+    meta = dict(A_GATHER=gather, B_NCONTIG=b_ncontig, EPI=epi, PREC=dot_precision(w.dtype), INTERP=interpreting(),
+                BLOCK_M=BLOCK_M, GROUP_M=_GROUP)
+
+    def grid(m):
+        return (n_tiles * triton_cdiv(n, m["BLOCK_N"]),)
+
+    if autotune_enabled(a, w.dtype, "gemm"):
+        # EPI / A_GATHER / B_NCONTIG in the key: fc1 and dz1 share (N, K) but are different kernels
+        autotune_launch(_grouped_mm_kernel, grid, _candidates(GEMM_CONFIGS["mma"], _gemm_meta, n, k),
+                        ("N", "K", "EPI", "A_GATHER", "B_NCONTIG"), token_bucket(slots), *args, **meta)
+        return
+    tile, num_warps, num_stages = _gemm_meta(gemm_config(w.dtype, slots, n, k), n, k)
+    launch(_grouped_mm_kernel, grid(tile), *args, **meta, **tile, num_warps=num_warps, num_stages=num_stages)
 
 
 def _wgrad(a, rows, bm, seg, n, k, gather):
-    block_r, cfg = _WGRAD_CFG[_cfg_kind(bm.dtype)]
-    bn, bk = _fit(cfg.block_n, n), _fit(cfg.block_k, k)
     dw = torch.empty(N_EXPERTS, n, k, device=a.device, dtype=torch.float32)
-    launch(_grouped_wgrad_kernel, (triton_cdiv(n, bn) * triton_cdiv(k, bk), N_EXPERTS), a, rows, bm, seg, dw, n, k,
-           A_GATHER=gather, PREC=dot_precision(bm.dtype), INTERP=interpreting(), BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk,
-           GROUP_N=_GROUP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (a, rows, bm, seg, dw, n, k)
+    meta = dict(A_GATHER=gather, PREC=dot_precision(bm.dtype), INTERP=interpreting(), GROUP_N=_GROUP)
+
+    def grid(m):
+        return (triton_cdiv(n, m["BLOCK_N"]) * triton_cdiv(k, m["BLOCK_K"]), N_EXPERTS)
+
+    if autotune_enabled(a, bm.dtype, "wgrad"):
+        autotune_launch(_grouped_wgrad_kernel, grid, _candidates(WGRAD_CONFIGS["mma"], _wgrad_meta, n, k),
+                        ("N", "K", "A_GATHER"), token_bucket(rows.numel()), *args, **meta)
+        return dw
+    tile, num_warps, num_stages = _wgrad_meta(wgrad_config(bm.dtype, rows.numel(), n, k), n, k)
+    launch(_grouped_wgrad_kernel, grid(tile), *args, **meta, **tile, num_warps=num_warps, num_stages=num_stages)
     return dw
 
 

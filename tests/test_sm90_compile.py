@@ -58,12 +58,28 @@ def switch_launches(batch: int, tq: int, tc: int, masks: bool, renorm: bool, ct,
     return rec
 
 
+def ffn_config_launches(studies: int, x_dt, ct):
+    """The MoVE FFN launches with each config of its candidate sets forced in turn (what MEDST_FAST_AUTOTUNE=1
+    can pick on a GPU), one config of the grouped GEMM and one of the weight-gradient GEMM at a time."""
+    from medst_fast.kernels import _sm90
+    from medst_fast.kernels import move_ffn as mf
+
+    kind = mf._cfg_kind(ct)
+    gemm, wgrad = mf.GEMM_CONFIGS[kind], mf.WGRAD_CONFIGS[kind]
+    launches = []
+    for i in range(max(len(gemm), len(wgrad))):
+        with mf.forced_configs(gemm=gemm[i % len(gemm)], wgrad=wgrad[i % len(wgrad)]):
+            launches += _sm90.move_ffn_launches(studies, x_dt, ct)
+    return launches
+
+
 def all_launches():
     from medst_fast.kernels import _sm90
 
     launches = []
     for studies, (x_dt, ct) in itertools.product(FFN_STUDIES, FFN_DTYPES):
-        launches += [(ct, l) for l in _sm90.move_ffn_launches(studies, x_dt, ct)]
+        launches += [(ct, l) for l in _sm90.move_ffn_launches(studies, x_dt, ct)]  # the table's picks
+        launches += [(ct, l) for l in ffn_config_launches(studies, x_dt, ct)]  # every config of the sets
     for batch, (tq, tc, renorm), masks, ct in itertools.product(ALIGN_BATCH, ALIGN_SIDES, (False, True), ALIGN_DTYPES):
         launches += [(ct, l) for l in _sm90.local_align_launches(batch, tq, tc, masks, renorm, ct)]
         launches += [(ct, l) for l in switch_launches(batch, tq, tc, masks, renorm, ct)]
@@ -97,9 +113,10 @@ def compiled():
         if env_interp is not None:
             os.environ["TRITON_INTERPRET"] = env_interp
     rows = []
-    for (key, (ct, launch)), st in zip(variants.items(), stats):
+    for (key, (ct, launch)), spec, st in zip(variants.items(), specs, stats):
+        tile = tuple(launch.meta.get(k) for k in ("BLOCK_R", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
         rows.append(dict(module=launch.module.rsplit(".", 1)[-1], kernel=launch.kernel, ct=ct,
-                         config=_sm90.config_label(launch), **st))
+                         config=_sm90.config_label(launch), tile=tile, signature=tuple(spec[2].items()), **st))
     if os.environ.get("MEDST_WRITE_SM90_TABLE") == "1":
         write_table(rows, len(all_launches()))
     return rows
@@ -119,7 +136,9 @@ def write_table(rows, n_launches):
         f"shapes (MoVE FFN: {', '.join(map(str, FFN_STUDIES))} studies, half with a lateral, width 768, hidden "
         f"3072, x/compute dtypes fp32/bf16, bf16/bf16, fp32/fp32; local alignment: B {', '.join(map(str, ALIGN_BATCH))},"
         f" 111 words x 392 patches both ways, d 128, masks on/off, fp32 and bf16, each with the default loss, "
-        f"uniform weighting, batch scope and both switches, plus softmax_rows) compile to "
+        f"uniform weighting, batch scope and both switches, plus softmax_rows; the MoVE FFN also with each config of "
+        f"its GEMM candidate sets forced, `move_ffn.GEMM_CONFIGS` / `WGRAD_CONFIGS`, what MEDST_FAST_AUTOTUNE=1 "
+        f"can pick) compile to "
         f"{len(rows)} distinct binaries, listed here. Shared memory is the dynamic allocation of one block "
         f"(limit {_sm90.SMEM_LIMIT} bytes). These are compile facts, not timings: no GPU has run them.",
         "",
@@ -182,12 +201,87 @@ def test_batch_scope_launches_one_sample_of_the_whole_batch():
     assert len(wide) == 2 and all(l.args[5] == 40 * 111 and l.args[6] == 40 * 392 for l in wide)  # Tx, Ty
 
 
-def test_launch_recording_matches_the_launchers():
-    """The recorder sees what the launchers ask for: the config choice follows the compute dtype."""
+def _gemm_tile(launch):
+    m = launch.meta
+    return m["BLOCK_N"], m["BLOCK_K"], m["num_warps"], m["num_stages"]
+
+
+def _wgrad_tile(launch):
+    m = launch.meta
+    return m["BLOCK_R"], m["BLOCK_N"], m["BLOCK_K"], m["num_warps"], m["num_stages"]
+
+
+@pytest.mark.parametrize("studies", FFN_STUDIES)
+def test_launch_recording_matches_the_launchers(studies):
+    """The recorder sees what the launchers ask for: the table's pick per (token bucket, N, K), from the set of
+    the compute dtype's kind; exact fp32 keeps its one config."""
+    from medst_fast.kernels import _sm90
+    from medst_fast.kernels import move_ffn as mf
+
+    rec = _sm90.move_ffn_launches(studies, torch.float32, torch.bfloat16)
+    mm = [l for l in rec if l.kernel == "_grouped_mm_kernel"]
+    assert len(mm) == 4 and {l.meta["BLOCK_M"] for l in mm} == {128}
+    for l in mm:
+        slots, n, k = l.args[1].numel(), l.args[10], l.args[11]
+        assert _gemm_tile(l) == tuple(mf.gemm_config(torch.bfloat16, slots, n, k)) and l.grid == (
+            l.args[9] * -(-n // l.meta["BLOCK_N"]),)
+        assert tuple(mf.gemm_config(torch.bfloat16, slots, n, k)) in {tuple(c) for c in mf.GEMM_CONFIGS["mma"]}
+    wg = [l for l in rec if l.kernel == "_grouped_wgrad_kernel"]
+    assert len(wg) == 2
+    for l in wg:
+        assert _wgrad_tile(l) == tuple(mf.wgrad_config(torch.bfloat16, l.args[1].numel(), l.args[5], l.args[6]))
+    exact = [l for l in _sm90.move_ffn_launches(studies, torch.float32, torch.float32) if l.kernel == "_grouped_mm_kernel"]
+    assert {l.meta["PREC"] for l in exact} == {"ieee"}
+    assert {_gemm_tile(l) for l in exact} == {tuple(mf.GEMM_CONFIGS["fp32"][0])}
+
+
+def test_the_table_picks_differ_across_buckets():
+    """The lookup really is keyed on the token count: at ViT-B, 40 and 160 studies get different fc2 tiles (if
+    a measured table ever makes them equal, change this test, not the table)."""
     from medst_fast.kernels import _sm90
 
-    mm = [l for l in _sm90.move_ffn_launches(40, torch.float32, torch.bfloat16) if l.kernel == "_grouped_mm_kernel"]
-    assert len(mm) == 4 and {l.meta["BLOCK_M"] for l in mm} == {128}
-    assert {(l.meta["BLOCK_N"], l.meta["BLOCK_K"], l.meta["num_warps"]) for l in mm} == {(128, 64, 8)}
-    exact = [l for l in _sm90.move_ffn_launches(40, torch.float32, torch.float32) if l.kernel == "_grouped_mm_kernel"]
-    assert {l.meta["PREC"] for l in exact} == {"ieee"}
+    def fc2_tile(studies):
+        mm = [l for l in _sm90.move_ffn_launches(studies, torch.float32, torch.bfloat16)
+              if l.kernel == "_grouped_mm_kernel" and l.meta["EPI"] == 2]
+        return _gemm_tile(mm[0])
+
+    assert fc2_tile(40) != fc2_tile(160)
+
+
+def test_autotune_flag_never_benchmarks_meta_or_cpu_tensors(monkeypatch):
+    """MEDST_FAST_AUTOTUNE=1 switches only CUDA launches to the autotuner: the recorder on meta tensors still sees
+    the table's picks, and no autotuner is built."""
+    from medst_fast.kernels import _sm90, _utils
+    from medst_fast.kernels import move_ffn as mf
+
+    def no_autotune(*a, **k):
+        raise AssertionError("autotuned a launch that is not on CUDA")
+
+    monkeypatch.setattr(mf, "autotune_launch", no_autotune)
+    plain = [_gemm_tile(l) for l in _sm90.move_ffn_launches(40, torch.float32, torch.bfloat16)
+             if l.kernel == "_grouped_mm_kernel"]
+    monkeypatch.setenv("MEDST_FAST_AUTOTUNE", "1")
+    flagged = [_gemm_tile(l) for l in _sm90.move_ffn_launches(40, torch.float32, torch.bfloat16)
+               if l.kernel == "_grouped_mm_kernel"]
+    assert flagged == plain
+    assert not mf.autotune_enabled(torch.empty(1), torch.bfloat16, "gemm")
+
+
+@pytest.mark.parametrize("which", ["gemm", "wgrad"])
+def test_every_config_of_the_sets_is_compiled_for_every_variant(compiled, which):
+    """Each config of the mma set appears, compiled, in every epilogue / gather variant of its kernel."""
+    from medst_fast.kernels import move_ffn as mf
+
+    kernel = {"gemm": "_grouped_mm_kernel", "wgrad": "_grouped_wgrad_kernel"}[which]
+    sets = {"gemm": mf.GEMM_CONFIGS, "wgrad": mf.WGRAD_CONFIGS}[which]
+    rows = [r for r in compiled if r["kernel"] == kernel and r["ct"] == torch.bfloat16]
+    strip = (lambda t: t[1:]) if which == "gemm" else (lambda t: t)  # the grouped GEMM has no BLOCK_R
+    variants = {}  # (argument dtypes, epilogue and flags) -> the tiles compiled for it
+    for r in rows:
+        words = r["config"].split()
+        v = (r["signature"], r["config"].split(" BLOCK_")[0], tuple(w for w in words if w in ("A_GATHER", "B_NCONTIG")))
+        variants.setdefault(v, set()).add(strip(r["tile"]))
+    want = {tuple(c) for c in sets["mma"]}
+    assert len(variants) >= 2 and len(want) >= 3
+    for v, tiles in variants.items():
+        assert want <= tiles, (v, want - tiles)
