@@ -8,27 +8,47 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from .train.args import parse_args
-from .train.loop import TrainResult, train
+from .factory import check_extra
+
+if TYPE_CHECKING:
+    from .train.loop import TrainResult
 
 
-def main(argv: Optional[List[str]] = None) -> TrainResult:
-    """Parse ``argv`` (default: sys.argv[1:]) and train; returns a TrainResult (run folder, step, exports)."""
+def main(argv: Optional[List[str]] = None) -> "TrainResult":
+    """Parse ``argv`` (default: sys.argv[1:]) and train; returns a TrainResult (run folder, step, exports).
+
+    A core install (without the ``[train]`` extra) gets one ImportError naming ``pip install
+    'medst_fast[train]'`` before anything else runs, instead of a ModuleNotFoundError from deep in a loader.
+    """
+    check_extra("train", purpose="python -m medst_fast.pretrain")
+    from .train.args import parse_args
+    from .train.loop import train
+
     return train(parse_args(argv))
 
 
-def _cli() -> int:
-    from .train.checkpoint import CheckpointError, RunFolderError
-    from .train.loop import TrainingDiverged
+def _fail(e: Exception) -> int:
+    print(f"medst_fast.pretrain: error: {e}", file=sys.stderr)
+    return 1
 
+
+def _cli() -> int:
+    try:
+        # The trainer's modules are imported here, not at the top, so that a missing package of the [train]
+        # extra is this one line (naming the extra) rather than a traceback.
+        check_extra("train", purpose="python -m medst_fast.pretrain")
+        from .train.checkpoint import CheckpointError, RunFolderError
+        from .train.loop import TrainingDiverged
+    except ImportError as e:
+        return _fail(e)
     try:
         res = main()
-    except (TrainingDiverged, CheckpointError, RunFolderError) as e:
-        # Expected failures: the message says what happened and what to do; a traceback would bury it.
-        print(f"medst_fast.pretrain: error: {e}", file=sys.stderr)
-        return 1
+    except (TrainingDiverged, CheckpointError, RunFolderError, ImportError) as e:
+        # Expected failures: the message says what happened and what to do (a missing package: the pip extra
+        # that brings it); a traceback would bury it.
+        return _fail(e)
     # Killed by SIGTERM/SIGINT after a clean checkpoint: report it the conventional way (128 + signal).
     return 128 + res.interrupted if res.interrupted else 0
 
