@@ -138,7 +138,8 @@ def train_argv(variant, seed, index_dir, vocab, work, a):
     return argv
 
 
-def run_training(name, argv, work):
+def run_training(name, argv, work, cwd=ROOT):
+    """Trains one run as a subprocess (one thread); cwd: where ``medst_fast`` is imported from."""
     final = os.path.join(work, f"run_{name}", "final")
     if os.path.isfile(os.path.join(final, "model.safetensors")):
         log(f"{name}: reusing {final}")
@@ -149,7 +150,7 @@ def run_training(name, argv, work):
     logf = os.path.join(work, f"{name}.log")
     with open(logf, "w") as f:
         r = subprocess.run([sys.executable, "-m", "medst_fast.pretrain"] + argv, stdout=f, stderr=subprocess.STDOUT,
-                           env=env, cwd=ROOT)
+                           env=env, cwd=cwd)
     if r.returncode != 0:
         raise SystemExit(f"{name}: pretraining failed (exit {r.returncode}); see {logf}")
     secs = time.time() - t0
@@ -183,6 +184,23 @@ def evaluate(model, tok, eval_raw, prompts_file, seeds, folds):
     out["probe"] = temporal_probe(model, csv, roots)
     out["zs_findings"] = findings_zeroshot(model, tok, eval_raw)
     return out
+
+
+def summary_row(ev, k):
+    """The table's scalars from ``evaluate``'s output (k: the CV fold count the column names carry)."""
+    row = {"frontal_acc": ev["frontal"].get("average", f"accuracy_cv{k}"),
+           "frontal_macro": ev["frontal"].get("average", f"macro_accuracy_cv{k}"),
+           "study_acc": ev["study"].get("average", f"accuracy_cv{k}"),
+           "study_macro": ev["study"].get("average", f"macro_accuracy_cv{k}")}
+    row.update({f"{f}_study_macro": ev["study"].get(f, f"macro_accuracy_cv{k}") for f in FINDINGS})
+    row.update({"zs_biovil_auroc": ev["zs_biovil"].get("all", "auroc"),
+                "zs_synth_auroc": ev["zs_synth"].get("all", "auroc"),
+                "zs_synth_acc": ev["zs_synth"].get("all", "accuracy"), "probe_macro": ev["probe"]})
+    zf = ev["zs_findings"]
+    row.update({"zs_mimic_frontal": sum(a for a, _ in zf.values()) / len(zf),
+                "zs_mimic_study": sum(b for _, b in zf.values()) / len(zf),
+                "zs_pneumonia_study": zf["Pneumonia"][1]})
+    return row
 
 
 def findings_zeroshot(model, tok, eval_raw):
@@ -311,18 +329,7 @@ def main(argv=None):
             for r in ev[key].rows:
                 r["task"] = f"{r['task']}[{n},{key}]"
             results.append(ev[key])
-        row = {"frontal_acc": ev["frontal"].get("average", f"accuracy_cv{k}"),
-               "frontal_macro": ev["frontal"].get("average", f"macro_accuracy_cv{k}"),
-               "study_acc": ev["study"].get("average", f"accuracy_cv{k}"),
-               "study_macro": ev["study"].get("average", f"macro_accuracy_cv{k}")}
-        row.update({f"{f}_study_macro": ev["study"].get(f, f"macro_accuracy_cv{k}") for f in FINDINGS})
-        row.update({"zs_biovil_auroc": ev["zs_biovil"].get("all", "auroc"),
-                    "zs_synth_auroc": ev["zs_synth"].get("all", "auroc"),
-                    "zs_synth_acc": ev["zs_synth"].get("all", "accuracy"), "probe_macro": ev["probe"]})
-        zf = ev["zs_findings"]
-        row.update({"zs_mimic_frontal": sum(a for a, _ in zf.values()) / len(zf),
-                    "zs_mimic_study": sum(b for _, b in zf.values()) / len(zf),
-                    "zs_pneumonia_study": zf["Pneumonia"][1]})
+        row = summary_row(ev, k)
         per_run[n] = row
         log(f"{n}: " + ", ".join(f"{c} {x:.4f}" for c, x in row.items()))
     # one row per variant: the mean over its seeds

@@ -1,0 +1,130 @@
+"""scripts/ablations.py: the statistics behind its verdicts and the grid it would run (no training here)."""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "ablations.py")
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("ablations_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_t_interval_matches_the_textbook_formula(ab):
+    # [1, 2, 3]: mean 2, sd 1, t_{0.975,2} = 4.302653, half-width 4.302653 / sqrt(3)
+    mean, lo, hi = ab.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert mean == pytest.approx(2.0)
+    assert (lo, hi) == pytest.approx((2.0 - half, 2.0 + half), rel=1e-9)
+    # a different n uses a different quantile: t_{0.975,4} = 2.776445
+    x = [0.1, 0.4, 0.2, 0.9, 0.3]
+    m, lo5, hi5 = ab.t_interval(x)
+    assert (hi5 - m) == pytest.approx(2.7764451051977987 * np.std(x, ddof=1) / math.sqrt(5), rel=1e-9)
+    assert m - lo5 == pytest.approx(hi5 - m)
+
+
+def test_t_interval_single_value_has_no_interval_and_empty_is_an_error(ab):
+    mean, lo, hi = ab.t_interval([0.7])
+    assert mean == 0.7 and math.isnan(lo) and math.isnan(hi)
+    assert ab.verdict(lo, hi) == "one seed: no interval"
+    with pytest.raises(ValueError, match="no values"):
+        ab.t_interval([])
+
+
+def test_paired_difference_uses_matching_seeds_only(ab):
+    variant = {0: 0.50, 1: 0.61, 2: 0.58, 7: 9.0}   # seed 7 has no default partner: ignored
+    default = {0: 0.40, 1: 0.52, 2: 0.47}
+    d, lo, hi, seeds = ab.paired_diff(variant, default)
+    assert seeds == [0, 1, 2]
+    diffs = [0.10, 0.09, 0.11]
+    assert d == pytest.approx(0.10)
+    half = 4.302652729911275 * np.std(diffs, ddof=1) / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((0.10 - half, 0.10 + half))
+    # pairing matters: the unpaired spread of the variant alone is far wider than the paired interval
+    _, ulo, uhi = ab.t_interval([variant[s] for s in seeds])
+    assert uhi - ulo > 5 * (hi - lo)
+    assert ab.verdict(lo, hi) == "real at this scale"
+    with pytest.raises(ValueError, match="no seed in common"):
+        ab.paired_diff({5: 1.0}, {0: 1.0})
+
+
+def test_verdict_needs_the_interval_to_exclude_zero(ab):
+    assert ab.verdict(0.01, 0.2) == "real at this scale"
+    assert ab.verdict(-0.3, -0.001) == "real at this scale"
+    assert ab.verdict(-0.01, 0.2) == "not distinguishable"
+    assert ab.verdict(0.0, 0.2) == "not distinguishable"
+
+
+def test_near_tie_flag_from_mean_pairwise_cosine(ab):
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(50, 16))
+    assert ab.mean_pairwise_cos(spread) < 0.2 and not ab.near_tie(ab.mean_pairwise_cos(spread))
+    tied = np.ones((50, 16)) + 1e-3 * rng.normal(size=(50, 16))   # random-init-like: one point plus noise
+    assert ab.near_tie(ab.mean_pairwise_cos(tied))
+    # the formula against a double loop over distinct pairs
+    e = rng.normal(size=(7, 5))
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    loop = np.mean([u[i] @ u[j] for i in range(7) for j in range(7) if i != j])
+    assert ab.mean_pairwise_cos(e) == pytest.approx(loop)
+
+
+def test_summary_marks_ties_and_pairs_by_seed(ab):
+    def row(study, cos):
+        r = {k: study for k, _, _ in ab.METRICS}
+        r.update(cos_rsna=cos, cos_msxrt_frontal=cos, cos_sentences=0.5)
+        return r
+    rows = {"default_s0": row(0.40, 0.7), "default_s1": row(0.42, 0.7), "default_s2": row(0.41, 0.7),
+            "random_s0": row(0.33, 0.9995), "random_s1": row(0.33, 0.9996), "random_s2": row(0.34, 0.9994),
+            "no_temporal_s0": row(0.41, 0.7), "no_temporal_s1": row(0.40, 0.7), "no_temporal_s2": row(0.43, 0.7)}
+    recs = {(r["variant"], r["metric"]): r for r in ab.summarise(rows, ["default", "no_temporal"])}
+    rnd = recs[("random", "study_macro")]
+    assert rnd["note"].startswith("near-tie") and rnd["verdict"] == "real at this scale"
+    assert recs[("random", "sentence_auroc")]["note"] == ""      # sentences were not tied
+    nt = recs[("no_temporal", "study_macro")]
+    assert nt["note"] == "" and nt["verdict"] == "not distinguishable"
+    assert "diff" not in recs[("default", "study_macro")]
+    csv_text = ab.to_csv_text(list(recs.values()))
+    assert csv_text.splitlines()[0].startswith("variant,metric,n_seeds,mean,ci95_low")
+    assert len(csv_text.splitlines()) == 1 + len(recs)
+
+
+def test_variants_without_their_trainer_flag_are_left_out(ab):
+    keep, left = ab.available_variants("--local-weighting --local-scope", ["default", "local_uniform",
+                                                                          "temporal_shuffle", "series_len_2"])
+    assert keep == ["default", "local_uniform"]
+    assert set(left) == {"temporal_shuffle", "series_len_2"} and "--series-len" in left["series_len_2"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        ab.available_variants("", ["nope"])
+
+
+def test_dry_run_prints_the_grid(tmp_path):
+    work = str(tmp_path / "w")
+    r = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--work", work, "--seeds", "0,1",
+                        "--variants", "default,no_temporal,local_batch", "--steps", "7", "--stage2-steps", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if not line.startswith("#"))
+    # stage 1: paper and local_batch configurations per seed, from random weights, no temporal loss
+    assert set(lines) == {"s1_paper_s0", "s1_paper_s1", "s1_local_batch_s0", "s1_local_batch_s1",
+                          "default_s0", "default_s1", "no_temporal_s0", "no_temporal_s1",
+                          "local_batch_s0", "local_batch_s1"}
+    for n in ("s1_paper_s1", "s1_local_batch_s1"):
+        c = lines[n]
+        assert "--init" not in c and "--lambda-temporal 0" in c and "--max-steps 7" in c and "--seed 1" in c
+    assert "--local-scope batch" in lines["s1_local_batch_s0"] and "--local-scope" not in lines["s1_paper_s0"]
+    # stage 2 starts from its own seed's stage-1 run
+    assert f"--init {work}/run_s1_paper_s1/final/model.safetensors" in lines["no_temporal_s1"]
+    assert "--seed 1" in lines["no_temporal_s1"] and "--lambda-temporal 0" in lines["no_temporal_s1"]
+    assert f"--init {work}/run_s1_local_batch_s0/final" in lines["local_batch_s0"]
+    assert "--lambda-temporal" not in lines["default_s0"] and "--max-steps 3" in lines["default_s0"]
+    assert not os.path.exists(work)  # a dry run builds nothing
