@@ -5,7 +5,9 @@ laid out like the official Med-ST code, on the same device, in the same run and 
 
 Each op gives two rows: fused vs reference and fused vs official-style eager, in ms (ratio = speed-up). On a
 machine without CUDA it runs tiny shapes only (the fused ops then take their reference path): those rows
-check that the benchmark runs, they are not performance numbers.
+check that the benchmark runs, they are not performance numbers. ``-k gemm_configs`` times each MoVE FFN GEMM
+at every config of its candidate set against the config move_ffn's table picks (CUDA, or a tiny smoke run
+under TRITON_INTERPRET=1).
 """
 
 import torch
@@ -142,3 +144,71 @@ def test_move_ffn(bench_results):
         label = name if name != "triton" else f"triton({path})"
         timings[label] = (t, peak_gib(run), flops / t["ms"] / 1e9)
     _finish("move_ffn_fwd_bwd", f"B{B} N{N} D{D} H{H}", timings, bench_results)
+
+
+# ------------------------------------------------------------------------- MoVE FFN: every config of the sets
+def _ffn_gemms(studies, D, H, ct):
+    """The six GEMM launches of one MoVE FFN fwd+bwd, on random operands laid out as the op lays them out:
+    name -> (which set, N, K, useful flops, launch). Padding slots do no useful work: flops count tokens."""
+    n_tok = studies * 197 + (studies // 2) * 196
+    vid = torch.cat([torch.zeros(studies * 197), torch.ones((studies // 2) * 196)]).long()
+    r = mf.build_routing(vid).to(DEV)
+    slots, tiles = r.rows.numel(), r.tile_expert.numel()
+    rnd = lambda *s: torch.randn(*s, device=DEV).to(ct)  # noqa: E731
+    w1, w2 = rnd(2, H, D) / D ** 0.5, rnd(2, D, H) / H ** 0.5
+    h, g, z1, dz1 = rnd(slots, D), rnd(slots, H), rnd(slots, H), rnd(slots, H)
+    x, dy = torch.randn(n_tok, D, device=DEV), rnd(n_tok, D)
+    b1, b2 = torch.zeros(2, H, device=DEV), torch.zeros(2, D, device=DEV)
+    out_g, out_z, out_dz = torch.empty_like(g), torch.empty_like(z1), torch.empty_like(dz1)
+    out_x = torch.empty_like(x)
+    dh = torch.empty(slots, D, device=DEV)
+    part = torch.empty(tiles, H, device=DEV)
+    rows, te, seg = r.rows, r.tile_expert, r.seg
+    gemm = lambda n, k: 2 * n_tok * n * k  # noqa: E731
+    return {
+        "fc1+gelu": ("gemm", H, D, gemm(H, D), lambda: mf._mm(h, rows, te, w1, H, D, out_g, b_ncontig=False, epi=1,
+                                                              bias=b1, aux=out_z)),
+        "fc2+residual": ("gemm", D, H, gemm(D, H), lambda: mf._mm(g, rows, te, w2, D, H, out_x, b_ncontig=False,
+                                                                  epi=2, bias=b2, res=x)),
+        "dz1": ("gemm", H, D, gemm(H, D), lambda: mf._mm(dy, rows, te, w2, H, D, out_dz, b_ncontig=True,
+                                                         gather=True, epi=3, aux=z1, part=part)),
+        "dh": ("gemm", D, H, gemm(D, H), lambda: mf._mm(dz1, rows, te, w1, D, H, dh, b_ncontig=True)),
+        "dW2": ("wgrad", D, H, gemm(D, H), lambda: mf._wgrad(dy, rows, g, seg, D, H, gather=True)),
+        "dW1": ("wgrad", H, D, gemm(H, D), lambda: mf._wgrad(dz1, rows, h, seg, H, D, gather=False)),
+    }, slots
+
+
+def _cfg_label(cfg) -> str:
+    if isinstance(cfg, mf.WgradConfig):
+        return f"R{cfg.block_r} {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+    return f"{mf.BLOCK_M}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def test_move_ffn_gemm_configs(bench_results):
+    """Each GEMM of the MoVE FFN at every config of its candidate set, at 40 and 160 studies (half with a
+    lateral): one row per (GEMM, config), baseline = the table's pick in the same run, ratio > 1 = this config
+    beats the table (then benchmarks' winners go into move_ffn._GEMM_TABLE / _WGRAD_TABLE). TFLOP/s of both in
+    the note. The Triton kernels only: CUDA, or the interpreter (TRITON_INTERPRET=1) on tiny shapes."""
+    import pytest
+
+    from medst_fast.kernels import _utils
+
+    if not (CUDA or (_utils.interpreting() and _utils.interpreter_ready())):
+        pytest.skip("the Triton GEMMs need CUDA (or TRITON_INTERPRET=1 for a tiny smoke run)")
+    ct = torch.bfloat16
+    D, H, studies_list = (768, 3072, (40, 160)) if CUDA else (32, 64, (1,))
+    sets = {"gemm": mf.GEMM_CONFIGS["mma"], "wgrad": mf.WGRAD_CONFIGS["mma"]}
+    for studies in studies_list:
+        gemms, slots = _ffn_gemms(studies, D, H, ct)
+        rows = []
+        for name, (which, n, k, flops, fn) in gemms.items():
+            pick = (mf.gemm_config if which == "gemm" else mf.wgrad_config)(ct, slots, n, k)
+            t_pick = bench(fn)
+            for cfg in sets[which]:
+                with mf.forced_configs(**{which: cfg}):
+                    t = bench(fn)
+                tf, tf_pick = flops / t["ms"] / 1e9, flops / t_pick["ms"] / 1e9
+                rows.append(row("ops", "move_ffn_gemm_config", f"S{studies} {name} N{n} K{k} slots{slots}", "ms",
+                                f"table pick {_cfg_label(pick)}", t_pick["ms"], _cfg_label(cfg), t["ms"],
+                                precision_name(ct), note=f"TFLOP/s {tf:.4g} vs table pick {tf_pick:.4g}"))
+        bench_results.add(rows)

@@ -187,6 +187,141 @@ def test_fake_impls_match_real_for_every_dtype_mix(monkeypatch, x_dtype, w_dtype
     torch.library.opcheck(mf._move_ffn_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
+# ----------------------------------------------------------------------------- the GEMM candidate sets
+N_SET = max(len(mf.GEMM_CONFIGS["mma"]), len(mf.WGRAD_CONFIGS["mma"]))
+
+
+def _set_pair(i):
+    gemm, wgrad = mf.GEMM_CONFIGS["mma"], mf.WGRAD_CONFIGS["mma"]
+    return gemm[i % len(gemm)], wgrad[i % len(wgrad)]
+
+
+@pytest.mark.parametrize("i", range(N_SET))
+def test_interp_every_gemm_config_bf16_rule(interpret, monkeypatch, i):
+    """Each config of the mma sets, forced, under the interpreter at one small odd shape (D, H not powers of two,
+    the frontal segment crossing a slot tile): the bf16 error rule for the output and every gradient, and the
+    launches really used the forced tiles (fitted to the shape)."""
+    D, H = 96, 160
+    gemm, wgrad = _set_pair(i)
+    tiles = []
+
+    def recording(fn, grid, *a, _orig=mf.launch, **meta):
+        if fn.__name__ in ("_grouped_mm_kernel", "_grouped_wgrad_kernel"):
+            tiles.append((fn.__name__, a[10] if fn.__name__ == "_grouped_mm_kernel" else a[5],
+                          a[11] if fn.__name__ == "_grouped_mm_kernel" else a[6],
+                          tuple(meta.get(k) for k in ("BLOCK_R", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))))
+        return _orig(fn, grid, *a, **meta)
+
+    monkeypatch.setattr(mf, "launch", recording)
+    vid = packed_views(13, 11, 2)  # 156 frontal + 77 lateral tokens
+    x32 = torch.randn(vid.numel(), D, requires_grad=True)
+    p32 = make_params(D, H)
+    gout32 = torch.randn_like(x32)
+    x16 = x32.detach().bfloat16().requires_grad_()
+    p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+    ref = run(mf.move_ffn_ref, x32, vid, p32, gout32)
+    torch_bf16 = run(mf.move_ffn_ref, x16, vid, p16, gout32.bfloat16())
+    with mf.forced_configs(gemm=gemm, wgrad=wgrad):
+        got = run(mf.move_ffn, x16, vid, p16, gout32.bfloat16())
+    assert interpret == {"fwd": 1, "bwd": 1}, "the Triton kernels did not run"
+    for name, g, t, r in zip(NAMES, got, torch_bf16, ref):
+        assert torch.isfinite(g).all(), name
+        err_k, err_t = (g - r).abs().max().item(), (t - r).abs().max().item()
+        assert err_k <= 2 * err_t + 1e-6, f"config {i} {name}: kernel err {err_k:.3e} vs torch bf16 err {err_t:.3e}"
+    want = set()
+    for kernel, n, k in (("_grouped_mm_kernel", H, D), ("_grouped_mm_kernel", D, H)):
+        m, w, st = mf._gemm_meta(gemm, n, k)
+        want.add((kernel, n, k, (None, m["BLOCK_N"], m["BLOCK_K"], w, st)))
+    for n, k in ((D, H), (H, D)):
+        m, w, st = mf._wgrad_meta(wgrad, n, k)
+        want.add(("_grouped_wgrad_kernel", n, k, (m["BLOCK_R"], m["BLOCK_N"], m["BLOCK_K"], w, st)))
+    assert set(tiles) == want and len(tiles) == 6
+
+
+def test_config_sets_are_small_and_keep_the_slot_tile():
+    for sets in (mf.GEMM_CONFIGS, mf.WGRAD_CONFIGS):
+        assert set(sets) == {"mma", "fp32"} and 3 <= len(sets["mma"]) <= 5 and len(sets["fp32"]) == 1
+        assert len(set(sets["mma"])) == len(sets["mma"])
+    # the routing pads every expert segment to BLOCK_M; the weight-gradient steps must divide it
+    assert mf.BLOCK_M == 128 and all(mf.BLOCK_M % c.block_r == 0 for c in mf.WGRAD_CONFIGS["mma"])
+
+
+def test_table_lookup_is_keyed_on_token_bucket_n_k():
+    assert [mf.token_bucket(s) for s in (0, 16383, 16384, 32767, 32768, 10 ** 7)] == [0, 0, 1, 1, 2, 2]
+    for table, sets in ((mf._GEMM_TABLE, mf.GEMM_CONFIGS), (mf._WGRAD_TABLE, mf.WGRAD_CONFIGS)):
+        assert table and all(0 <= b <= len(mf.TOKEN_BUCKETS) and 0 <= i < len(sets["mma"])
+                             for (b, n, k), i in table.items())
+    bf = torch.bfloat16
+    for (b, n, k), i in mf._GEMM_TABLE.items():
+        slots = (0,) + mf.TOKEN_BUCKETS
+        assert mf.gemm_config(bf, slots[b], n, k) == mf.GEMM_CONFIGS["mma"][i]
+    for (b, n, k), i in mf._WGRAD_TABLE.items():
+        assert mf.wgrad_config(bf, ((0,) + mf.TOKEN_BUCKETS)[b], n, k) == mf.WGRAD_CONFIGS["mma"][i]
+    # shapes outside the table, and every exact-fp32 shape, take the kind's first config
+    assert mf.gemm_config(bf, 1000, 96, 160) == mf.GEMM_CONFIGS["mma"][0]
+    assert mf.gemm_config(torch.float32, 40000, 768, 3072) == mf.GEMM_CONFIGS["fp32"][0]
+    assert mf.wgrad_config(torch.float16, 1000, 96, 160) == mf.WGRAD_CONFIGS["mma"][0]
+    # the table does choose by the token count somewhere (else it would not be keyed on it)
+    assert len({mf.gemm_config(bf, s, 768, 3072) for s in (0,) + mf.TOKEN_BUCKETS}) > 1
+
+
+def test_forced_configs_are_checked_and_restored():
+    bf = torch.bfloat16
+    c = mf.GEMM_CONFIGS["mma"][-1]
+    with mf.forced_configs(gemm=c):
+        assert mf.gemm_config(bf, 1000, 768, 3072) == c
+        assert mf.wgrad_config(bf, 1000, 768, 3072) == mf.wgrad_config(bf, 1000, 768, 3072)  # not forced: table
+        with pytest.raises(ValueError, match="move_ffn.py.*not in the 'fp32' set"):
+            mf.gemm_config(torch.float32, 1000, 768, 3072)  # an mma tile was never compiled for exact fp32
+    assert mf.gemm_config(bf, 1000, 768, 3072) == mf.GEMM_CONFIGS["mma"][mf._GEMM_TABLE[(0, 768, 3072)]]
+    with pytest.raises(ValueError, match="not in the 'mma' set"):
+        with mf.forced_configs(wgrad=mf.WgradConfig(128, 256, 256, 8, 3)):
+            mf.wgrad_config(bf, 1000, 768, 3072)
+    assert mf._forced == {"gemm": None, "wgrad": None}
+
+
+def test_autotune_only_on_cuda_and_only_when_asked(monkeypatch):
+    bf = torch.bfloat16
+    monkeypatch.setenv(mf.AUTOTUNE_ENV, "1")
+    assert not mf.autotune_enabled(torch.empty(1), bf, "gemm")  # CPU tensor: never benchmarks
+    assert not mf.autotune_enabled(torch.empty(1, device="meta"), bf, "gemm")
+
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert mf.autotune_enabled(FakeCuda(), bf, "gemm") and mf.autotune_enabled(FakeCuda(), torch.float16, "wgrad")
+    assert not mf.autotune_enabled(FakeCuda(), torch.float32, "gemm")  # one config: nothing to tune
+    with mf.forced_configs(gemm=mf.GEMM_CONFIGS["mma"][1]):
+        assert not mf.autotune_enabled(FakeCuda(), bf, "gemm") and mf.autotune_enabled(FakeCuda(), bf, "wgrad")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not mf.autotune_enabled(FakeCuda(), bf, "gemm")  # the interpreter: nothing to time
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv(mf.AUTOTUNE_ENV, "0")
+    assert not mf.autotune_enabled(FakeCuda(), bf, "gemm")  # the default: the table
+
+
+@pytest.mark.skipif(not HAS_TRITON or IN_INTERPRETER, reason="needs Triton's compiled JIT (not the interpreter)")
+def test_autotuner_is_built_over_the_whole_set(monkeypatch):
+    """The autotuner holds exactly the set's configs (fitted, duplicates dropped) and keys on N, K and the
+    kernel variant; one autotuner per token bucket. Built on CPU; nothing launches."""
+    monkeypatch.setattr(_utils, "_autotuners", {})
+    key = ("N", "K", "EPI", "A_GATHER", "B_NCONTIG")
+    cands = mf._candidates(mf.GEMM_CONFIGS["mma"], mf._gemm_meta, 768, 3072)
+    at = _utils.autotuner(mf._grouped_mm_kernel, cands, key, 0)
+    got = [(c.kwargs, c.num_warps, c.num_stages) for c in at.configs]
+    assert got == [({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, c.num_warps, c.num_stages)
+                   for c in mf.GEMM_CONFIGS["mma"]]
+    assert list(at.keys) == list(key)
+    assert _utils.autotuner(mf._grouped_mm_kernel, cands, key, 0) is at
+    assert _utils.autotuner(mf._grouped_mm_kernel, cands, key, 1) is not at
+    # at a tiny shape the fitted configs collapse: the same tile is not benchmarked twice
+    small = mf._candidates(mf.GEMM_CONFIGS["mma"], mf._gemm_meta, 32, 32)
+    assert len(small) == len({(c.num_warps, c.num_stages) for c in mf.GEMM_CONFIGS["mma"]}) < len(cands)
+    wg = mf._candidates(mf.WGRAD_CONFIGS["mma"], mf._wgrad_meta, 3072, 768)
+    assert len(wg) == len(mf.WGRAD_CONFIGS["mma"])
+
+
 def test_interp_routing_reused_across_blocks(interpret):
     """One routing, two stacked blocks with different weights: equals two reference blocks."""
     vid = packed_views(3, 5, 2)
@@ -410,6 +545,46 @@ def test_cuda_triton_matches_reference(studies, patches, lat, D, H):
         for name, k, t, r in zip(NAMES, kb, tb, ref):
             ek, et = (k - r).abs().max().item(), (t - r).abs().max().item()
             assert ek <= 2 * et + 1e-6, f"{name}: kernel err {ek:.3e} vs torch bf16 err {et:.3e}"
+    finally:
+        _utils.set_backend(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("studies", [40, 160])
+def test_cuda_every_gemm_config_and_the_autotuner_vit_b(monkeypatch, studies):
+    """On the GPU at ViT-B: each config of the sets forced, and MEDST_FAST_AUTOTUNE=1, against the reference
+    (bf16 rule); forcing the table's own pick gives the table's bits, and the autotuner picks from the set."""
+    old = _utils.get_backend()
+    _utils.set_backend("triton")
+    try:
+        vid = packed_views(studies, 196, 2).cuda()
+        x32, = _cuda([torch.randn(vid.numel(), 768)])
+        p32 = _cuda(make_params(768, 3072))
+        gout = torch.randn_like(x32)
+        r = mf.build_routing(vid.cpu()).to("cuda")
+        ref = run(mf.move_ffn_ref, x32, vid, p32, gout)
+        x16 = x32.detach().bfloat16().requires_grad_()
+        p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+        tb = run(mf.move_ffn_ref, x16, vid, p16, gout.bfloat16())
+        fused = lambda *a: mf.move_ffn(*a, routing=r)  # noqa: E731
+        table = run(fused, x16, vid, p16, gout.bfloat16())
+        results = {}
+        for i in range(N_SET):
+            with mf.forced_configs(*_set_pair(i)):
+                results[f"config {i}"] = run(fused, x16, vid, p16, gout.bfloat16())
+        monkeypatch.setenv(mf.AUTOTUNE_ENV, "1")
+        results["autotuned"] = run(fused, x16, vid, p16, gout.bfloat16())
+        for label, got in results.items():
+            for name, k, t, rr in zip(NAMES, got, tb, ref):
+                ek, et = (k - rr).abs().max().item(), (t - rr).abs().max().item()
+                assert ek <= 2 * et + 1e-6, f"{label} {name}: kernel err {ek:.3e} vs torch bf16 err {et:.3e}"
+        picked = [at.best_config for at in _utils._autotuners.values() if at.base_fn.__name__ == "_grouped_mm_kernel"]
+        sets = {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in mf.GEMM_CONFIGS["mma"]}
+        assert picked and all((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in sets
+                              for c in picked)
+        # the default is a pure lookup: after all that, the table's path gives the same bits again
+        monkeypatch.delenv(mf.AUTOTUNE_ENV)
+        assert all(torch.equal(a, b) for a, b in zip(table, run(fused, x16, vid, p16, gout.bfloat16())))
     finally:
         _utils.set_backend(old)
 
