@@ -91,9 +91,8 @@ MODE_HELP = ("official (default): the semantics the paper's numbers were compute
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medst_fast.reproduce", description=__doc__.split("\n\n")[0],
-                                epilog="Stages: " + ", ".join(["(smoke: synth, vocab)", "prepare", "pretrain",
-                                                               *EVAL_TASKS, "results"]))
+    p = argparse.ArgumentParser(prog="python -m medst_fast.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
     g.add_argument("--mimic-jpg", help="MIMIC-CXR-JPG 2.0.0 root (files/, mimic-cxr-2.0.0-*.csv.gz); also where the "
                                        "MS-CXR-T images are looked up")
@@ -382,8 +381,8 @@ class Pipeline:
         if a.smoke:
             # medst_tiny from random weights, a handful of steps on CPU; the torch reference ops on CPU so an
             # exported TRITON_INTERPRET=1 cannot turn the smoke run into an interpreter run
-            argv += ["--model", "medst_tiny", "--max-steps", str(SMOKE_STEPS), "--batch-series", "4", "--log-every", "1",
-                     "--eval-every", "0", "--save-every", "1000"]
+            argv += ["--model", "medst_tiny", "--max-steps", str(SMOKE_STEPS), "--batch-series", "4",
+                     "--log-every", "1", "--eval-every", "0", "--save-every", "1000"]
             if a.device in (None, "cpu"):
                 argv += ["--kernels", "torch"]
         else:
@@ -571,10 +570,10 @@ def resolve_inputs(a: argparse.Namespace, run_dir: str) -> dict:
                 ev[task] = (path, None)
         else:
             ev[task] = (None, f"no {flag} given")
-    synthetic = any(d is not None and d.startswith(synth + os.sep) for d, _ in ev.values())
-    return {"synthetic": synthetic or (a.smoke and a.mimic_jpg is None), "mimic_synthetic": a.smoke and a.mimic_jpg is None,
-            "mimic_jpg": mimic_jpg, "mimic_reports": reports, "eval": ev,
-            "msxrt_images": mimic_jpg or synth}
+    mimic_synthetic = bool(a.smoke and a.mimic_jpg is None)
+    synthetic = mimic_synthetic or any(d is not None and d.startswith(synth + os.sep) for d, _ in ev.values())
+    return {"synthetic": synthetic, "mimic_synthetic": mimic_synthetic, "mimic_jpg": mimic_jpg,
+            "mimic_reports": reports, "eval": ev, "msxrt_images": mimic_jpg or synth}
 
 
 def _has_module(name: str) -> bool:

@@ -160,3 +160,23 @@ def test_missing_optional_eval_input_is_a_reported_skip(tmp_path):
     os.makedirs(p.stage_dir)
     assert p.execute(stages["covidx-probe"]) and p.summary.status["covidx-probe"] == "skipped: no --covidx given"
     assert not os.path.exists(p.marker_path("covidx-probe"))
+
+
+def test_interrupted_pretrain_writes_no_marker(smoke_run, monkeypatch):
+    """A trainer stopped by a signal: exit 128 + signal, no pretrain marker (the rerun resumes via --resume auto),
+    nothing downstream touched. Last in the module: it leaves the run without its pretrain marker."""
+    import medst_fast.pretrain
+    from medst_fast.train.loop import TrainResult
+
+    run, _ = smoke_run
+    seen = []
+    monkeypatch.setattr(medst_fast.pretrain, "main",
+                        lambda argv: seen.append(argv) or TrainResult(str(run / "pretrain"), 2, 0, interrupted=15))
+    (run / "stages" / "pretrain.done").unlink()
+    before = _mtimes(run)
+    with pytest.raises(SystemExit) as e:
+        _smoke(run)
+    assert e.value.code == 128 + 15
+    assert seen and seen[0][seen[0].index("--resume") + 1] == "auto"
+    assert not (run / "stages" / "pretrain.done").exists() and _mtimes(run) == before
+    assert "interrupted by signal 15 after step 2" in (run / "reproduce.log").read_text()
