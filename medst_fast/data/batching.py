@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from .sampling import BAD_BATCH, SeriesBatchSampler, item_seed
-from .dataset import SERIES_LEN
 from .images import ImageReadError, load_gray
 from .index import SPLITS, SeriesIndex
 from .transforms import absent_view, crop_offsets, resize_side
@@ -254,8 +253,8 @@ def assemble_batch(index: SeriesIndex, plan: PlannedBatch, img_size: int, tokeni
             series.append(kept)
     if not series:
         return None
-    full = [s for s in series if len(s) == SERIES_LEN]
-    ordered = full + [s for s in series if len(s) != SERIES_LEN]
+    full = [s for s in series if len(s) == index.series_len]  # the loader's N (the index is cut to it)
+    ordered = full + [s for s in series if len(s) != index.series_len]
     rows = [st for s in ordered for st in s]
     # The official collate keeps laterals and their flags in the sampler's order (§6.1.1), for parity runs.
     lat_source = [st for s in series for st in s] if replicate_official_bug else rows

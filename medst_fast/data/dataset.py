@@ -1,11 +1,12 @@
 """Series-level dataset and collation (docs/interfaces.md "Data API", "Batch"; medst-spec §3.4-3.6).
 
-One item is one series: up to 4 consecutive studies of one patient in time order. A study whose frontal
-image is missing or unreadable is dropped with a counted warning and the series comes back shorter; an
-unreadable lateral is replaced by the absent-view image (has_lateral False). Nothing raises mid-epoch
-because of a bad file, and nothing is ever shifted against its neighbours.
+One item is one series: up to N consecutive studies of one patient in time order (N = the index's
+``series_len``, 4 as prepared; ``series_len=`` re-cuts the index at load, ``SeriesIndex.with_series_len``).
+A study whose frontal image is missing or unreadable is dropped with a counted warning and the series comes
+back shorter; an unreadable lateral is replaced by the absent-view image (has_lateral False). Nothing raises
+mid-epoch because of a bad file, and nothing is ever shifted against its neighbours.
 
-``collate_series`` puts length-4 series first (the temporal loss reads the first ``n_full_series*4`` rows as
+``collate_series`` puts length-N series first (the temporal loss reads the first ``n_full_series*N`` rows as
 complete series) and keeps every row's lateral, flag and text with its own frontal. The official collate
 appends laterals and flags in the original batch order instead (§6.1.1); ``replicate_official_bug=True``
 reproduces that, for parity checks only.
@@ -20,11 +21,11 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import ImageReadError, load_gray
-from .index import SPLITS, SeriesIndex
+from .index import DEFAULT_SERIES_LEN, SPLITS, SeriesIndex
 from .transforms import ImageTransform, absent_view
 
 log = logging.getLogger("medst_fast")
-SERIES_LEN = 4
+SERIES_LEN = DEFAULT_SERIES_LEN  # the paper's series length, the default everywhere
 
 
 class SeriesDataset(Dataset):
@@ -34,14 +35,19 @@ class SeriesDataset(Dataset):
         tokenizer: a ``MedSTTokenizer`` (or None to return text only; the batch then has no token fields).
         img_size: crop size S (224 for ViT-B/16).
         train: random crops when True, centre crops otherwise.
+        series_len: studies per series (None: the index's own, 4 as prepared); another length re-cuts each
+            patient's studies (``SeriesIndex.with_series_len``).
     Item: list of per-study dicts {row, study_id, frontal (1,S,S), lateral (1,S,S) or None, text, tokens}.
     """
 
     def __init__(self, index: Union[str, SeriesIndex], split: str, tokenizer=None, img_size: int = 224,
-                 train: bool = True):
+                 train: bool = True, series_len: Optional[int] = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.index = SeriesIndex.load(index)
+        if series_len is not None:
+            self.index = self.index.with_series_len(series_len)
+        self.series_len = self.index.series_len
         self.split = split
         self.series = self.index.series[split]
         self.tokenizer = tokenizer
@@ -87,19 +93,20 @@ class EmptyBatchError(ValueError):
     """
 
 
-def collate_series(items: Sequence[List[Dict]], replicate_official_bug: bool = False) -> Dict:
+def collate_series(items: Sequence[List[Dict]], replicate_official_bug: bool = False,
+                   series_len: int = SERIES_LEN) -> Dict:
     """List of series (each a list of study dicts) -> Batch dict of docs/interfaces.md.
 
-    Empty series (all studies unreadable) are skipped. With ``replicate_official_bug`` the laterals and
-    has_lateral flags stay in the original batch order while everything else is reordered (§6.1.1).
+    Series of exactly ``series_len`` studies (the loader's N) come first: the temporal loss takes them. Empty
+    series (all studies unreadable) are skipped. With ``replicate_official_bug`` the laterals and has_lateral flags stay in the original batch order while everything else is reordered (§6.1.1).
     """
     items_in = items
     items = [it for it in items if len(it) > 0]
     if not items:
         raise EmptyBatchError(f"collate_series: every series in the batch is empty (all images unreadable?): "
                               f"{len(items_in)} series")
-    full = [it for it in items if len(it) == SERIES_LEN]
-    rest = [it for it in items if len(it) != SERIES_LEN]
+    full = [it for it in items if len(it) == series_len]
+    rest = [it for it in items if len(it) != series_len]
     ordered = full + rest
     rows = [st for it in ordered for st in it]
     S = rows[0]["frontal"].shape[-1]
@@ -126,10 +133,10 @@ def collate_series(items: Sequence[List[Dict]], replicate_official_bug: bool = F
 
 
 class SeriesCollate:
-    """Picklable collate_fn for DataLoader: ``SeriesCollate(replicate_official_bug=...)``."""
+    """Picklable collate_fn for DataLoader: ``SeriesCollate(replicate_official_bug=..., series_len=...)``."""
 
-    def __init__(self, replicate_official_bug: bool = False):
-        self.replicate_official_bug = replicate_official_bug
+    def __init__(self, replicate_official_bug: bool = False, series_len: int = SERIES_LEN):
+        self.replicate_official_bug, self.series_len = replicate_official_bug, series_len
 
     def __call__(self, items):
-        return collate_series(items, replicate_official_bug=self.replicate_official_bug)
+        return collate_series(items, replicate_official_bug=self.replicate_official_bug, series_len=self.series_len)

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Union
 
 INDEX_VERSION = 1
+# The series length prepare and the manifest converter cut (meta.json "series_len"; an index without the field
+# was cut by 4). One index serves any length: ``SeriesIndex.with_series_len(n)`` re-cuts it at load.
+DEFAULT_SERIES_LEN = 4
 SPLITS = ("train", "valid", "test")
 STUDY_COLUMNS = (
     "row", "subject_id", "study_id", "split", "order", "study_datetime", "frontal_path", "lateral_path",
@@ -91,6 +94,29 @@ class SeriesIndex:
             raise ValueError("empty image path (a study without a lateral has lateral_path == '')")
         return rel if os.path.isabs(rel) else os.path.join(self.image_root, rel)
 
+    @property
+    def series_len(self) -> int:
+        """The length the series were cut to (the longest a series may be)."""
+        return self.meta.get("series_len", DEFAULT_SERIES_LEN)
+
+    def with_series_len(self, length: int) -> "SeriesIndex":
+        """This index with every patient's studies cut into series of ``length`` (itself when already so).
+
+        The series of one patient (one time-ordered run of studies: see :func:`patient_runs`) are joined
+        back and cut again with :func:`cut_series`, so no study is lost or repeated, time order is kept and
+        a series never mixes patients."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"series length must be an integer >= 1, got {length!r}")
+        if length == self.series_len:
+            return self
+        series = {split: [c for run in patient_runs(self.studies, chunks, self.series_len)
+                          for c in cut_series(run, length)] for split, chunks in self.series.items()}
+        meta = dict(self.meta, series_len=length)
+        if isinstance(meta.get("counts"), dict):  # counts of the series as they are now
+            meta["counts"] = dict(meta["counts"], **{f"series_{s}": len(series[s]) for s in SPLITS
+                                                     if f"series_{s}" in meta["counts"]})
+        return SeriesIndex(self.studies, series, meta, root=self.root)
+
     def series_studies(self, split: str, i: int) -> List[Study]:
         return [self.studies[r] for r in self.series[split][i]]
 
@@ -106,11 +132,14 @@ class SeriesIndex:
                 raise ValueError(f"{where}/studies.csv: field 'split' of row {i} is {s.split!r}, not one of {SPLITS}")
             if not s.frontal_path:
                 raise ValueError(f"{where}/studies.csv: field 'frontal_path' of row {i} is empty")
-        n = len(self.studies)
+        n, L = len(self.studies), self.series_len
+        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+            raise ValueError(f"{where}/meta.json: field 'series_len' is {L!r}, expected an integer >= 1")
         for split, chunks in self.series.items():
             for k, chunk in enumerate(chunks):
-                if not 1 <= len(chunk) <= 4:
-                    raise ValueError(f"{where}/series.json: series {split}[{k}] has {len(chunk)} studies (1..4 allowed)")
+                if not 1 <= len(chunk) <= L:
+                    raise ValueError(f"{where}/series.json: series {split}[{k}] has {len(chunk)} studies (1..{L} "
+                                     f"allowed: meta.json 'series_len' is {L})")
                 for r in chunk:
                     if not 0 <= r < n:
                         raise ValueError(f"{where}/series.json: series {split}[{k}] refers to row {r}, "
@@ -214,6 +243,28 @@ class _StringSink:
         return "".join(self._parts)
 
 
-def cut_series(rows_in_time_order: List[int], length: int = 4) -> List[List[int]]:
+def cut_series(rows_in_time_order: List[int], length: int = DEFAULT_SERIES_LEN) -> List[List[int]]:
     """Non-overlapping chunks of ``length``; the remainder chunk (1..length-1) is kept (spec §3.4)."""
     return [rows_in_time_order[i:i + length] for i in range(0, len(rows_in_time_order), length)]
+
+
+def patient_runs(studies: List[Study], chunks: List[List[int]], length: int) -> List[List[int]]:
+    """The time-ordered runs of studies that ``chunks`` were cut from with ``cut_series(run, length)``.
+
+    prepare and the manifest converter list each run's chunks one after the other, number the studies of a
+    run 0, 1, 2, ... in the ``order`` column, and only a run's last chunk is shorter than ``length``. So a
+    chunk continues the one before it exactly when that one is full and ends with the same patient's study
+    numbered one lower; anything else starts a new run (never a join across patients)."""
+    runs: List[List[int]] = []
+    prev: Optional[List[int]] = None
+    for chunk in chunks:
+        if prev is not None and chunk and len(prev) == length and _continues(studies[prev[-1]], studies[chunk[0]]):
+            runs[-1].extend(chunk)
+        else:
+            runs.append(list(chunk))
+        prev = chunk
+    return runs
+
+
+def _continues(last: Study, first: Study) -> bool:
+    return first.subject_id == last.subject_id and first.order == last.order + 1

@@ -110,8 +110,8 @@ class _CountedCollate:
     """collate_series on the items, the summed counts under "_bad"; an all-unreadable batch comes back
     without images (collate_series would raise), for the loader to count and replace by the stand-in."""
 
-    def __init__(self, replicate_official_bug: bool):
-        self.replicate_official_bug = replicate_official_bug
+    def __init__(self, replicate_official_bug: bool, series_len: int):
+        self.replicate_official_bug, self.series_len = replicate_official_bug, series_len
 
     def __call__(self, pairs):
         bad = Counter()
@@ -120,7 +120,7 @@ class _CountedCollate:
         items = [it for it, _ in pairs if it]
         if not items:
             return {"_bad": dict(bad), "n_series": len(pairs)}
-        batch = collate_series(items, replicate_official_bug=self.replicate_official_bug)
+        batch = collate_series(items, replicate_official_bug=self.replicate_official_bug, series_len=self.series_len)
         batch["_bad"] = dict(bad)
         return batch
 
@@ -137,7 +137,8 @@ class PilSeriesLoader:
         self.sampler = SeriesBatchSampler(len(self.dataset), batch_series, rank, world_size, seed, shuffle=bool(train))
         pin = device is not None and torch.device(device).type == "cuda"
         self.loader = make_torch_loader(_CountedItems(self.dataset), self.sampler,
-                                        _CountedCollate(replicate_official_bug), int(workers), seed, pin_memory=pin)
+                                        _CountedCollate(replicate_official_bug, self.dataset.series_len), int(workers),
+                                        seed, pin_memory=pin)
         self.bad: Counter = Counter()
         self.cpu_decoded: Counter = Counter()  # every image is CPU-decoded here; kept for a uniform interface
 
@@ -157,7 +158,8 @@ class PilSeriesLoader:
 def build_series_loader(backend: str, index_or_dir: Union[str, SeriesIndex], split: str, tokenizer, img_size: int,
                         batch_series: int, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
                         workers: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                        replicate_official_bug: bool = False, filter: str = "area"):
+                        replicate_official_bug: bool = False, filter: str = "area",
+                        series_len: Optional[int] = None):
     """The series loader of one rank.
 
     Args:
@@ -176,6 +178,9 @@ def build_series_loader(backend: str, index_or_dir: Union[str, SeriesIndex], spl
             The PIL path leaves them on the CPU (pinned when the device is CUDA).
         replicate_official_bug: the official collate's lateral misalignment (parity runs only).
         filter: "area" (the definition) or "bilinear" (DALI's in-graph resize; the op's bilinear filter).
+        series_len: studies per series; None keeps the index's own (4 as prepared), another length re-cuts
+            every patient's studies (``SeriesIndex.with_series_len``) and makes the series of that length the
+            complete ones of the batch (``n_full_series``).
     Returns:
         an object with ``set_epoch(epoch, start_batch=0)``, ``__iter__`` (Batch dicts; ``has_lateral`` on the
         CPU; the stand-in for an unreadable batch), ``__len__`` (batches per epoch on this rank, those before
@@ -183,6 +188,8 @@ def build_series_loader(backend: str, index_or_dir: Union[str, SeriesIndex], spl
         ``bad`` (Counter of skipped images/studies/batches) and ``cpu_decoded`` (images the batched decoder
         did not take, by reason).
     """
+    if series_len is not None:  # every back-end then reads the re-cut index (its series_len is the batch's N)
+        index_or_dir = SeriesIndex.load(index_or_dir).with_series_len(series_len)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name, reason = choose_backend(backend, dev)
     log.info("loader: %s (%s)", name, reason)

@@ -36,7 +36,7 @@ from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cache import cache_name, open_cache, run_jobs
-from .index import SPLITS, SeriesIndex, Study, cut_series
+from .index import DEFAULT_SERIES_LEN, SPLITS, SeriesIndex, Study, cut_series
 
 log = logging.getLogger("medst_fast")
 
@@ -215,9 +215,10 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         group.append(r)
     series = {s: [] for s in SPLITS}
     for (spl, _, _), members in per.items():
-        series[spl].extend(cut_series(members, 4))
+        series[spl].extend(cut_series(members, DEFAULT_SERIES_LEN))
     meta = {"image_root": root, "source": f"manifest:{csv_path}", "mode": mode, "columns": col,
             "cache_size": int(cache_size or 0), "skipped": dict(sorted(skipped.items())), "version": 1,
+            "series_len": DEFAULT_SERIES_LEN,
             "counts": {"rows": len(studies_out), "unknown_times": n_unknown,
                        "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
                        **{f"series_{s}": len(series[s]) for s in SPLITS}}}

@@ -40,7 +40,7 @@ from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cache import Interrupted, open_cache, run_jobs
-from .index import SPLITS, SeriesIndex, Study, cut_series
+from .index import DEFAULT_SERIES_LEN, SPLITS, SeriesIndex, Study, cut_series
 from .manifest import index_from_manifest
 
 log = logging.getLogger("medst_fast")
@@ -276,12 +276,12 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
             frontal_dicom=dicom, lateral_dicom=lat, text=text, n_tokens=n_tok))
         members.append(r)
     for (spl, _), members in per_patient.items():
-        series[spl].extend(cut_series(members, 4))
+        series[spl].extend(cut_series(members, DEFAULT_SERIES_LEN))
 
     meta_out = {
         "image_root": image_root, "source": "mimic-cxr-jpg-2.0.0", "jpg_root": jpg_root,
         "reports": os.path.abspath(os.fspath(reports)), "mode": mode, "cache_size": int(cache_size or 0),
-        "draft": bool(draft), "skipped": dict(sorted(skipped.items())), "version": 1,
+        "draft": bool(draft), "skipped": dict(sorted(skipped.items())), "version": 1, "series_len": DEFAULT_SERIES_LEN,
         "counts": {"rows": len(index_studies), **{f"series_{s}": len(series[s]) for s in SPLITS}},
     }
     idx = SeriesIndex(index_studies, series, meta_out).save(out)

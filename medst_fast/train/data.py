@@ -7,6 +7,7 @@ indexes (``--loader`` picks the back-end), a DataLoader over ``RandomSeriesDatas
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch.utils.data import Dataset
 
+from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN  # stdlib-only module (no image libraries)
 from ..data.sampling import BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, make_loader  # noqa: F401 (re-exports)
 
 log = logging.getLogger("medst_fast")
@@ -134,10 +136,12 @@ class RandomSeriesDataset(Dataset):
     """Series of random images and random reports, a deterministic function of (seed, index).
 
     Items are pre-tokenised series (see :func:`collate_pretokenized`); about 60 % of the series have the
-    full length 4 and about half of the studies have a lateral.
+    full length ``series_len`` (the rest 1..series_len-1 studies) and about half of the studies have a lateral.
     """
 
-    def __init__(self, n_series: int, tokenizer, img_size: int, seed: int = 0, series_len: int = 4):
+    def __init__(self, n_series: int, tokenizer, img_size: int, seed: int = 0, series_len: int = SERIES_LEN):
+        if series_len < 2:  # the shorter series draw 1..series_len-1 studies
+            raise ValueError(f"RandomSeriesDataset: series_len must be >= 2, got {series_len}")
         self.n, self.tok, self.S, self.seed, self.T = n_series, tokenizer, img_size, seed, series_len
 
     def __len__(self) -> int:
@@ -161,8 +165,9 @@ class RandomSeriesDataset(Dataset):
                 "study_id": [f"r{i}-{t}" for t in range(T)]}
 
 
-def collate_pretokenized(items: List[Dict[str, Any]], series_len: int = 4) -> Dict[str, Any]:
-    """Batch of pre-tokenised series in the Batch layout of docs/interfaces.md (full series first)."""
+def collate_pretokenized(items: List[Dict[str, Any]], series_len: int = SERIES_LEN) -> Dict[str, Any]:
+    """Batch of pre-tokenised series in the Batch layout of docs/interfaces.md (series of exactly
+    ``series_len`` studies first: the temporal loss takes those)."""
     full = [it for it in items if it["frontal"].shape[0] == series_len]
     rest = [it for it in items if it["frontal"].shape[0] != series_len]
     order = full + rest
@@ -185,11 +190,11 @@ class RandomSeriesLoader:
     reason = "--dataset-type random: in-memory random series, no image files (--loader does not apply)"
 
     def __init__(self, n_series: int, tokenizer, img_size: int, batch_series: int, rank: int, world_size: int,
-                 seed: int, workers: int, pin_memory: bool):
-        self.dataset = RandomSeriesDataset(n_series, tokenizer, img_size, seed=seed)
+                 seed: int, workers: int, pin_memory: bool, series_len: int = SERIES_LEN):
+        self.dataset = RandomSeriesDataset(n_series, tokenizer, img_size, seed=seed, series_len=series_len)
         self.sampler = SeriesBatchSampler(len(self.dataset), batch_series, rank, world_size, seed)
-        self.loader = make_loader(self.dataset, self.sampler, SkipBadBatches(collate_pretokenized), workers, seed,
-                                  pin_memory)
+        collate = functools.partial(collate_pretokenized, series_len=series_len)  # picklable for the workers
+        self.loader = make_loader(self.dataset, self.sampler, SkipBadBatches(collate), workers, seed, pin_memory)
         self.bad: Counter = Counter()
         self.cpu_decoded: Counter = Counter()
 
@@ -203,34 +208,39 @@ class RandomSeriesLoader:
         return iter(self.loader)
 
 
-def split_size(data: str, split: str) -> int:
-    """Series in ``split`` of the index folder ``data`` (0 when the split is empty or absent)."""
+def split_size(data: str, split: str, series_len: Optional[int] = None) -> int:
+    """Series in ``split`` of the index folder ``data`` (0 when the split is empty or absent), cut into series of
+    ``series_len`` (None: as prepared)."""
     from ..data.index import SeriesIndex
 
-    return len(SeriesIndex.load(data).series.get(split) or [])
+    index = SeriesIndex.load(data)
+    if series_len is not None:
+        index = index.with_series_len(series_len)
+    return len(index.series.get(split) or [])
 
 
 def build_train_loader(kind: str, data: Optional[str], split: str, tokenizer, img_size: int, batch_series: int,
                        rank: int, world_size: int, seed: int, workers: int, device: torch.device,
                        backend: str = "auto", replicate_collate_bug: bool = False, n_random: int = 64,
-                       train: bool = True) -> Tuple[Any, int]:
+                       train: bool = True, series_len: int = SERIES_LEN) -> Tuple[Any, int]:
     """(loader, series in the split) for ``--dataset-type`` kind; a manifest must already be an index folder.
 
     Prepared indexes go through ``build_series_loader(backend, ...)``: every back-end yields the same
     batches (the same series, order and crops) from ``SeriesBatchSampler``, and a batch it cannot deliver
     as the ``BAD_BATCH`` stand-in, which the trainer skips and counts. ``train=False``: centre crops, index
-    order (validation).
+    order (validation). ``series_len`` (--series-len): the index is re-cut into series of that length
+    (``SeriesIndex.with_series_len``), and the random set draws series of up to that length.
     """
     if kind == "random":
         loader = RandomSeriesLoader(n_random, tokenizer, img_size, batch_series, rank, world_size, seed, workers,
-                                    pin_memory=device.type == "cuda")
+                                    pin_memory=device.type == "cuda", series_len=series_len)
         return loader, len(loader.dataset)
     if kind not in ("index", "manifest", "synthetic"):
         raise ValueError(f"unknown dataset type {kind!r}")
     from ..data.index import SeriesIndex
     from ..data.loaders import build_series_loader
 
-    index = SeriesIndex.load(data)
+    index = SeriesIndex.load(data).with_series_len(series_len)
     n = len(index.series.get(split) or [])
     if n == 0:
         raise ValueError(f"{data}: split {split!r} has no series")

@@ -393,8 +393,6 @@ class Trainer:
         from ..text.tokenizer import MedSTTokenizer
 
         overrides = model_overrides(a)
-        if a.series_len != 4:  # until the data pipeline cuts series of N (issue 14 item 5)
-            raise SystemExit(f"--series-len {a.series_len}: the data pipeline still cuts series of 4 studies")
         try:
             cfg = get_model_config(a.model).replace(**overrides)
         except ValueError as e:
@@ -436,7 +434,8 @@ class Trainer:
         self.loader, self.n_series = build_train_loader(
             a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.batch_series, self.world.rank,
             self.world.world_size, a.seed, a.workers, self.device, backend=a.loader,
-            replicate_collate_bug=a.replicate_collate_bug, n_random=a.random_series)
+            replicate_collate_bug=a.replicate_collate_bug, n_random=a.random_series,
+            series_len=self.cfg.loss.series_len)  # the data's N is the temporal loss's N
         if a.dataset_type == "random":  # build_series_loader logs its own choice
             log.info("loader: %s (%s)", self.loader.backend, self.loader.reason)
         self._counts_base = {"bad": Counter(), "cpu_decoded": Counter()}  # a resumed run's counts so far
@@ -491,7 +490,7 @@ class Trainer:
         if a.dataset_type == "random":
             log.info("validation: off (--dataset-type random has no %r split)", VAL_SPLIT)
             return None
-        n = split_size(data, VAL_SPLIT)
+        n = split_size(data, VAL_SPLIT, self.cfg.loss.series_len)
         if n < W:
             log.info("validation: off (%s has %d series in its %r split, fewer than the %d rank(s))", data, n,
                      VAL_SPLIT, W)
@@ -501,7 +500,7 @@ class Trainer:
             loader, _ = build_train_loader(a.dataset_type, data, VAL_SPLIT, self.tokenizer, self.cfg.vision.img_size,
                                            bs, self.world.rank, W, a.seed, a.workers, self.device,
                                            backend=self.loader.backend, replicate_collate_bug=a.replicate_collate_bug,
-                                           train=False)
+                                           train=False, series_len=self.cfg.loss.series_len)
         when = f"every {self.eval_every} steps and at the end" if self.eval_every else "at the end"
         log.info("validation: %d of the %d series of the %r split (%d per batch and rank, centre crops), %s; the "
                  "model with the lowest validation loss is exported to %s", len(loader) * bs * W, n, VAL_SPLIT, bs,
