@@ -4,10 +4,10 @@ Every variant runs for every seed as its own chain from random weights, so the s
 training, stage 1 included (the committed learning proof shared one stage-1 model between its variants):
 
 - stage 1 (``--steps``, ``--lr``): ITA + local from random weights with that seed. The temporal loss is
-  left out here for the reason learning_proof.py gives (from scratch it swamps ITA); the local switches are
-  on in stage 1 too, since the local loss trains there. Variants whose stage 1 is the paper's
-  (default, no_temporal, temporal_shuffle, series_len_*) share the stage-1 run of the same seed;
-- stage 2 (``--stage2-steps``, ``--stage2-lr``): the variant's loss from its own stage-1 weights, same seed;
+  left out here for the reason learning_proof.py gives (from scratch it swamps ITA). By default every
+  variant of a seed starts from that seed's one paper stage-1 run; ``--switches-in-stage1`` gives the local
+  switches their own stage-1 runs (three times the stage-1 cost);
+- stage 2 (``--stage2-steps``, ``--stage2-lr``): the variant's loss from its stage-1 weights, same seed;
 - ``random``: the initial weights of each seed, never trained.
 
 Each model is evaluated with learning_proof.py's tasks (MS-CXR-T-format temporal classification, zero-shot
@@ -19,7 +19,7 @@ told apart from measurements.
 Statistics over seeds: per variant the mean and 95% t-interval; per variant the per-seed paired difference
 to ``default`` with its 95% t-interval, "real at this scale" only when that interval excludes 0.
 
-    python scripts/ablations.py [--seeds 0,1,2] [--steps 400] [--stage2-steps 150] [--code DIR] [--dry-run]
+    python scripts/ablations.py [--seeds 0,1,2] [--steps 400] [--stage2-steps 120] [--code DIR] [--dry-run]
 
 Writes benchmarks/results/ablations.md and .csv. Reuses the runs and evaluations already in --work.
 """
@@ -147,10 +147,9 @@ def available_variants(help_text, wanted):
     return keep, left
 
 
-def stage1_key(variant):
+def stage1_key(variant, switches_in_stage1):
     """Name of the stage-1 configuration a variant starts from (equal stage-1 flags share one run)."""
-    flags = VARIANTS[variant][0]
-    return "paper" if not flags else variant
+    return variant if switches_in_stage1 and VARIANTS[variant][0] else "paper"
 
 
 def common_argv(index_dir, vocab, out, seed, steps, lr, a):
@@ -162,21 +161,23 @@ def common_argv(index_dir, vocab, out, seed, steps, lr, a):
 
 
 def plan(variants, seeds, work, a):
-    """(stage-1 runs, stage-2 runs): name -> trainer argv. Stage 1 has no temporal loss; stage 2 starts
-    from the stage-1 run of its own seed."""
+    """(stage-1 runs, stage-2 runs): name -> trainer argv, ordered by seed, and stage-2 name -> its stage-1
+    run. Stage 1 has no temporal loss; stage 2 starts from the stage-1 run of its own seed."""
     index_dir, vocab = os.path.join(work, "index"), os.path.join(work, "vocab.txt")
-    s1, s2 = {}, {}
-    for v in variants:
-        f1, f2 = VARIANTS[v]
-        for seed in seeds:
-            base = f"s1_{stage1_key(v)}_s{seed}"
+    s1, s2, base_of = {}, {}, {}
+    for seed in seeds:
+        for v in variants:
+            f1, f2 = VARIANTS[v]
+            key = stage1_key(v, a.switches_in_stage1)
+            base = f"s1_{key}_s{seed}"
             if base not in s1:
                 s1[base] = common_argv(index_dir, vocab, os.path.join(work, f"run_{base}"), seed, a.steps, a.lr,
-                                       a) + f1 + ["--lambda-temporal", "0"]
+                                       a) + (f1 if key != "paper" else []) + ["--lambda-temporal", "0"]
             init = os.path.join(work, f"run_{base}", "final", "model.safetensors")
             s2[f"{v}_s{seed}"] = common_argv(index_dir, vocab, os.path.join(work, f"run_{v}_s{seed}"), seed,
                                             a.stage2_steps, a.stage2_lr, a) + f2 + ["--init", init]
-    return s1, s2
+            base_of[f"{v}_s{seed}"] = base
+    return s1, s2, base_of
 
 
 def command(argv):
@@ -332,11 +333,15 @@ def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_
          f"a time, `nice -n 5`. Total wall time {total_s / 60:.1f} min"
          + (" (some runs were reused from an earlier call)" if any(v is None for v in secs.values()) else "")
          + f". {code_note}", "",
-         f"Design: seeds {','.join(map(str, seeds))}; every variant and seed is its own chain from random weights: "
-         f"stage 1 = {a.steps} steps at lr {a.lr}, ITA + local (no temporal loss, as in learning_proof.py), with the "
-         f"variant's local switches; stage 2 = {a.stage2_steps} steps at lr {a.stage2_lr} with the variant's loss, "
-         "from the same seed's stage-1 weights. default, no_temporal, temporal_shuffle and series_len_* share the "
-         "paper stage-1 run of each seed (their differences are stage-2 effects; the seed still varies stage 1). "
+         f"Design: seeds {','.join(map(str, seeds))}; every seed is its own chain from random weights: "
+         f"stage 1 = {a.steps} steps at lr {a.lr}, ITA + local (no temporal loss, as in learning_proof.py)"
+         + (", with the variant's local switches; " if a.switches_in_stage1 else
+            ", the paper's loss, one run per seed shared by every variant of that seed; ")
+         + f"stage 2 = {a.stage2_steps} steps at lr {a.stage2_lr} with the variant's loss (switch on), from the "
+         "same seed's stage-1 weights. "
+         + ("" if a.switches_in_stage1 else "So every difference to default is the effect of the switch over "
+            "stage 2, while the seed varies stage 1 as well. ")
+         + 
          f"{a.batch_series} series a step. Data: one training tree ({a.patients} synthetic patients, data seed 0) "
          f"and one evaluation tree ({a.eval_patients} other patients, seed 1000, {a.rsna} RSNA-format DICOMs) for "
          "all runs, so the intervals cover training randomness, not data sampling. random = the initial weights "
@@ -430,13 +435,15 @@ def parse(argv):
     ap.add_argument("--rsna", type=int, default=200)
     ap.add_argument("--steps", type=int, default=400, help="stage-1 steps (from random weights)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--stage2-steps", type=int, default=150)
+    ap.add_argument("--stage2-steps", type=int, default=120)
     ap.add_argument("--stage2-lr", type=float, default=2e-4)
     ap.add_argument("--batch-series", type=int, default=10)
     ap.add_argument("--warmup-frac", type=float, default=0.05)
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--code", default=ROOT, help="folder whose medst_fast the runs import (a frozen copy keeps "
                                                   "every run on the same code while the checkout changes)")
+    ap.add_argument("--switches-in-stage1", action="store_true",
+                    help="the local switches also train stage 1 (their own stage-1 runs)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ablations"))
     ap.add_argument("--dry-run", action="store_true", help="print the grid's training commands and exit")
     ap.add_argument("--eval-one", metavar="NAME", help=argparse.SUPPRESS)
@@ -454,7 +461,7 @@ def main(argv=None):
     left_out.update({v: "not in --variants" for v in VARIANTS if v not in variants and v not in left_out})
     if "default" not in variants:
         raise SystemExit("ablations: the default variant is the reference of every difference; keep it")
-    s1, s2 = plan(variants, a.seeds, a.work, a)
+    s1, s2, base_of = plan(variants, a.seeds, a.work, a)
     if a.dry_run:
         for n, x in list(s1.items()) + list(s2.items()):
             print(f"{n}: {command(x)}")
@@ -465,18 +472,24 @@ def main(argv=None):
     os.makedirs(a.work, exist_ok=True)
     lp.build_data(a.work, a.patients, a.eval_patients, 0, a.rsna)
     secs = {}
+
+    def stage1(n):
+        secs[n] = lp.run_training(n, s1[n], a.work, cwd=a.code)
+
     with cf.ThreadPoolExecutor(a.parallel) as ex:
-        for n, t in zip(s1, ex.map(lambda n: lp.run_training(n, s1[n], a.work, cwd=a.code), s1)):
-            secs[n] = t
+        # stage-1 jobs are queued first, so a stage-2 job only starts (and waits on its stage-1 run) once
+        # that run is running or done: no worker waits on a job still in the queue
+        done1 = {n: ex.submit(stage1, n) for n in s1}
 
         def train_and_eval(n):
+            done1[base_of.get(n, f"s1_paper_s{n.rpartition('_s')[2]}")].result()
             if n in s2:
                 secs[n] = lp.run_training(n, s2[n], a.work, cwd=a.code)
             row = evaluate_run(a.work, n, a.code)
             log(f"{n}: evaluated ({row['eval_s']:.0f} s)")
             return n, row
 
-        jobs = list(s2) + [f"random_s{s}" for s in a.seeds]
+        jobs = [n for s in a.seeds for n in [f"{v}_s{s}" for v in variants] + [f"random_s{s}"]]
         rows = dict(ex.map(train_and_eval, jobs))
     recs = summarise(rows, variants)
     code_note = f"Code: medst_fast imported from {a.code}" + (

@@ -107,24 +107,40 @@ def test_variants_without_their_trainer_flag_are_left_out(ab):
         ab.available_variants("", ["nope"])
 
 
-def test_dry_run_prints_the_grid(tmp_path):
+def dry_run(tmp_path, *extra):
     work = str(tmp_path / "w")
     r = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--work", work, "--seeds", "0,1",
-                        "--variants", "default,no_temporal,local_batch", "--steps", "7", "--stage2-steps", "3"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        "--variants", "default,no_temporal,local_batch", "--steps", "7", "--stage2-steps", "3",
+                        *extra], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert not os.path.exists(work)  # a dry run builds nothing
     lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if not line.startswith("#"))
-    # stage 1: paper and local_batch configurations per seed, from random weights, no temporal loss
-    assert set(lines) == {"s1_paper_s0", "s1_paper_s1", "s1_local_batch_s0", "s1_local_batch_s1",
-                          "default_s0", "default_s1", "no_temporal_s0", "no_temporal_s1",
-                          "local_batch_s0", "local_batch_s1"}
-    for n in ("s1_paper_s1", "s1_local_batch_s1"):
+    return work, lines, r.stdout
+
+
+def test_dry_run_prints_the_grid(tmp_path):
+    work, lines, out = dry_run(tmp_path)
+    # stage 1: one paper run per seed, from random weights, no temporal loss; every variant starts from it
+    assert set(lines) == {"s1_paper_s0", "s1_paper_s1", "default_s0", "default_s1", "no_temporal_s0",
+                          "no_temporal_s1", "local_batch_s0", "local_batch_s1"}
+    for n in ("s1_paper_s0", "s1_paper_s1"):
         c = lines[n]
-        assert "--init" not in c and "--lambda-temporal 0" in c and "--max-steps 7" in c and "--seed 1" in c
-    assert "--local-scope batch" in lines["s1_local_batch_s0"] and "--local-scope" not in lines["s1_paper_s0"]
-    # stage 2 starts from its own seed's stage-1 run
+        assert "--init" not in c and "--lambda-temporal 0" in c and "--max-steps 7" in c
+        assert f"--seed {n[-1]}" in c and "--local-scope" not in c
+    # stage 2 starts from its own seed's stage-1 run, with the variant's switch
     assert f"--init {work}/run_s1_paper_s1/final/model.safetensors" in lines["no_temporal_s1"]
     assert "--seed 1" in lines["no_temporal_s1"] and "--lambda-temporal 0" in lines["no_temporal_s1"]
-    assert f"--init {work}/run_s1_local_batch_s0/final" in lines["local_batch_s0"]
-    assert "--lambda-temporal" not in lines["default_s0"] and "--max-steps 3" in lines["default_s0"]
-    assert not os.path.exists(work)  # a dry run builds nothing
+    assert "--local-scope batch" in lines["local_batch_s0"] and "--max-steps 3" in lines["local_batch_s0"]
+    assert f"--init {work}/run_s1_paper_s0/final" in lines["local_batch_s0"]
+    assert "--lambda-temporal" not in lines["default_s0"]
+    assert "# left out temporal_shuffle: not in --variants" in out
+
+
+def test_dry_run_with_switches_in_stage1(tmp_path):
+    work, lines, _ = dry_run(tmp_path, "--switches-in-stage1")
+    assert {"s1_local_batch_s0", "s1_local_batch_s1"} <= set(lines)
+    c = lines["s1_local_batch_s1"]
+    assert "--init" not in c and "--local-scope batch" in c and "--lambda-temporal 0" in c
+    assert "--local-scope" not in lines["s1_paper_s1"]
+    assert f"--init {work}/run_s1_local_batch_s1/final" in lines["local_batch_s1"]
+    assert f"--init {work}/run_s1_paper_s1/final" in lines["no_temporal_s1"]
