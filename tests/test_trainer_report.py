@@ -303,3 +303,30 @@ def test_report_to_wandb_logs_every_row_and_resumes_the_same_run(tmp_path, vocab
     main(_random_argv(out, vocab_path, "--max-steps", "3", "--report-to", "wandb", "--resume", "auto",
                       "--allow-changed-args"))
     assert calls[0][1]["id"] == init_kw["id"] and [c[1] for c in calls if c[0] == "log"] == [3]
+
+
+# -- collapsed embeddings are called out ---------------------------------------------------------------------
+def test_mean_pairwise_cosine_and_the_collapse_warning():
+    from medst_fast.train.validate import collapse_warning, mean_pairwise_cosine
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 5, generator=g, dtype=torch.float64) * torch.rand(7, 1, generator=g, dtype=torch.float64)
+    u = torch.nn.functional.normalize(z, dim=1)
+    pairs = [float(u[i] @ u[j]) for i in range(7) for j in range(7) if i != j]
+    assert mean_pairwise_cosine(z) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert mean_pairwise_cosine(z[:1]) != mean_pairwise_cosine(z[:1])  # NaN: no pair
+    same = torch.ones(4, 3) + 1e-4 * torch.randn(4, 3, generator=g)
+    assert mean_pairwise_cosine(same) > 0.999
+    assert collapse_warning(0.2, 0.5, (40, 0.9 ** 40)) is None
+    w = collapse_warning(0.97, 0.5, (40, 0.9 ** 40))
+    assert "image 0.970" in w and "report" not in w.split("cosine:")[1].split(")")[0] and "1.5%" in w
+    assert "40 updates" in w and "BatchNorm" not in collapse_warning(0.2, 0.99, (5000, 0.9 ** 5000))
+
+
+def test_collapsed_validation_embeddings_are_warned_about(tmp_path, val_index, vocab_path, caplog):
+    """Two steps from scratch: the heads' BatchNorm statistics are mostly their start, the eval embeddings alike."""
+    res = main(_argv(tmp_path / "r", val_index, vocab_path, "--max-steps", "2", "--eval-every", "0"))
+    v = res.val
+    assert 0.9 < max(v["img_cos"], v["txt_cos"]) <= 1.0
+    assert any("validation embeddings are nearly identical" in r.getMessage() and "2 updates" in r.getMessage()
+               and "81.0%" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

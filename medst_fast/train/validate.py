@@ -10,12 +10,19 @@ Retrieval: image-to-report recall@K over all validation studies. The rank of stu
 number of reports scored strictly higher than it, so identical reports (which embed identically) never
 push the true one down. Evaluation touches no RNG and no training state: the RNG states are restored
 afterwards, so a run with validation resumes as exactly as one without.
+
+Collapse check: the mean pairwise cosine of the validation studies' image and report embeddings is returned
+(``img_cos``, ``txt_cos``) and a warning is logged when either is near 1. Embeddings that are all alike give
+retrieval at chance whatever the model learned about pairs, and early in a run that is what the heads'
+BatchNorm does in eval mode: its running statistics start at mean 0 / variance 1 and keep (1 - momentum)^t of
+that start after t updates (0.9^40 = 1.5% after 40 steps), while a freshly initialised head's features vary
+by ~2e-4 across studies (measured on the quick start), so the running variance is far too large and the normalised outputs barely differ.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,6 +30,47 @@ from . import checkpoint as ckpt
 from . import distributed as D
 
 log = logging.getLogger("medst_fast")
+
+# Mean pairwise cosine above which the validation embeddings count as collapsed (retrieval then measures nothing).
+COLLAPSED_COS = 0.9
+
+
+def mean_pairwise_cosine(z: torch.Tensor) -> float:
+    """Mean cosine over the N(N-1) ordered pairs of distinct rows of (N, E); NaN for N < 2."""
+    n = z.shape[0]
+    if n < 2:
+        return float("nan")
+    u = torch.nn.functional.normalize(z.double(), dim=1)
+    s = u.sum(0)
+    return float(((s @ s) - (u * u).sum()) / (n * (n - 1)))  # sum over i != j of u_i . u_j
+
+
+def batchnorm_start_weight(model) -> Optional[Tuple[int, float]]:
+    """(fewest running-statistics updates, largest weight the initial statistics still have) over the model's
+    BatchNorm layers; None without one. With momentum m, t updates leave (1 - m)^t of the start."""
+    worst = None
+    for m in model.modules():
+        if not (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats):
+            continue
+        t = int(m.num_batches_tracked)
+        w = (1 - m.momentum) ** t if m.momentum is not None else float(t == 0)  # None: a plain running mean
+        if worst is None or w > worst[1]:
+            worst = (t, w)
+    return worst
+
+
+def collapse_warning(img_cos: float, txt_cos: float, bn: Optional[Tuple[int, float]]) -> Optional[str]:
+    """The warning text when the embeddings are collapsed, else None. ``bn``: batchnorm_start_weight's answer."""
+    bad = [f"{name} {c:.3f}" for name, c in (("image", img_cos), ("report", txt_cos)) if c > COLLAPSED_COS]
+    if not bad:
+        return None
+    msg = (f"validation embeddings are nearly identical (mean pairwise cosine: {', '.join(bad)}), so retrieval is "
+           "at chance whatever the model learned about pairs")
+    if bn is not None and bn[1] > 1e-3:
+        msg += (f"; after {bn[0]} updates the BatchNorm running statistics (used in eval mode) still hold "
+                f"{bn[1]:.1%} of their initial mean 0 / variance 1, far more than a young head's features vary: "
+                "train for more steps")
+    return msg
 
 
 def recall_at_k(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, float]:
@@ -88,8 +136,12 @@ class Validator:
         val_loss = sum(p["loss"] for p in parts) / n if n else float("nan")
         if n and not math.isfinite(val_loss):
             log.warning("validation loss is %s: not a best model", val_loss)
+        img_cos, txt_cos = mean_pairwise_cosine(all_img), mean_pairwise_cosine(all_txt)
+        warning = collapse_warning(img_cos, txt_cos, batchnorm_start_weight(model))
+        if warning:
+            log.warning("%s", warning)
         return {"val_loss": val_loss, "val_r1": r[1], "val_r5": r[5], "studies": int(all_img.shape[0]),
-                "batches": n, "skipped": sum(p["skipped"] for p in parts)}
+                "batches": n, "skipped": sum(p["skipped"] for p in parts), "img_cos": img_cos, "txt_cos": txt_cos}
 
 
 def describe(v: Dict[str, Any]) -> str:
