@@ -538,6 +538,8 @@ class Pipeline:
             if st.name in EVAL_TASKS:
                 self.execute_eval(st)
             elif st.name == "results" and self.summary.failed:
+                if os.path.exists(self.marker_path("results")):
+                    os.remove(self.marker_path("results"))  # the old marker would vouch for the new, partial table
                 self.write_results()  # the table shows the failures; no marker, so a rerun redoes them
                 self.summary.status["results"] = "ran (incomplete: " + ", ".join(self.summary.failed) + " failed)"
                 self.say(f"[results] ran, without a marker: {', '.join(self.summary.failed)} failed")

@@ -162,6 +162,29 @@ def test_missing_optional_eval_input_is_a_reported_skip(tmp_path):
     assert not os.path.exists(p.marker_path("covidx-probe"))
 
 
+def test_a_failed_evaluation_is_reported_and_retried(smoke_run, monkeypatch):
+    """One evaluation raising: the table says so, the results get no marker, and the next run redoes both."""
+    import medst_fast.eval.__main__ as ev
+
+    run, _ = smoke_run
+    (run / "stages" / "covidx-probe.done").unlink()
+
+    def broken(argv):
+        raise ValueError("covidx.txt: field 'label' row 3 is 'x'")
+
+    with monkeypatch.context() as m:
+        m.setattr(ev, "main", broken)
+        summary = _smoke(run)
+    assert summary.failed == ["covidx-probe"] and summary.status["covidx-probe"].startswith("failed: ValueError")
+    doc = json.loads((run / "results.json").read_text())
+    assert doc["tasks"]["covidx-probe"]["status"] == "failed" and "row 3" in doc["tasks"]["covidx-probe"]["reason"]
+    assert doc["tasks"]["msxrt-image"]["rows"] and "| covidx-probe | | | failed:" in (run / "results.md").read_text()
+    assert not (run / "stages" / "results.done").exists() and not (run / "stages" / "covidx-probe.done").exists()
+    summary = _smoke(run)
+    assert summary.status == {s: "ran" if s in ("covidx-probe", "results") else "skipped" for s in STAGES}
+    assert json.loads((run / "results.json").read_text())["tasks"]["covidx-probe"]["status"] == "evaluated"
+
+
 def test_interrupted_pretrain_writes_no_marker(smoke_run, monkeypatch):
     """A trainer stopped by a signal: exit 128 + signal, no pretrain marker (the rerun resumes via --resume auto),
     nothing downstream touched. Last in the module: it leaves the run without its pretrain marker."""
