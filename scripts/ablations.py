@@ -44,9 +44,12 @@ sys.path.insert(0, HERE)
 import learning_proof as lp  # noqa: E402
 
 ROOT = lp.ROOT
-# A mean pairwise cosine this close to 1 means every image sits on nearly one point: the ranking behind an
-# AUROC (or an SVC's decision) then comes from differences near float rounding, not from what was learned.
-NEAR_TIE_COS = 0.99
+# Near-tie test of a score-based AUROC: add N(0, TIE_SIGMA) to every score (a float-level change of a cosine)
+# and redraw; when the AUROC then moves by a std of TIE_AUROC_STD or more, its ranking rests on score gaps that
+# small (random-init embeddings are nearly one point) and the value says nothing beyond "about chance".
+TIE_SIGMA = 1e-5
+TIE_AUROC_STD = 0.005
+TIE_DRAWS = 20
 
 # variant -> (stage-1 flags, stage-2 flags); every flag is a trainer flag on top of the shared ones
 VARIANTS = {
@@ -73,8 +76,8 @@ METRICS = [
     ("sentence_auroc", "temporal sentence similarity (AUROC)", False),
     ("probe_macro", "probe, study feats (macro-acc %)", True),
 ]
-# which spread measurement decides whether a metric's scores are near-tied
-TIE_SOURCE = {"zs_biovil_auroc": "cos_rsna", "zs_synth_auroc": "cos_rsna", "sentence_auroc": "cos_sentences"}
+# the score-based AUROCs, whose rows carry the near-tie test (tie_<metric>: AUROC std under score noise)
+TIE_METRICS = ("zs_mimic_frontal", "zs_mimic_study", "zs_biovil_auroc", "zs_synth_auroc", "sentence_auroc")
 
 
 def log(msg):
@@ -113,8 +116,20 @@ def verdict(lo, hi):
     return "real at this scale" if lo > 0 or hi < 0 else "not distinguishable"
 
 
-def near_tie(mean_pairwise_cos):
-    return mean_pairwise_cos >= NEAR_TIE_COS
+def near_tie(auroc_noise_std_value):
+    return auroc_noise_std_value >= TIE_AUROC_STD
+
+
+def auroc_noise_std(pairs, sigma=TIE_SIGMA, draws=TIE_DRAWS, seed=0):
+    """Std over draws of the mean AUROC of (labels, scores) pairs when each score gets N(0, sigma) added."""
+    import numpy as np
+
+    from medst_fast.eval.metrics import auroc
+
+    rng = np.random.default_rng(seed)
+    vals = [np.mean([auroc(y, np.asarray(s, dtype=np.float64) + rng.normal(0.0, sigma, len(s)))
+                     for y, s in pairs]) for _ in range(draws)]
+    return float(np.std(vals))
 
 
 def mean_pairwise_cos(emb):
@@ -197,23 +212,29 @@ def score_spread(model, tok, eval_raw, prompts_file):
 
     rsna = os.path.join(eval_raw, "rsna")
     labels = common.find_file(rsna, [rsna_zeroshot.LABELS_CSV], "RSNA stage_2_train_labels.csv")
-    ids = pd.read_csv(labels, dtype=str)["patientId"].drop_duplicates()
+    df = pd.concat(list(rsna_zeroshot.official_split(labels).values()))  # the order evaluate(split="all") uses
+    ids, y = list(df["patientId"]), df["Target"].to_numpy().astype(np.int64)
     image_dir = os.path.join(os.path.dirname(labels), rsna_zeroshot.IMAGE_DIR)
     img = common.embed_images(model, [rsna_zeroshot.image_path(image_dir, p) for p in ids])
     out = {"cos_rsna": mean_pairwise_cos(img.numpy())}
     for key, prompts in (("biovil", None), ("synth", rsna_zeroshot.read_prompts(prompts_file))):
         pos, neg = prompts if prompts else (rsna_zeroshot.POSITIVE_PROMPTS, rsna_zeroshot.NEGATIVE_PROMPTS)
         logits = zero_shot_logits(model, rsna_zeroshot.classifier(model, tok, pos, neg), img, logit_scale=1.0)
-        out[f"score_std_{key}"] = float((logits[:, 0] - logits[:, 1]).std())
+        score = (logits[:, 0] - logits[:, 1]).numpy().astype(np.float64)
+        out[f"score_std_{key}"] = float(score.std())
+        out[f"tie_zs_{key}_auroc"] = auroc_noise_std([(y, score)])
     csv_path = msxrt_image.find_csv(os.path.join(eval_raw, "msxrt"))
     df = msxrt_image.read_csv(csv_path)
     frontal_ids = sorted(set(df.dicom_id) | set(df.previous_dicom_id))
     emb, _ = msxrt_image.image_features(model, msxrt_image.ImageResolver([os.path.join(eval_raw, "msxrt"),
                                                                           eval_raw]), frontal_ids, "frontal")
     out["cos_msxrt_frontal"] = mean_pairwise_cos(np.stack([emb[d] for d in frontal_ids]))
-    s1, s2, _ = msxrt_sentence.read_pairs(msxrt_sentence.find_csv(os.path.join(eval_raw, "msxrt")))
+    s1, s2, ys = msxrt_sentence.read_pairs(msxrt_sentence.find_csv(os.path.join(eval_raw, "msxrt")))
     sent = common.embed_texts(model, tok, msxrt_sentence.clean(list(s1) + list(s2)))
     out["cos_sentences"] = mean_pairwise_cos(sent.numpy())
+    sim = msxrt_sentence.similarities(model, tok, s1, s2)
+    out["sentence_auroc"] = msxrt_sentence.score(sim, ys).get("RadGraph", "auroc")
+    out["tie_sentence_auroc"] = auroc_noise_std([(ys, sim)])
     return out
 
 
@@ -222,7 +243,6 @@ def eval_one(work, name, out_json):
     import torch
 
     from medst_fast import MedST, from_pretrained
-    from medst_fast.eval import msxrt_sentence
     from medst_fast.eval.common import load_tokenizer
 
     torch.set_num_threads(1)
@@ -238,10 +258,11 @@ def eval_one(work, name, out_json):
         model = from_pretrained(os.path.join(work, f"run_{name}", "final"))
     model.eval()
     tok = load_tokenizer(vocab, model)
-    ev = lp.evaluate(model, tok, eval_raw, prompts, (42, 100, 666), (5,))
+    scores = {}
+    ev = lp.evaluate(model, tok, eval_raw, prompts, (42, 100, 666), (5,), scores=scores)
     row = lp.summary_row(ev, 5)
-    row["sentence_auroc"] = msxrt_sentence.evaluate(
-        model, tok, msxrt_sentence.find_csv(os.path.join(eval_raw, "msxrt"))).get("RadGraph", "auroc")
+    row["tie_zs_mimic_frontal"] = auroc_noise_std([(y, f) for y, f, _ in scores.values()])
+    row["tie_zs_mimic_study"] = auroc_noise_std([(y, st) for y, _, st in scores.values()])
     row.update(score_spread(model, tok, eval_raw, prompts))
     row["eval_s"] = time.time() - t0
     tmp = out_json + ".tmp"
@@ -283,10 +304,12 @@ def seed_values(rows, variant, key):
 
 
 def tie_note(rows, variant, key):
-    src = TIE_SOURCE.get(key, "cos_msxrt_frontal")
-    cos = [r[src] for n, r in rows.items() if n.rpartition("_s")[0] == variant]
-    if cos and any(near_tie(c) for c in cos):
-        return f"near-tie scores ({src} {min(cos):.4f}-{max(cos):.4f})"
+    if key not in TIE_METRICS:
+        return ""
+    sd = [r[f"tie_{key}"] for n, r in rows.items() if n.rpartition("_s")[0] == variant]
+    hit = [x for x in sd if near_tie(x)]
+    if hit:
+        return f"near-tie scores in {len(hit)} of {len(sd)} seeds (AUROC std under score noise up to {max(sd):.3f})"
     return ""
 
 
@@ -321,6 +344,22 @@ def to_csv_text(recs):
     return buf.getvalue()
 
 
+def log_wall(work, name):
+    """Seconds between the first and last timestamp of run_<name>/train.log (a run reused from an earlier
+    call; Python start-up is not in it), or None."""
+    import datetime
+
+    path = os.path.join(work, f"run_{name}", "train.log")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        stamps = [line[:19] for line in f if line[:4].isdigit() and line[4] == "-"]
+    if len(stamps) < 2:
+        return None
+    t = [datetime.datetime.strptime(x, "%Y-%m-%d %H:%M:%S") for x in (stamps[0], stamps[-1])]
+    return (t[1] - t[0]).total_seconds()
+
+
 def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_note, argv):
     import torch
 
@@ -348,9 +387,10 @@ def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_
          "of each seed.", "",
          "Statistics: mean over seeds and 95% t-interval (t_{0.975,n-1}; with 3 seeds the half-width is 2.48 "
          "standard deviations of the values); the difference to default is paired by seed. Verdict \"real at "
-         "this scale\" only when the paired interval excludes 0. Near-tie: when the images (or sentences) a score "
-         f"ranks have a mean pairwise cosine >= {NEAR_TIE_COS}, the AUROC or classifier rides on differences near "
-         "float rounding; such entries are marked and carry no information beyond \"at chance\".", ""]
+         "this scale\" only when the paired interval excludes 0. Near-tie (score-based AUROCs only): each score gets "
+         f"N(0, {TIE_SIGMA:g}) added, {TIE_DRAWS} draws; when the AUROC's std over the draws is >= {TIE_AUROC_STD}, "
+         "its ranking rests on score gaps of float-rounding size, and the entry is marked: such a value carries no "
+         "information beyond \"about chance\", and a difference to it is not an effect of training.", ""]
     if left_out:
         L += ["Left out: " + "; ".join(f"{v} ({why})" for v, why in left_out.items()), ""]
     L += ["## Means over seeds [95% interval]", "",
@@ -380,16 +420,19 @@ def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_
     L += ["", "## Score spread (mean over seeds)", "",
           "Mean pairwise cosine of the RSNA-format image embeddings, of the MS-CXR-T-format frontal images and of "
           "the sentence embeddings; std over the RSNA-format images of the zero-shot score (positive - negative "
-          "cosine) with BioViL's and the synthetic prompts.", "",
-          "| variant | cos RSNA images | cos MS-CXR-T frontals | cos sentences | score std BioViL | score std synthetic |",
-          "|---|---|---|---|---|---|"]
+          "cosine) with BioViL's and the synthetic prompts; and the near-tie test (AUROC std under score noise) of "
+          "each score-based AUROC.", "",
+          "| variant | cos RSNA images | cos MS-CXR-T frontals | cos sentences | score std BioViL | score std synthetic | "
+          + " | ".join(f"tie {k}" for k in TIE_METRICS) + " |",
+          "|---|---|---|---|---|---|" + "---|" * len(TIE_METRICS)]
     for v in ["random"] + variants:
         rs = [r for n, r in rows.items() if n.rpartition("_s")[0] == v]
         if rs:
-            m = {k: sum(r[k] for r in rs) / len(rs) for k in ("cos_rsna", "cos_msxrt_frontal", "cos_sentences",
-                                                               "score_std_biovil", "score_std_synth")}
+            keys = ("cos_rsna", "cos_msxrt_frontal", "cos_sentences", "score_std_biovil", "score_std_synth")
+            m = {k: sum(r[k] for r in rs) / len(rs) for k in keys + tuple(f"tie_{k}" for k in TIE_METRICS)}
             L.append(f"| {v} | {m['cos_rsna']:.4f} | {m['cos_msxrt_frontal']:.4f} | {m['cos_sentences']:.4f} | "
-                     f"{m['score_std_biovil']:.2g} | {m['score_std_synth']:.2g} |")
+                     f"{m['score_std_biovil']:.2g} | {m['score_std_synth']:.2g} | "
+                     + " | ".join(f"{m[f'tie_{k}']:.4f}" for k in TIE_METRICS) + " |")
     L += ["", "## Per seed", ""]
     for v in ["random"] + variants:
         for s in seeds:
@@ -399,12 +442,17 @@ def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_
     L += ["", "## Runs: commands and wall time", "",
           "Evaluation of each model: `python scripts/ablations.py --work WORK --eval-one NAME` (one thread; "
           "NAME = a run below or random_s<seed>).", ""]
-    train_total = sum(x for x in secs.values() if x)
+    train_total = 0.0
     for n, argv_n in list(s1.items()) + list(s2.items()):
-        t = secs.get(n)
+        t, how = secs.get(n), ""
+        if not t:
+            t, how = log_wall(a.work, n), " (reused; from its train.log)"
+        train_total += t or 0.0
         ev = rows.get(n, {}).get("eval_s")
-        L.append(f"- {n}: train {f'{t:.0f} s' if t else 'reused'}"
-                 + (f", eval {ev:.0f} s" if ev else "") + f": `{command(argv_n)}`")
+        losses = lp.last_losses(a.work, n)
+        L.append(f"- {n}: train {f'{t:.0f} s' if t else '?'}{how}" + (f", eval {ev:.0f} s" if ev else "")
+                 + ("; last logged losses " + ", ".join(f"{k} {x:.3f}" for k, x in losses.items()) if losses else "")
+                 + f": `{command(argv_n)}`")
     L += ["", f"Training time summed over runs: {train_total / 60:.1f} min (run-minutes, {a.parallel} in parallel); "
           f"evaluation summed: {sum(r.get('eval_s', 0) for r in rows.values()) / 60:.1f} min."]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -65,33 +65,47 @@ def test_verdict_needs_the_interval_to_exclude_zero(ab):
     assert ab.verdict(0.0, 0.2) == "not distinguishable"
 
 
-def test_near_tie_flag_from_mean_pairwise_cosine(ab):
+def test_mean_pairwise_cosine_against_a_double_loop(ab):
     rng = np.random.default_rng(0)
-    spread = rng.normal(size=(50, 16))
-    assert ab.mean_pairwise_cos(spread) < 0.2 and not ab.near_tie(ab.mean_pairwise_cos(spread))
-    tied = np.ones((50, 16)) + 1e-3 * rng.normal(size=(50, 16))   # random-init-like: one point plus noise
-    assert ab.near_tie(ab.mean_pairwise_cos(tied))
-    # the formula against a double loop over distinct pairs
     e = rng.normal(size=(7, 5))
     u = e / np.linalg.norm(e, axis=1, keepdims=True)
     loop = np.mean([u[i] @ u[j] for i in range(7) for j in range(7) if i != j])
     assert ab.mean_pairwise_cos(e) == pytest.approx(loop)
+    assert ab.mean_pairwise_cos(np.ones((4, 3)) + 1e-4 * rng.normal(size=(4, 3))) > 0.999
+    with pytest.raises(ValueError):
+        ab.mean_pairwise_cos(np.ones((1, 3)))
+
+
+def test_near_tie_flag_from_auroc_noise_sensitivity(ab):
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 100)
+    separated = y * 0.05 + rng.normal(0, 0.02, 200)        # a trained model's score gaps: ~1e-2
+    tied = 0.3 + 1e-7 * rng.normal(size=200)               # random-init-like: one score plus float noise
+    sd_sep, sd_tied = ab.auroc_noise_std([(y, separated)]), ab.auroc_noise_std([(y, tied)])
+    assert sd_sep < 1e-3 and not ab.near_tie(sd_sep)
+    assert sd_tied > 0.02 and ab.near_tie(sd_tied)
+    assert ab.auroc_noise_std([(y, tied)]) == sd_tied       # seeded: the same draws every time
+    # several tasks: the std of their mean AUROC, so one tied task among separated ones still shows
+    assert 0 < ab.auroc_noise_std([(y, separated), (y, tied)]) < sd_tied
 
 
 def test_summary_marks_ties_and_pairs_by_seed(ab):
-    def row(study, cos):
+    def row(study, tie):
         r = {k: study for k, _, _ in ab.METRICS}
-        r.update(cos_rsna=cos, cos_msxrt_frontal=cos, cos_sentences=0.5)
+        r.update({f"tie_{k}": tie for k in ab.TIE_METRICS})
+        r["tie_sentence_auroc"] = 0.0
         return r
-    rows = {"default_s0": row(0.40, 0.7), "default_s1": row(0.42, 0.7), "default_s2": row(0.41, 0.7),
-            "random_s0": row(0.33, 0.9995), "random_s1": row(0.33, 0.9996), "random_s2": row(0.34, 0.9994),
-            "no_temporal_s0": row(0.41, 0.7), "no_temporal_s1": row(0.40, 0.7), "no_temporal_s2": row(0.43, 0.7)}
+    rows = {"default_s0": row(0.40, 0.0), "default_s1": row(0.42, 0.0), "default_s2": row(0.41, 0.001),
+            "random_s0": row(0.33, 0.02), "random_s1": row(0.33, 0.001), "random_s2": row(0.34, 0.03),
+            "no_temporal_s0": row(0.41, 0.0), "no_temporal_s1": row(0.40, 0.0), "no_temporal_s2": row(0.43, 0.0)}
     recs = {(r["variant"], r["metric"]): r for r in ab.summarise(rows, ["default", "no_temporal"])}
-    rnd = recs[("random", "study_macro")]
-    assert rnd["note"].startswith("near-tie") and rnd["verdict"] == "real at this scale"
-    assert recs[("random", "sentence_auroc")]["note"] == ""      # sentences were not tied
-    nt = recs[("no_temporal", "study_macro")]
+    rnd = recs[("random", "zs_biovil_auroc")]
+    assert rnd["note"].startswith("near-tie scores in 2 of 3 seeds") and rnd["verdict"] == "real at this scale"
+    assert recs[("random", "sentence_auroc")]["note"] == ""      # that task was not tied
+    assert recs[("random", "study_macro")]["note"] == ""         # classification rows carry no tie test
+    nt = recs[("no_temporal", "zs_biovil_auroc")]
     assert nt["note"] == "" and nt["verdict"] == "not distinguishable"
+    assert recs[("default", "zs_biovil_auroc")]["note"] == ""    # 0.001 is below the threshold
     assert "diff" not in recs[("default", "study_macro")]
     csv_text = ab.to_csv_text(list(recs.values()))
     assert csv_text.splitlines()[0].startswith("variant,metric,n_seeds,mean,ci95_low")
