@@ -686,7 +686,11 @@ class Trainer:
         fixed = [f"{_flag(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in _RESUME_FIXED if k in old and old[k] != new.get(k)]
         if old.get("world_size", 1) != self.world.world_size:
             fixed.append(f"world size {old.get('world_size')} -> {self.world.world_size}")
-        if _architecture(st["config"]) != _architecture(self.cfg.to_dict()):
+        try:
+            same_model = _architecture(st["config"]) == _architecture(self.cfg.to_dict())
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"{path}: {e}") from None
+        if not same_model:
             fixed.append("model config differs")
         if "n_series" in st and int(st["n_series"]) != self.n_series:
             fixed.append(f"the data set has {self.n_series} series, the checkpoint's run had {int(st['n_series'])}")
