@@ -327,6 +327,6 @@ def test_collapsed_validation_embeddings_are_warned_about(tmp_path, val_index, v
     """Two steps from scratch: the heads' BatchNorm statistics are mostly their start, the eval embeddings alike."""
     res = main(_argv(tmp_path / "r", val_index, vocab_path, "--max-steps", "2", "--eval-every", "0"))
     v = res.val
-    assert 0.9 < max(v["img_cos"], v["txt_cos"]) <= 1.0
+    assert 0.9 < max(v["img_cos"], v["txt_cos"]) <= 1.0 + 1e-9
     assert any("validation embeddings are nearly identical" in r.getMessage() and "2 updates" in r.getMessage()
                and "81.0%" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

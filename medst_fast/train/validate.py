@@ -12,9 +12,9 @@ push the true one down. Evaluation touches no RNG and no training state: the RNG
 afterwards, so a run with validation resumes as exactly as one without.
 
 Collapse check: the mean pairwise cosine of the validation studies' image and report embeddings is returned
-(``img_cos``, ``txt_cos``) and a warning is logged when either is near 1. Embeddings that are all alike give
-retrieval at chance whatever the model learned about pairs, and early in a run that is what the heads'
-BatchNorm does in eval mode: its running statistics start at mean 0 / variance 1 and keep (1 - momentum)^t of
+(``img_cos``, ``txt_cos``) and a warning is logged when either is near 1: the retrieval numbers then rest on
+small differences between nearly equal vectors (and are exactly chance when one image ranks the reports like
+every other). Early in a run that is what the heads' BatchNorm does in eval mode: its running statistics start at mean 0 / variance 1 and keep (1 - momentum)^t of
 that start after t updates (0.9^40 = 1.5% after 40 steps), while a freshly initialised head's features vary
 by ~2e-4 across studies (measured on the quick start), so the running variance is far too large and the normalised outputs barely differ.
 """
@@ -64,8 +64,8 @@ def collapse_warning(img_cos: float, txt_cos: float, bn: Optional[Tuple[int, flo
     bad = [f"{name} {c:.3f}" for name, c in (("image", img_cos), ("report", txt_cos)) if c > COLLAPSED_COS]
     if not bad:
         return None
-    msg = (f"validation embeddings are nearly identical (mean pairwise cosine: {', '.join(bad)}), so retrieval is "
-           "at chance whatever the model learned about pairs")
+    msg = (f"validation embeddings are nearly identical (mean pairwise cosine: {', '.join(bad)}): the retrieval "
+           "numbers rest on small differences between them")
     if bn is not None and bn[1] > 1e-3:
         msg += (f"; after {bn[0]} updates the BatchNorm running statistics (used in eval mode) still hold "
                 f"{bn[1]:.1%} of their initial mean 0 / variance 1, far more than a young head's features vary: "
