@@ -344,6 +344,23 @@ def to_csv_text(recs):
     return buf.getvalue()
 
 
+def grid_span(work, names):
+    """Minutes from the first run's first train.log line to the last evaluation file written, over every call
+    that built this --work (a rerun reuses what is there)."""
+    import datetime
+
+    starts, ends = [], []
+    for n in names:
+        log_path, ev = os.path.join(work, f"run_{n}", "train.log"), os.path.join(work, f"eval_{n}.json")
+        if os.path.isfile(log_path):
+            with open(log_path) as f:
+                first = f.readline()[:19]
+            starts.append(datetime.datetime.strptime(first, "%Y-%m-%d %H:%M:%S").timestamp())
+        if os.path.isfile(ev):
+            ends.append(os.path.getmtime(ev))
+    return (max(ends) - min(starts)) / 60 if starts and ends else None
+
+
 def log_wall(work, name):
     """Seconds between the first and last timestamp of run_<name>/train.log (a run reused from an earlier
     call; Python start-up is not in it), or None."""
@@ -369,8 +386,10 @@ def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_
          "Command:", "", "```", "python scripts/ablations.py " + " ".join(shlex.quote(x) for x in argv), "```", "",
          f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
          f"{torch.__version__}, Python {platform.python_version()}; training runs one thread each, {a.parallel} at "
-         f"a time, `nice -n 5`. Total wall time {total_s / 60:.1f} min"
-         + (" (some runs were reused from an earlier call)" if any(v is None for v in secs.values()) else "")
+         f"a time, `nice -n 5`, load average at the end {os.getloadavg()[1]:.1f} (5-min; a value above "
+         f"the core count means other jobs shared the machine). Wall time of this call {total_s / 60:.1f} min"
+         + (f"; of the whole grid, first training step to last evaluation over all calls, "
+            f"{grid_span(a.work, list(s1) + list(rows)):.1f} min" if any(v is None for v in secs.values()) else "")
          + f". {code_note}", "",
          f"Design: seeds {','.join(map(str, seeds))}; every seed is its own chain from random weights: "
          f"stage 1 = {a.steps} steps at lr {a.lr}, ITA + local (no temporal loss, as in learning_proof.py)"
@@ -417,6 +436,11 @@ def write_report(a, recs, rows, variants, left_out, s1, s2, secs, total_s, code_
         L.append(f"| {r['variant']} | {r['label']} | {fmt(d['mean'], p)} | {fmt(r['mean'], p)} | "
                  f"{'+' if r['diff'] >= 0 else ''}{fmt(r['diff'], p)} [{fmt(r['diff_low'], p)}, "
                  f"{fmt(r['diff_high'], p)}] | {r['verdict']} | {r['note']} |")
+    switch = [r for r in recs if "diff" in r and r["variant"] != "random"]
+    real = [r for r in switch if r["verdict"] == "real at this scale"]
+    L += ["", f"{len(real)} of the {len(switch)} switch-vs-default intervals exclude 0; with no effect at all, about "
+          f"{0.05 * len(switch):.1f} of them would by chance (5% each), so a lone \"real\" entry is a candidate to "
+          "recheck with more seeds rather than an established effect."]
     L += ["", "## Score spread (mean over seeds)", "",
           "Mean pairwise cosine of the RSNA-format image embeddings, of the MS-CXR-T-format frontal images and of "
           "the sentence embeddings; std over the RSNA-format images of the zero-shot score (positive - negative "
