@@ -1,5 +1,4 @@
-"""The quick start's reassurances: a core install (no [train] extra) gets one line naming the extra, and the
-default CPU run's validation retrieval beats chance."""
+"""The quick start's reassurances: a core install (no [train] extra) gets one line naming the extra."""
 import subprocess
 import sys
 
@@ -39,3 +38,4 @@ def test_main_and_cli_check_the_extra_first(monkeypatch, capsys, tmp_path, modul
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(f"needs {module}, not installed: pip install 'medst_fast[train]'")
     assert not (tmp_path / "run").exists()
+
