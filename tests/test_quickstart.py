@@ -38,4 +38,3 @@ def test_main_and_cli_check_the_extra_first(monkeypatch, capsys, tmp_path, modul
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(f"needs {module}, not installed: pip install 'medst_fast[train]'")
     assert not (tmp_path / "run").exists()
-
