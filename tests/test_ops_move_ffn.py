@@ -54,6 +54,18 @@ def run(fn, x, vid, params, gout):
     return [out.detach().float()] + [g.float() for g in grads]
 
 
+def bf16_copy(x32, p32):
+    """bf16 leaf copies of the fp32 input and parameters (the low-precision side of the error rule)."""
+    return x32.detach().bfloat16().requires_grad_(), [p.detach().bfloat16().requires_grad_() for p in p32]
+
+
+def assert_bf16_rule(got, torch_bf16, ref, label=""):
+    """err(kernel, fp32 ref) <= 2 * err(torch bf16, fp32 ref) + 1e-6 for the output and every gradient."""
+    for name, g, t, r in zip(NAMES, got, torch_bf16, ref):
+        err_k, err_t = (g - r).abs().max().item(), (t - r).abs().max().item()
+        assert err_k <= 2 * err_t + 1e-6, f"{label}{name}: kernel err {err_k:.3e} vs torch bf16 err {err_t:.3e}"
+
+
 def assert_close_rel(got, ref, rtol, name):
     scale = ref.abs().max().item()
     err = (got - ref).abs().max().item()
@@ -93,15 +105,12 @@ def test_interp_triton_bf16_error_rule(interpret, studies, patches, lat):
     x32 = torch.randn(vid.numel(), D, requires_grad=True)
     p32 = make_params(D, H)
     gout32 = torch.randn_like(x32)
-    x16 = x32.detach().bfloat16().requires_grad_()
-    p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+    x16, p16 = bf16_copy(x32, p32)
     ref = run(mf.move_ffn_ref, x32, vid, p32, gout32)
     torch_bf16 = run(mf.move_ffn_ref, x16, vid, p16, gout32.bfloat16())
     got = run(mf.move_ffn, x16, vid, p16, gout32.bfloat16())
     assert interpret["fwd"] == 1
-    for name, g, t, r in zip(NAMES, got, torch_bf16, ref):
-        err_k, err_t = (g - r).abs().max().item(), (t - r).abs().max().item()
-        assert err_k <= 2 * err_t + 1e-6, f"{name}: kernel err {err_k:.3e} vs torch bf16 err {err_t:.3e}"
+    assert_bf16_rule(got, torch_bf16, ref)
 
 
 def _autocast_rule(fn, studies, patches, lat, D, H, check_dtypes=True):
@@ -217,17 +226,15 @@ def test_interp_every_gemm_config_bf16_rule(interpret, monkeypatch, i):
     x32 = torch.randn(vid.numel(), D, requires_grad=True)
     p32 = make_params(D, H)
     gout32 = torch.randn_like(x32)
-    x16 = x32.detach().bfloat16().requires_grad_()
-    p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+    x16, p16 = bf16_copy(x32, p32)
     ref = run(mf.move_ffn_ref, x32, vid, p32, gout32)
     torch_bf16 = run(mf.move_ffn_ref, x16, vid, p16, gout32.bfloat16())
     with mf.forced_configs(gemm=gemm, wgrad=wgrad):
         got = run(mf.move_ffn, x16, vid, p16, gout32.bfloat16())
     assert interpret == {"fwd": 1, "bwd": 1}, "the Triton kernels did not run"
-    for name, g, t, r in zip(NAMES, got, torch_bf16, ref):
+    for name, g in zip(NAMES, got):
         assert torch.isfinite(g).all(), name
-        err_k, err_t = (g - r).abs().max().item(), (t - r).abs().max().item()
-        assert err_k <= 2 * err_t + 1e-6, f"config {i} {name}: kernel err {err_k:.3e} vs torch bf16 err {err_t:.3e}"
+    assert_bf16_rule(got, torch_bf16, ref, f"config {i} ")
     want = set()
     for kernel, n, k in (("_grouped_mm_kernel", H, D), ("_grouped_mm_kernel", D, H)):
         m, w, st = mf._gemm_meta(gemm, n, k)
@@ -538,13 +545,10 @@ def test_cuda_triton_matches_reference(studies, patches, lat, D, H):
         got = run(mf.move_ffn, x32, vid, p32, gout)
         for name, g, r in zip(NAMES, got, ref):
             assert_close_rel(g, r, 1e-4, name)  # cuBLAS (reference) and Triton reduce in different orders
-        x16 = x32.detach().bfloat16().requires_grad_()
-        p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+        x16, p16 = bf16_copy(x32, p32)
         tb = run(mf.move_ffn_ref, x16, vid, p16, gout.bfloat16())
         kb = run(mf.move_ffn, x16, vid, p16, gout.bfloat16())
-        for name, k, t, r in zip(NAMES, kb, tb, ref):
-            ek, et = (k - r).abs().max().item(), (t - r).abs().max().item()
-            assert ek <= 2 * et + 1e-6, f"{name}: kernel err {ek:.3e} vs torch bf16 err {et:.3e}"
+        assert_bf16_rule(kb, tb, ref)
     finally:
         _utils.set_backend(old)
 
@@ -563,8 +567,7 @@ def test_cuda_every_gemm_config_and_the_autotuner_vit_b(monkeypatch, studies):
         gout = torch.randn_like(x32)
         r = mf.build_routing(vid.cpu()).to("cuda")
         ref = run(mf.move_ffn_ref, x32, vid, p32, gout)
-        x16 = x32.detach().bfloat16().requires_grad_()
-        p16 = [p.detach().bfloat16().requires_grad_() for p in p32]
+        x16, p16 = bf16_copy(x32, p32)
         tb = run(mf.move_ffn_ref, x16, vid, p16, gout.bfloat16())
         fused = lambda *a: mf.move_ffn(*a, routing=r)  # noqa: E731
         table = run(fused, x16, vid, p16, gout.bfloat16())
@@ -575,9 +578,7 @@ def test_cuda_every_gemm_config_and_the_autotuner_vit_b(monkeypatch, studies):
         monkeypatch.setenv(mf.AUTOTUNE_ENV, "1")
         results["autotuned"] = run(fused, x16, vid, p16, gout.bfloat16())
         for label, got in results.items():
-            for name, k, t, rr in zip(NAMES, got, tb, ref):
-                ek, et = (k - rr).abs().max().item(), (t - rr).abs().max().item()
-                assert ek <= 2 * et + 1e-6, f"{label} {name}: kernel err {ek:.3e} vs torch bf16 err {et:.3e}"
+            assert_bf16_rule(got, tb, ref, f"{label} ")
         picked = [at.best_config for at in _utils._autotuners.values() if at.base_fn.__name__ == "_grouped_mm_kernel"]
         sets = {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in mf.GEMM_CONFIGS["mma"]}
         assert picked and all((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in sets
