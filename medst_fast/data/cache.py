@@ -195,6 +195,10 @@ def _terminate(ex: cf.ProcessPoolExecutor) -> None:
     ex.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         p.join(timeout=5)
+    for p in procs:  # one that outlived SIGTERM (seen once in CI: a worker still alive after the join) is killed
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def run_jobs(jobs: List[Job], workers: int, progress: bool, desc: str) -> List[Optional[str]]:
