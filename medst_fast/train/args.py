@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-scope", default="sample", choices=["sample", "batch"],
                    help="context pool of each token in the local loss: its own sample (paper) or every sample of "
                         "the rank's batch (loss.local_scope)")
+    g.add_argument("--lambda-cross-local", type=float, default=0.0, metavar="W",
+                   help="weight of an extra cross-image local contrast (each report's words against every image's "
+                        "patches of the rank's batch, GLoRIA/FILIP-like; kernels/cross_local.py) added to the loss; "
+                        "0 (default) is the paper's loss (loss.lambda_cross_local)")
     g.add_argument("--series-len", type=int, default=SERIES_LEN_DEFAULT,
                    help=f"studies per series ({SERIES_LEN_MIN}..{SERIES_LEN_MAX}): the data is cut into series of "
                         f"this length and the temporal loss runs over the complete ones (loss.series_len)")
@@ -277,7 +281,8 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     if not (math.isfinite(a.progress_interval) and a.progress_interval >= 0):
         bad(f"--progress-interval must be a finite number >= 0, got {a.progress_interval}")
     # written as "not (x >= 0)" so that NaN (JSON NaN, or the literal 'nan' on the command line) fails too
-    for name in ("lr", "min_lr", "wd", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr"):
+    for name in ("lr", "min_lr", "wd", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr",
+                 "lambda_cross_local"):
         v = getattr(a, name)
         if not (math.isfinite(v) and v >= 0):
             bad(f"{flag(name)} must be a finite number >= 0, got {v}")
@@ -287,11 +292,12 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         changed = [f for f, v, d in (("--series-len", a.series_len, SERIES_LEN_DEFAULT),
                                       ("--temporal-shuffle", a.temporal_shuffle, False),
                                       ("--local-weighting", a.local_weighting, "learned"),
-                                      ("--local-scope", a.local_scope, "sample")) if v != d]
+                                      ("--local-scope", a.local_scope, "sample"),
+                                      ("--lambda-cross-local", a.lambda_cross_local, 0.0)) if v != d]
         if changed:
             bad(f"--faithful cannot be combined with {', '.join(changed)}: faithful mode keeps the paper's loss "
                 f"(series of {SERIES_LEN_DEFAULT} studies, time-ordered temporal loss, learned local weighting, "
-                f"per-sample local context)")
+                f"per-sample local context, no cross-image local term)")
     if a.min_lr > a.lr:
         bad(f"--min-lr {a.min_lr} is above --lr {a.lr}: the schedule would rise instead of decay")
     for name in ("beta1", "beta2"):
