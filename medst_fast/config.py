@@ -147,12 +147,18 @@ class LossCfg:
     temporal_shuffle: bool = False
     local_weighting: str = "learned"
     local_scope: str = "sample"
+    # Research switch (issue 13, grounding): the weight of a local contrast ACROSS images (kernels/
+    # cross_local.py), each report's words against every image's patches of the batch, added to the loss.
+    # Med-ST's local loss contrasts a word only with its own report's words (spec §2.2 (d)), which does not
+    # ground on the synthetic set; this term does. 0 is the paper's loss.
+    lambda_cross_local: float = 0.0
 
     def __post_init__(self):
         _check_types(self, "loss")
         for n in ("tau_global", "tau_local", "tau_temporal", "huber_delta"):
             _require(getattr(self, n) > 0, "loss", n, "> 0", getattr(self, n))
-        for n in ("variance_lambda", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr"):
+        for n in ("variance_lambda", "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr",
+                  "lambda_cross_local"):
             _require(getattr(self, n) >= 0, "loss", n, ">= 0", getattr(self, n))
         _positive_ints(self, "loss", ("series_len",))
         _require(self.local_weighting in LOCAL_WEIGHTINGS, "loss", "local_weighting", f"one of {LOCAL_WEIGHTINGS}",

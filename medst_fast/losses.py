@@ -1,6 +1,7 @@
-"""Med-ST losses (medst-spec.md §2): global ITA, modality-weighted local alignment, temporal cycle.
+"""Med-ST losses (medst-spec.md §2): global ITA, modality-weighted local alignment, temporal cycle, and the
+research term ``loss.lambda_cross_local`` (a local contrast across images, kernels/cross_local.py; 0: off).
 
-All three read a :class:`~medst_fast.models.medst.MedSTOutput`. The local loss's learned weighting
+All read a :class:`~medst_fast.models.medst.MedSTOutput`. The local loss's learned weighting
 (two 1-head attention modules) lives in the model because it is trained and checkpointed with it.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LossCfg
+from .kernels.cross_local import cross_local_loss
 from .kernels.local_align import token_align_loss
 
 
@@ -21,6 +23,7 @@ class LossOutput:
     ita: torch.Tensor
     local: torch.Tensor
     temporal: torch.Tensor
+    cross_local: torch.Tensor  # the unweighted cross-image local term; 0 when loss.lambda_cross_local is 0 (off)
 
 
 def ita_loss(img: torch.Tensor, txt: torch.Tensor, tau: float = 0.07, offset: int = 0,
@@ -119,8 +122,24 @@ def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
     return lw + lp
 
 
+def cross_image_local_loss(out, model, cfg: LossCfg) -> torch.Tensor:
+    """The cross-image local contrast (kernels/cross_local.py) on the model's local embeddings, PAD words and
+    absent laterals masked, the attention in the forward's autocast dtype as :func:`local_loss`. Within the
+    rank's batch under DDP."""
+    ct = getattr(out, "amp_dtype", None)
+    if ct == torch.float32:
+        ct = None
+    # Frontal-only patches are all present (the model's mask is all True then): no mask, so SDPA may take
+    # its flash kernel on CUDA, and no host sync to find that out.
+    pm = None if out.patch_local.shape[1] == model.cfg.vision.num_patches else out.patch_mask
+    return cross_local_loss(out.word_local, out.patch_local, out.word_mask, pm, cfg.tau_local, cfg.tau_global, ct)
+
+
 class MedSTLoss(torch.nn.Module):
-    """L = l_ita * L_ITA + l_local * L_local + l_temporal * L_temporal.
+    """L = l_ita * L_ITA + l_local * L_local + l_temporal * L_temporal [+ l_cross_local * L_cross_local].
+
+    The last term is the issue-13 research switch (``cfg.lambda_cross_local`` > 0); faithful mode refuses it,
+    as the trainer refuses the issue-14 switches with --faithful: the official loss has no such term.
 
     Args:
         cfg: loss hyper-parameters. faithful: official semantics (see MedSTConfig.faithful).
@@ -130,6 +149,10 @@ class MedSTLoss(torch.nn.Module):
 
     def __init__(self, cfg: LossCfg, faithful: bool = False, gather=None):
         super().__init__()
+        if faithful and cfg.lambda_cross_local > 0:
+            raise ValueError(f"MedSTLoss: loss.lambda_cross_local={cfg.lambda_cross_local} cannot be combined with "
+                             f"faithful mode: faithful keeps the official loss, which has no cross-image local term "
+                             f"(set loss.lambda_cross_local to 0 or turn faithful off)")
         self.cfg, self.faithful, self.gather = cfg, faithful, gather
 
     def forward(self, out, model) -> LossOutput:
@@ -148,4 +171,9 @@ class MedSTLoss(torch.nn.Module):
         l_loc = local_loss(out, model, c, self.faithful)
         l_tmp = temporal_loss(out.img_global, out.txt_global, out.n_full_series, c)
         total = c.lambda_ita * l_ita + c.lambda_local * l_loc + c.lambda_temporal * l_tmp
-        return LossOutput(total, l_ita.detach(), l_loc.detach(), l_tmp.detach())
+        if c.lambda_cross_local > 0:
+            l_cross = cross_image_local_loss(out, model, c)
+            total = total + c.lambda_cross_local * l_cross
+        else:  # off: not computed, so the paper's loss (and its cost) is unchanged
+            l_cross = l_ita.new_zeros(())
+        return LossOutput(total, l_ita.detach(), l_loc.detach(), l_tmp.detach(), l_cross.detach())
