@@ -25,8 +25,8 @@ images at a time, so memory stays within a budget whatever B.
 
 Precision (``compute_dtype``, as kernels/local_align.py): None or fp32 is exact fp32. bf16 / fp16 give the
 attention's operands (words, patches) in that dtype, its output rounded to it, as SDPA computes; the
-normalisations, the word-to-context products and the cross-entropies stay fp32. The reference takes the same
-argument (the attention's operands, probabilities and output rounded), the baseline of the accuracy tests.
+normalisations, the word-to-context products and the cross-entropies stay fp32. The reference is fp32 only:
+the accuracy tests compare the low-precision path with it and with the same maths run in plain torch bf16.
 """
 from __future__ import annotations
 
@@ -76,11 +76,6 @@ def _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global) -> 
             bad(name, f"True somewhere in every row (each {what} needs a valid slot)", f"empty rows {rows}")
 
 
-def _rounded(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
-    """fp32 ``t`` with its values rounded to ``ct`` (identity for fp32)."""
-    return t if ct == torch.float32 else t.to(ct).float()
-
-
 def _symmetric_infonce(score: torch.Tensor, tau_global: float) -> torch.Tensor:
     labels = torch.arange(score.shape[0], device=score.device)
     return F.cross_entropy(score / tau_global, labels) + F.cross_entropy(score.T / tau_global, labels)
@@ -94,22 +89,29 @@ def _word_weights(word_mask: Optional[torch.Tensor], like: torch.Tensor) -> torc
     return m / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
-def cross_local_loss_ref(word: torch.Tensor, patch: torch.Tensor, word_mask: Optional[torch.Tensor] = None,
-                         patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1, tau_global: float = 0.07,
-                         compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The cross-image local contrast in plain PyTorch (module docstring); builds the (B, Tw, B, Tp) attention."""
-    _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global)
-    ct = _compute_dtype(compute_dtype)
+def cross_local_scores_ref(word: torch.Tensor, patch: torch.Tensor, word_mask: Optional[torch.Tensor] = None,
+                           patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1) -> torch.Tensor:
+    """score (B reports, B images) in plain fp32 PyTorch (module docstring); builds the (B, Tw, B, Tp)
+    attention."""
+    _check_inputs(word, patch, word_mask, patch_mask, tau_local, 1.0)
     w, p = F.normalize(word.float(), dim=-1), F.normalize(patch.float(), dim=-1)
-    wr, pr = _rounded(w, ct), _rounded(p, ct)
-    s = torch.einsum("rte,ije->rtij", wr, pr) / tau_local  # report r's word t against image i's patch j
+    s = torch.einsum("rte,ije->rtij", w, p) / tau_local  # report r's word t against image i's patch j
     if patch_mask is not None:
         s = s.masked_fill(~patch_mask[None, None], float("-inf"))
-    att = _rounded(torch.softmax(s, dim=-1), ct)
-    ctx = F.normalize(_rounded(torch.einsum("rtij,ije->rtie", att, pr), ct), dim=-1)
+    att = torch.softmax(s, dim=-1)
+    ctx = F.normalize(torch.einsum("rtij,ije->rtie", att, p), dim=-1)
     cos = torch.einsum("rte,rtie->rti", w, ctx)
-    score = (cos * _word_weights(word_mask, w)[:, :, None]).sum(1)  # (B reports, B images)
-    return _symmetric_infonce(score, tau_global)
+    return (cos * _word_weights(word_mask, w)[:, :, None]).sum(1)
+
+
+def cross_local_loss_ref(word: torch.Tensor, patch: torch.Tensor, word_mask: Optional[torch.Tensor] = None,
+                         patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1,
+                         tau_global: float = 0.07) -> torch.Tensor:
+    """The cross-image local contrast in plain fp32 PyTorch: the symmetric InfoNCE of
+    :func:`cross_local_scores_ref`."""
+    _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global)
+    score = cross_local_scores_ref(word, patch, word_mask, patch_mask, tau_local)
+    return _symmetric_infonce(score, float(tau_global))
 
 
 def default_chunk(B: int, Tw: int, Tp: int, d: int, budget: int = CHUNK_BUDGET_ELEMS) -> int:
@@ -134,16 +136,16 @@ def _score_columns(w, p, wt, pm, scale: float, ct: torch.dtype) -> torch.Tensor:
     return (cos * wt[:, None, :]).sum(-1)
 
 
-def cross_local_loss(word: torch.Tensor, patch: torch.Tensor, word_mask: Optional[torch.Tensor] = None,
-                     patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1, tau_global: float = 0.07,
-                     compute_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None) -> torch.Tensor:
-    """The cross-image local contrast through SDPA, a chunk of images at a time (module docstring).
+def cross_local_scores(word: torch.Tensor, patch: torch.Tensor, word_mask: Optional[torch.Tensor] = None,
+                       patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1,
+                       compute_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None) -> torch.Tensor:
+    """score (B reports, B images) through SDPA, a chunk of images at a time (module docstring).
 
     Pass ``patch_mask=None`` when every patch is valid: SDPA can then pick its flash kernel on CUDA.
     ``chunk``: images per chunk (None: :func:`default_chunk`). With more than one chunk each chunk runs under
     activation checkpointing, so only the (B, B) scores are kept for the backward, which recomputes one chunk
     at a time: peak memory stays one chunk's, at the cost of a second attention forward."""
-    _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global)
+    _check_inputs(word, patch, word_mask, patch_mask, tau_local, 1.0)
     ct = _compute_dtype(compute_dtype)
     B, Tw, d = word.shape
     Tp = patch.shape[1]
@@ -164,4 +166,14 @@ def cross_local_loss(word: torch.Tensor, patch: torch.Tensor, word_mask: Optiona
             cols.append(checkpoint(_score_columns, w, pc, wt, pm, scale, ct, use_reentrant=False))
         else:
             cols.append(_score_columns(w, pc, wt, pm, scale, ct))
-    return _symmetric_infonce(torch.cat(cols, dim=1), float(tau_global))
+    return torch.cat(cols, dim=1)
+
+
+def cross_local_loss(word: torch.Tensor, patch: torch.Tensor, word_mask: Optional[torch.Tensor] = None,
+                     patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1, tau_global: float = 0.07,
+                     compute_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None) -> torch.Tensor:
+    """The cross-image local contrast (module docstring): the symmetric InfoNCE of :func:`cross_local_scores`,
+    the same value and gradients as :func:`cross_local_loss_ref` without its (B, Tw, B, Tp) tensor."""
+    _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global)
+    score = cross_local_scores(word, patch, word_mask, patch_mask, tau_local, compute_dtype, chunk)
+    return _symmetric_infonce(score, float(tau_global))
