@@ -333,7 +333,7 @@ def test_flag_reaches_the_model_loss_config(vocab_path):
 def test_trainer_run_logs_the_term(tmp_path, vocab_path):
     from test_research_switches import _argv
 
-    from medst_fast import checkpoint as ck
+    from medst_fast.train import checkpoint as ck
     from medst_fast.pretrain import main
 
     out = tmp_path / "r"
@@ -341,4 +341,6 @@ def test_trainer_run_logs_the_term(tmp_path, vocab_path):
     assert ck.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_cross_local"] == 1.0
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows and all(float(r["cross_local"]) > 0 for r in rows if r["step"])
+    assert rows and all(float(r["cross_local"]) > 0 for r in rows)
+    steps = [ln for ln in (out / "train.log").read_text().splitlines() if " cross_local " in ln and "step " in ln]
+    assert len(steps) == len(rows)  # every log line names the term beside ita / local / tcc
