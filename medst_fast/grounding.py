@@ -14,10 +14,12 @@ ITA first, 17% at lr 3e-4, 7% with uniform token weights. Med-ST's local loss co
 other words of its own report, so a word can own a fixed patch, the same in every image (the batch scope widens
 where the context comes from, not what is contrasted). A local contrast across images (each report's words
 against every image's patches, the pair scored by the mean word-to-context cosine, InfoNCE over the batch;
-GLoRIA-like, not part of Med-ST or of this package) does ground: 25% / 30% / 45% after 150 / 300 / 450 steps
-added to the Med-ST losses, 15% / 33% / 47% after 100 / 200 / 300 in place of Med-ST's local loss (28% after
-300 on another float path: one seed, so read these as "far above random", not as exact rates). The peak of the attention map is the peak of the cosine map (softmax is monotonic per word; only the
-bilinear upsampling can move it by a pixel), so the choice of map does not change this.
+GLoRIA-like, not part of Med-ST) does ground; it is the research switch ``loss.lambda_cross_local``
+(``--lambda-cross-local``, kernels/cross_local.py). Med-ST's losses plus the switch at weight 1: 27% / 35% / 22%
+/ 23% after 100 / 200 / 300 / 450 steps (one seed; the rate moves by about 10 points between checkpoints and
+with the float path, so read it as "far above random", not as an exact rate).
+The peak of the attention map is the peak of the cosine map (softmax is monotonic per word; only the bilinear
+upsampling can move it by a pixel), so the choice of map does not change this.
 """
 from __future__ import annotations
 

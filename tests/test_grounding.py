@@ -1,12 +1,12 @@
 """Grounding maps: equal to the local alignment's own similarities, geometry back to the image, the PNG, the CLI,
 and, on synthetic frontals with one planted finding, which training makes the finding word's map peak in the
-planted region: a local contrast across images does, Med-ST's own losses do not (a strict xfail)."""
+planted region: Med-ST's losses with the cross-image local contrast switched on (loss.lambda_cross_local) do,
+Med-ST's own losses alone do not (a strict xfail)."""
 import os
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import medst_fast
 from medst_fast.data import synth, transforms as T
@@ -106,10 +106,12 @@ def test_plot_overlay_and_cli(tmp_path, model, tok, vocab_path):
 
 # -- does pretraining ground? ---------------------------------------------------------------------------------
 _FINDINGS = ("pleural_effusion", "pneumothorax", "consolidation")
-# ITA + the cross-image local contrast: measured hit rates 0.15 / 0.33 / 0.47 after 100 / 200 / 300 steps with
-# 1 thread, 0.28 after 300 under pytest's 2 (random weights 0.02); with Med-ST's local loss as well 0.25 / 0.30
-# / 0.45 after 150 / 300 / 450.
-CROSS_STEPS = 300
+# Med-ST's losses + the switch loss.lambda_cross_local=1 (ITA + local + cross-image local), measured with the
+# package's loss under 2 threads (pytest's here): hit rates 0.27 / 0.32 / 0.35 / 0.22 / 0.23 after 100 / 150 /
+# 200 / 300 / 450 steps, random weights 0.017; the rate moves by +-0.1 from one checkpoint to the next and with
+# the float path (the test-local einsum version of the same loss gave 0.25 / 0.30 / 0.45 after 150 / 300 / 450
+# with 1 thread), so read it as "far above random", not as an exact rate.
+CROSS_STEPS = 200
 _WORD = {"pleural_effusion": "effusion", "pneumothorax": "pneumothorax", "consolidation": "consolidation"}
 
 
@@ -132,6 +134,11 @@ def _planted(n, seed, train):
     return out
 
 
+def _assert_grounds(trained, baseline):
+    # 0.2: the region is ~6% of the image (random weights hit 2%), and the best Med-ST-only run reached 0.17
+    assert trained >= 0.2 and trained >= 4 * max(baseline, 0.05), (trained, baseline)
+
+
 def _hit_rate(model, tok, cases):
     hits = []
     for x, text, region, word in cases:
@@ -141,28 +148,15 @@ def _hit_rate(model, tok, cases):
     return float(np.mean(hits))
 
 
-def _cross_image_local_loss(out, tau_local, tau_global):
-    """A local contrast ACROSS images (GLoRIA/FILIP-like; not Med-ST's loss, nor in the package): every
-    report's words attend over every image's patches, the mean word-to-context cosine scores the (report,
-    image) pair, and a symmetric InfoNCE over the batch wants each report to score its own image highest.
-    A word then has to point at what tells its image from the others: the finding."""
-    w, p = F.normalize(out.word_local.float(), dim=-1), F.normalize(out.patch_local.float(), dim=-1)
-    wm = out.word_mask.float()
-    att = torch.softmax(torch.einsum("bie,cje->bicj", w, p) / tau_local, dim=-1)  # report b's words over image c
-    ctx = F.normalize(torch.einsum("bicj,cje->bice", att, p), dim=-1)
-    score = (torch.einsum("bie,bice->bic", w, ctx) * wm[:, :, None]).sum(1) / wm.sum(1, keepdim=True)
-    labels = torch.arange(score.shape[0])
-    return F.cross_entropy(score / tau_global, labels) + F.cross_entropy(score.T / tau_global, labels)
-
-
-def _pretrain(vocab_path, steps, local=1.0, cross_image=0.0):
-    """medst_tiny trained on planted findings with ITA + ``local`` times Med-ST's local loss (one view, no
-    series) + ``cross_image`` times the cross-image local contrast; returns (trained, its random init, tok)."""
+def _pretrain(vocab_path, steps, local=1.0, cross_local=0.0):
+    """medst_tiny trained on planted findings with MedSTLoss: ITA + ``local`` times Med-ST's local loss (one
+    view, no series) + ``cross_local`` times the cross-image local contrast (the loss.lambda_cross_local
+    switch, kernels/cross_local.py); returns (trained, its random init, tok)."""
     from medst_fast.losses import MedSTLoss
 
     torch.manual_seed(0)
     tok = medst_fast.get_tokenizer(vocab_path, max_length=24)
-    loss = {"lambda_temporal": 0.0, "lambda_local": local}
+    loss = {"lambda_temporal": 0.0, "lambda_local": local, "lambda_cross_local": cross_local}
     model = medst_fast.create_model("medst_tiny", loss=loss, text={"max_length": 24})
     random_init = medst_fast.create_model("medst_tiny", loss=loss, text={"max_length": 24}).eval()
     random_init.load_state_dict(model.state_dict())
@@ -177,8 +171,6 @@ def _pretrain(vocab_path, steps, local=1.0, cross_image=0.0):
         idx = torch.randint(0, len(data), (32,), generator=g)
         out = model(dict(frontal=x[idx], n_full_series=0, **{k: v[idx] for k, v in enc.items()}))
         loss = loss_fn(out, model).total
-        if cross_image:
-            loss = loss + cross_image * _cross_image_local_loss(out, c.tau_local, c.tau_global)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -195,21 +187,18 @@ def pretrained(vocab_path):
                    "local_scope='batch', 0-5% ITA only, 5% ITA first then Med-ST, 17% at lr 3e-4, 7% with uniform "
                    "token weights. Med-ST contrasts a word only with the other words of its own report, so each "
                    "word settles on a fixed patch, the same in every image (see the README, 'Zero-shot and "
-                   "grounding'); test_maps_ground_with_a_cross_image_local_contrast is the configuration that does")
-def test_pretrained_tiny_model_points_at_the_planted_finding(pretrained):
+                   "grounding'); test_medst_with_the_cross_local_switch_grounds is the configuration that does")
+def test_medst_losses_alone_point_at_the_planted_finding(pretrained):
     model, random_init, tok = pretrained
     cases = _planted(60, 1, train=False)
-    trained, baseline = _hit_rate(model, tok, cases), _hit_rate(random_init, tok, cases)
-    assert trained >= 0.3 and trained >= 3 * max(baseline, 0.05), (trained, baseline)
+    _assert_grounds(_hit_rate(model, tok, cases), _hit_rate(random_init, tok, cases))
 
 
-def test_maps_ground_with_a_cross_image_local_contrast(vocab_path):
-    """The maps are right when the local embeddings carry the finding: trained with ITA and a local contrast
-    across images (_cross_image_local_loss, in place of Med-ST's), the finding word's map peaks in the planted
-    region far more often than with random weights."""
-    model, random_init, tok = _pretrain(vocab_path, CROSS_STEPS, local=0.0, cross_image=1.0)
+def test_medst_with_the_cross_local_switch_grounds(vocab_path):
+    """The maps are right when the local embeddings carry the finding: trained with Med-ST's losses plus the
+    cross-image local contrast (loss.lambda_cross_local=1, what ``--lambda-cross-local 1`` trains), the finding
+    word's map peaks in the planted region far more often than with random weights."""
+    model, random_init, tok = _pretrain(vocab_path, CROSS_STEPS, local=1.0, cross_local=1.0)
+    assert model.cfg.loss.lambda_cross_local == 1.0 and model.cfg.loss.lambda_local == 1.0
     cases = _planted(60, 1, train=False)
-    trained, baseline = _hit_rate(model, tok, cases), _hit_rate(random_init, tok, cases)
-    # 0.2 (the region is ~6% of the image): the measured rate depends on the float path (0.28 with 2 threads,
-    # 0.47 with 1), and the best Med-ST run reached 0.17
-    assert trained >= 0.2 and trained >= 4 * max(baseline, 0.05), (trained, baseline)
+    _assert_grounds(_hit_rate(model, tok, cases), _hit_rate(random_init, tok, cases))
