@@ -16,8 +16,9 @@ where the context comes from, not what is contrasted). A local contrast across i
 against every image's patches, the pair scored by the mean word-to-context cosine, InfoNCE over the batch;
 GLoRIA-like, not part of Med-ST) does ground; it is the research switch ``loss.lambda_cross_local``
 (``--lambda-cross-local``, kernels/cross_local.py). Med-ST's losses plus the switch at weight 1: 27% / 35% / 22%
-/ 23% after 100 / 200 / 300 / 450 steps (one seed; the rate moves by about 10 points between checkpoints and
-with the float path, so read it as "far above random", not as an exact rate).
+/ 23% after 100 / 200 / 300 / 450 steps; in place of Med-ST's local loss 7% / 35% / 18% after 100 / 200 / 300 (one
+seed; the rate moves by about 10 points between checkpoints and with the float path, so read it as "far above
+random", not as an exact rate).
 The peak of the attention map is the peak of the cosine map (softmax is monotonic per word; only the bilinear
 upsampling can move it by a pixel), so the choice of map does not change this.
 """
