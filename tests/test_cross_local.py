@@ -313,12 +313,6 @@ def test_faithful_refuses_the_switch(vocab_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- trainer
-_NEEDS_LOOP = ("needs medst_fast/train/loop.py (not this brief's file): 'lambda_cross_local' in _LOSS_FLAGS / "
-               "RUN_DEFINING and the term in PretrainModule's logged terms, and 'cross_local' in "
-               "train/metrics.py COLUMNS (H13 report)")
-
-
-@pytest.mark.xfail(strict=True, reason=_NEEDS_LOOP)
 def test_flag_reaches_the_model_loss_config(vocab_path):
     from test_research_switches import _argv
 
@@ -329,7 +323,6 @@ def test_flag_reaches_the_model_loss_config(vocab_path):
     assert medst_fast.get_model_config("medst_tiny").replace(**o).loss.lambda_cross_local == 0.5
 
 
-@pytest.mark.xfail(strict=True, reason=_NEEDS_LOOP)
 def test_trainer_run_logs_the_term(tmp_path, vocab_path):
     from test_research_switches import _argv
 

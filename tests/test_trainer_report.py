@@ -18,7 +18,7 @@ from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import loop as loop_mod
 from medst_fast.train.args import parse_args
-from medst_fast.train.validate import recall_at_k
+from medst_fast.train.validate import above_chance_p, describe, recall_at_k
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
 _FORWARD = loop_mod.PretrainModule.forward
@@ -70,6 +70,21 @@ def test_recall_at_k_counts_the_reports_ranked_above_the_own_one():
     assert all(v != v for v in recall_at_k(img, nan, (1, 5)).values())  # NaN, never a silent hit
     with pytest.raises(ValueError, match="two \\(N, E\\) tensors of one shape"):
         recall_at_k(img, txt[:3])
+
+
+def test_above_chance_p_is_the_binomial_tail_of_random_ranking():
+    # against torch's own Binomial (log-pmf summed over the tail), not the formula restated
+    for n, k, hits in ((28, 5, 10), (28, 1, 2), (9, 1, 1), (100, 5, 5), (9, 5, 9)):
+        b = torch.distributions.Binomial(n, probs=torch.tensor(k / n, dtype=torch.float64))
+        tail = b.log_prob(torch.arange(hits, n + 1, dtype=torch.float64)).exp().sum().item()
+        assert abs(above_chance_p(hits / n, n, k) - tail) < 1e-12, (n, k, hits)
+    assert above_chance_p(0.0, 28, 1) == 1.0  # no hit: the whole distribution
+    assert above_chance_p(1.0, 4, 5) == 1.0 and above_chance_p(1.0, 5, 5) == 1.0  # k >= n: every ranking hits
+    # a chance-level result on few studies is called so; a clear one names the recall that passed
+    v = dict(val_loss=1.0, batches=1, skipped=0)
+    assert "not distinguishable from chance" in describe(dict(v, studies=9, val_r1=1 / 9, val_r5=5 / 9))
+    line = describe(dict(v, studies=28, val_r1=1 / 28, val_r5=10 / 28))
+    assert "above chance: R@5)" in line and "binomial p 0.64 / 0.019" in line
 
 
 # -- validation in the trainer -----------------------------------------------------------------------------------

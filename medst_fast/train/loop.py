@@ -68,7 +68,7 @@ _RESUME_FIXED = ("batch_series", "accum_steps", "seed", "dataset_type", "split",
 RUN_DEFINING = ("lr", "min_lr", "warmup_frac", "epochs", "max_steps", "wd", "beta1", "beta2", "eps", "clip_grad",
                 "lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr", "gather_with_grad",
                 "amp", "data", "data_path", "vocab_sha256", "replicate_collate_bug", "temporal_shuffle",
-                "local_weighting", "local_scope")
+                "local_weighting", "local_scope", "lambda_cross_local")
 _NOT_RECORDED = ("inherited",)  # parse_args bookkeeping, not a setting
 _PAPER_LOSS = LossCfg()  # the defaults are the paper's loss
 
@@ -115,7 +115,7 @@ class PretrainModule(nn.Module):
         # similarity logits with masked -inf/finfo.min entries must not be recast to bf16/fp16 by autocast.
         with torch.autocast(out.img_global.device.type, enabled=False):
             lo = self.loss_fn(out, self.model)
-        return lo.total, torch.stack([lo.ita, lo.local, lo.temporal]).float()
+        return lo.total, torch.stack([lo.ita, lo.local, lo.temporal, lo.cross_local]).float()
 
 
 # With loss.local_weighting "uniform" the local loss never reads the weighting attentions: their input
@@ -168,7 +168,7 @@ def amp_dtype(amp: str) -> Optional[torch.dtype]:
 
 _LAMBDAS = ("lambda_ita", "lambda_local", "lambda_temporal", "lambda_fmc", "lambda_rmr")
 # LossCfg fields with a trainer flag of the same name (--lambda-*, the research switches, --series-len).
-_LOSS_FLAGS = _LAMBDAS + ("temporal_shuffle", "local_weighting", "local_scope", "series_len")
+_LOSS_FLAGS = _LAMBDAS + ("temporal_shuffle", "local_weighting", "local_scope", "series_len", "lambda_cross_local")
 
 
 def _merge_section(overrides: Dict[str, Any], section: str, values: Dict[str, Any]) -> None:
@@ -199,7 +199,8 @@ def model_overrides(a: argparse.Namespace) -> Dict[str, Any]:
         if changed:
             raise SystemExit(f"--model-override faithful=true cannot be combined with {', '.join(changed)}: faithful "
                              f"mode keeps the paper's loss (series of {_PAPER_LOSS.series_len} studies, time-ordered "
-                             f"temporal loss, learned local weighting, per-sample local context)")
+                             f"temporal loss, learned local weighting, per-sample local context, no cross-image local "
+                             f"term)")
     _merge_section(overrides, "loss", loss)
     return overrides
 
@@ -257,10 +258,10 @@ class StepRunner:
         self._snapshot = [b.detach().clone() for b in self.buffers]
 
     def forward_backward(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
-        """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, studies] (no sync)."""
+        """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, studies, cross_local] (no sync)."""
         if self.buffers:
             torch._foreach_copy_(self._snapshot, self.buffers)  # ~17k numbers for ViT-B: one fused copy
-        stats = torch.zeros(7, device=self.device, dtype=torch.float64)
+        stats = torch.zeros(8, device=self.device, dtype=torch.float64)
         ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)
         for j, batch in enumerate(batches):
             sync = (not ddp) or j == len(batches) - 1
@@ -272,8 +273,10 @@ class StepRunner:
             t = total.detach().double()
             stats[0] += (~torch.isfinite(t)).double()
             stats[2] += t / len(batches)
-            stats[3:6] += parts.detach().double() / len(batches)
+            parts = parts.detach().double() / len(batches)
+            stats[3:6] += parts[:3]
             stats[6] += batch["frontal"].shape[0]
+            stats[7] += parts[3]
         return stats
 
     def optimizer_step(self, lr: float) -> Optional[float]:
@@ -307,7 +310,7 @@ class _Window:
     studies: float = 0.0
     steps: int = 0
     good: int = 0
-    acc: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    acc: np.ndarray = field(default_factory=lambda: np.zeros(5))  # loss, ita, local, temporal, cross_local
 
     def add(self, s: List[float], world: int) -> bool:
         """Count one step's all-reduced stats; True when it was a good step (its loss enters the mean)."""
@@ -315,7 +318,7 @@ class _Window:
         self.studies += s[6]
         good = s[0] == 0 and not math.isnan(s[2])
         if good:
-            self.acc += np.array(s[2:6]) / world
+            self.acc += np.array(s[2:6] + [s[7]]) / world
             self.good += 1
         return good
 
@@ -798,9 +801,10 @@ class Trainer:
         a, W = self.args, self.world.world_size
         now = time.perf_counter()
         rate = win.studies / max(now - win.t, 1e-9)
-        m = win.acc / win.good if win.good else np.full(4, np.nan)  # no good step in the window: no loss
+        m = win.acc / win.good if win.good else np.full(5, np.nan)  # no good step in the window: no loss
         done = self.step - self._step0
         row = dict(step=self.step, epoch=epoch, loss=m[0], ita=m[1], local=m[2], temporal=m[3], lr=lr,
+                   **({"cross_local": m[4]} if self.cfg.loss.lambda_cross_local > 0 else {}),
                    studies_per_s=rate, studies_per_s_per_rank=rate / W, mem_gib=memory_gib(self.device),
                    bad_steps=self.bad_total, bad_batches=self.bad_batches, elapsed_s=now - self._t0,
                    input_ms=1e3 * self._t_input / win.steps, compute_ms=1e3 * self._t_compute / win.steps,
@@ -811,8 +815,9 @@ class Trainer:
         if not self.world.is_primary:
             return
         writer.write(row)
+        xl = f" cross_local {m[4]:.4f}" if "cross_local" in row else ""
         log.info(f"step {self.step}/{self.total_steps} epoch {epoch}/{a.epochs} loss {m[0]:.4f} (ita {m[1]:.4f} "
-                 f"local {m[2]:.4f} tcc {m[3]:.4f}) {rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} "
+                 f"local {m[2]:.4f} tcc {m[3]:.4f}{xl}) {rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} "
                  f"mem {row['mem_gib']:.2f} GiB {timing_note(row)} {self._clock(now)}{data_note(row)}")
         if bar is not None:
             bar.logged()
@@ -828,7 +833,8 @@ class Trainer:
     def _one_step(self, it, lr: float) -> List[float]:
         """Load, check, forward/backward and (unless skipped) update one optimizer step.
 
-        Returns the all-reduced stats [non-finite count, stop, loss, ita, local, temporal, studies, ...]:
+        Returns the all-reduced stats [non-finite count, stop, loss, ita, local, temporal, studies, cross_local,
+        ...]:
         loss terms are NaN and studies 0 when the step was skipped for a bad batch.
         """
         t_start = time.perf_counter()
@@ -858,7 +864,7 @@ class Trainer:
             log.warning("step %d: %d unusable batch(es) (%s); step skipped without a forward (%d bad batches in total)",
                         self.step + 1, n_bad, problems[0] if problems else "on another rank", self.bad_batches)
             nan = float("nan")
-            return [0.0, stop, nan, nan, nan, nan, 0.0]
+            return [0.0, stop, nan, nan, nan, nan, 0.0, nan]
         # The packing plan is built here, on the host and outside any compiled region (models/packing.py).
         batches = [self.model.prepare_batch(batch_to(b, self.device)) for b in raw]
         stats = self.runner.forward_backward(batches)
@@ -867,7 +873,7 @@ class Trainer:
         if self.world.distributed:
             dist.all_reduce(stats)
         s = stats.tolist()  # the one host sync per step (see module docstring)
-        if s[7] > 0:
+        if s[8] > 0:
             raise TrainingDiverged(
                 f"stopping: the update of step {self.step} made the weights NaN/inf (lr {a.lr:g}, --clip-grad "
                 f"{a.clip_grad}). Nothing non-finite is saved or exported; last checkpoint: {self.last_ckpt}. "
@@ -888,7 +894,7 @@ class Trainer:
             self._bad_run = 0
             self.runner.optimizer_step(lr)
             self._weights_bad = self.runner.nonfinite_weights()
-        return s[:7]
+        return s[:8]
 
     def module_train(self, mode: bool) -> None:
         self.runner.module.train(mode)
@@ -914,6 +920,9 @@ class Trainer:
             result.export_dir = final
             log.info("exported %s (full model + vocab.txt) and %s (image encoder)", final,
                      os.path.join(self.run_dir, "final_encoder"))
+            if self.args.dataset_type == "synthetic":  # its evaluation sets sit beside it: say how to use them
+                log.info("evaluate it on the synthetic MS-CXR-T, RSNA and COVIDx-format sets: python -m "
+                         "medst_fast.eval all --checkpoint %s (pip install medst_fast[eval])", final)
         D.barrier()
         return result
 

@@ -25,7 +25,7 @@ log = logging.getLogger("medst_fast")
 # elsewhere).
 COLUMNS = ["step", "epoch", "loss", "ita", "local", "temporal", "lr", "studies_per_s", "studies_per_s_per_rank",
            "mem_gib", "bad_steps", "bad_batches", "elapsed_s", "input_ms", "compute_ms", "bad_images",
-           "dropped_studies", "cpu_decoded", "eta_s", "val_loss", "val_r1", "val_r5"]
+           "dropped_studies", "cpu_decoded", "eta_s", "val_loss", "val_r1", "val_r5", "cross_local"]
 REPORT_BACKENDS = ("csv", "tensorboard", "wandb")  # csv: metrics.csv, always written
 _EXTRA = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 

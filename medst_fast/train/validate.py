@@ -144,10 +144,30 @@ class Validator:
                 "batches": n, "skipped": sum(p["skipped"] for p in parts), "img_cos": img_cos, "txt_cos": txt_cos}
 
 
+def above_chance_p(rate: float, n: int, k: int) -> float:
+    """One-sided p-value of a recall@k of ``rate`` over ``n`` queries against random ranking.
+
+    Under a random ranking each query hits with probability min(k, n) / n; the queries are treated as
+    independent, so the hit count is Binomial(n, k / n) and p = P(hits >= observed). (The hits of one random
+    permutation are slightly dependent; the binomial is the usual, slightly conservative stand-in.) 1.0 when
+    k >= n: every ranking then "hits" and the number says nothing."""
+    if n <= 0 or k >= n:
+        return 1.0
+    q, hits = k / n, round(rate * n)
+    return float(min(1.0, sum(math.comb(n, j) * q ** j * (1 - q) ** (n - j) for j in range(hits, n + 1))))
+
+
 def describe(v: Dict[str, Any]) -> str:
-    """One log line: the numbers with the chance level of retrieval beside them, so they can be judged."""
+    """One log line: the numbers with the chance level of retrieval and how far above it they are (a one-sided
+    binomial p-value), so that a few validation studies cannot pass for learning."""
     n = v["studies"]
-    chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f})" if n else ""
+    chance = ""
+    if n:
+        p1, p5 = above_chance_p(v["val_r1"], n, 1), above_chance_p(v["val_r5"], n, 5)
+        above = [name for name, p in (("R@1", p1), ("R@5", p5)) if p < 0.05]
+        verdict = (f"above chance: {' and '.join(above)}" if above else
+                   "not distinguishable from chance at p < 0.05")
+        chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f}, binomial p {p1:.2g} / {p5:.2g}: {verdict})"
     skipped = f", {v['skipped']} unreadable batch(es) skipped" if v["skipped"] else ""
     return (f"loss {v['val_loss']:.4f}, image-to-report R@1 {v['val_r1']:.3f} R@5 {v['val_r5']:.3f}{chance} "
             f"over {n} studies in {v['batches']} batch(es){skipped}")
