@@ -51,6 +51,12 @@ def test_readme_main_command(readme_run):
     val = [v for v in val if v["val_loss"]]
     assert [int(v["epoch"]) for v in val] == list(range(1, 9)) and all(float(v["val_loss"]) > 0 for v in val)
     assert "validation at step 40: loss" in r.stderr and "(chance" in r.stderr
+    # every validation line judges itself against chance (9 studies: no 40-step run is distinguishable)
+    v_lines = [ln for ln in r.stderr.splitlines() if "validation at step" in ln]
+    assert len(v_lines) == 8 and all("binomial p" in ln and "chance" in ln.split("binomial p")[1] for ln in v_lines)
+    # and the run ends by naming the command that evaluates it on the synthetic evaluation sets
+    (nxt,) = [ln for ln in r.stderr.splitlines() if "python -m medst_fast.eval all --checkpoint " in ln]
+    assert os.path.join(run.name, "final") in nxt
     assert (run / "best" / "vocab.txt").is_file() and (run / "training_curves.png").is_file()
 
     model = medst_fast.from_pretrained(str(run / "final")).eval()  # the full export, with its vocab
