@@ -38,9 +38,10 @@ from torch.utils.checkpoint import checkpoint
 
 _WHERE = "kernels/cross_local.py"
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Elements (fp32) one chunk of images may hold at once. Per image a chunk holds the B*Tw x Tp scores and
-# probabilities (the math backend, used on CPU and with a mask, materialises them) and two B*Tw x d contexts
-# (SDPA's output and its normalised copy): 2^26 elements is 256 MiB, small beside a ViT-B step's activations.
+# Elements (fp32) one chunk of images may hold at once. Per image a chunk holds the B*Tw x Tp scores (the math
+# backend, used on CPU, materialises them and then the probabilities in their place), the B*Tw x d query copy
+# and two B*Tw x d contexts (SDPA's output and its normalised copy): 2^26 elements is 256 MiB, small beside a
+# ViT-B step's activations.
 CHUNK_BUDGET_ELEMS = 1 << 26
 
 
@@ -116,7 +117,7 @@ def cross_local_loss_ref(word: torch.Tensor, patch: torch.Tensor, word_mask: Opt
 
 def default_chunk(B: int, Tw: int, Tp: int, d: int, budget: int = CHUNK_BUDGET_ELEMS) -> int:
     """Images per chunk: as many as keep one chunk's attention within ``budget`` elements (at least 1)."""
-    per_image = B * Tw * (Tp + 2 * d)
+    per_image = B * Tw * (Tp + 3 * d)  # see CHUNK_BUDGET_ELEMS
     return max(1, min(B, budget // max(per_image, 1)))
 
 
@@ -127,7 +128,9 @@ def _score_columns(w, p, wt, pm, scale: float, ct: torch.dtype) -> torch.Tensor:
     takes every report's words as one query sequence of B*Tw rows: the C images are SDPA's batch."""
     B, Tw, d = w.shape
     C = p.shape[0]
-    q = w.to(ct).reshape(1, 1, B * Tw, d).expand(C, 1, B * Tw, d)
+    # A real copy per image, not a stride-0 expand: the fused CUDA kernels are documented for dense inputs
+    # (untested here without a GPU), and the copy is B*Tw*d per image, inside default_chunk's budget.
+    q = w.to(ct).reshape(1, 1, B * Tw, d).expand(C, 1, B * Tw, d).contiguous()
     kv = p.to(ct)[:, None]  # (C, 1, Tp, d)
     mask = None if pm is None else pm[:, None, None, :]  # (C, 1, 1, Tp), broadcast over the query rows
     ctx = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)  # (C, 1, B*Tw, d)

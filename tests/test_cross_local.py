@@ -119,8 +119,8 @@ def test_chunks_run_separately_and_the_backward_recomputes_them(monkeypatch):
 def test_default_chunk_keeps_a_chunk_within_the_budget():
     B, Tw, Tp, d = 64, 97, 392, 128  # ViT-B two views, a full text: one image's share is 4.0 M elements
     c = default_chunk(B, Tw, Tp, d)
-    assert 1 <= c < B and c * B * Tw * (Tp + 2 * d) <= cl.CHUNK_BUDGET_ELEMS
-    assert (c + 1) * B * Tw * (Tp + 2 * d) > cl.CHUNK_BUDGET_ELEMS  # the largest that fits
+    assert 1 <= c < B and c * B * Tw * (Tp + 3 * d) <= cl.CHUNK_BUDGET_ELEMS
+    assert (c + 1) * B * Tw * (Tp + 3 * d) > cl.CHUNK_BUDGET_ELEMS  # the largest that fits
     assert default_chunk(5, 13, 19, 24) == 5  # small batches: one chunk, nothing recomputed
     assert default_chunk(4096, 512, 4096, 1024) == 1  # never 0, whatever the sizes
 
