@@ -337,3 +337,39 @@ def test_trainer_run_logs_the_term(tmp_path, vocab_path):
     assert rows and all(float(r["cross_local"]) > 0 for r in rows)
     steps = [ln for ln in (out / "train.log").read_text().splitlines() if " cross_local " in ln and "step " in ln]
     assert len(steps) == len(rows)  # every log line names the term beside ita / local / tcc
+
+
+# ---------------------------------------------------------------------------------------- CUDA (device_check.sh)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused SDPA backends)")
+@pytest.mark.parametrize("masked", [False, True])  # no mask: flash is eligible; a mask: memory-efficient / math
+def test_cuda_sdpa_path_matches_the_reference_at_vit_b_shapes(masked):
+    """ViT-B-like sizes (111 word slots, 392 patches, d 128, 3 chunks): fp32 to 1e-4 (SDPA's fused kernels sum
+    in another order), bf16 within the rule against plain torch bf16."""
+    B, Tw, Tp, d = 12, 111, 392, 128
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(B, Tw, d, generator=g).cuda().requires_grad_()
+    p = torch.randn(B, Tp, d, generator=g).cuda().requires_grad_()
+    wm = pm = None
+    if masked:
+        wm = (torch.rand(B, Tw, generator=g) > 0.3).cuda()
+        pm = torch.ones(B, Tp, dtype=torch.bool)
+        pm[::2, Tp // 2:] = False  # every other study without its lateral
+        pm, wm[:, 0] = pm.cuda(), True
+    ref = cross_local_scores_ref(w, p, wm, pm)
+    ref_g = torch.autograd.grad(_infonce(ref), (w, p))
+    out = cross_local_scores(w, p, wm, pm, chunk=5)
+    out_g = torch.autograd.grad(_infonce(out), (w, p))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    res = {}
+    ones_w, ones_p = torch.ones(B, Tw, dtype=torch.bool).cuda(), torch.ones(B, Tp, dtype=torch.bool).cuda()
+    plain_masks = (ones_w if wm is None else wm, ones_p if pm is None else pm)
+    for k, fn in (("plain", lambda: _scores_in_dtype(w, p, *plain_masks, torch.bfloat16)),
+                  ("sdpa", lambda: cross_local_scores(w, p, wm, pm, compute_dtype=torch.bfloat16, chunk=5))):
+        s = fn()
+        res[k] = [s.detach(), *torch.autograd.grad(_infonce(s), (w, p))]
+    for i, name in enumerate(("scores", "d word", "d patch")):
+        r = [ref, *ref_g][i]
+        err_k, err_t = ((res[k][i] - r).abs().max().item() for k in ("sdpa", "plain"))
+        assert err_k <= 2 * err_t + 1e-6, f"bf16 {name}: SDPA path err {err_k:.3e} vs plain torch err {err_t:.3e}"
