@@ -45,11 +45,19 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
-def packed_trainer(tmp_path, vocab_path):
+# "cross_local": the research switch --lambda-cross-local on, with its chunk budget forced to one image per
+# chunk so the activation-checkpointed chunks (kernels/cross_local.py) are what gets compiled.
+@pytest.fixture(params=["paper", "cross_local"])
+def packed_trainer(request, tmp_path, vocab_path, monkeypatch):
     from test_fast_path import build_trainer
 
-    t, _ = build_trainer(tmp_path / "run", vocab_path, *STEP_ARGS)
+    extra = ()
+    if request.param == "cross_local":
+        from medst_fast.kernels import cross_local
+
+        monkeypatch.setattr(cross_local, "CHUNK_BUDGET_ELEMS", 1)
+        extra = ("--lambda-cross-local", "1")
+    t, _ = build_trainer(tmp_path / "run", vocab_path, *STEP_ARGS, *extra)
     t.model.packed = True  # the packed encoder (CUDA's default) through the reference ops on the CPU
     yield t
     t.close()
