@@ -195,10 +195,16 @@ def _terminate(ex: cf.ProcessPoolExecutor) -> None:
     ex.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         p.join(timeout=5)
-    for p in procs:  # one that outlived SIGTERM (seen once in CI: a worker still alive after the join) is killed
+    # A worker that outlived SIGTERM and the join is killed. Twice in CI (a loaded machine deleting a large
+    # tree at the same time) one was still alive after SIGTERM + 5 s; a process in uninterruptible disk
+    # sleep takes SIGKILL only when its I/O completes, so the wait after the kill is long (it returns as soon
+    # as the worker is gone) and a survivor is reported, not silently left behind.
+    for p in procs:
         if p.is_alive():
             p.kill()
-            p.join(timeout=5)
+            p.join(timeout=60)
+            if p.is_alive():
+                log.warning("data/cache.py: pool worker pid %d still alive 60 s after SIGKILL", p.pid)
 
 
 def run_jobs(jobs: List[Job], workers: int, progress: bool, desc: str) -> List[Optional[str]]:
