@@ -197,6 +197,17 @@ def as_operand(x, CT: tl.constexpr, INTERP: tl.constexpr):
         return x.to(CT)
 
 
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the operand dtypes every fused op takes
+
+
+def check_compute_dtype(compute_dtype: torch.dtype, where: str, none_ok: bool = True) -> torch.dtype:
+    """``compute_dtype`` when it is one of COMPUTE_DTYPES, else a ValueError naming ``where`` (the op's file)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        allowed = f"None or one of {COMPUTE_DTYPES}" if none_ok else f"one of {COMPUTE_DTYPES}"
+        raise ValueError(f"{where}: compute_dtype must be {allowed}, got {compute_dtype}")
+    return compute_dtype
+
+
 def tl_dtype(dt: torch.dtype):
     """The triton.language dtype of a torch floating dtype (for a compute-dtype constexpr)."""
     import triton.language as tl_

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._utils import check_compute_dtype
+
 _WHERE = "kernels/cross_local.py"
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements (fp32) one chunk of images may hold at once. Per image a chunk holds the B*Tw x Tp scores (the math
 # backend, used on CPU, materialises them and then the probabilities in their place), the B*Tw x d query copy
 # and two B*Tw x d contexts (SDPA's output and its normalised copy): 2^26 elements is 256 MiB, small beside a
@@ -46,30 +47,30 @@ CHUNK_BUDGET_ELEMS = 1 << 26
 
 
 def _compute_dtype(compute_dtype: Optional[torch.dtype]) -> torch.dtype:
-    if compute_dtype is None:
-        return torch.float32
-    if compute_dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"{_WHERE}: compute_dtype must be None or one of {_COMPUTE_DTYPES}, got {compute_dtype}")
-    return compute_dtype
+    return torch.float32 if compute_dtype is None else check_compute_dtype(compute_dtype, _WHERE)
 
 
-def _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global) -> None:
-    def bad(field, want, got):
-        raise ValueError(f"{_WHERE}: {field} must be {want}, got {got}")
+def _bad(field, want, got):
+    raise ValueError(f"{_WHERE}: {field} must be {want}, got {got}")
 
+
+def _check_tau(name: str, v) -> None:
+    if not float(v) > 0:
+        _bad(name, "> 0", v)
+
+
+def _check_inputs(word, patch, word_mask, patch_mask, tau_local) -> None:
     if word.dim() != 3 or patch.dim() != 3:
-        bad("word, patch", "(B, Tw, d) and (B, Tp, d)", f"{tuple(word.shape)} and {tuple(patch.shape)}")
+        _bad("word, patch", "(B, Tw, d) and (B, Tp, d)", f"{tuple(word.shape)} and {tuple(patch.shape)}")
     if patch.shape[0] != word.shape[0] or patch.shape[2] != word.shape[2]:
-        bad("word, patch", "(B, Tw, d) and (B, Tp, d) with the same B and d",
-            f"{tuple(word.shape)} and {tuple(patch.shape)}")
+        _bad("word, patch", "(B, Tw, d) and (B, Tp, d) with the same B and d",
+             f"{tuple(word.shape)} and {tuple(patch.shape)}")
     if word.shape[0] < 1 or word.shape[1] < 1 or patch.shape[1] < 1:
-        bad("word, patch", "non-empty (B, Tw, Tp >= 1)", f"{tuple(word.shape)} and {tuple(patch.shape)}")
+        _bad("word, patch", "non-empty (B, Tw, Tp >= 1)", f"{tuple(word.shape)} and {tuple(patch.shape)}")
     for name, m, t in (("word_mask", word_mask, word), ("patch_mask", patch_mask, patch)):
         if m is not None and (m.dtype != torch.bool or m.shape != t.shape[:2]):
-            bad(name, f"None or bool {tuple(t.shape[:2])}", f"{m.dtype} {tuple(m.shape)}")
-    for name, v in (("tau_local", tau_local), ("tau_global", tau_global)):
-        if not float(v) > 0:
-            bad(name, "> 0", v)
+            _bad(name, f"None or bool {tuple(t.shape[:2])}", f"{m.dtype} {tuple(m.shape)}")
+    _check_tau("tau_local", tau_local)
     # No host sync on CUDA (see the module docstring); on CPU the check is free, except under torch.compile,
     # where reading a tensor's value on the host is a graph break (the eager run of the same batch checks it).
     if torch.compiler.is_compiling():
@@ -77,7 +78,7 @@ def _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global) -> 
     for name, m, what in (("word_mask", word_mask, "report"), ("patch_mask", patch_mask, "image")):
         if m is not None and m.device.type == "cpu" and not bool(m.any(1).all()):
             rows = (~m.any(1)).nonzero().flatten().tolist()
-            bad(name, f"True somewhere in every row (each {what} needs a valid slot)", f"empty rows {rows}")
+            _bad(name, f"True somewhere in every row (each {what} needs a valid slot)", f"empty rows {rows}")
 
 
 def _symmetric_infonce(score: torch.Tensor, tau_global: float) -> torch.Tensor:
@@ -97,7 +98,7 @@ def cross_local_scores_ref(word: torch.Tensor, patch: torch.Tensor, word_mask: O
                            patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1) -> torch.Tensor:
     """score (B reports, B images) in plain fp32 PyTorch (module docstring); builds the (B, Tw, B, Tp)
     attention."""
-    _check_inputs(word, patch, word_mask, patch_mask, tau_local, 1.0)
+    _check_inputs(word, patch, word_mask, patch_mask, tau_local)
     w, p = F.normalize(word.float(), dim=-1), F.normalize(patch.float(), dim=-1)
     s = torch.einsum("rte,ije->rtij", w, p) / tau_local  # report r's word t against image i's patch j
     if patch_mask is not None:
@@ -112,8 +113,8 @@ def cross_local_loss_ref(word: torch.Tensor, patch: torch.Tensor, word_mask: Opt
                          patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1,
                          tau_global: float = 0.07) -> torch.Tensor:
     """The cross-image local contrast in plain fp32 PyTorch: the symmetric InfoNCE of
-    :func:`cross_local_scores_ref`."""
-    _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global)
+    :func:`cross_local_scores_ref` (which checks the other inputs)."""
+    _check_tau("tau_global", tau_global)
     score = cross_local_scores_ref(word, patch, word_mask, patch_mask, tau_local)
     return _symmetric_infonce(score, float(tau_global))
 
@@ -151,7 +152,7 @@ def cross_local_scores(word: torch.Tensor, patch: torch.Tensor, word_mask: Optio
     ``chunk``: images per chunk (None: :func:`default_chunk`). With more than one chunk each chunk runs under
     activation checkpointing, so only the (B, B) scores are kept for the backward, which recomputes one chunk
     at a time: peak memory stays one chunk's, at the cost of a second attention forward."""
-    _check_inputs(word, patch, word_mask, patch_mask, tau_local, 1.0)
+    _check_inputs(word, patch, word_mask, patch_mask, tau_local)
     ct = _compute_dtype(compute_dtype)
     B, Tw, d = word.shape
     Tp = patch.shape[1]
@@ -179,7 +180,8 @@ def cross_local_loss(word: torch.Tensor, patch: torch.Tensor, word_mask: Optiona
                      patch_mask: Optional[torch.Tensor] = None, tau_local: float = 0.1, tau_global: float = 0.07,
                      compute_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None) -> torch.Tensor:
     """The cross-image local contrast (module docstring): the symmetric InfoNCE of :func:`cross_local_scores`,
-    the same value and gradients as :func:`cross_local_loss_ref` without its (B, Tw, B, Tp) tensor."""
-    _check_inputs(word, patch, word_mask, patch_mask, tau_local, tau_global)
+    the same value and gradients as :func:`cross_local_loss_ref` without its (B, Tw, B, Tp) tensor.
+    :func:`cross_local_scores` checks the other inputs."""
+    _check_tau("tau_global", tau_global)
     score = cross_local_scores(word, patch, word_mask, patch_mask, tau_local, compute_dtype, chunk)
     return _symmetric_infonce(score, float(tau_global))

@@ -50,12 +50,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import as_operand, dot_precision, interpreting, launch, next_pow2, tl_dtype, triton_helper, use_triton
+from ._utils import (as_operand, check_compute_dtype, dot_precision, interpreting, launch, next_pow2, tl_dtype,
+                     triton_helper, use_triton)
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
 _EPS = 1e-12  # F.normalize's eps
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _WEIGHTINGS = ("learned", "uniform")
@@ -77,12 +77,7 @@ def _batch_scope(scope: str) -> bool:
 
 
 def _compute_dtype(compute_dtype: Optional[torch.dtype]) -> torch.dtype:
-    if compute_dtype is None:
-        return torch.float32
-    if compute_dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"kernels/local_align.py: compute_dtype must be None or one of {_COMPUTE_DTYPES}, "
-                         f"got {compute_dtype}")
-    return compute_dtype
+    return torch.float32 if compute_dtype is None else check_compute_dtype(compute_dtype, "kernels/local_align.py")
 
 
 def _rounded(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:

@@ -46,8 +46,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import (as_operand, autotune_launch, dot_precision, interpreting, launch, next_pow2, round_to,
-                     triton_helper, use_triton)
+from ._utils import (as_operand, autotune_launch, check_compute_dtype, dot_precision, interpreting, launch,
+                     next_pow2, round_to, triton_helper, use_triton)
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
@@ -688,17 +688,12 @@ def _backward(ctx, dout, *_unused):
 
 _move_ffn_fwd_op.register_autograd(_backward, setup_context=_setup)
 
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def resolve_compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The GEMM operand dtype: ``compute_dtype``, else the autocast dtype when autocast is on, else x.dtype."""
     if compute_dtype is None:
         dev = x.device.type
         compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    if compute_dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"kernels/move_ffn.py: compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype}")
-    return compute_dtype
+    return check_compute_dtype(compute_dtype, "kernels/move_ffn.py", none_ok=False)
 
 
 def move_ffn(x, view_id, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_eps: float = 1e-6,
