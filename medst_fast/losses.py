@@ -98,6 +98,12 @@ def temporal_loss(img: torch.Tensor, txt: torch.Tensor, n_full: int, cfg: LossCf
     return cycle_alignment_loss(u, v, **kw) + cycle_alignment_loss(v, u, **kw)
 
 
+def _local_compute_dtype(out) -> Optional[torch.dtype]:
+    """The forward's autocast dtype for the token-to-patch products (``out.amp_dtype``); None = exact fp32."""
+    ct = getattr(out, "amp_dtype", None)
+    return None if ct == torch.float32 else ct
+
+
 def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
     """Word side + patch side. The official masks PAD words as context of the patch side in both modes.
 
@@ -109,9 +115,7 @@ def local_loss(out, model, cfg: LossCfg, faithful: bool) -> torch.Tensor:
     W, P = out.word_local, out.patch_local
     wm, pm = out.word_mask, out.patch_mask
     ww, pw = model.word_weighting, model.patch_weighting
-    ct = getattr(out, "amp_dtype", None)
-    if ct == torch.float32:
-        ct = None
+    ct = _local_compute_dtype(out)
     sw = dict(weighting=cfg.local_weighting, scope=cfg.local_scope)
     if faithful:
         lw = token_align_loss(W, P, None, None, ww.in_proj_weight, ww.in_proj_bias, cfg.tau_local, True, ct, **sw)
@@ -126,9 +130,7 @@ def cross_image_local_loss(out, model, cfg: LossCfg) -> torch.Tensor:
     """The cross-image local contrast (kernels/cross_local.py) on the model's local embeddings, PAD words and
     absent laterals masked, the attention in the forward's autocast dtype as :func:`local_loss`. Within the
     rank's batch under DDP."""
-    ct = getattr(out, "amp_dtype", None)
-    if ct == torch.float32:
-        ct = None
+    ct = _local_compute_dtype(out)
     # Frontal-only patches are all present (the model's mask is all True then): no mask, so SDPA may take
     # its flash kernel on CUDA, and no host sync to find that out.
     pm = None if out.patch_local.shape[1] == model.cfg.vision.num_patches else out.patch_mask

@@ -258,7 +258,7 @@ class StepRunner:
         self._snapshot = [b.detach().clone() for b in self.buffers]
 
     def forward_backward(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
-        """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, studies, cross_local] (no sync)."""
+        """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, cross_local, studies] (no sync)."""
         if self.buffers:
             torch._foreach_copy_(self._snapshot, self.buffers)  # ~17k numbers for ViT-B: one fused copy
         stats = torch.zeros(8, device=self.device, dtype=torch.float64)
@@ -273,10 +273,8 @@ class StepRunner:
             t = total.detach().double()
             stats[0] += (~torch.isfinite(t)).double()
             stats[2] += t / len(batches)
-            parts = parts.detach().double() / len(batches)
-            stats[3:6] += parts[:3]
-            stats[6] += batch["frontal"].shape[0]
-            stats[7] += parts[3]
+            stats[3:7] += parts.detach().double() / len(batches)
+            stats[7] += batch["frontal"].shape[0]
         return stats
 
     def optimizer_step(self, lr: float) -> Optional[float]:
@@ -315,10 +313,10 @@ class _Window:
     def add(self, s: List[float], world: int) -> bool:
         """Count one step's all-reduced stats; True when it was a good step (its loss enters the mean)."""
         self.steps += 1
-        self.studies += s[6]
+        self.studies += s[7]
         good = s[0] == 0 and not math.isnan(s[2])
         if good:
-            self.acc += np.array(s[2:6] + [s[7]]) / world
+            self.acc += np.array(s[2:7]) / world
             self.good += 1
         return good
 
@@ -833,9 +831,8 @@ class Trainer:
     def _one_step(self, it, lr: float) -> List[float]:
         """Load, check, forward/backward and (unless skipped) update one optimizer step.
 
-        Returns the all-reduced stats [non-finite count, stop, loss, ita, local, temporal, studies, cross_local,
-        ...]:
-        loss terms are NaN and studies 0 when the step was skipped for a bad batch.
+        Returns the all-reduced stats [non-finite count, stop, loss, ita, local, temporal, cross_local, studies,
+        ...]: loss terms are NaN and studies 0 when the step was skipped for a bad batch.
         """
         t_start = time.perf_counter()
         raw = [self._next_batch(it) for _ in range(self.args.accum_steps)]
@@ -864,7 +861,7 @@ class Trainer:
             log.warning("step %d: %d unusable batch(es) (%s); step skipped without a forward (%d bad batches in total)",
                         self.step + 1, n_bad, problems[0] if problems else "on another rank", self.bad_batches)
             nan = float("nan")
-            return [0.0, stop, nan, nan, nan, nan, 0.0, nan]
+            return [0.0, stop, nan, nan, nan, nan, nan, 0.0]
         # The packing plan is built here, on the host and outside any compiled region (models/packing.py).
         batches = [self.model.prepare_batch(batch_to(b, self.device)) for b in raw]
         stats = self.runner.forward_backward(batches)
