@@ -195,6 +195,13 @@ def similarity_maps(model, tokenizer, image, text: Union[str, Sequence[str]], on
 
 
 # -- drawing --------------------------------------------------------------------------------------------------
+def peaks_in_region(model, tokenizer, image, text: str, word: str, region: np.ndarray) -> bool:
+    """Does ``word``'s attention map (on the model's input) peak inside the bool ``region`` (input geometry)?
+    The hit a grounding check counts."""
+    a = similarity_maps(model, tokenizer, image, text).word_map(word)
+    return bool(region[np.unravel_index(int(a.argmax()), a.shape)])
+
+
 def plot_overlay(maps: GroundingMaps, out: Union[str, os.PathLike], words: Optional[Sequence[str]] = None,
                  kind: str = "attention", alpha: float = 0.45, max_panels: int = 12, title: Optional[str] = None,
                  dpi: int = 100) -> str:

@@ -37,10 +37,9 @@ sys.path.insert(0, REPO)
 
 import medst_fast  # noqa: E402
 from medst_fast.data import synth, transforms as T  # noqa: E402
-from medst_fast.grounding import similarity_maps  # noqa: E402
+from medst_fast.grounding import peaks_in_region, similarity_maps  # noqa: E402
 
-FINDINGS = ("pleural_effusion", "pneumothorax", "consolidation")
-WORD = {"pleural_effusion": "effusion", "pneumothorax": "pneumothorax", "consolidation": "consolidation"}
+FINDINGS = synth.PLANTED_FINDINGS
 SIZE = 96   # medst_tiny's input side
 CANVAS = 110  # the eval transform's resize side for 96: images drawn at 110 x 110 are only centre-cropped
 
@@ -53,40 +52,18 @@ def default_vocab() -> str:
 
 # -- planted findings ---------------------------------------------------------------------------------------
 def planted(n, seed, train):
-    """n synthetic frontals with one planted finding each: (input tensor, report sentence, region on the input
-    crop, finding word, finding, side). Held-out sets (train=False) draw every finding at severity 3."""
+    """n synthetic frontals with one planted finding each (synth.planted_frontals): (input tensor, report
+    sentence, region on the input crop, finding word, finding, side)."""
     tf = T.ImageTransform(SIZE, train=train)
     g = torch.Generator().manual_seed(seed)
     off = T.center_offset(CANVAS, SIZE)
-    out = []
-    for i in range(n):
-        rng = synth._rng(seed, 9, i)
-        anat = synth._Anatomy(rng)
-        f = FINDINGS[i % 3]
-        sev = 3 if not train else int(rng.integers(2, 4))
-        s = {k: 0 for k in synth.FINDINGS}
-        s[f] = sev
-        jitter = synth.peek_jitter(rng)  # before render draws it: the region must use the same jitter
-        a = synth.render("PA", s, anat, rng, (CANVAS, CANVAS))
-        region = synth.finding_region(f, sev, anat, (CANVAS, CANVAS), jitter)[off:off + SIZE, off:off + SIZE]
-        side = "right" if anat.side == 0 else "left"
-        text = f"There is a {synth._phrase(f, sev, side)}."
-        out.append((tf(a, g), text, region, WORD[f], f, side))
-    return out
+    return [(tf(c.image, g), c.text, c.region[off:off + SIZE, off:off + SIZE], c.word, c.finding, c.side)
+            for c in synth.planted_frontals(n, seed, train, CANVAS)]
 
 
 def hits(model, tok, cases) -> np.ndarray:
     """Per case: does the finding word's attention map peak inside the planted region?"""
-    out = []
-    for x, text, region, word, _, _ in cases:
-        a = similarity_maps(model, tok, x, text).word_map(word)
-        out.append(bool(region[np.unravel_index(int(a.argmax()), a.shape)]))
-    return np.array(out)
-
-
-def hit_rate(model, tok, cases) -> float:
-    """Fraction of cases whose finding word's attention map peaks inside the planted region."""
-    return float(hits(model, tok, cases).mean())
+    return np.array([peaks_in_region(model, tok, x, text, word, region) for x, text, region, word, _, _ in cases])
 
 
 # -- training -----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -296,6 +296,40 @@ def _phrase(f: str, sev: int, side: str) -> str:
     if f == "pneumonia":
         return f"{adj} pneumonia in the{where}"
     return f"{adj}{where} {_NAMES[f]}"
+
+
+# ----------------------------------------------------------------------------- planted findings (grounding)
+PLANTED_FINDINGS = ("pleural_effusion", "pneumothorax", "consolidation")  # the ones with a local region
+PLANTED_WORD = {"pleural_effusion": "effusion", "pneumothorax": "pneumothorax", "consolidation": "consolidation"}
+
+
+class PlantedFrontal(NamedTuple):
+    image: np.ndarray  # (canvas, canvas) uint8 PA frontal
+    text: str  # "There is a <phrase>." naming the finding, its severity and side
+    region: np.ndarray  # (canvas, canvas) bool: where render drew the finding (finding_region)
+    word: str  # the report word a grounding map is read for (PLANTED_WORD)
+    finding: str
+    side: str  # "right" | "left" (the patient's)
+
+
+def planted_frontals(n: int, seed: int, train: bool, canvas: int) -> List[PlantedFrontal]:
+    """``n`` frontals with exactly one planted finding each (cycling PLANTED_FINDINGS), its one-sentence report
+    and its region, for grounding checks (tests/test_grounding.py, scripts/grounding_example.py). Training sets
+    draw severity 2 or 3, held-out sets (``train=False``) severity 3. Deterministic in (seed, i)."""
+    out = []
+    for i in range(n):
+        rng = _rng(seed, 9, i)
+        anat = _Anatomy(rng)
+        f = PLANTED_FINDINGS[i % len(PLANTED_FINDINGS)]
+        sev = 3 if not train else int(rng.integers(2, 4))
+        s = {k: 0 for k in FINDINGS}
+        s[f] = sev
+        jitter = peek_jitter(rng)  # before render draws it: the region must use the same jitter
+        a = render("PA", s, anat, rng, (canvas, canvas))
+        side = "right" if anat.side == 0 else "left"
+        out.append(PlantedFrontal(a, f"There is a {_phrase(f, sev, side)}.",
+                                  finding_region(f, sev, anat, (canvas, canvas), jitter), PLANTED_WORD[f], f, side))
+    return out
 
 
 def finding_sentence(f: str, prev: Optional[int], cur: int, side: str) -> Optional[str]:
