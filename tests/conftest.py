@@ -79,3 +79,18 @@ def pytest_terminal_summary(terminalreporter):
     for what, n in sorted(missing.items()):
         terminalreporter.write_line(f"{n} test(s) skipped: {SKIP_PREFIX}: {what} "
                                     f"(set MEDST_REQUIRE_SHARED=1 to make this a failure, as CI does)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device; skipped without one. benchmarks/device_check.sh's correctness "
+                   "stage selects these with `pytest -m cuda`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -340,7 +340,7 @@ def test_trainer_run_logs_the_term(tmp_path, vocab_path):
 
 
 # ---------------------------------------------------------------------------------------- CUDA (device_check.sh)
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused SDPA backends)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("masked", [False, True])  # no mask: flash is eligible; a mask: memory-efficient / math
 def test_cuda_sdpa_path_matches_the_reference_at_vit_b_shapes(masked):
     """ViT-B-like sizes (111 word slots, 392 patches, d 128, 3 chunks): fp32 to 1e-4 (SDPA's fused kernels sum

@@ -107,7 +107,7 @@ def test_random_offsets_reproducible_and_in_range():
 
 
 @needs_ext
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("filter", ["area", "bilinear"])
 def test_ext_cuda_matches_ref(filter):
     assert ext.has_cuda(), "medst_fast._C was built without its CUDA kernels"

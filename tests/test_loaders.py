@@ -190,7 +190,7 @@ def test_backend_choice(monkeypatch, mixed, caplog):
     assert loader.backend == "pil" and lines == [f"loader: pil ({loader.reason})"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS[1:])
 def test_cuda_backends_match_pil(mixed, backend):
     for train in (False, True):

@@ -571,7 +571,7 @@ def test_torch_compile_fullgraph(monkeypatch, entry):
         assert_close_rel(g, r, 1e-5, name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("B,Tq,Tc,d,qm,cm,renorm", CASES + [(64, 111, 392, 128, "words", "lateral", True),
                                                           (64, 392, 111, 128, "lateral", "words", False)])
 def test_cuda_fused_matches_reference(B, Tq, Tc, d, qm, cm, renorm):
@@ -591,7 +591,7 @@ def test_cuda_fused_matches_reference(B, Tq, Tc, d, qm, cm, renorm):
         _utils.set_backend(old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("B,Tq,Tc,qm,cm,renorm", [(40, 111, 392, "words", "lateral", True),
                                                   (40, 392, 111, "lateral", "words", False)])
 def test_cuda_fused_bf16_rule(B, Tq, Tc, qm, cm, renorm):
@@ -613,7 +613,7 @@ def test_cuda_fused_bf16_rule(B, Tq, Tc, qm, cm, renorm):
         _utils.set_backend(old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("weighting,scope", [("uniform", "sample"), ("learned", "batch"), ("uniform", "batch")])
 @pytest.mark.parametrize("B,Tq,Tc,qm,cm,renorm", [(40, 111, 392, "words", "lateral", True),
                                                   (40, 392, 111, "lateral", "words", False)])
@@ -643,7 +643,7 @@ def test_cuda_research_switches(B, Tq, Tc, qm, cm, renorm, weighting, scope):
         _utils.set_backend(old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_batch_scope_peak_memory():
     """The batch scope's fused fwd + bwd at B = 40 (word side) peaks far below the (B Tq, B Tc) fp32 scores."""
     old = _utils.get_backend()

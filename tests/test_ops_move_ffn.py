@@ -530,7 +530,7 @@ def _cuda(ts):
     return [t.detach().cuda().requires_grad_() for t in ts]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("studies,patches,lat,D,H", CASES + [(64, 196, 2, 768, 3072)])
 def test_cuda_triton_matches_reference(studies, patches, lat, D, H):
     """On the GPU: fp32 against the reference, then the bf16 rule at the real ViT-B shape."""
@@ -553,7 +553,7 @@ def test_cuda_triton_matches_reference(studies, patches, lat, D, H):
         _utils.set_backend(old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("studies", [40, 160])
 def test_cuda_every_gemm_config_and_the_autotuner_vit_b(monkeypatch, studies):
     """On the GPU at ViT-B: each config of the sets forced, and MEDST_FAST_AUTOTUNE=1, against the reference
@@ -590,7 +590,7 @@ def test_cuda_every_gemm_config_and_the_autotuner_vit_b(monkeypatch, studies):
         _utils.set_backend(old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_autocast_bf16_rule_vit_b():
     """The trainer's case on the GPU: fp32 stream and master weights under bf16 autocast, ViT-B shapes."""
     old = _utils.get_backend()
