@@ -100,3 +100,25 @@ def test_nan_prompt_embedding_is_an_error(model, tok):
         next(bad.text_global_head.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match=r"my_task: 2 of 2 rows of prompt embeddings"):
         build_zero_shot_classifier(bad, tok, ["a"], ["{}", "there is {}"], name="my_task")
+
+
+def test_open_clip_call_returns_embeddings_and_logit_scale(model, tok):
+    """model(images, texts) as open_clip's models answer it: the encoders' outputs and 1/tau as logit_scale."""
+    torch.manual_seed(1)
+    v = model.cfg.vision
+    images = torch.randn(3, v.in_chans, v.img_size, v.img_size)
+    enc = tok(["small left effusion", "no pneumothorax", "clear lungs"])
+    with torch.no_grad():
+        img, txt, scale = model(images, enc)
+        want_img = model.encode_image(images)
+        want_txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        _, txt_ids, _ = model(None, enc["input_ids"])  # a bare ids tensor: the mask comes from the pad id
+    torch.testing.assert_close(img, want_img)
+    torch.testing.assert_close(txt, want_txt)
+    torch.testing.assert_close(txt_ids, want_txt)
+    assert float(scale) == pytest.approx(1.0 / model.cfg.loss.tau_global)
+    assert float(model.logit_scale) == float(scale)
+    logits = scale * img @ txt.T  # open_clip's usage
+    assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+    with pytest.raises(TypeError, match="pretraining batch"):
+        model({"frontal": images}, enc)

@@ -115,6 +115,14 @@ class MedST(nn.Module):
         e = self.text_global_head(cls)
         return F.normalize(e, dim=-1) if normalize else e
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """1 / tau_global as a 0-d tensor: the scale of the global image-text logits Med-ST trains with.
+
+        open_clip keeps a learned log-scale and returns its exp(); Med-ST's temperature is fixed, so this is
+        read from the config (not a parameter: state dicts and checkpoints are unchanged)."""
+        return torch.tensor(1.0 / self.cfg.loss.tau_global, device=self.visual.cls_token.device)
+
     def image_features(self, frontal, lateral=None, has_lateral=None) -> torch.Tensor:
         """The 768-d final-LN CLS (the linear-probe feature of the COVIDx protocol)."""
         return self.visual(frontal, lateral, has_lateral)[0]
@@ -144,10 +152,38 @@ class MedST(nn.Module):
             out["packing"] = self.visual.packing_plan(has, out["frontal"].device)
         return out
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> MedSTOutput:
-        """batch: frontal (B,C,H,W), lateral (B,C,H,W) or absent, has_lateral (B,), input_ids,
-        attention_mask, word_slots (B, L), n_full_series (int); optional ``has_lateral_host`` (the CPU copy
-        of has_lateral) or ``packing`` (:meth:`prepare_batch`) for a forward without host syncs."""
+    def forward(self, batch, texts=None):
+        """Two ways to call the model.
+
+        ``model(images, texts)`` (open_clip's call): images (B, C, H, W) frontal views; texts the tokenizer's
+        output (a dict with input_ids and attention_mask) or an input_ids tensor (padding: ``cfg.text.pad_token_id``). Returns
+        ``(image_embeds, text_embeds, logit_scale)``, the embeddings L2-normalised; either input may be None.
+
+        ``model(batch)`` (pretraining): batch = frontal (B,C,H,W), lateral (B,C,H,W) or absent, has_lateral
+        (B,), input_ids, attention_mask, word_slots (B, L), n_full_series (int); optional ``has_lateral_host``
+        (the CPU copy of has_lateral) or ``packing`` (:meth:`prepare_batch`) for a forward without host
+        syncs. Returns a :class:`MedSTOutput` with everything the losses need.
+        """
+        if isinstance(batch, Mapping):
+            if texts is not None:
+                raise TypeError("model(batch) takes one pretraining batch dict; model(images, texts) takes tensors")
+            return self._pretrain_forward(batch)
+        return self._clip_forward(batch, texts)
+
+    def _clip_forward(self, images, texts):
+        img = None if images is None else self.encode_image(images)
+        txt = None
+        if texts is not None:
+            if isinstance(texts, Mapping):
+                ids, mask = texts["input_ids"], texts.get("attention_mask")
+            else:
+                ids, mask = texts, None
+            if mask is None:
+                mask = (ids != self.cfg.text.pad_token_id).long()
+            txt = self.encode_text(ids, mask)
+        return img, txt, self.logit_scale
+
+    def _pretrain_forward(self, batch: Mapping[str, torch.Tensor]) -> MedSTOutput:
         frontal = batch["frontal"]
         lateral = batch.get("lateral")
         has_lat = batch.get("has_lateral")
