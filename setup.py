@@ -1,6 +1,9 @@
 """medst_fast packaging.
 
-``kernels/`` (the Triton ops) is installed as ``medst_fast.kernels``. The optional C++/CUDA extension
+``kernels/`` (the Triton ops) is installed as ``medst_fast.kernels``. It has no ``__init__.py`` on purpose: from
+the repository root a regular package named ``kernels`` would shadow Hugging Face's ``kernels`` (which
+transformers imports); as a namespace folder it is mapped below and bound by ``medst_fast/__init__.py`` where an
+editable install cannot resolve it. The optional C++/CUDA extension
 ``medst_fast._C`` in ``csrc/`` is built with torch.utils.cpp_extension when torch is importable at build time
 (``pip install --no-build-isolation -e .``, or ``python setup.py build_ext --inplace``); its CUDA kernels are
 compiled only when nvcc and a CUDA build of torch are present. Any failure skips the extension with a message,
@@ -113,6 +116,7 @@ def extension_build():
 
 
 ext_modules, cmdclass = extension_build()
+# medst_fast.kernels is named explicitly: find_packages skips kernels/, a folder without __init__.py.
 packages = find_packages(include=["medst_fast", "medst_fast.*"]) + ["medst_fast.kernels"]
 
 setup(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from _common import bench, peak_gib, quick, row
 
 import medst_fast
-from medst_fast.kernels import get_backend, set_backend
+from medst_fast.kernels._utils import get_backend, set_backend
 from medst_fast.losses import MedSTLoss
 from medst_fast.models.medst import MedSTOutput
 from medst_fast.text.tokenizer import MedSTTokenizer

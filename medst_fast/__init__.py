@@ -5,11 +5,41 @@ and the C++ extension are optional and each falls back to the PyTorch path with 
 optional package (Pillow, pandas, matplotlib, ...) is imported where it is used, and its absence is an error
 naming the pip extra that brings it.
 """
-from .version import __version__
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+
+def _bind_kernels() -> None:
+    """Make ``medst_fast.kernels`` importable wherever the package is.
+
+    The fused ops live in the top-level ``kernels/`` folder. It has no ``__init__.py`` on purpose: a folder
+    without one is only a namespace portion, so when the repository root is on ``sys.path`` (``python -m``
+    from the root) an installed regular package named ``kernels`` (Hugging Face's, which transformers
+    imports) still wins over it. A wheel carries the folder as ``medst_fast/kernels/`` and the import system
+    finds it there. setuptools' editable finder, and a bare ``PYTHONPATH=<repo root>``, do not resolve a
+    nested folder without ``__init__.py``; there the folder beside this package is bound here, once.
+    """
+    name = __name__ + ".kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    if not os.path.isfile(os.path.join(folder, "_utils.py")):
+        raise ImportError(f"medst_fast.kernels not found: neither installed with the package nor at {folder}; "
+                          "reinstall medst_fast (pip install -e . in a source checkout)")
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [folder]
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+
+
+_bind_kernels()
+
+from .version import __version__  # noqa: E402  (after the kernels binding: the models import the kernels)
 from .config import HeadCfg, LossCfg, MedSTConfig, TextCfg, VisionCfg
 from .models import MedST, MedSTOutput
 from .losses import LossOutput, MedSTLoss
-from .kernels import get_backend, set_backend
+from .kernels._utils import get_backend, set_backend
 from .factory import (add_model_config, create_model, create_model_and_transforms, get_model_config, list_models)
 from .text.tokenizer import get_tokenizer
 from .hub import from_pretrained, save_pretrained

@@ -31,7 +31,7 @@ def _importable(mod: str) -> Optional[str]:
 
 def triton_ops_path(cuda: bool) -> str:
     """Where the fused ops (MoVE FFN, local alignment) run: the checks ``kernels.use_triton`` makes."""
-    from .kernels import get_backend, has_triton
+    from .kernels._utils import get_backend, has_triton
     from .kernels._utils import interpreter_ready, interpreting
 
     if get_backend() != "triton":
@@ -82,7 +82,7 @@ def collect() -> Dict[str, str]:
     import torch
 
     from . import __version__, ext
-    from .kernels import get_backend, has_triton
+    from .kernels._utils import get_backend, has_triton
 
     cuda = torch.cuda.is_available()
     info = {

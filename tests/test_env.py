@@ -47,7 +47,7 @@ def test_env_detects_the_extension_as_the_code_loads_it(report, report_switched_
 
 
 def test_env_says_what_the_fused_ops_run_here(report, report_switched_off):
-    from medst_fast.kernels import has_triton
+    from medst_fast.kernels._utils import has_triton
 
     cuda = torch.cuda.is_available()
     if not has_triton():

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Iterator, List, Optional, Tuple
 
 from .index import atomic_write_text
@@ -172,7 +173,14 @@ def _signals_raise() -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def handler(signum, _frame):
+        if os.getpid() != owner:
+            # A pool worker forked while this handler was installed and signalled before its initializer
+            # reset the handler: die as the default action would, not with a traceback from fork bootstrap.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         raise Interrupted(signum)
 
     names = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
@@ -184,26 +192,43 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(getattr(signal, n), h)
 
 
+def _reap(procs: list, manager: Optional[threading.Thread], timeout: float) -> bool:
+    """Wait up to ``timeout`` s until every worker's exit is recorded; True when all are.
+
+    The executor's manager thread waits on the same children (it joins them once the pool breaks) and may
+    reap one first. multiprocessing then reports that child as running (its waitpid gets ECHILD, which
+    poll() turns into "no exit code yet") until the manager thread stores the code; so the manager thread
+    is joined too, not only the processes.
+    """
+    deadline = time.monotonic() + timeout
+    if manager is not None:
+        manager.join(timeout)
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    return all(p.exitcode is not None for p in procs)
+
+
 def _terminate(ex: cf.ProcessPoolExecutor) -> None:
     # shutdown(cancel_futures=True) only drops queued tasks; workers busy on a chunk would keep running
-    # (and writing cache files) after the parent is gone, so they are terminated. _processes is the
-    # executor's pid -> Process map (private, but present in every CPython since 3.2).
+    # (and writing cache files) after the parent is gone, so they are terminated. _processes (pid -> Process)
+    # and _executor_manager_thread are the executor's private fields, present in every CPython since 3.9.
     procs = list((getattr(ex, "_processes", None) or {}).values())
+    manager = getattr(ex, "_executor_manager_thread", None)  # shutdown() drops the reference: take it first
     for p in procs:
-        if p.is_alive():
+        if p.exitcode is None:
             p.terminate()
     ex.shutdown(wait=False, cancel_futures=True)
+    if _reap(procs, manager, 5):
+        return
+    # A worker still running after SIGTERM + 5 s is killed. A process in uninterruptible disk sleep takes
+    # SIGKILL only when its I/O completes, so the wait after the kill is long (it returns as soon as every
+    # worker is gone) and a survivor is reported, not silently left behind.
     for p in procs:
-        p.join(timeout=5)
-    # A worker that outlived SIGTERM and the join is killed. Twice in CI (a loaded machine deleting a large
-    # tree at the same time) one was still alive after SIGTERM + 5 s; a process in uninterruptible disk
-    # sleep takes SIGKILL only when its I/O completes, so the wait after the kill is long (it returns as soon
-    # as the worker is gone) and a survivor is reported, not silently left behind.
-    for p in procs:
-        if p.is_alive():
+        if p.exitcode is None:
             p.kill()
-            p.join(timeout=60)
-            if p.is_alive():
+    if not _reap(procs, manager, 60):
+        for p in procs:
+            if p.exitcode is None:
                 log.warning("data/cache.py: pool worker pid %d still alive 60 s after SIGKILL", p.pid)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MedSTConfig
-from ..kernels import use_triton
+from ..kernels._utils import use_triton
 from .layers import ProjectionHead
 from .move_vit import MoVEViT
 from .text_bert import TextBert

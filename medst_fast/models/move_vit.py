@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..config import VisionCfg
 from .layers import Mlp, sdpa
 from .packing import PackedViews, packed_attention, plan_packing
-from ..kernels import use_triton
+from ..kernels._utils import use_triton
 
 
 class PatchEmbed(nn.Module):

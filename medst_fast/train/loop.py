@@ -355,7 +355,7 @@ class Trainer:
         check_report_to(a.report_to)  # every rank, before any collective: a missing extra stops all of them
         primary = self.world.is_primary
         if a.kernels:
-            from ..kernels import set_backend
+            from ..kernels._utils import set_backend
 
             set_backend(a.kernels)
 
