@@ -53,7 +53,7 @@ def import_decode_jpeg():
 @dataclass
 class PreparedBatch:
     """What the decode thread hands over: the batch (None: nothing readable), the counts to merge when the
-    trainer takes it, and the event after its GPU work (None on the CPU)."""
+    trainer takes it (a PlannedBatch without images), and the event after its GPU work (None on the CPU)."""
 
     batch: Optional[Dict]
     n_series: int
@@ -101,7 +101,8 @@ class NvjpegSeriesLoader(BatchedSeriesLoader):
             if self._stream is not None:
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
-        return PreparedBatch(batch, n_series, plan, ready)
+        # only the counts travel on: the plan's decoded images are freed here, in the decode thread
+        return PreparedBatch(batch, n_series, PlannedBatch([], plan.bad, plan.cpu_decoded), ready)
 
     def _hand_over(self, p: PreparedBatch) -> Dict:
         """Training thread: its stream waits for the batch's decode work; the allocator learns that the
