@@ -206,10 +206,21 @@ def test_probe_tries_the_next_file_when_the_cpu_cannot_read_it_either(tmp_path, 
     # the first JPEG fails on both decoders (a bad file): the probe goes on to the next one, which works
     assert gl.probe_decoder(decode_fails_on_first, iter([png] + good), cpu_ok=lambda p: False) is None
     assert len(calls) == 2
-    # a failure on a file the CPU reads is the decoder's: reported with the file and the first line
+    # one failure on a file the CPU reads, then a success: the decoder works (that file is of an odd kind)
     calls.clear()
-    why = gl.probe_decoder(decode_fails_on_first, iter(good), cpu_ok=lambda p: True)
-    assert why == f"{good[0]} (RuntimeError: Error while decoding JPEG images)" and len(calls) == 1
+    assert gl.probe_decoder(decode_fails_on_first, iter(good), cpu_ok=lambda p: True) is None and len(calls) == 2
+
+    # failing on every good file: the decoder's fault, reported with the first file and the error's first line
+    def always_fails(data):
+        calls.append(data)
+        raise RuntimeError("Error while decoding JPEG images\nmore")
+
+    calls.clear()
+    why = gl.probe_decoder(always_fails, iter(good * 5), cpu_ok=lambda p: True)
+    assert why == f"{good[0]} (RuntimeError: Error while decoding JPEG images)" and len(calls) == gl.PROBE_TRIES
+    calls.clear()
+    assert gl.probe_decoder(always_fails, iter(good[:1]), cpu_ok=lambda p: True).startswith(good[0])
+    assert len(calls) == 1  # all there was
     # a wrong size is a failure too; nothing to probe (no JPEG within the limit) is not
     assert "decoded size" in gl.probe_decoder(lambda d: torch.zeros(1, 3, 3), iter(good))
     assert gl.probe_decoder(lambda d: 1 / 0, iter([png] * 3)) is None
@@ -242,7 +253,7 @@ def test_failed_probe_decodes_the_run_with_pil_and_logs_once(index_dir, monkeypa
         batches = list(loader)
     lines = [r.getMessage() for r in caplog.records if "nvjpeg" in r.getMessage() and r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "decoded with PIL on the CPU" in lines[0] and "not compiled with nvJPEG" in lines[0]
-    assert calls == [1]  # the probe's call only: the run never calls the broken decoder again
+    assert len(calls) == gl.PROBE_TRIES  # the probe's calls only: the run never calls the broken decoder
     n_images = 0
     for batch in batches:
         torch.testing.assert_close(batch["frontal"], _pil_frontals(index, batch), atol=1e-6, rtol=0)

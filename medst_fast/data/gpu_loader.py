@@ -39,6 +39,7 @@ log = logging.getLogger("medst_fast")
 
 # How many of the split's files the probe looks through for one JPEG the batched decoder would take.
 PROBE_FILES = 64
+PROBE_TRIES = 3  # failures on files the CPU decodes before the decoder is taken to be unusable
 UNAVAILABLE = "decoder_unavailable"  # the cpu_decoded reason when the probe failed
 
 
@@ -173,13 +174,15 @@ class NvjpegSeriesLoader(BatchedSeriesLoader):
 
 
 def probe_decoder(decode: Callable[[bytes], torch.Tensor], paths: Iterator[str], limit: int = PROBE_FILES,
-                  cpu_ok: Optional[Callable[[str], bool]] = None) -> Optional[str]:
-    """None when ``decode`` works (or no file to try it on was found among the first ``limit``), else the file
-    and the error. A file that the CPU decoder cannot read either is a bad file, not a broken decoder: the
-    probe then tries the next one."""
+                  cpu_ok: Optional[Callable[[str], bool]] = None, tries: int = PROBE_TRIES) -> Optional[str]:
+    """None when ``decode`` works on a JPEG among the first ``limit`` files (or none of them is one to try),
+    else the first failure: the file and the error. A file the CPU decoder cannot read either is a bad file,
+    not a broken decoder, and is passed over; ``tries`` failures on good files (or all there are) settle it,
+    so one file of an unusual kind does not send a whole run to the CPU."""
     cpu_ok = cpu_ok or _cpu_decodes
+    failures = []
     for n, path in enumerate(paths):
-        if n >= limit:
+        if n >= limit or len(failures) >= tries:
             break
         data = _gpu_jpeg(path)
         if data is None:
@@ -192,8 +195,8 @@ def probe_decoder(decode: Callable[[bytes], torch.Tensor], paths: Iterator[str],
             return None
         except Exception as e:  # any failure of the decoder (RuntimeError, a missing library, ...)
             if cpu_ok(path):
-                return f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    return None
+                failures.append(f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return failures[0] if failures else None
 
 
 def _gpu_jpeg(path: str) -> Optional[bytes]:
