@@ -17,9 +17,9 @@ current stream but writes them from nvJPEG's own stream without waiting on it; t
 therefore synchronised (in the decode thread, the training thread does not wait) before each call, so no
 kernel still queued on it can be reading memory the decoder is about to write.
 
-When the loader is built, the decoder is tried on one JPEG of the split; if it fails on a file that the CPU
-decoder reads, every image of the run is decoded with PIL on the CPU (one log line; counted as
-``decoder_unavailable`` in ``cpu_decoded``) instead of one warning and one failed call per image.
+When the loader is built, the decoder is tried on a JPEG of the split (``probe_decoder``); if it fails on
+files that the CPU decoder reads, every image of the run is decoded with PIL on the CPU (one log line; counted
+as ``decoder_unavailable`` in ``cpu_decoded``) instead of one warning and one failed call per image.
 """
 from __future__ import annotations
 
