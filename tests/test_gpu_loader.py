@@ -359,7 +359,7 @@ def test_nvjpeg_on_cuda_survives_the_allocator_reusing_freed_memory(index_dir):
         h, w = bt.jpeg_size(open(index.path(rel), "rb").read())
         sizes.add(h * w)
     held, kept = None, []
-    a = torch.randn(2048, 2048, device=dev)
+    a = torch.randn(4096, 4096, device=dev)
     for _ in range(3):  # three epochs over the split: many reuses
         for batch in loader:
             f = batch["frontal"]
