@@ -53,6 +53,29 @@ def _skip(reason, hint=True):
     return [], {}
 
 
+def _load_ext_module():
+    # medst_fast/ext.py by path: importing the package at build time would import all of it
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_medst_fast_ext_build", os.path.join(here, "medst_fast", "ext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _set_cuda_archs(nvcc):
+    """Set TORCH_CUDA_ARCH_LIST, unless the user did, to the visible GPUs' architectures, or "8.0;9.0;10.0+PTX"
+    without one, less what this nvcc and torch reject (medst_fast.ext.choose_cuda_archs), and say which;
+    False (CPU kernels only) when they accept none. A list either rejects fails the whole build."""
+    archs, why = _load_ext_module().build_arch_list(nvcc)
+    if archs is None:
+        _say(f"medst_fast: building medst_fast._C without CUDA kernels: {why}")
+        return False
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    print(f"medst_fast: compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} ({why})", file=sys.stderr)
+    return True
+
+
 def extension_build():
     """(ext_modules, cmdclass) for medst_fast._C, or ([], {}) with a message when it cannot be built."""
     if _flag("MEDST_FAST_NO_EXT"):
@@ -73,10 +96,8 @@ def extension_build():
     sources = [os.path.join(csrc, "ops.cpp")]
     kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(here, csrc)])
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # Without a visible GPU torch would target every arch it knows: slow and pointless. A100, H100/H200,
-            # B200 natively; PTX for anything newer.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0;10.0+PTX"
+        with_cuda = _set_cuda_archs(nvcc)
+    if with_cuda:
         sources += sorted(glob.glob(os.path.join(csrc, "*.cu")))
         # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper such as /usr/local/bin/nvcc gives a root
         # without lib64/, so also link against the first toolkit that really has libcudart.

@@ -137,5 +137,9 @@ def resize_pad_crop_normalize(images: Sequence[torch.Tensor], out_size: int, res
             raise RuntimeError("use_ext=True but medst_fast._C was built without CUDA")
         _log_once("resize_pad_crop_normalize: medst_fast._C has no CUDA kernel; using the PyTorch path on GPU")
         return resize_pad_crop_normalize_ref(images, out_size, resize_to, offsets, filter)
-    return op(images, offsets, resize_to, out_size, FILTERS[filter])
+    if use_ext:  # forced (the op's own tests): its errors are the answer
+        return op(images, offsets, resize_to, out_size, FILTERS[filter])
+    # ext.call: a GPU the extension has no kernel for (built for other architectures) takes the PyTorch path
+    return ext.call(op, (images, offsets, resize_to, out_size, FILTERS[filter]),
+                    lambda: resize_pad_crop_normalize_ref(images, out_size, resize_to, offsets, filter), dev)
 

@@ -7,13 +7,44 @@
 """
 from __future__ import annotations
 
+import os
 import sys
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, MutableMapping, Optional
 
 from .factory import check_extra
 
 if TYPE_CHECKING:
     from .train.loop import TrainResult
+
+# Packed batches hold a different number of tokens every step, so activations come in ever new sizes; with
+# fixed-size segments the caching allocator fragments over a long run (reserved memory grows until an OOM
+# that nothing "uses"). Expandable segments grow one mapping instead. Read by torch at its first CUDA
+# allocation; torch >= 2.9 also reads the two other names, and any of the three means the user chose.
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+ALLOC_VARS = (ALLOC_CONF, "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+EXPANDABLE = "expandable_segments:True"
+
+
+def allocator_setting(environ: MutableMapping[str, str], uses_cuda: bool) -> Optional[str]:
+    """The value to give PYTORCH_CUDA_ALLOC_CONF, or None: a CPU run, or the user set an allocator variable
+    (even to an empty value)."""
+    if not uses_cuda or any(name in environ for name in ALLOC_VARS):
+        return None
+    return EXPANDABLE
+
+
+def configure_allocator(device: Optional[str], environ: MutableMapping[str, str] = os.environ) -> Optional[str]:
+    """Set the allocator variable for a CUDA run (``--device`` None or cuda, and a GPU) the user left unset;
+    say so on the first rank. Must run before the first CUDA allocation. Returns the value set, or None."""
+    import torch
+
+    value = allocator_setting(environ, device != "cpu" and torch.cuda.is_available())
+    if value is not None:
+        environ[ALLOC_CONF] = value
+        if environ.get("RANK", "0") == "0":
+            print(f"medst_fast.pretrain: {ALLOC_CONF}={value} (packed batches change size every step; set "
+                  f"{ALLOC_CONF} yourself to choose otherwise)", file=sys.stderr)
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> "TrainResult":
@@ -26,7 +57,9 @@ def main(argv: Optional[List[str]] = None) -> "TrainResult":
     from .train.args import parse_args
     from .train.loop import train
 
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    configure_allocator(args.device)  # nothing has touched CUDA memory yet
+    return train(args)
 
 
 def _fail(e: Exception) -> int:

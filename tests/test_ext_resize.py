@@ -119,3 +119,47 @@ def test_ext_cuda_matches_ref(filter):
     torch.testing.assert_close(got.cpu(), ref, atol=1e-5, rtol=0)
     cpu = oi.resize_pad_crop_normalize([i.cpu() for i in imgs], 224, 256, off, filter, use_ext=True)
     torch.testing.assert_close(got.cpu(), cpu, atol=1e-6, rtol=0)
+
+
+NO_KERNEL = ("CUDA error: no kernel image is available for execution on the device\n"
+             "CUDA kernel errors might be asynchronously reported at some other API call")
+
+
+def _failing_op(message, calls):
+    def op(*args):
+        calls.append(args)
+        raise RuntimeError(message)
+    return op
+
+
+def test_no_kernel_for_the_gpu_falls_back_to_pytorch_once(monkeypatch, caplog):
+    """An extension built for other GPUs ("no kernel image is available", e.g. a T4 with an sm_80+ build):
+    the PyTorch result, one log line, and the op is not tried again on that device."""
+    import logging
+
+    calls = []
+    monkeypatch.setattr(ext, "op", lambda name: _failing_op(NO_KERNEL, calls))
+    monkeypatch.setitem(ext._state, "no_kernel", set())
+    imgs = _images([(50, 70), (90, 20), (31, 31)])
+    off = _offsets(3, 40, 32, True, torch.Generator().manual_seed(3))
+    ref = oi.resize_pad_crop_normalize_ref(imgs, 32, 40, off)
+    with caplog.at_level(logging.INFO, logger="medst_fast"):
+        for _ in range(3):
+            assert torch.equal(oi.resize_pad_crop_normalize(imgs, 32, 40, off), ref)
+    lines = [r.getMessage() for r in caplog.records if "no CUDA kernel for" in r.getMessage()]
+    assert len(lines) == 1 and "no kernel image is available" in lines[0] and "PyTorch path" in lines[0]
+    assert len(calls) == 1
+
+
+def test_other_op_errors_and_forced_ext_are_not_hidden(monkeypatch):
+    calls = []
+    monkeypatch.setitem(ext._state, "no_kernel", set())
+    imgs, off = _images([(20, 30)]), torch.tensor([[0, 0]])
+    monkeypatch.setattr(ext, "op", lambda name: _failing_op("CUDA error: an illegal memory access", calls))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        oi.resize_pad_crop_normalize(imgs, 16, 16, off)
+    monkeypatch.setattr(ext, "op", lambda name: _failing_op(NO_KERNEL, calls))
+    with pytest.raises(RuntimeError, match="no kernel image"):  # use_ext=True tests the op itself
+        oi.resize_pad_crop_normalize(imgs, 16, 16, off, use_ext=True)
+    assert ext._state["no_kernel"] == set()
+    assert ext.call(lambda x: x + 1, (1,), lambda: 0, torch.device("cpu")) == 2

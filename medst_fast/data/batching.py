@@ -26,7 +26,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -166,6 +166,9 @@ class SeriesReader:
         self.img_size, self.side = int(img_size), resize_side(img_size)
         self.threads = max(1, int(threads))
         self.gpu_formats = gpu_formats
+        # Set (to the reason counted in ``cpu_decoded``) when the batched decoder is unusable for the run: every
+        # image is then decoded on the CPU here, in the reading pool.
+        self.cpu_only = ""
 
     def read_image(self, path: str) -> Union[ImageItem, BaseException]:
         """An ImageItem, or the error that makes the image unusable (counted later, in dataset order)."""
@@ -179,9 +182,12 @@ class SeriesReader:
         if data[:2] == b"\xff\xd8":
             try:
                 jpeg_size(data, path)
-                if self.gpu_formats(data):
+                if not self.gpu_formats(data):
+                    reason = "jpeg_format"
+                elif self.cpu_only:
+                    reason = self.cpu_only
+                else:
                     return ImageItem(path, encoded=data)
-                reason = "jpeg_format"
             except CorruptImage:
                 reason = "jpeg_header"  # the CPU decoder has the last word (it may still decode it)
         else:
@@ -310,43 +316,33 @@ class BatchedSeriesLoader:
 
     def __iter__(self) -> Iterator[Dict]:
         keys = list(self.sampler)
-        q: "queue.Queue" = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
+        for k, plan in self._plans(keys):
+            batch = self._batch(plan) if plan.series else None
+            self._merge_counts(plan)
+            yield empty_batch_stand_in(self.bad, len(k)) if batch is None else batch
 
-        def produce():
-            try:
-                with ThreadPoolExecutor(self.reader.threads, thread_name_prefix=f"medst-{self.backend}-read") as pool:
-                    for k in keys:
-                        if stop.is_set():
-                            return
-                        q.put(self.reader.read(k, pool))
-            except BaseException as e:  # surface reader errors in the consumer
-                q.put(e)
+    def _plans(self, keys) -> Iterator[Tuple[List, PlannedBatch]]:
+        """(sampler batch, PlannedBatch) per batch, in order, read ``prefetch`` batches ahead in a thread."""
+        def read():
+            with ThreadPoolExecutor(self.reader.threads, thread_name_prefix=f"medst-{self.backend}-read") as pool:
+                for k in keys:
+                    yield k, self.reader.read(k, pool)
 
-        t = threading.Thread(target=produce, name=f"medst-{self.backend}-reader", daemon=True)
-        t.start()
-        try:
-            for k in keys:
-                plan = q.get()
-                if isinstance(plan, BaseException):
-                    raise plan
-                self.bad.update(plan.bad)
-                self.cpu_decoded.update(plan.cpu_decoded)
-                batch = self._batch(plan) if plan.series else None
-                yield empty_batch_stand_in(self.bad, len(k)) if batch is None else batch
-        finally:
-            stop.set()
-            while t.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.05)
+        return background(read, self.prefetch, f"medst-{self.backend}-reader")
+
+    def _merge_counts(self, plan: PlannedBatch) -> None:
+        # Only the thread that hands batches to the trainer touches the loader's Counters: what a checkpoint
+        # saves then covers exactly the batches the trainer has taken, however far ahead the threads run.
+        self.bad.update(plan.bad)
+        self.cpu_decoded.update(plan.cpu_decoded)
 
     def _batch(self, plan: PlannedBatch) -> Optional[Dict]:
+        """Decode, transform and assemble a plan; what fails is counted in the plan's own Counters."""
         out, ok = self._transform(plan.items)
         for j, k in enumerate(ok):
             plan.items[k].out = out[j]
-        return assemble_batch(self.index, plan, self.img_size, self.tokenizer, self.bad, self.replicate_official_bug)
+        plan.cpu_decoded.update(it.cpu_reason for it in plan.items if it.encoded is not None and it.cpu_reason)
+        return assemble_batch(self.index, plan, self.img_size, self.tokenizer, plan.bad, self.replicate_official_bug)
 
     # -- decode + transform -------------------------------------------------------------------------------------
     def _decode(self, items: List[ImageItem]) -> List[Optional[torch.Tensor]]:
@@ -377,12 +373,13 @@ class BatchedSeriesLoader:
         return decoded
 
     def _fallback(self, item: ImageItem) -> Optional[np.ndarray]:
-        """A JPEG the batched decoder rejected: the CPU decoder's answer (None if it fails too)."""
+        """A JPEG the batched decoder rejected: the CPU decoder's answer (None if it fails too). The item is
+        marked ``decoder_failed``; ``_batch`` counts the marks (this may run outside the consuming thread)."""
         try:
             px = cpu_decode(item.path)
         except ImageReadError:
             return None  # counted when the batch is assembled
-        self.cpu_decoded["decoder_failed"] += 1
+        item.cpu_reason = "decoder_failed"
         log.warning("%s decoder failed on %s; decoded it on the CPU", self.backend, item.path)
         return px
 
@@ -394,6 +391,62 @@ def empty_batch_stand_in(bad: Counter, n_series: int) -> Dict:
     reason = f"all {n_series} series of the batch are unreadable"
     log.warning("%s (%d such batches so far)", reason, bad["empty_batch"])
     return {BAD_BATCH: reason, "n_series": n_series}
+
+
+class _Raised:
+    """An exception of the producer thread, carried to the consumer (re-raised there with its traceback)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def background(source: Callable[[], Iterator], depth: int, name: str) -> Iterator:
+    """Iterate ``source()`` in a daemon thread, at most ``depth`` items ahead of the consumer, in order.
+
+    An exception in the thread is raised in the consumer at the point where its item would have come. When
+    the consumer stops early (``close()``, or the generator is dropped), the thread finishes the item it is
+    on, closes the source (in its own thread: a generator cannot be closed from another one) and ends;
+    the queue is drained meanwhile so a thread blocked on a full queue wakes up.
+    """
+    q: "queue.Queue" = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+
+    def run():
+        try:
+            items = source()
+            try:
+                for item in items:
+                    q.put(item)
+                    if stop.is_set():
+                        break
+            finally:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+            q.put(_END)
+        except BaseException as e:  # surfaced in the consumer
+            q.put(_Raised(e))
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
 
 
 def default_threads() -> int:
