@@ -104,12 +104,11 @@ def load_tokenizer(vocab: Optional[PathLike], model, checkpoint: Optional[PathLi
             where = f" ({checkpoint} holds no vocab.txt)" if checkpoint is not None else ""
             raise ValueError(f"this task needs a tokenizer: give --vocab PATH/vocab.txt{where}")
         log.info("tokenizer: %s", vocab)
-    from ..text.tokenizer import MedSTTokenizer
+    from ..text.tokenizer import MedSTTokenizer, check_vocab_fits
 
     tok = MedSTTokenizer(vocab, max_length=model.cfg.text.max_length)
-    if tok.vocab_size > model.cfg.text.vocab_size:
-        raise ValueError(f"{tok.vocab_path}: {tok.vocab_size} tokens but the model's text.vocab_size is "
-                         f"{model.cfg.text.vocab_size}; wrong vocab for this checkpoint")
+    check_vocab_fits(tok.vocab_size, model.cfg.text.vocab_size, tok.vocab_path,
+                     f"the model{f' of {checkpoint}' if checkpoint is not None else ''}")
     return tok
 
 
