@@ -284,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Returns {"out", "rows", "skipped", "skipped_file"}."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    a = build_parser().parse_args(argv)
-    if a.batch_size < 1 or a.workers < 0:
-        raise SystemExit("--batch-size must be >= 1 and --workers >= 0")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.batch_size < 1:  # usage errors: exit status 2, naming the flag, before a model is loaded
+        parser.error(f"argument --batch-size: must be >= 1, got {a.batch_size}")
+    if a.workers < 0:
+        parser.error(f"argument --workers: must be >= 0, got {a.workers}")
     if os.path.splitext(a.out)[1].lower() not in (".npy", ".parquet"):  # before minutes of embedding
         raise ValueError(f"--out {a.out}: the file name must end in .npy or .parquet")
     from .eval.common import load_model, load_tokenizer

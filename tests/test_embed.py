@@ -164,3 +164,10 @@ def test_a_failed_write_leaves_the_previous_result(tmp_path):
         write_embeddings(out, ["y"], np.full((1, 2), np.nan, np.float32), [])
     emb, ids, _ = _result(out)
     assert ids == ["x"] and emb.tolist() == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--workers", "-1")])
+def test_bad_flags_are_usage_errors(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "x.npy"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
