@@ -6,9 +6,9 @@ preprocessor_config.json (image size, resize side, normalisation) and vocab.txt 
 The weights file carries, in its safetensors metadata, a sha256 of its tensors and a sha256 of every other
 file the folder holds (config.json, preprocessor_config.json, vocab.txt); ``from_pretrained`` recomputes them,
 so a flipped byte anywhere is an error naming the file instead of a silently different model (one changed
-LayerNorm epsilon in config.json loads without complaint otherwise and moves every embedding). The small helpers at the end
-(temp folders held by an flock while written, and removal of the ones a killed writer left) are shared with
-the trainer's checkpoints.
+LayerNorm epsilon in config.json would load without complaint and move every embedding). The small helpers
+at the end (temp folders held by an flock while written, and removal of the ones a killed writer left) are
+shared with the trainer's checkpoints.
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ def test_an_old_export_without_digests_loads_with_one_warning(folder, caplog, tm
     from safetensors.torch import load_file, save_file
 
     sd = load_file(os.path.join(path, "model.safetensors"))
-    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt", hub.HASH_KEY: hub.tensor_digest(sd)})
+    save_file(sd, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt", hub.HASH_KEY: hub.tensor_digest(sd)})
     with caplog.at_level(logging.WARNING, logger="medst_fast"):
         m2 = hub.from_pretrained(path).eval()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _covidx_args(t) -> None:
-    t.add_argument("--pcts", type=_fractions, default=[0.01, 0.1, 1.0], help="training fractions (comma list, each in (0, 1])")
+    t.add_argument("--pcts", type=_fractions, default=[0.01, 0.1, 1.0],
+                   help="training fractions (comma list, each in (0, 1])")
     t.add_argument("--max-epochs", type=_int_at_least(1), default=200, help="probe epochs (early stopping)")
     t.add_argument("--patience", type=_int_at_least(1), default=10, help="early-stopping patience (epochs)")
 

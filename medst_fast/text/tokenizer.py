@@ -99,7 +99,8 @@ def read_vocab(path: Union[str, os.PathLike]) -> List[str]:
         else:
             first[t] = i
     if dups:
-        raise ValueError(f"{path}: {len(dups)} duplicate token(s): {', '.join(dups[:5])}{' ...' if len(dups) > 5 else ''}; "
+        more = " ..." if len(dups) > 5 else ""
+        raise ValueError(f"{path}: {len(dups)} duplicate token(s): {', '.join(dups[:5])}{more}; "
                          "a repeated token re-numbers the vocabulary and gives ids past the model's embedding "
                          "table: remove the repeats or use the vocab.txt the model was trained with")
     return tokens
@@ -169,9 +170,9 @@ def get_tokenizer(name_or_path: Union[str, os.PathLike], max_length: Optional[in
             hint = (" (a model folder saved without its vocabulary, e.g. an image-encoder export: use the full "
                     "model folder, or pass the vocab.txt it was trained with)") if has_model else ""
             raise FileNotFoundError(f"{path}: no {VOCAB_FILE} in this folder{hint}")
-        if os.path.isfile(os.path.join(path, "model.safetensors")):
-            from ..hub import verify_folder_files  # a saved model: its vocab and config are the exported ones
+        from ..hub import is_save_pretrained_folder, verify_folder_files
 
+        if is_save_pretrained_folder(path):  # its vocab and config must be the exported ones (not a HF folder)
             verify_folder_files(path, names=[VOCAB_FILE, "config.json"])
         text = _folder_text_config(path)
         if max_length is None:
