@@ -46,6 +46,8 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]
     depth is rebuilt as trained. Everything else: see ``read_state_dict``.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_folder(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.endswith(".safetensors"):
@@ -77,6 +79,26 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]
             obj = obj[key]
             break
     return _tensors(obj, path), None if cfg is None or "vision" not in cfg else dict(cfg)
+
+
+def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """A ``save_pretrained`` folder (its verified weights and config) or a Hugging Face folder (weights only).
+
+    A run's ``final/`` is as good a starting point as the checkpoint it came from, so ``--init`` takes it.
+    """
+    from .hub import WEIGHTS, from_pretrained, is_save_pretrained_folder
+
+    if is_save_pretrained_folder(path):  # loaded whole: every file verified, its config checked against the weights
+        model = from_pretrained(path)
+        if getattr(model, "components", None):
+            raise ValueError(f"{path}: a partial export holding only {model.components}; give the full model "
+                             "folder (the trainer's final/, not final_encoder/)")
+        return {k: v.detach() for k, v in model.state_dict().items()}, model.cfg.to_dict()
+    for name in (WEIGHTS, "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return read_checkpoint(os.path.join(path, name))[0], None
+    raise FileNotFoundError(f"{path}: a folder without {WEIGHTS} or pytorch_model.bin (expected a save_pretrained "
+                            "folder such as a run's final/, or a checkpoint file)")
 
 
 def _tensors(obj, path: str) -> Dict[str, torch.Tensor]:

@@ -9,7 +9,9 @@ Images: a folder (searched recursively for JPEG/PNG/DICOM/..., sorted) or a CSV 
 as in pretraining unless ``--no-clean``. Output: ``.npy`` (float32, one row per input kept) with
 ``FILE.ids.txt`` naming each row, or ``.parquet`` (columns ``id``, ``embedding``). An unreadable image or an
 empty text is a counted skip, listed with its reason in ``FILE.skipped.txt``; a non-finite embedding is an
-error and nothing is written.
+error and nothing is written. The files of one run are put in place together under ``FILE.lock``, the array
+last: two runs on one ``--out`` leave the complete result of one of them, never one's array beside the
+other's ids.
 """
 from __future__ import annotations
 
@@ -165,18 +167,68 @@ def side_path(out: str, what: str) -> str:
     return os.path.splitext(out)[0] + f".{what}.txt"
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+def lock_path(out: str) -> str:
+    """The lock file beside ``out`` that serialises the runs writing it (kept: removing it would race)."""
+    return out + ".lock"
+
+
+@contextlib.contextmanager
+def _output_lock(out: str):
+    """flock on ``OUT.lock`` while a result set is put in place; a second run waits for the first."""
+    from .hub import lock_fd
+
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not lock_fd(fd, block=False):
+            log.info("embed: another run is writing %s; waiting for it to finish", out)
+            lock_fd(fd)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _temp_beside(path: str, write) -> str:
+    """``write(tmp)`` into a fresh temp file in ``path``'s folder; returns the temp's name."""
+    import uuid
+
+    # unique per call (two runs, or two threads of one process), created by ``write`` with the usual umask
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return tmp
+
+
+def put_in_place(files) -> None:
+    """Move a set of outputs in as one result: ``files`` is [(final path, write(tmp))], the main output LAST.
+
+    Every file is written to a temp first (a failure leaves the old result untouched). Then, under the
+    output's lock: the old main output is removed, the others are renamed in, and the main output comes last,
+    so two runs never leave one's array beside the other's ids, and a main output that exists always has
+    its side files from the same run (a run killed in between leaves no main output, not a mixed set).
+    """
+    main = files[-1][0]
+    temps = []
+    try:
+        for path, write in files:
+            temps.append((_temp_beside(path, write), path))
+        with _output_lock(main):
+            if os.path.exists(main):
+                os.unlink(main)
+            for tmp, path in temps:
+                os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Sequence[Tuple[str, str]]) -> None:
-    """Write the array (or parquet table), its row ids and the skipped list; refuses non-finite rows first."""
+    """Write the array (or parquet table), its row ids and the skipped list as one result (``put_in_place``);
+    refuses non-finite rows first."""
     from .eval.metrics import require_finite
 
     if len(ids):
@@ -185,20 +237,20 @@ def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Seq
     if ext not in (".npy", ".parquet"):
         raise ValueError(f"--out {out}: the file name must end in .npy or .parquet")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    files = [(side_path(out, "skipped"), lambda p: _write_lines(p, [f"{k}\t{why}" for k, why in skipped]))]
     if ext == ".npy":
         def save_npy(p):
             with open(p, "wb") as f:
                 np.save(f, emb)
-        _atomic_write(out, save_npy)
-        _atomic_write(side_path(out, "ids"), lambda p: _write_lines(p, ids))
+        files += [(side_path(out, "ids"), lambda p: _write_lines(p, ids)), (out, save_npy)]
     else:
         from .factory import optional_import
 
         pd = optional_import("pandas", "writing parquet", "parquet")
         optional_import("pyarrow", "writing parquet", "parquet")
         table = pd.DataFrame({"id": list(ids), "embedding": list(emb)})
-        _atomic_write(out, lambda p: table.to_parquet(p, index=False, engine="pyarrow"))
-    _atomic_write(side_path(out, "skipped"), lambda p: _write_lines(p, [f"{k}\t{why}" for k, why in skipped]))
+        files.append((out, lambda p: table.to_parquet(p, index=False, engine="pyarrow")))
+    put_in_place(files)
 
 
 def _write_lines(path: str, lines) -> None:
@@ -232,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Returns {"out", "rows", "skipped", "skipped_file"}."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    a = build_parser().parse_args(argv)
-    if a.batch_size < 1 or a.workers < 0:
-        raise SystemExit("--batch-size must be >= 1 and --workers >= 0")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.batch_size < 1:  # usage errors: exit status 2, naming the flag, before a model is loaded
+        parser.error(f"argument --batch-size: must be >= 1, got {a.batch_size}")
+    if a.workers < 0:
+        parser.error(f"argument --workers: must be >= 0, got {a.workers}")
     if os.path.splitext(a.out)[1].lower() not in (".npy", ".parquet"):  # before minutes of embedding
         raise ValueError(f"--out {a.out}: the file name must end in .npy or .parquet")
     from .eval.common import load_model, load_tokenizer

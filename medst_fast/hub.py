@@ -3,10 +3,12 @@
 A folder holds model.safetensors, config.json (the model config, plus ``components`` for a partial export),
 preprocessor_config.json (image size, resize side, normalisation) and vocab.txt when the vocabulary is known.
 
-The weights file carries a sha256 of its tensors in the safetensors metadata; ``from_pretrained`` recomputes
-it, so flipped bytes are an error instead of silently different weights. The small helpers at the end
-(temp folders held by an flock while written, and removal of the ones a killed writer left) are shared with
-the trainer's checkpoints.
+The weights file carries, in its safetensors metadata, a sha256 of its tensors and a sha256 of every other
+file the folder holds (config.json, preprocessor_config.json, vocab.txt); ``from_pretrained`` recomputes them,
+so a flipped byte anywhere is an error naming the file instead of a silently different model (one changed
+LayerNorm epsilon in config.json would load without complaint and move every embedding). The small helpers
+at the end (temp folders held by an flock while written, and removal of the ones a killed writer left) are
+shared with the trainer's checkpoints.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ log = logging.getLogger("medst_fast")
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 HASH_KEY = "medst_fast_sha256"  # safetensors metadata entry: tensor_digest() of the stored tensors
+# safetensors metadata entry: JSON {file name: sha256 of its bytes} of the folder's other files. Metadata
+# values must be strings, hence JSON.
+FILES_KEY = "medst_fast_files_sha256"
 TMP_PREFIX = ".tmp-"
 
 
@@ -45,6 +50,15 @@ def tensor_digest(sd: Dict[str, torch.Tensor]) -> str:
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -110,11 +124,12 @@ def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None
     if components:
         sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] in components}
     vocab_src = _vocab_source(model, vocab, tokenizer, components)
+    if vocab_src is not None:
+        _check_vocab(vocab_src, model.cfg, "the model")
     # A killed save leaves its temp folder behind; remove such leftovers of ours (unheld, our files only).
     for p in remove_stale_temps(parent, only_holding=_OUR_FILES):
         log.info("removed %s, left by an interrupted save_pretrained", p)
     with held_temp_dir(parent) as tmp:
-        st.save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", HASH_KEY: tensor_digest(sd)})
         cfg = model.cfg.to_dict()
         if components:
             cfg["components"] = list(components)
@@ -122,12 +137,20 @@ def save_pretrained(model: MedST, path: Union[str, os.PathLike], components=None
         for name, d in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(d, f, indent=2, sort_keys=True)
-        names = [WEIGHTS, *files]
+        names = list(files)
         if vocab_src is not None:
             shutil.copyfile(vocab_src, os.path.join(tmp, VOCAB))
             names.append(VOCAB)
+        # The side files are written first so the weights' metadata can record their digests.
+        digests = {name: file_digest(os.path.join(tmp, name)) for name in names}
+        st.save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", HASH_KEY: tensor_digest(sd),
+                                                               FILES_KEY: json.dumps(digests, sort_keys=True)})
         os.makedirs(path, exist_ok=True)
-        for name in names:
+        for name in sorted(_OUR_FILES - set(names) - {WEIGHTS}):  # e.g. the vocab.txt of an earlier full save
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))
+        # The weights go in last: a folder whose weights are new has every other file new as well.
+        for name in names + [WEIGHTS]:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     return path
 
@@ -153,7 +176,11 @@ class MissingTower(nn.Module):
 
 
 def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> MedST:
-    """Load a ``save_pretrained`` folder. Raises a clear error for a missing or damaged file.
+    """Load a ``save_pretrained`` folder. Raises a clear error for a missing, damaged or changed file.
+
+    Every file is checked twice: its fields (a config.json of ``{}``, a wrong field type) and its digest as
+    recorded in model.safetensors when it was written (a valid but changed value, e.g. another LayerNorm
+    epsilon). A folder written before the digests existed loads with one warning.
 
     A partial export (its config.json lists ``components``) gives a model whose absent modules are
     ``MissingTower`` stand-ins: ``encode_image`` works, ``encode_text`` raises an error saying why.
@@ -165,18 +192,12 @@ def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> 
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: missing (expected a save_pretrained folder)")
-    with open(cfg_path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{cfg_path}: top level must be an object of config fields")
+    d = _read_json_object(cfg_path)
     components = d.pop("components", None)
-    try:
-        cfg = MedSTConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
+    cfg = _folder_config(d, cfg_path)
+    _check_folder_preprocess(path, cfg)
+    meta = safetensors_metadata(w_path)
+    verify_folder_files(path, meta)
     cfg = cfg.replace(**overrides)
     model = MedST(cfg)
     if components:
@@ -189,33 +210,167 @@ def from_pretrained(path: Union[str, os.PathLike], device=None, **overrides) -> 
             if n not in components:
                 setattr(model, n, MissingTower(n, path, components))
         model.components = list(components)
-    sd = read_verified_safetensors(w_path)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{w_path}: state dict does not match the config: missing {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}")
+    sd = read_verified_safetensors(w_path, warn_unhashed=HASH_KEY in meta or FILES_KEY in meta)
+    check_state_dict_fits(model, sd, w_path, cfg_path)
+    model.load_state_dict(sd, strict=False)
     vocab = os.path.join(path, VOCAB)
     if os.path.isfile(vocab):
+        _check_vocab(vocab, cfg, cfg_path)
         model.vocab_file = vocab
     if device is not None:
         model = model.to(device)
     return model
 
 
-def read_verified_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """Load a .safetensors file; when its metadata holds our content hash, the tensors must match it."""
+def is_save_pretrained_folder(path: str) -> bool:
+    """A folder written by save_pretrained (its weights carry our digests), as opposed to e.g. a Hugging Face one."""
+    w = os.path.join(path, WEIGHTS)
+    if not (os.path.isfile(w) and os.path.isfile(os.path.join(path, CONFIG))):
+        return False
+    try:
+        meta = safetensors_metadata(w)
+    except ValueError:
+        return True  # damaged weights beside a config.json: from_pretrained names the problem
+    return HASH_KEY in meta or FILES_KEY in meta
+
+
+def _check_vocab(vocab: str, cfg: MedSTConfig, model_source: str) -> None:
+    """The vocabulary must be one (no duplicates, the special tokens) and fit the text embedding table."""
+    from .text.tokenizer import check_vocab_fits, read_vocab
+
+    check_vocab_fits(len(read_vocab(vocab)), cfg.text.vocab_size, vocab, model_source)
+
+
+def _read_json_object(p: str) -> dict:
+    try:
+        with open(p, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: top level must be an object of config fields")
+    return d
+
+
+# The sections that fix the weights' shapes. save_pretrained writes every field; a config.json without these
+# (e.g. ``{}``) would otherwise build the default ViT-B model and fail on the first tensor with a wall of
+# size mismatches. loss.* and faithful may be absent: they change no shape, and older versions had fewer.
+_SHAPE_SECTIONS = ("vision", "text", "head")
+
+
+def _folder_config(d: dict, cfg_path: str) -> MedSTConfig:
+    missing = [k for k in _SHAPE_SECTIONS if k not in d]
+    if missing:
+        raise ValueError(f"{cfg_path}: missing field(s) {missing}; a save_pretrained config.json holds the "
+                         f"model's whole config (this file is empty, truncated or not a medst_fast config)")
+    try:
+        return MedSTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+
+
+def _check_folder_preprocess(path: str, cfg: MedSTConfig) -> None:
+    """preprocessor_config.json, when present, must be one these transforms reproduce, for this image size."""
+    from .factory import PREPROCESS, check_preprocess_config
+
+    p = os.path.join(path, PREPROCESS)
+    if not os.path.isfile(p):
+        return  # written by an older version: the model config's img_size is the whole story
+    size = check_preprocess_config(_read_json_object(p), p)
+    if size != cfg.vision.img_size:
+        raise ValueError(f"{p}: field 'image_size' is {size} but {CONFIG}'s vision.img_size is "
+                         f"{cfg.vision.img_size}")
+
+
+def check_state_dict_fits(model: nn.Module, sd: Dict[str, torch.Tensor], w_path: str, cfg_path: str) -> None:
+    """Every tensor must exist in the model with its shape; errors name the file and the first bad keys."""
+    own = model.state_dict()
+    shape_bad = [k for k in sorted(sd) if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if shape_bad:
+        k = shape_bad[0]
+        more = f" (and {len(shape_bad) - 1} more: {shape_bad[1:4]}{' ...' if len(shape_bad) > 4 else ''})" \
+            if len(shape_bad) > 1 else ""
+        raise ValueError(f"{w_path}: tensor {k!r} has shape {tuple(sd[k].shape)} but {cfg_path} gives "
+                         f"{tuple(own[k].shape)}{more}")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{w_path}: state dict does not match {cfg_path}: missing {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}")
+
+
+def safetensors_metadata(path: str) -> Dict[str, str]:
+    """The metadata of a .safetensors header (no tensors read)."""
+    _safetensors()
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors") from None
+
+
+def recorded_file_digests(path: str, meta: Optional[Dict[str, str]] = None) -> Optional[Dict[str, str]]:
+    """{file name: sha256} recorded in a folder's model.safetensors; None for a folder written without them."""
+    w_path = os.path.join(path, WEIGHTS)
+    meta = safetensors_metadata(w_path) if meta is None else meta
+    raw = meta.get(FILES_KEY)
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        rec = None
+    if not isinstance(rec, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rec.items()):
+        raise ValueError(f"{w_path}: metadata entry {FILES_KEY!r} is damaged (not a JSON object of digests)")
+    return rec
+
+
+def verify_folder_files(path: str, meta: Optional[Dict[str, str]] = None, names=None) -> None:
+    """Each of the folder's files (or of ``names``) must have the digest its model.safetensors recorded.
+
+    Raises ValueError naming the first changed or missing file. A folder written before the digests
+    existed is loaded with one warning; a file of ours the record does not list (put there afterwards)
+    is reported once as unverified.
+    """
+    path = os.fspath(path)
+    meta = safetensors_metadata(os.path.join(path, WEIGHTS)) if meta is None else meta
+    rec = recorded_file_digests(path, meta)
+    if rec is None:
+        what = "config.json, preprocessor_config.json and vocab.txt" + (" (nor the weights)" if HASH_KEY not in meta
+                                                                          else "")
+        log.warning("%s records no digests of the folder's files (written by an older medst_fast or another "
+                    "tool): %s are not verified", os.path.join(path, WEIGHTS), what)
+        return
+    for name in sorted(rec) if names is None else [n for n in names if n in rec]:
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            raise ValueError(f"{p}: missing, but {WEIGHTS} records it as part of this export; restore the file "
+                             f"or re-export the model")
+        if file_digest(p) != rec[name]:
+            raise ValueError(f"{p}: changed after the export was written (its sha256 differs from the one "
+                             f"{WEIGHTS} records); restore the file or re-export the model")
+    for name in sorted((_OUR_FILES - {WEIGHTS}) - set(rec)):
+        if (names is None or name in names) and os.path.isfile(os.path.join(path, name)):
+            log.warning("%s was not part of the export (added afterwards): not verified", os.path.join(path, name))
+
+
+def read_verified_safetensors(path: str, warn_unhashed: bool = True) -> Dict[str, torch.Tensor]:
+    """Load a .safetensors file; when its metadata holds our content hash, the tensors must match it.
+
+    ``warn_unhashed=False`` when the caller has already warned that the file carries no digests.
+    """
     st = _safetensors()
     try:
         sd = st.load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
     except Exception as e:
         raise ValueError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors") from None
-    want = meta.get(HASH_KEY)
+    want = safetensors_metadata(path).get(HASH_KEY)
     if want is None:
-        log.warning("%s has no content hash (written by another tool or an older medst_fast): not verified", path)
+        if warn_unhashed:
+            log.warning("%s has no content hash (written by another tool or an older medst_fast): not verified",
+                        path)
     elif tensor_digest(sd) != want:
         raise ValueError(f"{path}: the weights are corrupted (content hash mismatch: the tensors changed after "
                          f"the file was written); re-export or re-download it")

@@ -109,3 +109,65 @@ def test_errors_nan_encoder_only_and_bad_out(tmp_path, folder, vocab_path):
     with pytest.raises(ValueError, match="missing column"):
         main(["--checkpoint", path, "--texts", str(tmp_path / "t.csv"), "--column", "report",
               "--out", str(tmp_path / "z.npy")])
+
+
+def _result(out):
+    emb = np.load(out)
+    ids = open(os.path.splitext(out)[0] + ".ids.txt").read().splitlines()
+    skipped = open(os.path.splitext(out)[0] + ".skipped.txt").read().splitlines()
+    return emb, ids, skipped
+
+
+def test_two_writers_on_one_out_leave_one_complete_result(tmp_path, monkeypatch):
+    """Run A is paused inside its renames while run B writes the same --out; the result is one run's set."""
+    import threading
+
+    from medst_fast.embed import write_embeddings
+
+    out = str(tmp_path / "emb.npy")
+    runs = {"a": (["a0", "a1", "a2"], np.full((3, 4), 1.0, np.float32), [("ax", "why a")]),
+            "b": (["b0", "b1", "b2", "b3", "b4"], np.full((5, 4), 2.0, np.float32), [("bx", "why b")])}
+    real_replace = os.replace
+    paused, b_started = threading.Event(), threading.Event()
+    holder = {}
+
+    def replace(src, dst):  # A stops after its first rename until B has had its chance to write
+        real_replace(src, dst)
+        if threading.current_thread().name == "a" and not paused.is_set():
+            paused.set()
+            b_started.wait(10)
+            holder["b"].join(timeout=2.0)  # B finishes here unless a lock makes it wait for A
+
+    monkeypatch.setattr(os, "replace", replace)
+    a = threading.Thread(target=write_embeddings, args=(out, *runs["a"]), name="a")
+    holder["b"] = b = threading.Thread(target=lambda: (b_started.set(), write_embeddings(out, *runs["b"])), name="b")
+    a.start()
+    assert paused.wait(10)
+    b.start()
+    a.join(20)
+    b.join(20)
+    assert not a.is_alive() and not b.is_alive()
+    emb, ids, skipped = _result(out)
+    run = ids[0][0]
+    want_ids, want_emb, want_skip = runs[run]
+    assert ids == want_ids and np.array_equal(emb, want_emb), (ids, emb[:, 0])
+    assert skipped == [f"{k}\t{why}" for k, why in want_skip]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_a_failed_write_leaves_the_previous_result(tmp_path):
+    from medst_fast.embed import write_embeddings
+
+    out = str(tmp_path / "emb.npy")
+    write_embeddings(out, ["x"], np.ones((1, 2), np.float32), [])
+    with pytest.raises(ValueError, match="non-finite"):
+        write_embeddings(out, ["y"], np.full((1, 2), np.nan, np.float32), [])
+    emb, ids, _ = _result(out)
+    assert ids == ["x"] and emb.tolist() == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--workers", "-1")])
+def test_bad_flags_are_usage_errors(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "x.npy"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err

@@ -492,8 +492,11 @@ def test_covidx_refuses_nan_features_and_zero_epochs(tmp_path, model):
     with pytest.raises(ValueError, match=r"covidx_probe: 39 of 39 rows of image features"):
         covidx_probe.evaluate(_nan_model(model, "image"), d, pcts=(1.0,), max_epochs=2)
     with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        covidx_probe.evaluate(model, d, pcts=(1.0,), max_epochs=0)
+    with pytest.raises(SystemExit) as e:  # the CLI refuses the flag before loading anything
         main(["covidx-probe", "--random-init", "medst_tiny", "--data", d, "--max-epochs", "0", "--workers", "0",
               "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
     assert not os.path.exists(tmp_path / "out" / "covidx_probe.csv")  # no table for an untrained probe
     with pytest.raises(ValueError, match="patience"):
         covidx_probe.train_head(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.zeros(3, 2),
@@ -610,3 +613,77 @@ def test_all_evaluates_a_quick_start_run(tmp_path):
     with pytest.raises(ValueError, match="not inside a training run folder"):
         medst_fast.save_pretrained(medst_fast.create_model("medst_tiny"), tmp_path / "loose")
         main(["all", "--checkpoint", str(tmp_path / "loose"), "--out", str(tmp_path / "out")])
+
+
+# -- one unreadable image is a counted skip; bad flags are usage errors ----------------------------------------
+def _corrupt(path):
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not an image")
+
+
+def test_rsna_skips_and_counts_a_corrupt_image(tmp_path, model, vocab_path):
+    d = write_rsna(str(tmp_path), n=40)
+    sp = rsna_zeroshot.official_split(os.path.join(d, rsna_zeroshot.LABELS_CSV))
+    df = pd.concat([sp["train"], sp["valid"], sp["test"]])
+    bad = df["patientId"].iloc[3]
+    _corrupt(os.path.join(d, "stage_2_train_images", bad + ".dcm"))
+    tok = common.load_tokenizer(vocab_path, model)
+    res = rsna_zeroshot.evaluate(model, tok, d, split="all", batch_size=8)
+    assert res.meta["skipped_images"] == 1 and res.meta["images"] == 39
+    assert all(r["n"] == 39 for r in res.rows)
+    # the scores are those of the 39 readable images
+    keep = df[df["patientId"] != bad]
+    img = _direct_embed(model, [os.path.join(d, "stage_2_train_images", p + ".dcm") for p in keep["patientId"]])
+    clf = rsna_zeroshot.classifier(model, tok, rsna_zeroshot.POSITIVE_PROMPTS, rsna_zeroshot.NEGATIVE_PROMPTS).numpy()
+    pred = (img @ clf[:, 0]) > (img @ clf[:, 1])
+    assert res.get("all", "accuracy") == pytest.approx(np.mean(pred == keep["Target"].to_numpy()), abs=1e-9)
+
+
+def test_msxrt_image_skips_pairs_of_a_corrupt_image_and_the_cli_reports_it(tmp_path, model):
+    pytest.importorskip("sklearn.svm")
+    from medst_fast.eval.__main__ import main
+
+    csv = write_msxrt(str(tmp_path / "mimic"), n=24)
+    df = pd.read_csv(csv, dtype=str)
+    cur, subj, study = df["dicom_id"].iloc[0], df["subject_id"].iloc[0], df["study_id"].iloc[0]
+    _corrupt(os.path.join(tmp_path, "mimic", "files", f"p{subj[:2]}", f"p{subj}", f"s{study}", f"{cur}.jpg"))
+    res = msxrt_image.evaluate(model, csv, [os.path.dirname(os.path.dirname(csv))], seeds=(42,), folds=(2,))
+    assert res.meta["skipped_images"] == 1 and res.meta["skipped_pairs"] == 1 and res.meta["pairs"] == 23
+    res = main(["msxrt-image", "--random-init", "medst_tiny", "--data", csv, "--seeds", "42", "--folds", "2",
+                "--workers", "0", "--out", str(tmp_path / "out")])
+    assert res.meta["skipped_images"] == 1
+    assert "- skipped_images: 1" in open(tmp_path / "out" / "msxrt_image.md").read()
+
+
+def test_covidx_skips_and_counts_a_corrupt_image(tmp_path, model):
+    d = write_covidx(str(tmp_path))
+    _corrupt(os.path.join(d, "test", "test_004.png"))
+    res = covidx_probe.evaluate(model, d, pcts=(1.0,), max_epochs=3, patience=2)
+    assert res.meta["skipped_images"] == 1 and res.meta["test"] == 8 and res.rows[0]["n"] == 8
+
+
+@pytest.mark.parametrize("argv, flag, why", [
+    (["msxrt-image", "--folds", "1"], "--folds", "at least 2 folds, got 1"),
+    (["msxrt-image", "--folds", "5,x"], "--folds", "comma list of integers"),
+    (["rsna-zeroshot", "--batch-size", "0"], "--batch-size", "must be >= 1, got 0"),
+    (["covidx-probe", "--workers", "-1"], "--workers", "must be >= 0, got -1"),
+    (["covidx-probe", "--pcts", "0.5,2"], "--pcts", "in (0, 1], got 2.0"),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, argv, flag, why):
+    from medst_fast.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--random-init", "medst_tiny", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and why in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    from medst_fast.eval.__main__ import cli
+
+    assert cli(["covidx-probe", "--random-init", "medst_tiny", "--data", str(tmp_path / "nope"), "--workers", "0",
+                "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medst_fast.eval: error: ") and "nope" in err[0]

@@ -24,6 +24,20 @@ STUDY_COLUMNS = (
     "frontal_dicom", "lateral_dicom", "text", "n_tokens",
 )
 _INT_COLUMNS = ("row", "order", "n_tokens")
+# The longest report text an index stores, in characters. The tokenizer keeps at most text.max_position
+# (512) WordPiece tokens, a few thousand characters; a longer report (a pasted log, a concatenated history)
+# is cut at prepare time, at a word boundary, and counted. Far below Python's csv field limit (131072), so
+# every index written here reads back with the default reader settings as well.
+REPORT_MAX_CHARS = 20_000
+
+
+def bound_report(text: str, n_tokens: int):
+    """(text, n_tokens, truncated): ``text`` cut to ``REPORT_MAX_CHARS`` at a word boundary when longer."""
+    if len(text) <= REPORT_MAX_CHARS:
+        return text, n_tokens, False
+    cut = text[:REPORT_MAX_CHARS + 1]
+    cut = cut.rsplit(" ", 1)[0] if " " in cut else cut[:REPORT_MAX_CHARS]
+    return cut, len(cut.split()), True
 
 
 @dataclass
@@ -64,6 +78,15 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def report_bound_lines(meta: dict) -> List[str]:
+    """The summary line for reports cut to the stored maximum (none when no report was)."""
+    n = meta["counts"].get("truncated_reports", 0)
+    if not n:
+        return []
+    return [f"truncated {n} report(s) to {meta.get('report_max_chars', REPORT_MAX_CHARS)} characters (the text "
+            f"tower reads at most 512 tokens; counts.truncated_reports in meta.json)"]
 
 
 class SeriesIndex:
@@ -157,6 +180,9 @@ class SeriesIndex:
         w = csv.DictWriter(lines, fieldnames=STUDY_COLUMNS, lineterminator="\n")
         w.writeheader()
         for s in self.studies:
+            if len(s.text) > REPORT_MAX_CHARS:  # prepare and the manifest converter bound it (bound_report)
+                raise ValueError(f"{out}: study row {s.row} has a report of {len(s.text)} characters, more than "
+                                 f"the {REPORT_MAX_CHARS} an index stores; cut it with bound_report first")
             w.writerow(asdict(s))
         atomic_write_text(os.path.join(out, "studies.csv"), lines.getvalue())
         atomic_write_text(os.path.join(out, "series.json"), json.dumps(self.series, separators=(",", ":")) + "\n")
@@ -183,7 +209,7 @@ class SeriesIndex:
         for split, chunks in series.items():
             if not isinstance(chunks, list) or not all(isinstance(c, list) for c in chunks):
                 raise ValueError(f"{out}/series.json: field {split!r} must be a list of row lists")
-        studies = list(_read_studies(os.path.join(out, "studies.csv")))
+        studies = _read_studies(os.path.join(out, "studies.csv"))
         idx = cls(studies, series, meta, root=out)
         if idx.image_root and not os.path.isdir(idx.image_root):
             raise FileNotFoundError(f"{out}/meta.json: field 'image_root' is {meta.get('image_root')!r}, and "
@@ -211,7 +237,23 @@ def _read_json(path: str, kind: type, what: str):
     return data
 
 
-def _read_studies(path: str) -> Iterable[Study]:
+def _read_studies(path: str) -> List[Study]:
+    # An index written before reports were bounded may hold a field beyond csv's default limit (131072):
+    # read it anyway (the tokenizer truncates the text); the limit is restored after the read.
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, 1 << 30))
+    try:
+        return list(_read_studies_rows(path))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); an index "
+                         "is written as UTF-8 by prepare: rerun prepare, or re-save the file as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV ({e}); the file is damaged: rerun prepare") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _read_studies_rows(path: str) -> Iterable[Study]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in STUDY_COLUMNS if c not in (reader.fieldnames or [])]

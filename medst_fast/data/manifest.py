@@ -36,7 +36,8 @@ from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cache import cache_name, open_cache, run_jobs
-from .index import DEFAULT_SERIES_LEN, SPLITS, SeriesIndex, Study, cut_series
+from .index import (DEFAULT_SERIES_LEN, REPORT_MAX_CHARS, SPLITS, SeriesIndex, Study, bound_report, cut_series,
+                    report_bound_lines)
 
 log = logging.getLogger("medst_fast")
 
@@ -165,6 +166,7 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         if n_tok < 3:
             skipped["short_report"] += 1
             continue
+        text, n_tok, st["truncated"] = bound_report(text, n_tok)
         st["frontal"].sort()
         keep.append((key, st, text, n_tok))
 
@@ -186,11 +188,13 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
     root = cache_root or image_root
     rel_out = (lambda p: cache_name(p, image_root)) if cache_root else (lambda p: p)
     rows = []
+    truncated = 0  # kept studies whose report was cut to REPORT_MAX_CHARS
     for key, st, text, n_tok in keep:
         fronts = [f for f in st["frontal"] if res[f[2]] is None]
         if not fronts:
             skipped["no_readable_frontal"] += 1
             continue
+        truncated += st["truncated"]
         lat = next((p for _, p in st["lateral"] if res[p] is None), "")
         chosen = fronts[:1] if mode == "study" else sorted(fronts, key=lambda f: f[1])
         for f in chosen:
@@ -221,10 +225,13 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
             "series_len": DEFAULT_SERIES_LEN,
             "counts": {"rows": len(studies_out), "unknown_times": n_unknown,
                        "untimed_studies": sum(1 for k in per if isinstance(k[2], tuple)),
-                       **{f"series_{s}": len(series[s]) for s in SPLITS}}}
+                       **{f"series_{s}": len(series[s]) for s in SPLITS}, "truncated_reports": truncated},
+            "report_max_chars": REPORT_MAX_CHARS}
     idx = SeriesIndex(studies_out, series, meta).save(out)
     log.info("manifest %s: %d rows, %d train series; skipped %s", csv_path, len(studies_out),
              len(series["train"]), dict(skipped) or "nothing")
+    for line in report_bound_lines(meta):
+        log.info(line)
     return idx
 
 

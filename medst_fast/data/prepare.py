@@ -25,7 +25,9 @@ Skips are counted in meta.json ``skipped``. Per image: ``null_view_position``, `
 ``unreadable_image``. Per study (each study of the metadata is either kept or counted once): ``no_frontal``
 (no PA/AP row), ``no_usable_frontal`` (its frontal rows were all skipped above), ``missing_report``,
 ``short_report``, ``no_readable_frontal``. Studies are keyed by (subject_id, study_id): a study id that two
-subjects share gives two studies.
+subjects share gives two studies. A cleaned report longer than ``index.REPORT_MAX_CHARS`` characters (far
+beyond the 512 tokens a text tower can take) is cut there and counted in meta.json
+``counts.truncated_reports``.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cache import Interrupted, open_cache, run_jobs
-from .index import DEFAULT_SERIES_LEN, SPLITS, SeriesIndex, Study, cut_series
+from .index import (DEFAULT_SERIES_LEN, REPORT_MAX_CHARS, SPLITS, SeriesIndex, Study, bound_report, cut_series,
+                    report_bound_lines)
 from .manifest import index_from_manifest
 
 log = logging.getLogger("medst_fast")
@@ -250,6 +253,7 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
         resolve(lambda st: [t[2] for t in st["frontal"]] + first_ok(st["lateral"], lambda t: t[1]))
 
     rows = []  # (subject, sort key, metadata pos, split, study, frontal, lateral, text, n, datetime)
+    truncated = 0  # kept studies whose report was cut to REPORT_MAX_CHARS
     for st, text, n_tok in candidates:
         ok_front = [t for t in st["frontal"] if status.get(t[2]) is None and t[2] in status]
         lat = next((d for _, d in st["lateral"] if d in status and status[d] is None), "")
@@ -257,6 +261,7 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
             skipped["no_readable_frontal"] += 1
             continue
         chosen = ok_front[:1] if mode == "study" else sorted(ok_front, key=lambda t: t[1])  # official: metadata order
+        truncated += st["truncated"]
         for _, pos, dicom in chosen:
             rows.append((st["subject"], st["key"], pos, split_of[dicom], st["study"], dicom, lat, text, n_tok, st["datetime"]))
     rows.sort(key=lambda r: (r[0], r[1], r[2]))  # patient, StudyDate, StudyTime, metadata order (stable ties)
@@ -282,7 +287,9 @@ def prepare_mimic(jpg_root, reports, out, cache_size: Optional[int] = 256, worke
         "image_root": image_root, "source": "mimic-cxr-jpg-2.0.0", "jpg_root": jpg_root,
         "reports": os.path.abspath(os.fspath(reports)), "mode": mode, "cache_size": int(cache_size or 0),
         "draft": bool(draft), "skipped": dict(sorted(skipped.items())), "version": 1, "series_len": DEFAULT_SERIES_LEN,
-        "counts": {"rows": len(index_studies), **{f"series_{s}": len(series[s]) for s in SPLITS}},
+        "counts": {"rows": len(index_studies), **{f"series_{s}": len(series[s]) for s in SPLITS},
+                   "truncated_reports": truncated},
+        "report_max_chars": REPORT_MAX_CHARS,
     }
     idx = SeriesIndex(index_studies, series, meta_out).save(out)
     _print_summary(meta_out)
@@ -363,6 +370,8 @@ def _with_reports(studies: "OrderedDict[tuple, dict]", src: ReportSource, skippe
         if n_tok < 3:
             skipped["short_report"] += 1
             continue
+        text, n_tok, cut = bound_report(text, n_tok)
+        st["truncated"] = cut
         st["frontal"].sort()  # PA before AP, then metadata order
         out.append((st, text, n_tok))
     return out
@@ -373,6 +382,7 @@ def _print_summary(meta: dict) -> None:
     lines = [f"prepared {meta['counts']['rows']} rows ({meta['mode']}): "
              + ", ".join(f"{k}={v}" for k, v in meta["counts"].items() if k != "rows")]
     lines.append("skipped: " + (", ".join(f"{k}={v}" for k, v in sk.items()) if sk else "nothing"))
+    lines += report_bound_lines(meta)
     for ln in lines:  # the CLI configures logging at INFO, so this is printed there
         log.info(ln)
 

@@ -31,12 +31,54 @@ TEXT_TASKS = ("msxrt-sentence", "rsna-zeroshot")
 SUBDIRS = {"msxrt-image": "msxrt", "msxrt-sentence": "msxrt", "rsna-zeroshot": "rsna", "covidx-probe": "covidx"}
 
 
+# Flag values are checked by argparse (usage error, exit 2, naming the flag) before a model is loaded: a
+# --folds 1 or --batch-size 0 would otherwise fail minutes later inside scikit-learn or the DataLoader.
 def _ints(s: str) -> List[int]:
-    return [int(v) for v in s.split(",") if v]
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return out
+
+
+def _folds(s: str) -> List[int]:
+    out = _ints(s)
+    bad = [k for k in out if k < 2]
+    if bad:
+        raise argparse.ArgumentTypeError(f"cross-validation needs at least 2 folds, got {bad[0]}")
+    return out
 
 
 def _floats(s: str) -> List[float]:
-    return [float(v) for v in s.split(",") if v]
+    try:
+        out = [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {s!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return out
+
+
+def _fractions(s: str) -> List[float]:
+    out = _floats(s)
+    bad = [v for v in out if not 0 < v <= 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"training fractions must be in (0, 1], got {bad[0]}")
+    return out
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
 
 
 def _names(s: str) -> List[str]:
@@ -60,15 +102,16 @@ def _data_args(p, required: bool, images: bool, data_help: str) -> argparse._Arg
     d = p.add_argument_group("data")
     d.add_argument("--data", required=required, help=data_help)
     if images:
-        d.add_argument("--batch-size", type=int, default=64)
-        d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
+        d.add_argument("--batch-size", type=_int_at_least(1), default=64)
+        d.add_argument("--workers", type=_int_at_least(0), default=min(8, os.cpu_count() or 1),
+                       help="image decoding processes")
     p.add_argument("--out", default="eval_results", help="folder for TASK.md and TASK.csv")
     return d
 
 
 def _msxrt_image_args(p, t) -> None:
     t.add_argument("--seeds", type=_ints, default=[42, 100, 666], help="shuffling seeds (comma list)")
-    t.add_argument("--folds", type=_ints, default=[5, 10], help="CV fold counts (comma list)")
+    t.add_argument("--folds", type=_folds, default=[5, 10], help="CV fold counts (comma list, each >= 2)")
     t.add_argument("--views", choices=["frontal", "study"], default="frontal",
                    help="'frontal' (official) or 'study' (adds the study's lateral; MoVE models)")
     t.add_argument("--findings", type=_names, default=None,
@@ -113,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _covidx_args(t) -> None:
-    t.add_argument("--pcts", type=_floats, default=[0.01, 0.1, 1.0], help="training fractions (comma list)")
-    t.add_argument("--max-epochs", type=int, default=200, help="probe epochs (early stopping)")
-    t.add_argument("--patience", type=int, default=10, help="early-stopping patience (epochs)")
+    t.add_argument("--pcts", type=_fractions, default=[0.01, 0.1, 1.0],
+                   help="training fractions (comma list, each in (0, 1])")
+    t.add_argument("--max-epochs", type=_int_at_least(1), default=200, help="probe epochs (early stopping)")
+    t.add_argument("--patience", type=_int_at_least(1), default=10, help="early-stopping patience (epochs)")
 
 
 def _normalise_argv(argv: List[str]) -> List[str]:
@@ -226,5 +270,17 @@ def main(argv: Optional[List[str]] = None):
     return results if args.task == "all" else results[0]
 
 
+def cli(argv: Optional[List[str]] = None) -> int:
+    """``main`` for the command line: a bad input is one line on stderr and exit status 1, not a traceback
+    (usage errors have already exited with status 2)."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # RuntimeError: e.g. a text task
+        # on an image-encoder export, whose message says which folder to use instead
+        print(f"medst_fast.eval: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

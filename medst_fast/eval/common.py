@@ -104,12 +104,11 @@ def load_tokenizer(vocab: Optional[PathLike], model, checkpoint: Optional[PathLi
             where = f" ({checkpoint} holds no vocab.txt)" if checkpoint is not None else ""
             raise ValueError(f"this task needs a tokenizer: give --vocab PATH/vocab.txt{where}")
         log.info("tokenizer: %s", vocab)
-    from ..text.tokenizer import MedSTTokenizer
+    from ..text.tokenizer import MedSTTokenizer, check_vocab_fits
 
     tok = MedSTTokenizer(vocab, max_length=model.cfg.text.max_length)
-    if tok.vocab_size > model.cfg.text.vocab_size:
-        raise ValueError(f"{tok.vocab_path}: {tok.vocab_size} tokens but the model's text.vocab_size is "
-                         f"{model.cfg.text.vocab_size}; wrong vocab for this checkpoint")
+    check_vocab_fits(tok.vocab_size, model.cfg.text.vocab_size, tok.vocab_path,
+                     f"the model{f' of {checkpoint}' if checkpoint is not None else ''}")
     return tok
 
 
@@ -196,6 +195,30 @@ class StudyListDataset(torch.utils.data.Dataset):
         return xf, eval_transform(read_image(l), self.size), True
 
 
+class _Skipping(torch.utils.data.Dataset):
+    """``ds[i]`` as (i, item, "") or, for an unreadable file, (i, None, reason): one corrupt image is a counted
+    skip, as in training and ``medst_fast.embed``, not the end of an evaluation."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.ds[i], ""
+        except (OSError, ValueError) as e:  # missing, truncated, undecodable: the message names the file
+            return i, None, str(e).replace("\n", " ")
+
+
+def _collate_kept(items):
+    kept = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, why) for i, x, why in items if x is None]
+    batch = torch.utils.data.default_collate([x for _, x in kept]) if kept else None
+    return [i for i, _ in kept], batch, bad
+
+
 def _progress(it, desc: str, total: int):
     try:
         from tqdm.auto import tqdm
@@ -205,44 +228,82 @@ def _progress(it, desc: str, total: int):
     return tqdm(it, desc=desc, total=total, disable=None, leave=False)
 
 
-@torch.inference_mode()
-def embed_images(model, paths: Sequence[PathLike], fn: Optional[Callable] = None, batch_size: int = 64,
-                 workers: int = 0, desc: str = "images") -> torch.Tensor:
-    """Run ``fn(model, frontal)`` (default: normalised global embedding) over image files in batches.
+Skipped = List[Tuple[int, str]]  # (input index, reason naming the file)
 
-    Returns a float32 CPU tensor (N, E) in the order of ``paths``. The images are decoded in
-    ``workers`` DataLoader processes while the device computes.
-    """
+
+def _run_kept(model, ds, step: Callable, batch_size: int, workers: int, desc: str):
+    """Batches of ``ds`` through ``step(batch) -> (n, E)``, skipping unreadable items.
+
+    Returns (kept input indices, float32 CPU (len(kept), E), [(index, reason)] skipped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(_Skipping(ds), batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=_collate_kept, pin_memory=device.type == "cuda")
+    kept, out, skipped = [], [], []
+    for idx, batch, bad in _progress(loader, desc, len(loader)):
+        skipped += bad
+        if batch is not None:
+            out.append(step(batch, device).float().cpu())
+            kept += idx
+    if not kept:
+        raise ValueError(f"{desc}: none of the {len(ds)} inputs could be read (first: "
+                         f"{skipped[0][1] if skipped else '-'})")
+    return kept, torch.cat(out), skipped
+
+
+def embed_images_kept(model, paths: Sequence[PathLike], fn: Optional[Callable] = None, batch_size: int = 64,
+                      workers: int = 0, desc: str = "images") -> Tuple[List[int], torch.Tensor, Skipped]:
+    """``fn(model, frontal)`` (default: the normalised global embedding) over image files, skipping unreadable
+    ones: returns (kept indices into ``paths``, float32 CPU (len(kept), E), [(index, reason)] skipped)."""
     if fn is None:
         fn = lambda m, x: m.encode_image(x)  # noqa: E731
     if len(paths) == 0:
         raise ValueError("no images to embed")
-    device = next(model.parameters()).device
-    ds = ImageListDataset(paths, model.cfg.vision.img_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    out = []
-    for x in _progress(loader, desc, len(loader)):
-        out.append(fn(model, x.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out)
+    with torch.inference_mode():
+        return _run_kept(model, ImageListDataset(paths, model.cfg.vision.img_size),
+                         lambda x, dev: fn(model, x.to(dev, non_blocking=True)), batch_size, workers, desc)
 
 
-@torch.inference_mode()
-def embed_studies(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], batch_size: int = 64,
-                  workers: int = 0, desc: str = "studies") -> torch.Tensor:
+def embed_images(model, paths: Sequence[PathLike], fn: Optional[Callable] = None, batch_size: int = 64,
+                 workers: int = 0, desc: str = "images") -> torch.Tensor:
+    """Run ``fn(model, frontal)`` (default: normalised global embedding) over image files in batches.
+
+    Returns a float32 CPU tensor (N, E) in the order of ``paths``; every image must be readable (the
+    evaluation tasks use ``embed_images_kept``, which skips and counts). The images are decoded in
+    ``workers`` DataLoader processes while the device computes.
+    """
+    kept, emb, skipped = embed_images_kept(model, paths, fn, batch_size, workers, desc)
+    if skipped:
+        raise ValueError(f"{len(skipped)} of {len(paths)} images unreadable; first: {skipped[0][1]}")
+    return emb
+
+
+def embed_studies_kept(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], batch_size: int = 64,
+                       workers: int = 0, desc: str = "studies") -> Tuple[List[int], torch.Tensor, Skipped]:
     """Normalised global embeddings of (frontal, lateral) studies; a None lateral gives the single-view
-    embedding (the MoVE model masks the absent view). Needs a model with a lateral expert."""
+    embedding (the MoVE model masks the absent view). A study with an unreadable image is skipped. Returns
+    (kept indices into ``pairs``, float32 CPU (len(kept), E), [(index, reason)]). Needs a lateral expert."""
     if not model.cfg.vision.lateral_expert:
         raise ValueError("this model has no lateral expert (vision.lateral_expert = false): embed frontals only")
     if len(pairs) == 0:
         raise ValueError("no studies to embed")
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(StudyListDataset(pairs, model.cfg.vision.img_size), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    out = []
-    for xf, xl, has in _progress(loader, desc, len(loader)):
-        out.append(model.encode_image(xf.to(device), xl.to(device), has.to(device)).float().cpu())
-    return torch.cat(out)
+
+    def step(batch, device):
+        xf, xl, has = batch
+        return model.encode_image(xf.to(device), xl.to(device), has.to(device))
+
+    with torch.inference_mode():
+        return _run_kept(model, StudyListDataset(pairs, model.cfg.vision.img_size), step, batch_size, workers, desc)
+
+
+def embed_studies(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], batch_size: int = 64,
+                  workers: int = 0, desc: str = "studies") -> torch.Tensor:
+    """``embed_studies_kept`` for inputs that must all be readable: (N, E) in the order of ``pairs``."""
+    kept, emb, skipped = embed_studies_kept(model, pairs, batch_size, workers, desc)
+    if skipped:
+        raise ValueError(f"{len(skipped)} of {len(pairs)} studies unreadable; first: {skipped[0][1]}")
+    return emb
 
 
 @torch.inference_mode()
@@ -261,11 +322,22 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, n
     return torch.cat(out)
 
 
-def unique_embeddings(model, paths: Sequence[str], **kw) -> Dict[str, np.ndarray]:
-    """Embed each distinct path once; returns path -> vector."""
+def unique_embeddings(model, paths: Sequence[str], **kw) -> Tuple[Dict[str, np.ndarray], List[Tuple[str, str]]]:
+    """Embed each distinct path once, skipping unreadable files; returns (path -> vector, [(path, reason)])."""
     uniq = list(dict.fromkeys(paths))
-    emb = embed_images(model, uniq, **kw).numpy()
-    return {p: emb[i] for i, p in enumerate(uniq)}
+    kept, emb, skipped = embed_images_kept(model, uniq, **kw)
+    emb = emb.numpy()
+    return {uniq[i]: emb[j] for j, i in enumerate(kept)}, [(uniq[i], why) for i, why in skipped]
+
+
+def report_skipped(res, skipped: Sequence[Tuple[str, str]], task: str, what: str = "images") -> None:
+    """Record unreadable inputs in a task's result (``meta["skipped_images"]``, shown in its report) and log
+    the first few reasons, so a score over fewer inputs never reads as a score over all of them."""
+    if not skipped:
+        return
+    res.meta[f"skipped_{what}"] = len(skipped)
+    log.warning("%s: skipped %d unreadable %s (left out of the scores); first: %s", task, len(skipped), what,
+                "; ".join(why for _, why in list(skipped)[:3]))
 
 
 def read_csv_checked(path: PathLike, required: Sequence[str], **kw):

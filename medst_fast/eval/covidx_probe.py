@@ -121,29 +121,42 @@ def evaluate(model, data, pcts: Sequence[float] = PCTS, max_epochs: int = 200, p
     paths = {s: [os.path.join(data, folder[s], f) for f in full[s]["filename"]] for s in full}
     all_paths = paths["train"] + paths["valid"] + paths["test"]
     # Frozen backbone: features once, for every image any data_pct can use.
-    feats = common.unique_embeddings(model, all_paths, fn=lambda m, x: m.image_features(x),
-                                     batch_size=batch_size, workers=workers, desc="COVIDx images")
-    require_finite(np.stack([feats[p] for p in all_paths]), "image features (final-LN CLS)", "covidx_probe",
-                   names=all_paths)
+    feats, unreadable = common.unique_embeddings(model, all_paths, fn=lambda m, x: m.image_features(x),
+                                                 batch_size=batch_size, workers=workers, desc="COVIDx images")
+    readable = [p for p in all_paths if p in feats]
+    require_finite(np.stack([feats[p] for p in readable]), "image features (final-LN CLS)", "covidx_probe",
+                   names=readable)
     device = next(model.parameters()).device
 
+    def kept_rows(df, split):  # an unreadable image leaves the probe's data: a counted skip
+        ok = [os.path.join(data, folder[split], f) in feats for f in df["filename"]]
+        return df[ok]
+
     def tensors(df, split):
+        df = kept_rows(df, split)
+        if not len(df):
+            raise ValueError(f"{data}: every image of the {split} split is unreadable")
         files = [os.path.join(data, folder[split], f) for f in df["filename"]]
         x = torch.from_numpy(np.stack([feats[p] for p in files])).to(device)
         return x, torch.as_tensor(df["labels"].to_numpy().copy(), dtype=torch.long, device=device)
 
     xva, yva = tensors(full["valid"], "valid")
     xte, yte = tensors(full["test"], "test")
-    res = TaskResult("covidx_probe", meta={"data": data, "train": len(full["train"]), "valid": len(full["valid"]),
-                                           "test": len(full["test"]), "feature": "final-LN CLS, centre crop",
+    res = TaskResult("covidx_probe", meta={"data": data, "train": len(kept_rows(full["train"], "train")),
+                                           "valid": len(yva), "test": len(yte),
+                                           "feature": "final-LN CLS, centre crop",
                                            "max_epochs": max_epochs, "patience": patience})
+    common.report_skipped(res, unreadable, "covidx_probe")
     skipped = {}
     for pct in pcts:
         n_train = len(full["train"].sample(frac=pct, random_state=42)) if pct != 1 else len(full["train"])
         if n_train == 0:  # a small set: reported as skipped, the other fractions still run
             skipped[f"{pct * 100:g}%"] = f"{pct:g} of {len(full['train'])} training images is none"
             continue
-        tr = official_splits(data, pct)["train"]
+        tr = kept_rows(official_splits(data, pct)["train"], "train")
+        if not len(tr):
+            skipped[f"{pct * 100:g}%"] = "every training image of this fraction is unreadable"
+            continue
         xtr, ytr = tensors(tr, "train")
         head = train_head(xtr, ytr, xva, yva, max_epochs=max_epochs, patience=patience, seed=seed)
         with torch.no_grad():

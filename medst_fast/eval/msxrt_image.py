@@ -197,23 +197,25 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
 
 def image_features(model, resolver: ImageResolver, ids: Sequence[str], views: str = "frontal", batch_size: int = 64,
                    workers: int = 0):
-    """dicom_id -> normalised global embedding, and how many of them had a lateral added.
+    """dicom_id -> normalised global embedding, how many of them had a lateral added, and the unreadable
+    inputs [(path, reason)] (their dicom_ids have no feature: a counted skip, as in training).
 
     ``views``: "frontal" embeds each image alone; "study" adds the lateral of its study (``lateral_of``)."""
     paths = resolver.resolve(ids)
     if views == "frontal":
-        by_path = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size, workers=workers,
-                                           desc="MS-CXR-T images")
-        feats = {d: by_path[paths[d]] for d in ids}
-        _check_features(feats, ids, "frontal")
-        return feats, 0
+        by_path, skipped = common.unique_embeddings(model, [paths[d] for d in ids], batch_size=batch_size,
+                                                    workers=workers, desc="MS-CXR-T images")
+        feats = {d: by_path[paths[d]] for d in ids if paths[d] in by_path}
+        _check_features(feats, list(feats), "frontal")
+        return feats, 0, skipped
     lats = {d: resolver.lateral_of(d) for d in ids}
     lat_paths = resolver.resolve([l for l in lats.values() if l])
     pairs = [(paths[d], lat_paths[lats[d]] if lats[d] else None) for d in ids]
-    emb = common.embed_studies(model, pairs, batch_size=batch_size, workers=workers, desc="MS-CXR-T studies")
-    feats = {d: emb[i].numpy() for i, d in enumerate(ids)}
-    _check_features(feats, ids, "study")
-    return feats, sum(l is not None for _, l in pairs)
+    kept, emb, bad = common.embed_studies_kept(model, pairs, batch_size=batch_size, workers=workers,
+                                               desc="MS-CXR-T studies")
+    feats = {ids[i]: emb[j].numpy() for j, i in enumerate(kept)}
+    _check_features(feats, list(feats), "study")
+    return feats, sum(pairs[i][1] is not None for i in kept), [(pairs[i][0], why) for i, why in bad]
 
 
 def _check_features(feats: Dict[str, np.ndarray], ids: Sequence[str], views: str) -> None:
@@ -240,8 +242,11 @@ def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = N
     if not len(df):
         raise ValueError(f"{csv_path}: no row labels any of {findings}")
     resolver = ImageResolver(images, metadata)
+    n_pairs = len(df)
     ids = list(dict.fromkeys(list(df["dicom_id"]) + list(df["previous_dicom_id"])))
-    feats, n_lat = image_features(model, resolver, ids, views, batch_size, workers)
+    feats, n_lat, unreadable = image_features(model, resolver, ids, views, batch_size, workers)
+    if unreadable:  # a pair needs both images; the folds are drawn over the pairs that remain
+        df = df[df["dicom_id"].isin(feats) & df["previous_dicom_id"].isin(feats)]
     scores = classify(df, feats, seeds, folds, findings)
     skipped = {f"{f} (cv{k})": why for k in folds for f, why in scores[("skipped", k)].items()}
     for what, why in skipped.items():
@@ -250,6 +255,9 @@ def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = N
                                           "views": views, "laterals": n_lat, "findings": findings,
                                           "seeds": list(seeds), "classifier": "SVC(kernel='linear', C=1)",
                                           **({"skipped": skipped} if skipped else {})})
+    if unreadable:
+        common.report_skipped(res, unreadable, "msxrt_image")
+        res.meta["skipped_pairs"] = n_pairs - len(df)
     for k in folds:
         scored = [f for f in findings if (f, k) in scores]
         for f in scored + (["average"] if scored else []):

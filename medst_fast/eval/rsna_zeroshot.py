@@ -143,16 +143,23 @@ def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] 
     y = df["Target"].to_numpy().astype(np.int64)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{labels_csv}: the {split} split has only one class; cannot score")
-    img = common.embed_images(model, [image_path(image_dir, p) for p in df["patientId"]], batch_size=batch_size,
-                              workers=workers, desc=f"RSNA {split}")
+    paths = [image_path(image_dir, p) for p in df["patientId"]]
+    kept, img, skipped = common.embed_images_kept(model, paths, batch_size=batch_size, workers=workers,
+                                                  desc=f"RSNA {split}")
+    y, patients = y[kept], [df["patientId"].iloc[i] for i in kept]  # an unreadable image: a counted skip
+    if skipped and len(np.unique(y)) < 2:
+        raise ValueError(f"{labels_csv}: after skipping {len(skipped)} unreadable images the {split} split has "
+                         "only one class; cannot score")
     require_finite(img.numpy(), f"image embeddings ({split} split)", "rsna_zeroshot",
-                   names=[f"patientId {p}" for p in df["patientId"]])
+                   names=[f"patientId {p}" for p in patients])
     pos_p, neg_p = prompts if prompts is not None else (POSITIVE_PROMPTS, NEGATIVE_PROMPTS)
     from ..zero_shot import zero_shot_logits
 
     clf = classifier(model, tokenizer, pos_p, neg_p, official_join)
     logits = zero_shot_logits(model, clf, img, logit_scale=1.0).cpu()  # cosines: the protocol compares them
     pos, neg = logits[:, 0].numpy(), logits[:, 1].numpy()
-    return score(y, pos, neg, subset=split,
-                 meta={"labels": labels_csv, "split": split, "images": len(y), "positives": int(y.sum()),
-                       "prompts": "BioViL" if prompts is None else "custom"})
+    res = score(y, pos, neg, subset=split,
+                meta={"labels": labels_csv, "split": split, "images": len(y), "positives": int(y.sum()),
+                      "prompts": "BioViL" if prompts is None else "custom"})
+    common.report_skipped(res, [(paths[i], why) for i, why in skipped], "rsna_zeroshot")
+    return res

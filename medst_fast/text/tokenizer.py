@@ -31,6 +31,7 @@ class MedSTTokenizer:
             vocab_path = os.path.join(vocab_path, "vocab.txt")
         if not os.path.isfile(vocab_path):
             raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab_path}")
+        n_tokens = len(read_vocab(vocab_path))
         self.vocab_path = vocab_path
         self.max_length = max_length
         self._tok = BertWordPieceTokenizer(vocab_path, lowercase=lowercase)
@@ -40,6 +41,9 @@ class MedSTTokenizer:
         self.cls_token_id = self._tok.token_to_id("[CLS]")
         self.sep_token_id = self._tok.token_to_id("[SEP]")
         self.vocab_size = self._tok.get_vocab_size()
+        if self.vocab_size != n_tokens:  # read_vocab refuses duplicates, so this would be a reader mismatch
+            raise ValueError(f"{vocab_path}: {n_tokens} lines but the WordPiece reader found {self.vocab_size} "
+                             "distinct tokens; the file is not a one-token-per-line vocabulary")
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
         if isinstance(texts, str):
@@ -57,6 +61,56 @@ class MedSTTokenizer:
 
     def convert_ids_to_tokens(self, ids: List[int]) -> List[str]:
         return [self._tok.id_to_token(int(i)) for i in ids]
+
+
+# WordPiece needs these; a file without them is not a BERT vocabulary (a CSV, a report, a label list).
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def read_vocab(path: Union[str, os.PathLike]) -> List[str]:
+    """The tokens of a vocab.txt (line i is id i), checked: UTF-8 text, the special tokens, no duplicates.
+
+    The WordPiece reader maps a repeated token to its last line, so a duplicate silently re-numbers the
+    vocabulary (other ids for the same text) and leaves ids past the count of distinct tokens, which then
+    index past the model's embedding table. Tokens are compared as that reader keeps them (trailing
+    whitespace dropped).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a vocabulary (not UTF-8 text: byte {e.start} is {raw[e.start:e.start + 1]!r}; "
+                         "an image or binary file?); give the vocab.txt the model was trained with") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    tokens = [ln.rstrip() for ln in lines]
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise ValueError(f"{path}: not a WordPiece vocabulary ({len(tokens)} lines, without the special tokens "
+                         f"{missing}); give the vocab.txt the model was trained with (one token per line)")
+    first: Dict[str, int] = {}
+    dups = []
+    for i, t in enumerate(tokens, 1):
+        if t in first:
+            dups.append(f"{t!r} (lines {first[t]} and {i})")
+        else:
+            first[t] = i
+    if dups:
+        more = " ..." if len(dups) > 5 else ""
+        raise ValueError(f"{path}: {len(dups)} duplicate token(s): {', '.join(dups[:5])}{more}; "
+                         "a repeated token re-numbers the vocabulary and gives ids past the model's embedding "
+                         "table: remove the repeats or use the vocab.txt the model was trained with")
+    return tokens
+
+
+def check_vocab_fits(vocab_size: int, table_size: int, vocab_path: str, model_source: str) -> None:
+    """A vocabulary larger than the model's embedding table gives ids past its end (an IndexError at best)."""
+    if vocab_size > table_size:
+        raise ValueError(f"{vocab_path}: {vocab_size} tokens, but {model_source} has a text embedding table of "
+                         f"{table_size} rows (text.vocab_size); this vocabulary does not belong to this model")
 
 
 def word_slots(word_ids: List, ids: List[int], sep_id: int, cls_id: int) -> List[int]:
@@ -79,20 +133,24 @@ def word_slots(word_ids: List, ids: List[int], sep_id: int, cls_id: int) -> List
 VOCAB_FILE = "vocab.txt"
 
 
-def _folder_max_length(folder: str) -> Optional[int]:
-    """text.max_length from a save_pretrained folder's config.json (None when the folder has none of ours)."""
+def _folder_text_config(folder: str) -> dict:
+    """The ``text`` section of a save_pretrained folder's config.json ({} when the folder has none of ours)."""
     import json
 
     p = os.path.join(folder, "config.json")
     if not os.path.isfile(p):
-        return None
+        return {}
     try:
-        with open(p) as f:
+        with open(p, encoding="utf-8") as f:
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{p}: cannot read ({e})") from None
     text = d.get("text") if isinstance(d, dict) else None  # a Hugging Face config.json has no "text" section
-    v = text.get("max_length") if isinstance(text, dict) else None
+    return text if isinstance(text, dict) else {}
+
+
+def _int_field(d: dict, key: str) -> Optional[int]:
+    v = d.get(key)
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
@@ -112,7 +170,16 @@ def get_tokenizer(name_or_path: Union[str, os.PathLike], max_length: Optional[in
             hint = (" (a model folder saved without its vocabulary, e.g. an image-encoder export: use the full "
                     "model folder, or pass the vocab.txt it was trained with)") if has_model else ""
             raise FileNotFoundError(f"{path}: no {VOCAB_FILE} in this folder{hint}")
+        from ..hub import is_save_pretrained_folder, verify_folder_files
+
+        if is_save_pretrained_folder(path):  # its vocab and config must be the exported ones (not a HF folder)
+            verify_folder_files(path, names=[VOCAB_FILE, "config.json"])
+        text = _folder_text_config(path)
         if max_length is None:
-            max_length = _folder_max_length(path)
-        path = vocab
+            max_length = _int_field(text, "max_length")
+        tok = MedSTTokenizer(vocab, max_length=_DEFAULT_MAX if max_length is None else max_length)
+        table = _int_field(text, "vocab_size")
+        if table is not None:
+            check_vocab_fits(tok.vocab_size, table, vocab, os.path.join(path, "config.json"))
+        return tok
     return MedSTTokenizer(path, max_length=_DEFAULT_MAX if max_length is None else max_length)
