@@ -3,8 +3,10 @@
 Every test here backs one line of the README's "Reliability" section (issue 11 items 2, 4, 5, 6, 7). They
 run the tiny model on the in-memory random set (or a 6-patient synthetic index), a few steps each.
 """
+import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -544,3 +546,66 @@ def test_save_pretrained_removes_its_own_stale_temps_only(tmp_path):
     medst_fast.save_pretrained(medst_fast.create_model("medst_tiny"), tmp_path / "exp")
     assert not stale.exists() and (other / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-not-ours", "exp"]
+
+
+# -- a non-finite validation (e.g. fp16 overflow in eval mode) is reported, never a best model, never a crash ------
+class _NaNModel(torch.nn.Module):
+    """Global embeddings with a NaN (what an fp16 overflow in eval mode gives) and a NaN loss."""
+
+    def forward(self, batch):
+        n = batch["frontal"].shape[0]
+        img = torch.randn(n, 4)
+        img[0, 0] = float("nan")
+        return type("Out", (), {"img_global": img, "txt_global": torch.randn(n, 4)})()
+
+
+class _ListLoader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch, start_batch=0):
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _nan_validation():
+    from medst_fast.train.validate import Validator
+
+    loss = lambda out, model: type("L", (), {"total": torch.tensor(float("nan"))})()  # noqa: E731
+    v = Validator(_ListLoader([{"frontal": torch.zeros(3, 1, 4, 4)}] * 2), n_series=2, batch_series=1)
+    return v.run(_NaNModel(), loss, torch.device("cpu"), None, lambda b: b)
+
+
+def test_nonfinite_validation_is_reported_as_such(caplog):
+    from medst_fast.train.validate import describe, is_finite
+
+    v = _nan_validation()
+    assert v["studies"] == 6 and v["batches"] == 2
+    assert math.isnan(v["val_loss"]) and math.isnan(v["val_r1"]) and not is_finite(v)
+    line = describe(v)  # raised "cannot convert float NaN to integer" (the chance p-value of a NaN recall)
+    assert line.startswith("NOT FINITE (val_loss nan, val_r1 nan, val_r5 nan)") and "6 studies" in line
+    assert "validation is not finite" in caplog.text
+    finite = dict(v, val_loss=1.0, val_r1=0.5, val_r5=1.0)
+    assert is_finite(finite) and describe(finite).startswith("loss 1.0000")
+    assert not is_finite(dict(finite, val_r1=float("nan")))  # NaN embeddings with a finite loss are not finite
+
+
+def test_nonfinite_validation_is_not_a_best_model_and_training_goes_on(tmp_path):
+    """The trainer's decision on a NaN validation: no best/ export, best_val kept, the step goes on (no raise)."""
+    nan = _nan_validation()
+    t = loop_mod.Trainer.__new__(loop_mod.Trainer)
+    t.validator = type("V", (), {"run": lambda self, *a: dict(nan)})()
+    t.step, t.total_steps, t.eval_every, t.best_val = 4, 10, 2, 3.5
+    t.args = argparse.Namespace(no_export=False)
+    t.model, t.val_loss_fn, t.device, t.run_dir = None, None, torch.device("cpu"), str(tmp_path)
+    t.runner = type("R", (), {"dtype": torch.float16})()
+    exported = []
+    t._export_best = lambda v: exported.append(v)
+    v = loop_mod.Trainer._validate_if_due(t)
+    assert v is not None and math.isnan(v["val_loss"])
+    assert t.best_val == 3.5 and exported == []
+    t.best_val = None  # nor is it the first best model
+    loop_mod.Trainer._validate_if_due(t)
+    assert t.best_val is None and exported == []

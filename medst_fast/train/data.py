@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN  # stdlib-only module (no image libraries)
-from ..data.sampling import BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, make_loader  # noqa: F401 (re-exports)
+from ..data.sampling import (BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, iterate_and_stop_workers,  # noqa: F401 (re-exports)
+                             make_loader)
 
 log = logging.getLogger("medst_fast")
 
@@ -205,7 +206,7 @@ class RandomSeriesLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        return iter(self.loader)
+        return iterate_and_stop_workers(self.loader)
 
 
 def split_size(data: str, split: str, series_len: Optional[int] = None) -> int:

@@ -49,7 +49,7 @@ from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wor
                    split_size)
 from .metrics import MetricsWriter, check_report_to, data_note, hms, make_progress, memory_gib, setup_logging, timing_note
 from .schedule import cosine_warmup_lr
-from .validate import Validator, describe
+from .validate import Validator, describe, is_finite
 
 VAL_SPLIT = "valid"
 
@@ -71,6 +71,10 @@ RUN_DEFINING = ("lr", "min_lr", "warmup_frac", "epochs", "max_steps", "wd", "bet
                 "local_weighting", "local_scope", "lambda_cross_local")
 _NOT_RECORDED = ("inherited",)  # parse_args bookkeeping, not a setting
 _PAPER_LOSS = LossCfg()  # the defaults are the paper's loss
+# A stop signal repeated within this many seconds is the same request delivered twice, not a second one: torchrun
+# passes the SIGTERM its own process group received on to each rank's group, and SLURM signals every process of
+# the job, so a rank may get one preemption twice within milliseconds.
+SAME_SIGNAL_S = 2.0
 
 
 def _flag(name: str) -> str:
@@ -340,6 +344,10 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.raw_args = args
         self._stop_signal: Optional[int] = None
+        self._stop_time = 0.0  # time.monotonic() of the first stop signal
+        self._steps_run = 0  # optimizer steps finished by this process (a resumed run counts from 0)
+        self.resumed_from: Optional[str] = None
+        self.last_ckpt: Optional[str] = None
         self._old_handlers: Dict[int, Any] = {}
         self._log_handlers: List[logging.Handler] = []
         self._log_level = log.level  # restored by close(): main() may be called from tests or notebooks
@@ -348,6 +356,7 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
+        self._install_signals()  # a SIGTERM during setup exits at once, with a log line (see _on_signal)
         a = self.raw_args
         want_cuda = (a.device in (None, "cuda")) and torch.cuda.is_available()
         self.world, self.device = D.init_distributed("cuda" if want_cuda else "cpu")
@@ -509,15 +518,18 @@ class Trainer:
         self.val_loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful)  # per rank: no gather, no gradients
         return Validator(loader, n, bs)
 
-    def _validate_if_due(self) -> Optional[Dict[str, Any]]:
+    def _validate_if_due(self, skip: bool = False) -> Optional[Dict[str, Any]]:
         """Validate after this step when it is due (every rank); export best/ when the loss improved."""
         due = self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0)
         if self.validator is None or not due:
             return None
+        if skip:
+            log.warning("validation at step %d skipped: stopping on a signal", self.step)
+            return None
         t = time.perf_counter()
         v = self.validator.run(self.model, self.val_loss_fn, self.device, self.runner.dtype,
                                lambda b: self.model.prepare_batch(batch_to(b, self.device)))
-        improved = math.isfinite(v["val_loss"]) and (self.best_val is None or v["val_loss"] < self.best_val)
+        improved = is_finite(v) and (self.best_val is None or v["val_loss"] < self.best_val)
         if improved:
             self.best_val = v["val_loss"]
             if not self.args.no_export:
@@ -708,13 +720,31 @@ class Trainer:
 
     # -- signals ----------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: leave now
-        self._stop_signal = signum
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
-                    signal.Signals(signum).name)
+        """First SIGTERM/SIGINT after a step: finish the step, checkpoint, exit 128 + signal. Before the first step
+        of this process has finished, or a second time, exit at once: there is no new step to save, or the user
+        asked twice. A repeat within SAME_SIGNAL_S is the first one delivered twice, not a second request."""
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self._stop_signal is not None and now - self._stop_time < SAME_SIGNAL_S:
+            return
+        if self._stop_signal is not None:
+            why = (f"received {name} again while stopping: exiting now without waiting for the checkpoint of this "
+                   f"step; the last complete checkpoint is {self.last_ckpt}")
+        elif self._steps_run == 0:
+            since = f"the checkpoint {self.resumed_from} it resumed from" if self.resumed_from else "no checkpoint"
+            why = (f"received {name} before the first step of this process finished (setup, data loading or a "
+                   f"first --compile): exiting now; no step was taken since {since}, so there is nothing new to save")
+        else:
+            self._stop_signal, self._stop_time = signum, now
+            log.warning("received %s: saving a checkpoint at the end of this step, then exiting", name)
+            return
+        log.warning("%s", why)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
     def _install_signals(self) -> None:
+        if self._old_handlers:  # already installed (setup installs them; run keeps them)
+            return
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old_handlers[s] = signal.signal(s, self._on_signal)
@@ -743,6 +773,7 @@ class Trainer:
         self._t0, self._step0 = time.perf_counter(), self.step  # for elapsed and ETA
         win = _Window(self._t0)
         self._t_input = self._t_compute = 0.0  # seconds this log window spent waiting for batches / the rest
+        it = None
         try:
             self.module_train(True)
             while self.step < self.total_steps and self.epoch < a.epochs:
@@ -756,10 +787,14 @@ class Trainer:
                         result.last_loss = s[2] / W
                     self.step += 1
                     self.step_in_epoch += 1
+                    self._steps_run += 1
                     log_epoch = self.epoch + 1
                     if self.step_in_epoch == self.steps_per_epoch:  # position saved = start of the next epoch
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    val = self._validate_if_due()  # before the checkpoint, which records the best loss so far
+                    stop = s[1] > 0
+                    # before the checkpoint, which records the best loss so far; not while stopping on a signal,
+                    # whose grace period (SLURM's KillWait, torchrun's 30 s) is for the checkpoint
+                    val = self._validate_if_due(skip=stop)
                     if val is not None:
                         result.val = val
                         win.t += val["seconds"]  # studies/s and the window's times count training only
@@ -770,7 +805,6 @@ class Trainer:
                     if self.step % a.log_every == 0 or self.step == self.total_steps or val is not None:
                         self._log_window(win, log_epoch, lr, val, writer, bar)
                         win = _Window(time.perf_counter())
-                    stop = s[1] > 0
                     if stop or self.step % a.save_every == 0 or self.step == self.total_steps:
                         self.save()
                     if stop:
@@ -779,9 +813,11 @@ class Trainer:
                                     self.step, self.run_dir)
                         result.interrupted = int(sig)
                         return self._finish(result, writer, bar, export=False)
-                del it
+                it = None  # the epoch's loader workers finish here
             return self._finish(result, writer, bar, export=not a.no_export)
         finally:
+            if it is not None and hasattr(it, "close"):  # stopped mid-epoch: stop the loader's workers now
+                it.close()
             self._restore_signals()
             if bar is not None:
                 bar.close()
@@ -904,7 +940,7 @@ class Trainer:
         result.last_checkpoint = self.last_ckpt
         if self.best_val is not None and os.path.isdir(os.path.join(self.run_dir, "best")):
             result.best_dir = os.path.join(self.run_dir, "best")
-        if self.world.is_primary:
+        if self.world.is_primary and not result.interrupted:  # a stopped run exits within its grace period
             self._plot()
         if export:
             self._check_finite("export the model")
@@ -935,6 +971,7 @@ class Trainer:
             log.warning("could not plot the training curves (%s: %s)", type(e).__name__, e)
 
     def close(self) -> None:
+        self._restore_signals()
         self._release_lock()
         for h in self._log_handlers:
             log.removeHandler(h)
