@@ -12,6 +12,7 @@ import pytest
 
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import loop as loop_mod
+from medst_fast.train.data import synthetic_root
 
 BOUND_S = 60  # from SIGTERM to exit: one step, one checkpoint and the workers' shutdown, on a loaded CI machine
 
@@ -60,6 +61,8 @@ def test_sigterm_to_the_process_group_checkpoints_exits_143_and_resumes(tmp_path
     assert len(found) == 1, found
     st = ck.load_checkpoint(found[0])  # verifies size and hash
     assert 1 <= st["step"] < 6 and "received SIGTERM: saving a checkpoint" in log
+    index = os.path.join(synthetic_root(str(cache), 8, 0), "index")
+    assert st["data_fingerprint"] == ck.index_fingerprint(index)  # what the resume below checks
     r = subprocess.run(_pretrain(out, cache, "--resume", "auto"), capture_output=True, text=True, env=_env(),
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -446,6 +446,8 @@ class Trainer:
             self.world.world_size, a.seed, a.workers, self.device, backend=a.loader,
             replicate_collate_bug=a.replicate_collate_bug, n_random=a.random_series,
             series_len=self.cfg.loss.series_len)  # the data's N is the temporal loss's N
+        # after the loader, which read the index (and named any problem with it)
+        self.data_fingerprint = ckpt.index_fingerprint(data) if a.dataset_type != "random" else None
         if a.dataset_type == "random":  # build_series_loader logs its own choice
             log.info("loader: %s (%s)", self.loader.backend, self.loader.reason)
         self._counts_base = {"bad": Counter(), "cpu_decoded": Counter()}  # a resumed run's counts so far
@@ -630,6 +632,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "bad_steps": self.bad_total, "bad_batches": self.bad_batches,
             "n_series": self.n_series,
+            "data_fingerprint": self.data_fingerprint,  # None for --dataset-type random (no files)
             "best_val_loss": self.best_val,
             "rng": rngs,
             # per rank, like the RNG states: what the loader skipped or decoded on the CPU so far
@@ -710,6 +713,8 @@ class Trainer:
         if fixed:
             raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order, the "
                                        f"data or the model: {'; '.join(fixed)}")
+        ckpt.check_data_fingerprint(path, st.get("data_fingerprint"), self.data_fingerprint, self.data_path,
+                                    getattr(self.args, "allow_changed_args", False))
         changed = [f"{_flag(k)} {old[k]!r} -> {new.get(k)!r}" for k in RUN_DEFINING if k in old and old[k] != new.get(k)]
         if changed and not getattr(self.args, "allow_changed_args", False):
             raise ckpt.CheckpointError(
