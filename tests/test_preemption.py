@@ -70,6 +70,39 @@ def test_sigterm_to_the_process_group_checkpoints_exits_143_and_resumes(tmp_path
     assert ck.load_checkpoint(ck.list_checkpoints(str(out))[-1])["step"] == 6
 
 
+def test_a_preempted_torchrun_run_exits_143(tmp_path, vocab_path):
+    """python -m medst_fast.launch (torchrun's arguments), 2 gloo ranks: SIGTERM to the launcher's process group
+    reaches the ranks through torchrun; they agree to stop, rank 0 checkpoints, and the launcher exits 143
+    (torchrun itself: 1, a traceback)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "medst_fast.launch", "--standalone", "--nproc_per_node=2", "-m", "medst_fast.pretrain",
+           "--dataset-type", "random", "--random-series", "8", "--vocab", vocab_path, "--out", str(out),
+           "--max-steps", "40", "--batch-series", "2", "--workers", "0", "--log-every", "1", "--save-every", "100",
+           "--no-export", "--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if " INFO step 1/" in line:
+                break
+        else:
+            pytest.fail("the run exited before its first step:\n" + "".join(seen[-20:]))
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=BOUND_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = "".join(seen) + rest
+    assert rc == 128 + signal.SIGTERM, log[-3000:]
+    assert "medst_fast.launch: stopped by SIGTERM" in log
+    found = ck.list_checkpoints(str(out))
+    assert len(found) == 1 and 1 <= ck.load_checkpoint(found[0])["step"] < 40, log[-3000:]
+
+
 # -- the signal handler's decisions (no process needed) ------------------------------------------------------------
 def _trainer(steps_run, resumed_from=None):
     t = loop_mod.Trainer(argparse.Namespace())
