@@ -591,6 +591,8 @@ def test_nonfinite_validation_is_reported_as_such(caplog):
     finite = dict(v, val_loss=1.0, val_r1=0.5, val_r5=1.0)
     assert is_finite(finite) and describe(finite).startswith("loss 1.0000")
     assert not is_finite(dict(finite, val_r1=float("nan")))  # NaN embeddings with a finite loss are not finite
+    none = describe(dict(v, studies=0, batches=0, skipped=2))  # every validation image unreadable
+    assert none == "no study could be validated (0 batch(es), 2 unreadable batch(es) skipped): no numbers"
 
 
 def test_nonfinite_validation_is_not_a_best_model_and_training_goes_on(tmp_path):

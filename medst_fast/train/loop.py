@@ -380,7 +380,6 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        self._install_signals()  # a SIGTERM during setup exits at once, with a log line (see _on_signal)
         a = self.raw_args
         want_cuda = (a.device in (None, "cuda")) and torch.cuda.is_available()
         self.world, self.device = D.init_distributed("cuda" if want_cuda else "cpu")
@@ -771,8 +770,8 @@ class Trainer:
                    f"step; the last complete checkpoint is {self.last_ckpt}")
         elif self._steps_run == 0:
             since = f"the checkpoint {self.resumed_from} it resumed from" if self.resumed_from else "no checkpoint"
-            why = (f"received {name} before the first step of this process finished (setup, data loading or a "
-                   f"first --compile): exiting now; no step was taken since {since}, so there is nothing new to save")
+            why = (f"received {name} before the first step of this process finished (data loading or a first "
+                   f"--compile): exiting now; no step was taken since {since}, so there is nothing new to save")
         else:
             self._stop_signal, self._stop_time = signum, now
             log.warning("received %s: saving a checkpoint at the end of this step, then exiting", name)
@@ -783,7 +782,9 @@ class Trainer:
         raise SystemExit(128 + signum)
 
     def _install_signals(self) -> None:
-        if self._old_handlers:  # already installed (setup installs them; run keeps them)
+        # Installed by run(), not setup(): during setup SIGTERM keeps its default and ends the process at once
+        # (nothing to save yet), and a Trainer set up but never run leaves the process's handlers alone.
+        if self._old_handlers:
             return
         for s in (signal.SIGTERM, signal.SIGINT):
             try:

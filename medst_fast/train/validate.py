@@ -179,14 +179,13 @@ def describe(v: Dict[str, Any]) -> str:
     binomial p-value), so that a few validation studies cannot pass for learning."""
     n = v["studies"]
     skipped = f", {v['skipped']} unreadable batch(es) skipped" if v["skipped"] else ""
-    if n and not is_finite(v):  # NaN has no chance level; say what is not finite instead
+    if not n:
+        return f"no study could be validated ({v['batches']} batch(es){skipped}): no numbers"
+    if not is_finite(v):  # NaN has no chance level; say what is not finite instead
         return f"NOT FINITE ({_nonfinite_fields(v)}) over {n} studies in {v['batches']} batch(es){skipped}"
-    chance = ""
-    if n:
-        p1, p5 = above_chance_p(v["val_r1"], n, 1), above_chance_p(v["val_r5"], n, 5)
-        above = [name for name, p in (("R@1", p1), ("R@5", p5)) if p < 0.05]
-        verdict = (f"above chance: {' and '.join(above)}" if above else
-                   "not distinguishable from chance at p < 0.05")
-        chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f}, binomial p {p1:.2g} / {p5:.2g}: {verdict})"
+    p1, p5 = above_chance_p(v["val_r1"], n, 1), above_chance_p(v["val_r5"], n, 5)
+    above = [name for name, p in (("R@1", p1), ("R@5", p5)) if p < 0.05]
+    verdict = f"above chance: {' and '.join(above)}" if above else "not distinguishable from chance at p < 0.05"
+    chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f}, binomial p {p1:.2g} / {p5:.2g}: {verdict})"
     return (f"loss {v['val_loss']:.4f}, image-to-report R@1 {v['val_r1']:.3f} R@5 {v['val_r5']:.3f}{chance} "
             f"over {n} studies in {v['batches']} batch(es){skipped}")
