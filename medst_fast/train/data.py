@@ -22,10 +22,10 @@ from torch.utils.data import Dataset
 from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN  # stdlib-only module (no image libraries)
 from ..data.sampling import (BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, iterate_and_stop_workers,  # noqa: F401 (re-exports)
                              make_loader)
+from .checkpoint import INDEX_FILES
 
 log = logging.getLogger("medst_fast")
 
-INDEX_FILES = ("studies.csv", "series.json", "meta.json")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".tif", ".tiff", ".bmp")
 # Reports shorter than this many tokens are no reports: [CLS], at least one word, [SEP].
 MIN_TEXT_TOKENS = 3
