@@ -72,13 +72,17 @@ def _cli() -> int:
         # The trainer's modules are imported here, not at the top, so that a missing package of the [train]
         # extra is this one line (naming the extra) rather than a traceback.
         check_extra("train", purpose="python -m medst_fast.pretrain")
+        from .train.args import UsageError
         from .train.checkpoint import CheckpointError, RunFolderError
-        from .train.loop import TrainingDiverged
+        from .train.loop import OutOfMemory, TrainingDiverged
     except ImportError as e:
         return _fail(e)
     try:
         res = main()
-    except (TrainingDiverged, CheckpointError, RunFolderError, ImportError) as e:
+    except UsageError as e:  # a flag or an input file it names: nothing was started or written
+        print(f"medst_fast.pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, CheckpointError, RunFolderError, OutOfMemory, ImportError) as e:
         # Expected failures: the message says what happened and what to do (a missing package: the pip extra
         # that brings it); a traceback would bury it.
         return _fail(e)

@@ -3,8 +3,10 @@
 Every test here backs one line of the README's "Reliability" section (issue 11 items 2, 4, 5, 6, 7). They
 run the tiny model on the in-memory random set (or a 6-patient synthetic index), a few steps each.
 """
+import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -385,6 +387,7 @@ def test_two_processes_build_the_synthetic_cache_once(tmp_path):
     (["--lambda-local", "-1"], "--lambda-local must be"),
     (["--keep", "0"], "--keep must be >= 1"),
     (["--overwrite", "--resume", "x.pt"], "--overwrite starts a fresh run"),
+    (["--seed", "-1"], "--seed must be >= 0"),  # was numpy's "expected non-negative integer" traceback
 ])
 def test_bad_flags_are_refused(argv, msg, capsys):
     with pytest.raises(SystemExit):
@@ -544,3 +547,168 @@ def test_save_pretrained_removes_its_own_stale_temps_only(tmp_path):
     medst_fast.save_pretrained(medst_fast.create_model("medst_tiny"), tmp_path / "exp")
     assert not stale.exists() and (other / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-not-ours", "exp"]
+
+
+# -- a non-finite validation (e.g. fp16 overflow in eval mode) is reported, never a best model, never a crash ------
+class _NaNModel(torch.nn.Module):
+    """Global embeddings with a NaN (what an fp16 overflow in eval mode gives) and a NaN loss."""
+
+    def forward(self, batch):
+        n = batch["frontal"].shape[0]
+        img = torch.randn(n, 4)
+        img[0, 0] = float("nan")
+        return type("Out", (), {"img_global": img, "txt_global": torch.randn(n, 4)})()
+
+
+class _ListLoader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch, start_batch=0):
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _nan_validation():
+    from medst_fast.train.validate import Validator
+
+    loss = lambda out, model: type("L", (), {"total": torch.tensor(float("nan"))})()  # noqa: E731
+    v = Validator(_ListLoader([{"frontal": torch.zeros(3, 1, 4, 4)}] * 2), n_series=2, batch_series=1)
+    return v.run(_NaNModel(), loss, torch.device("cpu"), None, lambda b: b)
+
+
+def test_nonfinite_validation_is_reported_as_such(caplog):
+    from medst_fast.train.validate import describe, is_finite
+
+    v = _nan_validation()
+    assert v["studies"] == 6 and v["batches"] == 2
+    assert math.isnan(v["val_loss"]) and math.isnan(v["val_r1"]) and not is_finite(v)
+    line = describe(v)  # raised "cannot convert float NaN to integer" (the chance p-value of a NaN recall)
+    assert line.startswith("NOT FINITE (val_loss nan, val_r1 nan, val_r5 nan)") and "6 studies" in line
+    assert "validation is not finite" in caplog.text
+    finite = dict(v, val_loss=1.0, val_r1=0.5, val_r5=1.0)
+    assert is_finite(finite) and describe(finite).startswith("loss 1.0000")
+    assert not is_finite(dict(finite, val_r1=float("nan")))  # NaN embeddings with a finite loss are not finite
+    none = describe(dict(v, studies=0, batches=0, skipped=2))  # every validation image unreadable
+    assert none == "no study could be validated (0 batch(es), 2 unreadable batch(es) skipped): no numbers"
+
+
+def test_nonfinite_validation_is_not_a_best_model_and_training_goes_on(tmp_path):
+    """The trainer's decision on a NaN validation: no best/ export, best_val kept, the step goes on (no raise)."""
+    nan = _nan_validation()
+    t = loop_mod.Trainer.__new__(loop_mod.Trainer)
+    t.validator = type("V", (), {"run": lambda self, *a: dict(nan)})()
+    t.step, t.total_steps, t.eval_every, t.best_val = 4, 10, 2, 3.5
+    t.args = argparse.Namespace(no_export=False)
+    t.model, t.val_loss_fn, t.device, t.run_dir = None, None, torch.device("cpu"), str(tmp_path)
+    t.runner = type("R", (), {"dtype": torch.float16})()
+    exported = []
+    t._export_best = lambda v: exported.append(v)
+    v = loop_mod.Trainer._validate_if_due(t)
+    assert v is not None and math.isnan(v["val_loss"])
+    assert t.best_val == 3.5 and exported == []
+    t.best_val = None  # nor is it the first best model
+    loop_mod.Trainer._validate_if_due(t)
+    assert t.best_val is None and exported == []
+
+
+# -- one line, exit 2, nothing written, for an input the run cannot use ---------------------------------------------
+def _cli_run(monkeypatch, capsys, argv):
+    """``python -m medst_fast.pretrain argv`` in this process: (exit status, stderr)."""
+    from medst_fast.pretrain import _cli
+
+    monkeypatch.setattr(sys, "argv", ["medst_fast.pretrain", *argv])
+    rc = _cli()
+    return rc, capsys.readouterr().err
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    os.makedirs(root / "p10" / "s1")
+    Image.new("L", (16, 16)).save(root / "p10" / "s1" / "view1.jpg")
+    return str(root)
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("vocab", "--vocab {tmp}/no-vocab.txt: no such file"),
+    ("max_length", "--model-override text.max_length=1: a report needs at least 3 tokens"),
+    ("raw_images", "--data {tmp}/raw holds images, not a prepared index (studies.csv, series.json, meta.json "
+                   "missing). Prepare it first: python -m medst_fast.data.prepare manifest"),
+])
+def test_input_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path, vocab_path, monkeypatch, capsys, case, msg):
+    out = tmp_path / "r"
+    argv = {"vocab": _argv(out, str(tmp_path / "no-vocab.txt")),
+            "max_length": _argv(out, vocab_path, "--model-override", "text.max_length=1"),
+            "raw_images": ["--data", _image_folder(tmp_path / "raw"), "--vocab", vocab_path, "--out", str(out)]}[case]
+    rc, err = _cli_run(monkeypatch, capsys, argv)
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip() == "medst_fast.pretrain: error: " + err.strip().split("error: ", 1)[1]  # one line
+    assert len(err.strip().splitlines()) == 1 and msg.format(tmp=tmp_path) in err, err
+    assert not out.exists()  # checked before the run folder was claimed
+
+
+def test_out_of_memory_is_one_line_naming_the_flags_that_lower_memory(tmp_path, vocab_path, monkeypatch, capsys):
+    def oom(self, batches):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+
+    monkeypatch.setattr(loop_mod.StepRunner, "forward_backward", oom)
+    rc, err = _cli_run(monkeypatch, capsys, _argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--no-export"))
+    assert rc == 1 and "Traceback" not in err, err
+    err = err.strip().splitlines()[-1]  # the log lines of the run's start come before it
+    assert err.startswith("medst_fast.pretrain: error: out of memory"), err
+    for part in ("out of memory in step 1 (CUDA out of memory. Tried to allocate 20.00 GiB", "--batch-series (now 2;",
+                 "--accum-steps, now 1", "--amp bf16 (now none)", "--grad-checkpointing"):
+        assert part in err, (part, err)
+
+
+# -- a run that made no update stops with the cause, and exports nothing ---------------------------------------------
+@pytest.fixture(scope="module")
+def imageless_index(tmp_path_factory):
+    """A 6-patient synthetic index whose images were all deleted after prepare (image_root still exists)."""
+    from medst_fast.data import prepare, synth
+
+    root = tmp_path_factory.mktemp("imageless")
+    synth.generate(str(root / "tree"), patients=6, seed=3, extras=False, zip_reports=False, image_size=(64, 56))
+    prepare.prepare_mimic(str(root / "tree"), str(root / "tree"), str(root / "idx"), cache_size=None, workers=0,
+                          progress=False)
+    for d, _, files in os.walk(root / "tree"):
+        for name in files:
+            if name.endswith(".jpg"):
+                os.unlink(os.path.join(d, name))
+    return str(root / "idx")
+
+
+def _index_argv(out, data, vocab, *extra):
+    return ["--data", data, "--vocab", vocab, "--out", str(out), "--workers", "0", "--batch-series", "2",
+            "--log-every", "1", "--progress", "off", "--loader", "pil", *SMALL, *extra]
+
+
+def test_steps_in_a_row_without_an_update_stop_naming_the_cause(tmp_path, vocab_path, imageless_index):
+    out = tmp_path / "r"
+    with pytest.raises(loop_mod.NoUpdates, match=r"3 steps in a row made no update .*--max-bad-steps 3.*missing_image "
+                                                  r"\d+.*meta.json field 'image_root'"):
+        main(_index_argv(out, imageless_index, vocab_path, "--max-steps", "10", "--max-bad-steps", "3"))
+    assert not (out / "final").exists() and not (out / "best").exists()
+
+
+def test_a_run_that_made_no_update_exports_nothing(tmp_path, vocab_path, imageless_index):
+    out = tmp_path / "r"  # fewer steps than --max-bad-steps: the end of the run catches it
+    with pytest.raises(loop_mod.NoUpdates, match=r"none of the run's 2 steps made an update.*2 unusable batch"):
+        main(_index_argv(out, imageless_index, vocab_path, "--max-steps", "2"))
+    assert not (out / "final").exists() and not (out / "final_encoder").exists()
+
+
+def test_meta_json_without_image_root_is_refused(tmp_path, vocab_path, imageless_index, monkeypatch, capsys):
+    import shutil
+
+    data = str(tmp_path / "idx")
+    shutil.copytree(imageless_index, data)
+    meta = json.loads(open(os.path.join(data, "meta.json")).read())
+    del meta["image_root"]
+    open(os.path.join(data, "meta.json"), "w").write(json.dumps(meta))
+    rc, err = _cli_run(monkeypatch, capsys, _index_argv(tmp_path / "r", data, vocab_path, "--max-steps", "2"))
+    assert rc == 2 and f"{data}/meta.json: field 'image_root' is missing" in err, err
+    assert not (tmp_path / "r").exists()

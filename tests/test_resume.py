@@ -149,3 +149,43 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, vocab_path
     assert [int(x.split(",")[0]) for x in rows] == list(range(1, 9))
     ref_rows = (ref_out / "metrics.csv").read_text().strip().splitlines()[1:]
     assert [x.split(",")[2] for x in rows] == [x.split(",")[2] for x in ref_rows]  # same loss every step
+
+
+# -- the index a run trained on is part of the run ------------------------------------------------------------------
+def _copy_index(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_index_fingerprint_sees_changed_reports_not_a_moved_image_root(tmp_path, small_index):
+    import json
+
+    from medst_fast.data.index import SeriesIndex
+
+    base = ck.index_fingerprint(small_index)
+    assert ck.index_fingerprint(_copy_index(small_index, tmp_path / "same")) == base
+    moved = _copy_index(small_index, tmp_path / "moved")  # the images copied elsewhere, the index pointed at them
+    meta = json.loads(open(os.path.join(moved, "meta.json")).read())
+    meta["image_root"] = "/scratch/images"
+    open(os.path.join(moved, "meta.json"), "w").write(json.dumps(meta))
+    assert ck.index_fingerprint(moved) == base
+    changed = tmp_path / "changed"  # every report rewritten, the same series: the count check cannot see it
+    idx = SeriesIndex.load(small_index)
+    for s in idx.studies:
+        s.text = "no acute cardiopulmonary process."
+    idx.save(str(changed))
+    assert len(SeriesIndex.load(str(changed)).series["train"]) == len(idx.series["train"])
+    assert ck.index_fingerprint(str(changed)) != base
+
+
+def test_resume_check_refuses_another_index_unless_allowed(caplog):
+    p = "/r/checkpoints/ckpt-00000002.pt"
+    ck.check_data_fingerprint(p, "a" * 64, "a" * 64, "/data/idx", allow_changed=False)  # the same index
+    ck.check_data_fingerprint(p, None, "b" * 64, "/data/idx", allow_changed=False)  # an older checkpoint: no field
+    with pytest.raises(ck.CheckpointError, match=r"ckpt-00000002.pt: resuming would change the run: the index "
+                                                 r"/data/idx differs .*--allow-changed-args"):
+        ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=False)
+    ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=True)
+    assert "--allow-changed-args: resuming" in caplog.text and "aaaaaaaaaaaa -> bbbbbbbbbbbb" in caplog.text

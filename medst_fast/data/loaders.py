@@ -31,7 +31,7 @@ from .dali_pipeline import DaliSeriesLoader
 from .dataset import SeriesDataset, collate_series
 from .gpu_loader import NvjpegSeriesLoader, import_decode_jpeg
 from .index import SeriesIndex
-from .sampling import SeriesBatchSampler, make_loader as make_torch_loader
+from .sampling import SeriesBatchSampler, iterate_and_stop_workers, make_loader as make_torch_loader
 
 log = logging.getLogger("medst_fast")
 BACKENDS = ("auto", "dali", "nvjpeg", "pil")
@@ -149,7 +149,7 @@ class PilSeriesLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Dict]:
-        for batch in self.loader:
+        for batch in iterate_and_stop_workers(self.loader):
             self.bad.update(batch.pop("_bad"))
             yield batch if "frontal" in batch else empty_batch_stand_in(self.bad, batch["n_series"])
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
-from typing import Callable, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -94,8 +94,32 @@ class SeededItems(Dataset):
             torch.set_rng_state(th)
 
 
-def _ignore_sigint(_worker_id):  # Ctrl-C reaches the whole process group; the main process handles it
+def _ignore_sigint(_worker_id):
+    """Leave SIGINT and SIGTERM to the main process. Ctrl-C, SLURM's time limit, scancel and timeout signal the
+    whole process group; a worker that died of it would make the DataLoader raise in the main process before it
+    could finish its step and write the checkpoint. The main process stops the workers itself when it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def iterate_and_stop_workers(loader: DataLoader) -> Iterator[Any]:
+    """Iterate ``loader``; when the caller stops early (a generator closed mid-epoch, e.g. a run stopped by a
+    signal) the worker processes are told to finish at once instead of when the iterator is garbage collected.
+
+    The workers ignore SIGTERM (``_ignore_sigint``), so they must be stopped this way: left to interpreter exit,
+    multiprocessing would SIGTERM them and then wait for them forever. A worker that does not finish within the
+    DataLoader's own join timeout is killed."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # absent without worker processes
+        if shutdown is not None:
+            shutdown()
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():
+                    w.kill()
+        del it
 
 
 def make_loader(dataset: Dataset, sampler: SeriesBatchSampler, collate: Callable, workers: int, seed: int,

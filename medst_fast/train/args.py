@@ -17,6 +17,12 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Set
 
+class UsageError(SystemExit):
+    """A flag, or a file a flag names, that cannot be used: the command line prints the one-line message and exits 2
+    (argparse's status for usage errors). A SystemExit, so that code which calls the trainer without that command
+    line still stops with the message rather than a traceback."""
+
+
 DEFAULT_SYNTHETIC_PATIENTS = 40
 SERIES_LEN_DEFAULT, SERIES_LEN_MIN, SERIES_LEN_MAX = 4, 2, 8  # the paper's series have 4 studies
 # Flags a resumed run does not take from its args.json: where and how to run, not what the run is.
@@ -274,6 +280,8 @@ def _validate(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
                  "synthetic_patients", "random_series"):
         if getattr(a, name) < 1:
             bad(f"{flag(name)} must be >= 1, got {getattr(a, name)}")
+    if a.seed < 0:  # numpy's seeding (sampler, crops) takes only non-negative integers
+        bad(f"--seed must be >= 0, got {a.seed}")
     if a.max_steps is not None and a.max_steps < 1:
         bad(f"--max-steps must be >= 1, got {a.max_steps}")
     if a.eval_every is not None and a.eval_every < 0:

@@ -317,6 +317,45 @@ def load_resume(resume: Optional[str], run_dir: str) -> Optional[Tuple[str, Dict
     raise CheckpointError(f"--resume {resume}: no intact checkpoint in {ckpt_dir(folder)}: " + "; ".join(problems))
 
 
+# -- the data a run trained on ----------------------------------------------------------------------------
+INDEX_FILES = ("studies.csv", "series.json", "meta.json")
+
+
+def index_fingerprint(index_dir: str) -> str:
+    """sha256 over a prepared index's files: its reports, image paths, splits and series.
+
+    meta.json's ``image_root`` is left out: copying the images to another disk (local scratch on a cluster) and
+    pointing the index at them does not change the data. Reading the files is cheap next to a training step.
+    """
+    h = hashlib.sha256()
+    for name in INDEX_FILES:
+        path = os.path.join(index_dir, name)
+        h.update(name.encode() + b"\0")
+        if name == "meta.json":
+            with open(path, "rb") as f:
+                meta = json.load(f)
+            meta.pop("image_root", None)
+            h.update(json.dumps(meta, sort_keys=True).encode())
+        else:
+            h.update(_file_digest(path)[0].encode())
+    return h.hexdigest()
+
+
+def check_data_fingerprint(path: str, old: Optional[str], new: Optional[str], data: Optional[str],
+                           allow_changed: bool) -> None:
+    """Refuse to resume on an index whose content differs from the checkpoint's (the same series count is not
+    the same data), unless ``allow_changed`` (--allow-changed-args), which logs it. A checkpoint written before
+    the fingerprint was recorded (``old`` None) is not checked."""
+    if old is None or old == new:
+        return
+    what = (f"the index {data} differs from the one the run trained on (index fingerprint {str(old)[:12]} -> "
+            f"{str(new)[:12]}: reports, image paths, splits or series changed)")
+    if not allow_changed:
+        raise CheckpointError(f"{path}: resuming would change the run: {what}. Resume with the run's own index, or "
+                              f"pass --allow-changed-args to continue on this one")
+    log.warning("--allow-changed-args: resuming %s although %s", path, what)
+
+
 # -- run folder -------------------------------------------------------------------------------------------
 _HELD_RUN_LOCKS: Dict[str, "RunLock"] = {}  # this process's run locks (a POSIX lock cannot see them)
 

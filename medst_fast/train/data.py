@@ -7,6 +7,7 @@ indexes (``--loader`` picks the back-end), a DataLoader over ``RandomSeriesDatas
 """
 from __future__ import annotations
 
+import csv
 import functools
 import logging
 import os
@@ -19,9 +20,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN  # stdlib-only module (no image libraries)
-from ..data.sampling import BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, make_loader  # noqa: F401 (re-exports)
+from ..data.sampling import (BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, iterate_and_stop_workers,  # noqa: F401 (re-exports)
+                             make_loader)
+from .checkpoint import INDEX_FILES
 
 log = logging.getLogger("medst_fast")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".tif", ".tiff", ".bmp")
+# Reports shorter than this many tokens are no reports: [CLS], at least one word, [SEP].
+MIN_TEXT_TOKENS = 3
 
 SYNTHETIC_VERSION = 2  # 2: findings drawn on the side the report names (data/synth.py)
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: id 0 = TextCfg.pad_token_id
@@ -121,6 +128,68 @@ def _build_synthetic(root: str, patients: int, seed: int, workers: int) -> None:
         f.write("ok\n")
 
 
+# -- the trainer's inputs, checked before it claims a run folder ------------------------------------------------
+def check_inputs(a, cfg):
+    """Raise UsageError (one line naming the flag, file or field) for an input the run could not use; returns the
+    loaded index for ``--data <index folder>`` (None otherwise), so it is read once."""
+    from .args import UsageError
+
+    vocab = a.vocab or os.environ.get("MEDST_FAST_VOCAB") or None
+    if vocab is not None and not os.path.isfile(vocab):
+        src = "--vocab" if a.vocab else "$MEDST_FAST_VOCAB"
+        raise UsageError(f"{src} {vocab}: no such file (a WordPiece vocab.txt, e.g. Bio_ClinicalBERT's)")
+    if vocab is None and a.dataset_type in ("index", "manifest"):
+        raise UsageError("--vocab is required with --data (e.g. Bio_ClinicalBERT's vocab.txt), or set MEDST_FAST_VOCAB")
+    for flag, path in (("--init", a.init), ("--text-init", a.text_init)):
+        if path and not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file or folder")
+    if cfg.text.max_length < MIN_TEXT_TOKENS:
+        raise UsageError(f"--model-override text.max_length={cfg.text.max_length}: a report needs at least "
+                         f"{MIN_TEXT_TOKENS} tokens ([CLS], one word, [SEP]); the default is 112")
+    if a.dataset_type == "manifest" and not os.path.isfile(a.data):
+        raise UsageError(f"--data {a.data}: no such file (a manifest CSV)")
+    return load_train_index(a.data) if a.dataset_type == "index" else None
+
+
+def _holds_images(folder: str, limit: int = 10000) -> bool:
+    """Whether an image file lies in ``folder`` or below (stops after ``limit`` names)."""
+    seen = 0
+    for _, _, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                return True
+            seen += 1
+        if seen >= limit:
+            break
+    return False
+
+
+def load_train_index(data: str):
+    """The prepared index ``--data`` names, with errors that say what to do: a folder of raw images needs
+    ``prepare``; ``image_root`` is required (without it relative image paths would resolve against whatever the
+    current folder is, and every image would be missing)."""
+    from ..data.index import SeriesIndex
+    from .args import UsageError
+
+    if not os.path.isdir(data):
+        raise UsageError(f"--data {data}: no such folder")
+    missing = [n for n in INDEX_FILES if not os.path.isfile(os.path.join(data, n))]
+    if missing:
+        what = "holds images, not a prepared index" if _holds_images(data) else "is not a prepared index folder"
+        raise UsageError(
+            f"--data {data} {what} ({', '.join(missing)} missing). Prepare it first: python -m medst_fast.data.prepare "
+            f"manifest --csv <CSV of patient, time, view, image path, report> --out <index folder> (or prepare mimic "
+            f"--jpg-root ... --reports ... --out ... for MIMIC-CXR-JPG), then train with --data <index folder>")
+    try:
+        index = SeriesIndex.load(data)
+    except (OSError, ValueError, csv.Error) as e:  # ValueError includes a UnicodeDecodeError
+        raise UsageError(f"--data {data}: {e}") from None
+    if not index.meta.get("image_root"):
+        raise UsageError(f"{os.path.join(data, 'meta.json')}: field 'image_root' is missing or empty: the index must "
+                         f"say where its images are (prepare writes it; add \"image_root\": \"<image folder>\")")
+    return index
+
+
 # -- in-memory random series (no I/O): throughput checks and tests ---------------------------------------------
 _WORDS = ("no acute cardiopulmonary process heart size normal lungs clear pleural effusion pneumothorax "
           "mild moderate severe left right lower lobe opacity atelectasis consolidation edema stable "
@@ -205,7 +274,7 @@ class RandomSeriesLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        return iter(self.loader)
+        return iterate_and_stop_workers(self.loader)
 
 
 def split_size(data: str, split: str, series_len: Optional[int] = None) -> int:

@@ -44,12 +44,12 @@ from . import distributed as D
 from ..config import LossCfg, MedSTConfig
 from ..losses import MedSTLoss
 from ..plot import PLOT_FILE
-from .args import parse_overrides, resolve
-from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, ensure_synthetic,
-                   split_size)
+from .args import UsageError, parse_overrides, resolve
+from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, check_inputs,
+                   ensure_synthetic, split_size)
 from .metrics import MetricsWriter, check_report_to, data_note, hms, make_progress, memory_gib, setup_logging, timing_note
 from .schedule import cosine_warmup_lr
-from .validate import Validator, describe
+from .validate import Validator, describe, is_finite
 
 VAL_SPLIT = "valid"
 
@@ -71,6 +71,10 @@ RUN_DEFINING = ("lr", "min_lr", "warmup_frac", "epochs", "max_steps", "wd", "bet
                 "local_weighting", "local_scope", "lambda_cross_local")
 _NOT_RECORDED = ("inherited",)  # parse_args bookkeeping, not a setting
 _PAPER_LOSS = LossCfg()  # the defaults are the paper's loss
+# A stop signal repeated within this many seconds is the same request delivered twice, not a second one: torchrun
+# passes the SIGTERM its own process group received on to each rank's group, and SLURM signals every process of
+# the job, so a rank may get one preemption twice within milliseconds.
+SAME_SIGNAL_S = 2.0
 
 
 def _flag(name: str) -> str:
@@ -100,6 +104,30 @@ def _without_loader_line():
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory in a step or a validation; the message names the flags that lower memory."""
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def oom_message(e: BaseException, a: argparse.Namespace, where: str, last_ckpt: Optional[str]) -> str:
+    """One line: what ran out, and the flags that lower memory which this run does not use yet."""
+    hints = [f"a smaller --batch-series (now {a.batch_series}; raise --accum-steps, now {a.accum_steps}, to keep the "
+             f"effective batch)"]
+    if a.amp != "bf16":
+        hints.append(f"--amp bf16 (now {a.amp})")
+    if not a.grad_checkpointing:
+        hints.append("--grad-checkpointing (recomputes the transformer blocks in backward)")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (f"out of memory {where} ({first}). To lower memory: {'; '.join(hints)}. Last checkpoint: {last_ckpt}")
+
+
+class NoUpdates(TrainingDiverged):
+    """The run, or --max-bad-steps steps in a row, made no update: exporting would publish weights that did not
+    train (every batch unreadable, e.g. images moved or deleted, or every loss non-finite)."""
 
 
 class PretrainModule(nn.Module):
@@ -340,6 +368,10 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.raw_args = args
         self._stop_signal: Optional[int] = None
+        self._stop_time = 0.0  # time.monotonic() of the first stop signal
+        self._steps_run = 0  # optimizer steps finished by this process (a resumed run counts from 0)
+        self.resumed_from: Optional[str] = None
+        self.last_ckpt: Optional[str] = None
         self._old_handlers: Dict[int, Any] = {}
         self._log_handlers: List[logging.Handler] = []
         self._log_level = log.level  # restored by close(): main() may be called from tests or notebooks
@@ -359,6 +391,9 @@ class Trainer:
 
             set_backend(a.kernels)
 
+        # Every input is checked before the run folder is claimed, so an input error leaves nothing behind.
+        overrides, cfg = self._model_config(a)
+        index = check_inputs(a, cfg)  # the loaded index for --data <index folder>, else None
         out = a.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         self.run_dir = D.broadcast_object(os.path.abspath(out))
         removed = self._claim_run_dir()
@@ -384,20 +419,13 @@ class Trainer:
                 build_wordpiece_vocab(RandomSeriesDataset(64, None, 8, seed=a.seed).texts(), self.run_dir)
             D.barrier()
             vocab = path
-        if vocab is None:
-            raise SystemExit("--vocab is required with --data (e.g. Bio_ClinicalBERT's vocab.txt), or set MEDST_FAST_VOCAB")
         a.vocab = os.path.abspath(vocab)
         self.vocab_sha256 = _file_sha256(a.vocab)
         self.data_path = os.path.abspath(data) if data else None
 
-        from .. import get_model_config, create_model
+        from .. import create_model
         from ..text.tokenizer import MedSTTokenizer
 
-        overrides = model_overrides(a)
-        try:
-            cfg = get_model_config(a.model).replace(**overrides)
-        except ValueError as e:
-            raise SystemExit(f"--model {a.model} / --model-override: {e}") from None
         tok = MedSTTokenizer(a.vocab, max_length=cfg.text.max_length)
         if tok.vocab_size != cfg.text.vocab_size:
             log.info("vocab %s has %d tokens; model %s expects %d: using text.vocab_size=%d",
@@ -432,11 +460,14 @@ class Trainer:
             data = index_dir
         # Every back-end yields the batches of SeriesBatchSampler(n_series, batch_series, rank, world, seed): the
         # data order, crops and step count do not depend on --loader (data/loaders.py).
+        source = index if index is not None else data  # the index check_inputs loaded is not read again
         self.loader, self.n_series = build_train_loader(
-            a.dataset_type, data, a.split, tok, self.cfg.vision.img_size, a.batch_series, self.world.rank,
+            a.dataset_type, source, a.split, tok, self.cfg.vision.img_size, a.batch_series, self.world.rank,
             self.world.world_size, a.seed, a.workers, self.device, backend=a.loader,
             replicate_collate_bug=a.replicate_collate_bug, n_random=a.random_series,
             series_len=self.cfg.loss.series_len)  # the data's N is the temporal loss's N
+        # after the loader, which read the index (and named any problem with it)
+        self.data_fingerprint = ckpt.index_fingerprint(data) if a.dataset_type != "random" else None
         if a.dataset_type == "random":  # build_series_loader logs its own choice
             log.info("loader: %s (%s)", self.loader.backend, self.loader.reason)
         self._counts_base = {"bad": Counter(), "cpu_decoded": Counter()}  # a resumed run's counts so far
@@ -447,7 +478,7 @@ class Trainer:
         if a.max_steps:
             self.total_steps = min(self.total_steps, a.max_steps)
         self.eval_every = self.steps_per_epoch if a.eval_every is None else a.eval_every  # 0: at the end only
-        self.validator = self._build_validator(data)
+        self.validator = self._build_validator(source)
         self.best_val: Optional[float] = None  # the lowest validation loss so far (the model in <run>/best)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -485,6 +516,17 @@ class Trainer:
                  self.world.world_size, a.batch_series * self.world.world_size * a.accum_steps, a.accum_steps,
                  self.steps_per_epoch, self.total_steps)
 
+    @staticmethod
+    def _model_config(a: argparse.Namespace):
+        """(overrides, MedSTConfig) of --model, --model-override and the flags that set config fields."""
+        from .. import get_model_config
+
+        overrides = model_overrides(a)
+        try:
+            return overrides, get_model_config(a.model).replace(**overrides)
+        except ValueError as e:
+            raise UsageError(f"--model {a.model} / --model-override: {e}") from None
+
     def _build_validator(self, data: Optional[str]) -> Optional[Validator]:
         """The validation pass over the index's 'valid' split with the training back-end, or None (logged why)."""
         a, W = self.args, self.world.world_size
@@ -493,7 +535,7 @@ class Trainer:
             return None
         n = split_size(data, VAL_SPLIT, self.cfg.loss.series_len)
         if n < W:
-            log.info("validation: off (%s has %d series in its %r split, fewer than the %d rank(s))", data, n,
+            log.info("validation: off (%s has %d series in its %r split, fewer than the %d rank(s))", self.data_path, n,
                      VAL_SPLIT, W)
             return None
         bs = min(a.batch_series, n // W)
@@ -509,15 +551,21 @@ class Trainer:
         self.val_loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful)  # per rank: no gather, no gradients
         return Validator(loader, n, bs)
 
-    def _validate_if_due(self) -> Optional[Dict[str, Any]]:
+    def _validate_if_due(self, skip: bool = False) -> Optional[Dict[str, Any]]:
         """Validate after this step when it is due (every rank); export best/ when the loss improved."""
         due = self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0)
         if self.validator is None or not due:
             return None
+        if skip:
+            log.warning("validation at step %d skipped: stopping on a signal", self.step)
+            return None
         t = time.perf_counter()
-        v = self.validator.run(self.model, self.val_loss_fn, self.device, self.runner.dtype,
-                               lambda b: self.model.prepare_batch(batch_to(b, self.device)))
-        improved = math.isfinite(v["val_loss"]) and (self.best_val is None or v["val_loss"] < self.best_val)
+        try:
+            v = self.validator.run(self.model, self.val_loss_fn, self.device, self.runner.dtype,
+                                   lambda b: self.model.prepare_batch(batch_to(b, self.device)))
+        except _OOM as e:
+            raise OutOfMemory(oom_message(e, self.args, f"in the validation at step {self.step}", self.last_ckpt)) from None
+        improved = is_finite(v) and (self.best_val is None or v["val_loss"] < self.best_val)
         if improved:
             self.best_val = v["val_loss"]
             if not self.args.no_export:
@@ -618,6 +666,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "bad_steps": self.bad_total, "bad_batches": self.bad_batches,
             "n_series": self.n_series,
+            "data_fingerprint": self.data_fingerprint,  # None for --dataset-type random (no files)
             "best_val_loss": self.best_val,
             "rng": rngs,
             # per rank, like the RNG states: what the loader skipped or decoded on the CPU so far
@@ -698,6 +747,8 @@ class Trainer:
         if fixed:
             raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order, the "
                                        f"data or the model: {'; '.join(fixed)}")
+        ckpt.check_data_fingerprint(path, st.get("data_fingerprint"), self.data_fingerprint, self.data_path,
+                                    getattr(self.args, "allow_changed_args", False))
         changed = [f"{_flag(k)} {old[k]!r} -> {new.get(k)!r}" for k in RUN_DEFINING if k in old and old[k] != new.get(k)]
         if changed and not getattr(self.args, "allow_changed_args", False):
             raise ckpt.CheckpointError(
@@ -708,13 +759,33 @@ class Trainer:
 
     # -- signals ----------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: leave now
-        self._stop_signal = signum
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
-                    signal.Signals(signum).name)
+        """First SIGTERM/SIGINT after a step: finish the step, checkpoint, exit 128 + signal. Before the first step
+        of this process has finished, or a second time, exit at once: there is no new step to save, or the user
+        asked twice. A repeat within SAME_SIGNAL_S is the first one delivered twice, not a second request."""
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self._stop_signal is not None and now - self._stop_time < SAME_SIGNAL_S:
+            return
+        if self._stop_signal is not None:
+            why = (f"received {name} again while stopping: exiting now without waiting for the checkpoint of this "
+                   f"step; the last complete checkpoint is {self.last_ckpt}")
+        elif self._steps_run == 0:
+            since = f"the checkpoint {self.resumed_from} it resumed from" if self.resumed_from else "no checkpoint"
+            why = (f"received {name} before the first step of this process finished (data loading or a first "
+                   f"--compile): exiting now; no step was taken since {since}, so there is nothing new to save")
+        else:
+            self._stop_signal, self._stop_time = signum, now
+            log.warning("received %s: saving a checkpoint at the end of this step, then exiting", name)
+            return
+        log.warning("%s", why)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
     def _install_signals(self) -> None:
+        # Installed by run(), not setup(): during setup SIGTERM keeps its default and ends the process at once
+        # (nothing to save yet), and a Trainer set up but never run leaves the process's handlers alone.
+        if self._old_handlers:
+            return
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old_handlers[s] = signal.signal(s, self._on_signal)
@@ -737,12 +808,16 @@ class Trainer:
         bar = make_progress(self.total_steps, self.step, a.progress, primary, a.progress_interval)
         result = TrainResult(self.run_dir, self.step, self.epoch, bad_steps=self.bad_total, bad_batches=self.bad_batches)
         self._install_signals()
-        self._bad_run = 0
+        self._bad_run = 0  # non-finite losses in a row
+        self._skipped_run = 0  # steps in a row without an update, for any reason
+        self._updates_run = 0  # updates made by this process
+        self._last_problem = ""  # why the last unusable batch could not be used
         self._weights_bad = torch.zeros(1, device=self.device, dtype=torch.float64)  # set after each update
         W = self.world.world_size
         self._t0, self._step0 = time.perf_counter(), self.step  # for elapsed and ETA
         win = _Window(self._t0)
         self._t_input = self._t_compute = 0.0  # seconds this log window spent waiting for batches / the rest
+        it = None
         try:
             self.module_train(True)
             while self.step < self.total_steps and self.epoch < a.epochs:
@@ -751,15 +826,22 @@ class Trainer:
                 epoch_now = self.epoch
                 while self.epoch == epoch_now and self.step < self.total_steps:
                     lr = cosine_warmup_lr(self.step, self.total_steps, a.lr, a.min_lr, a.warmup_frac)
-                    s = self._one_step(it, lr)
+                    try:
+                        s = self._one_step(it, lr)
+                    except _OOM as e:
+                        raise OutOfMemory(oom_message(e, a, f"in step {self.step + 1}", self.last_ckpt)) from None
                     if win.add(s, W):
                         result.last_loss = s[2] / W
                     self.step += 1
                     self.step_in_epoch += 1
+                    self._steps_run += 1
                     log_epoch = self.epoch + 1
                     if self.step_in_epoch == self.steps_per_epoch:  # position saved = start of the next epoch
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    val = self._validate_if_due()  # before the checkpoint, which records the best loss so far
+                    stop = s[1] > 0
+                    # before the checkpoint, which records the best loss so far; not while stopping on a signal,
+                    # whose grace period (SLURM's KillWait, torchrun's 30 s) is for the checkpoint
+                    val = self._validate_if_due(skip=stop)
                     if val is not None:
                         result.val = val
                         win.t += val["seconds"]  # studies/s and the window's times count training only
@@ -770,7 +852,6 @@ class Trainer:
                     if self.step % a.log_every == 0 or self.step == self.total_steps or val is not None:
                         self._log_window(win, log_epoch, lr, val, writer, bar)
                         win = _Window(time.perf_counter())
-                    stop = s[1] > 0
                     if stop or self.step % a.save_every == 0 or self.step == self.total_steps:
                         self.save()
                     if stop:
@@ -779,9 +860,11 @@ class Trainer:
                                     self.step, self.run_dir)
                         result.interrupted = int(sig)
                         return self._finish(result, writer, bar, export=False)
-                del it
+                it = None  # the epoch's loader workers finish here
             return self._finish(result, writer, bar, export=not a.no_export)
         finally:
+            if it is not None and hasattr(it, "close"):  # stopped mid-epoch: stop the loader's workers now
+                it.close()
             self._restore_signals()
             if bar is not None:
                 bar.close()
@@ -858,8 +941,10 @@ class Trainer:
             n_bad = len(problems)
         if n_bad:
             self.bad_batches += n_bad
+            self._last_problem = problems[0] if problems else "on another rank"
             log.warning("step %d: %d unusable batch(es) (%s); step skipped without a forward (%d bad batches in total)",
-                        self.step + 1, n_bad, problems[0] if problems else "on another rank", self.bad_batches)
+                        self.step + 1, n_bad, self._last_problem, self.bad_batches)
+            self._no_update()
             nan = float("nan")
             return [0.0, stop, nan, nan, nan, nan, nan, 0.0]
         # The packing plan is built here, on the host and outside any compiled region (models/packing.py).
@@ -887,16 +972,41 @@ class Trainer:
                     f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
                     f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
                     f"--clip-grad, or use --amp bf16/none instead of fp16.")
+            self._no_update()
         else:
-            self._bad_run = 0
+            self._bad_run = self._skipped_run = 0
+            self._updates_run += 1
             self.runner.optimizer_step(lr)
             self._weights_bad = self.runner.nonfinite_weights()
         return s[:8]
+
+    def _no_update(self) -> None:
+        """Count a step without an update; --max-bad-steps of them in a row stop the run (every rank alike: the
+        decisions before it were all-reduced)."""
+        self._skipped_run += 1
+        if self._skipped_run >= self.args.max_bad_steps:
+            raise NoUpdates(f"stopping: {self._skipped_run} steps in a row made no update (up to step "
+                            f"{self.step + 1}, limit --max-bad-steps {self.args.max_bad_steps}). {self._no_update_cause()}")
+
+    def _no_update_cause(self) -> str:
+        """Why steps were skipped, with the loader's counts and where it looked for the images."""
+        bad = self._data_counts()["bad"]
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()) if v) or "none"
+        parts = [f"{self.bad_batches} unusable batch(es) in total, last: {self._last_problem or '-'}; loader "
+                 f"counts: {counts}", f"{self.bad_total} step(s) with a non-finite loss"]
+        where = ""
+        if self.data_path and self.args.dataset_type != "random":
+            where = (f" Check that the images exist where the index says: {os.path.join(self.data_path, 'meta.json')}"
+                     f" field 'image_root'.")
+        return f"Cause: {'; '.join(parts)}.{where} Last checkpoint: {self.last_ckpt}."
 
     def module_train(self, mode: bool) -> None:
         self.runner.module.train(mode)
 
     def _finish(self, result: TrainResult, writer, bar, export: bool) -> TrainResult:
+        if self._steps_run and not self._updates_run and self.resumed_from is None and not result.interrupted:
+            raise NoUpdates(f"stopping: none of the run's {self._steps_run} steps made an update, so there is no "
+                            f"trained model to save or export. {self._no_update_cause()}")
         result.step, result.epoch, result.bad_steps = self.step, self.epoch, self.bad_total
         result.bad_batches = self.bad_batches
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"ckpt-{self.step:08d}.pt"):
@@ -904,7 +1014,7 @@ class Trainer:
         result.last_checkpoint = self.last_ckpt
         if self.best_val is not None and os.path.isdir(os.path.join(self.run_dir, "best")):
             result.best_dir = os.path.join(self.run_dir, "best")
-        if self.world.is_primary:
+        if self.world.is_primary and not result.interrupted:  # a stopped run exits within its grace period
             self._plot()
         if export:
             self._check_finite("export the model")
@@ -935,6 +1045,7 @@ class Trainer:
             log.warning("could not plot the training curves (%s: %s)", type(e).__name__, e)
 
     def close(self) -> None:
+        self._restore_signals()
         self._release_lock()
         for h in self._log_handlers:
             log.removeHandler(h)

@@ -150,9 +150,10 @@ class MetricsWriter:
         self._f.flush()
         scalars = {(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"): float(v) for k, v in row.items()
                    if k not in ("step", "epoch") and isinstance(v, (int, float))}
-        if self.tb is not None:
+        if self.tb is not None:  # a NaN would break the plot's scale; the CSV keeps it, as "nan"
             for k, v in scalars.items():
-                self.tb.add_scalar(k, v, row["step"])
+                if math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in scalars.items() if math.isfinite(v)}, step=int(row["step"]))
 

@@ -134,14 +134,29 @@ class Validator:
         all_txt = torch.cat([p["txt"] for p in embeds]) if embeds else torch.zeros(0, 1)
         r = recall_at_k(all_img, all_txt, (1, 5))
         val_loss = sum(p["loss"] for p in parts) / n if n else float("nan")
-        if n and not math.isfinite(val_loss):
-            log.warning("validation loss is %s: not a best model", val_loss)
         img_cos, txt_cos = mean_pairwise_cosine(all_img), mean_pairwise_cosine(all_txt)
         warning = collapse_warning(img_cos, txt_cos, batchnorm_start_weight(model))
         if warning:
             log.warning("%s", warning)
-        return {"val_loss": val_loss, "val_r1": r[1], "val_r5": r[5], "studies": int(all_img.shape[0]),
-                "batches": n, "skipped": sum(p["skipped"] for p in parts), "img_cos": img_cos, "txt_cos": txt_cos}
+        v = {"val_loss": val_loss, "val_r1": r[1], "val_r5": r[5], "studies": int(all_img.shape[0]),
+             "batches": n, "skipped": sum(p["skipped"] for p in parts), "img_cos": img_cos, "txt_cos": txt_cos}
+        if n and not is_finite(v):
+            log.warning("validation is not finite (%s): not a best model; training goes on. Under --amp fp16 an "
+                        "activation can overflow in eval mode; --amp bf16 or none avoids it", _nonfinite_fields(v))
+        return v
+
+
+VALUE_FIELDS = ("val_loss", "val_r1", "val_r5")
+
+
+def _nonfinite_fields(v: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v[k]}" for k in VALUE_FIELDS if not math.isfinite(v[k]))
+
+
+def is_finite(v: Dict[str, Any]) -> bool:
+    """Whether a validation's loss and recalls are all finite numbers (a NaN recall means NaN embeddings); only
+    such a validation can be a best model."""
+    return all(math.isfinite(v[k]) for k in VALUE_FIELDS)
 
 
 def above_chance_p(rate: float, n: int, k: int) -> float:
@@ -151,6 +166,8 @@ def above_chance_p(rate: float, n: int, k: int) -> float:
     independent, so the hit count is Binomial(n, k / n) and p = P(hits >= observed). (The hits of one random
     permutation are slightly dependent; the binomial is the usual, slightly conservative stand-in.) 1.0 when
     k >= n: every ranking then "hits" and the number says nothing."""
+    if not math.isfinite(rate):
+        return float("nan")
     if n <= 0 or k >= n:
         return 1.0
     q, hits = k / n, round(rate * n)
@@ -161,13 +178,14 @@ def describe(v: Dict[str, Any]) -> str:
     """One log line: the numbers with the chance level of retrieval and how far above it they are (a one-sided
     binomial p-value), so that a few validation studies cannot pass for learning."""
     n = v["studies"]
-    chance = ""
-    if n:
-        p1, p5 = above_chance_p(v["val_r1"], n, 1), above_chance_p(v["val_r5"], n, 5)
-        above = [name for name, p in (("R@1", p1), ("R@5", p5)) if p < 0.05]
-        verdict = (f"above chance: {' and '.join(above)}" if above else
-                   "not distinguishable from chance at p < 0.05")
-        chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f}, binomial p {p1:.2g} / {p5:.2g}: {verdict})"
     skipped = f", {v['skipped']} unreadable batch(es) skipped" if v["skipped"] else ""
+    if not n:
+        return f"no study could be validated ({v['batches']} batch(es){skipped}): no numbers"
+    if not is_finite(v):  # NaN has no chance level; say what is not finite instead
+        return f"NOT FINITE ({_nonfinite_fields(v)}) over {n} studies in {v['batches']} batch(es){skipped}"
+    p1, p5 = above_chance_p(v["val_r1"], n, 1), above_chance_p(v["val_r5"], n, 5)
+    above = [name for name, p in (("R@1", p1), ("R@5", p5)) if p < 0.05]
+    verdict = f"above chance: {' and '.join(above)}" if above else "not distinguishable from chance at p < 0.05"
+    chance = f" (chance {1 / n:.3f} / {min(1.0, 5 / n):.3f}, binomial p {p1:.2g} / {p5:.2g}: {verdict})"
     return (f"loss {v['val_loss']:.4f}, image-to-report R@1 {v['val_r1']:.3f} R@5 {v['val_r5']:.3f}{chance} "
             f"over {n} studies in {v['batches']} batch(es){skipped}")
