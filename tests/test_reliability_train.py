@@ -632,8 +632,16 @@ def _image_folder(root):
     return str(root)
 
 
+def _not_a_vocab(path):
+    from PIL import Image
+
+    Image.new("L", (16, 16)).save(path)  # a JPEG given as --vocab
+    return str(path)
+
+
 @pytest.mark.parametrize("case,msg", [
     ("vocab", "--vocab {tmp}/no-vocab.txt: no such file"),
+    ("vocab_not_text", "--vocab: {tmp}/scan.jpg"),
     ("max_length", "--model-override text.max_length=1: a report needs at least 3 tokens"),
     ("raw_images", "--data {tmp}/raw holds images, not a prepared index (studies.csv, series.json, meta.json "
                    "missing). Prepare it first: python -m medst_fast.data.prepare manifest"),
@@ -641,6 +649,7 @@ def _image_folder(root):
 def test_input_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path, vocab_path, monkeypatch, capsys, case, msg):
     out = tmp_path / "r"
     argv = {"vocab": _argv(out, str(tmp_path / "no-vocab.txt")),
+            "vocab_not_text": _argv(out, _not_a_vocab(tmp_path / "scan.jpg")),
             "max_length": _argv(out, vocab_path, "--model-override", "text.max_length=1"),
             "raw_images": ["--data", _image_folder(tmp_path / "raw"), "--vocab", vocab_path, "--out", str(out)]}[case]
     rc, err = _cli_run(monkeypatch, capsys, argv)

@@ -138,6 +138,12 @@ def check_inputs(a, cfg):
     if vocab is not None and not os.path.isfile(vocab):
         src = "--vocab" if a.vocab else "$MEDST_FAST_VOCAB"
         raise UsageError(f"{src} {vocab}: no such file (a WordPiece vocab.txt, e.g. Bio_ClinicalBERT's)")
+    if vocab is not None:
+        from ..text.tokenizer import read_vocab
+        try:
+            read_vocab(vocab)  # not UTF-8 text, no special tokens, duplicates: one line naming the file
+        except ValueError as e:
+            raise UsageError(f"{'--vocab' if a.vocab else '$MEDST_FAST_VOCAB'}: {e}") from None
     if vocab is None and a.dataset_type in ("index", "manifest"):
         raise UsageError("--vocab is required with --data (e.g. Bio_ClinicalBERT's vocab.txt), or set MEDST_FAST_VOCAB")
     for flag, path in (("--init", a.init), ("--text-init", a.text_init)):
