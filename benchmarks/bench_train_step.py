@@ -22,6 +22,7 @@ Another row times a batch of frontal-only studies against one of two-view studie
 On CPU the shapes are tiny (medst_tiny, 4 studies) and the rows say they are not performance numbers.
 """
 import os
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -136,10 +137,14 @@ def step_gflop(cfg, n_frontal_only, n_two_view, text_len, batch) -> float:
     return 3 * (vis + txt) / 1e9
 
 
-def _tokenizer(tmp_path_factory):
-    if os.path.isfile(SHARED_VOCAB):
-        return MedSTTokenizer(SHARED_VOCAB)
-    d = tmp_path_factory.mktemp("vocab")
+def _tokenizer(tmp_path_factory=None):
+    """The shared BioClinicalBERT vocabulary when present (MEDST_SHARED_DIR or ../shared), else a small one
+    built from the random reports."""
+    shared = os.environ.get("MEDST_SHARED_DIR")
+    vocab = os.path.join(shared, "vocab", "bio_clinicalbert", "vocab.txt") if shared else SHARED_VOCAB
+    if os.path.isfile(vocab):
+        return MedSTTokenizer(vocab)
+    d = tmp_path_factory.mktemp("vocab") if tmp_path_factory is not None else tempfile.mkdtemp(prefix="medst_vocab_")
     return MedSTTokenizer(build_wordpiece_vocab(RandomSeriesDataset(64, None, 8).texts(), str(d)))
 
 
