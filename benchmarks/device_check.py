@@ -41,11 +41,14 @@ def _cmd(*argv: str) -> str:
         return f"not available ({type(e).__name__})"
 
 
-def _version(name: str) -> str:
+def _version(dist: str) -> str:
+    """The installed distribution's version, without importing it (transformers alone takes seconds)."""
+    from importlib import metadata
+
     try:
-        return __import__(name).__version__
-    except Exception as e:  # any import failure is the answer
-        return f"none ({type(e).__name__})"
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def cmd_env(_a) -> int:
@@ -55,7 +58,7 @@ def cmd_env(_a) -> int:
     print("torch:", torch.__version__, "| cuda:", torch.version.cuda, "| cuda available:", CUDA)
     if CUDA:
         print("device:", torch.cuda.get_device_name(), "| capability:", torch.cuda.get_device_capability())
-    for m in ("triton", "numpy", "torchvision", "pandas", "timm", "transformers", "PIL"):
+    for m in ("triton", "numpy", "torchvision", "pandas", "timm", "transformers", "pillow", "nvidia-dali-cuda130"):
         print(f"{m}:", _version(m))
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     print("nvcc:", _cmd(nvcc, "--version").splitlines()[-1] if nvcc else "not found")
