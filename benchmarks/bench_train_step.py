@@ -33,7 +33,7 @@ import pytest
 from _common import bench, matmul_peak_tflops, peak_gib, quick, row, spread
 
 import medst_fast
-from medst_fast.kernels._utils import get_backend, set_backend
+from medst_fast.kernels._utils import get_backend, has_triton, set_backend
 from medst_fast.losses import MedSTLoss
 from medst_fast.models.medst import MedSTOutput
 from medst_fast.text.tokenizer import MedSTTokenizer
@@ -224,6 +224,9 @@ def test_train_step(bench_results, tmp_path_factory, studies):
         return t, sps, peak, mfu
 
     shape = f"{B} studies ({n_lat} with lateral), {base.cfg.vision.img_size}px, L{L}"
+    fused = "Triton" if CUDA and has_triton() and fast_backend == "triton" else "PyTorch references (no CUDA)"
+    ran = (f"ran: autocast {AMP}; medst_fast kernels backend {fast_backend} ({fused}), baselines backend torch"
+           if AMP != "none" else f"ran: fp32, no autocast; medst_fast kernels backend {fast_backend} ({fused})")
     ours = measure("medst_fast")
     assert ours is not None, "medst_fast's own step ran out of memory"
     rows = []
@@ -231,7 +234,7 @@ def test_train_step(bench_results, tmp_path_factory, studies):
         other = measure(impl)
         if other is not None:
             rows.append(row("train_step", "train_step", shape, "studies/s", impl, other[1], "medst_fast", ours[1],
-                            _precision(AMP), note=_note(other, ours, gflop)))
+                            _precision(AMP), note=_note(other, ours, gflop) + "; " + ran))
     if CUDA and studies == STUDIES[0]:  # what bf16 alone is worth, separately from the speed-ups above
         fp32 = measure("medst_fast", "none")
         if fp32 is not None:
@@ -239,8 +242,7 @@ def test_train_step(bench_results, tmp_path_factory, studies):
                             "medst_fast", ours[1], "fp32", _precision(AMP), note=_note(fp32, ours, gflop)))
     if studies == STUDIES[0]:
         rows += [r for r in [_lateral_cost_row(measure, tok, base, studies)] if r is not None]
-    if os.environ.get("BENCH_COMPILE") == "1":
-        comp = measure("medst_fast+compile")
+    if os.environ.get("BENCH_COMPILE") == "1" and (comp := measure("medst_fast+compile")) is not None:
         rows.append(row("train_step", "train_step compile", shape, "studies/s", "medst_fast", ours[1],
                         "medst_fast+compile", comp[1], _precision(AMP), note=_note(ours, comp, gflop)))
     bench_results.add(rows)
