@@ -3,6 +3,7 @@ same code, so a stale baseline or a broken stage is caught before a GPU sees it.
 import csv
 import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -24,8 +25,9 @@ def test_unknown_argument_is_a_usage_error(tmp_path):
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("device_check")
+    # PYTHON: the stages run this interpreter (the one running the tests), whatever `python` is on PATH
     r = subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=3000,
-                       env=dict(os.environ, OUT=str(out)))
+                       env=dict(os.environ, OUT=str(out), PYTHON=sys.executable))
     return out, r
 
 
