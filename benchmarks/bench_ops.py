@@ -120,7 +120,8 @@ def local_alignment_case(B):
         "official eager 1-head SDPA": step(lambda: official_style_local_loss(words, patches, mha_w, 0.1, True, True)
                                            + official_style_local_loss(patches, words, mha_p, 0.1, False, True)),
     }
-    ran = f"fused {fused_path} compute_dtype {precision_name(ct)}; baselines under autocast {precision_name(AMP)}"
+    ran = f"fused {fused_path} compute_dtype {precision_name(ct)}; " + (
+        f"baselines under autocast {precision_name(AMP)}" if AMP is not None else "no autocast: every side fp32")
     return impls, local_flops(B, W, P, d), f"B{B} W{W} P{P} d{d}", ran
 
 
