@@ -121,7 +121,8 @@ fi
 # Only the files that carry the marker are collected: importing all of tests/ costs a CPU minute for nothing.
 mapfile -t CUDA_FILES < <(grep -l "mark\.cuda" tests/test_*.py)
 stage cuda_tests 100 0 "$PY" -m pytest -m cuda "${CUDA_FILES[@]}" -q -rs -p no:cacheprovider
-BENCH=("$PY" -m pytest -q -rs -p no:cacheprovider --benchmark --bench-csv "$CSV")
+# -s: the benchmarks' own SKIP / OOM lines reach the log (pytest would capture them)
+BENCH=("$PY" -m pytest -q -s -rs -p no:cacheprovider --benchmark --bench-csv "$CSV")
 stage train_step 120 2 "${BENCH[@]}" benchmarks/bench_train_step.py
 stage ops 50 4 "${BENCH[@]}" benchmarks/bench_ops.py -k "not gemm_configs"
 stage e2e 75 0 "$PY" benchmarks/device_check.py e2e --out "$LOGS/e2e" --steps 30
