@@ -163,23 +163,56 @@ def format_table(rows: List[Dict]) -> List[str]:
 
 # -- timing ---------------------------------------------------------------------------------------------------------
 def bench(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> Dict[str, float]:
-    """Median / p20 / p80 milliseconds of ``fn`` after warm-up. CUDA: triton.testing.do_bench (flushes L2,
-    CUDA-event timed); CPU: wall clock, few repetitions (tiny shapes only)."""
-    if CUDA:
-        from triton.testing import do_bench
-
-        p50, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
-    for _ in range(min(warmup, 2)):
+    """Milliseconds of ``fn``: ``warmup`` untimed calls, then ``rep`` timed ones, each timed on its own (CUDA
+    events on a GPU, the wall clock on the CPU). Returns the median, min, max, p20 and p80 and ``n`` (the
+    number of timed calls). The counts are honoured as given: a slow step gets its ``rep`` samples, not a
+    millisecond budget's one. Quick mode and CPU runs cap them (tiny shapes: they check that things run)."""
+    if not CUDA or quick():
+        warmup, rep = min(warmup, 1 if quick() else 2), max(1, min(rep, 2 if quick() else 5))
+    for _ in range(warmup):
         fn()
+    ts = _timed(fn, rep)
+    q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
+    return {"ms": statistics.median(ts), "ms_min": ts[0], "ms_max": ts[-1], "ms_p20": q(0.2), "ms_p80": q(0.8),
+            "n": len(ts)}
+
+
+def _timed(fn: Callable[[], object], rep: int) -> List[float]:
+    """Sorted per-call milliseconds."""
+    if CUDA:
+        torch.cuda.synchronize()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+        for a, b in ev:
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        return sorted(a.elapsed_time(b) for a, b in ev)
     ts = []
-    for _ in range(min(rep, 3 if quick() else 5)):
+    for _ in range(rep):
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
-    ts.sort()
-    q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
-    return {"ms": statistics.median(ts), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+    return sorted(ts)
+
+
+def spread(t: Dict[str, float]) -> str:
+    """"median (min-max, n=N) ms" for a note."""
+    return f"{t['ms']:.4g} ms ({t['ms_min']:.4g}-{t['ms_max']:.4g}, n={t['n']})"
+
+
+def matmul_peak_tflops(dtype=None) -> Dict[str, float]:
+    """The dense matmul rate this device reaches in this run (bf16 on CUDA, fp32 on the CPU), in TFLOP/s:
+    the MFU denominator, measured rather than taken from a data sheet (clocks, power caps and the card's
+    variant all move it). 8192^3 on CUDA (best of 10 after warm-up); 256^3 on the CPU (not a performance
+    number)."""
+    dtype = dtype or (torch.bfloat16 if CUDA else torch.float32)
+    n = 8192 if CUDA and not quick() else 256
+    dev = "cuda" if CUDA else "cpu"
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    t = bench(lambda: a @ b, warmup=5, rep=10)
+    return {"tflops": 2 * n ** 3 / (t["ms_min"] * 1e-3) / 1e12, "n": n, "dtype": precision_name(dtype)}
 
 
 def peak_gib(fn: Callable[[], object]) -> float:

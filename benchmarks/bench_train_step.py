@@ -14,20 +14,26 @@ the same run, on the same weights, batch, device and precision.
 Precision: bf16 autocast on CUDA, fp32 on the CPU, for every side of every speed-up row. On CUDA an extra
 row ``train_step precision`` compares medst_fast fp32 with medst_fast bf16. ``BENCH_COMPILE=1`` adds a row
 for torch.compile of medst_fast (baseline: medst_fast eager).
-Data loading is excluded (the batch is already on the device). Studies/s counts studies (rows); the note
-gives MFU (253 GFLOP per study, ViT-B Med-ST forward+backward, over the GPU's dense bf16 peak).
-On CPU the shapes are tiny (medst_tiny, 2 series) and the rows say they are not performance numbers.
+Sizes: 40 and 160 studies (series of 4), half of them with a lateral. Timing: CUDA events, 3 warm-up and 10
+timed steps (median in the row; min, max and n in the note). Data loading is excluded (the batch is already
+on the device). Studies/s counts studies; the note gives ms/step, peak GiB and MFU: the step's matmul flops
+(counted from the config, tokens that exist) over the dense bf16 matmul rate measured in the same run.
+Another row times a batch of frontal-only studies against one of two-view studies (the lateral's cost).
+On CPU the shapes are tiny (medst_tiny, 4 studies) and the rows say they are not performance numbers.
 """
 import os
+import tempfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import bench, peak_gib, quick, row
+import pytest
+
+from _common import bench, matmul_peak_tflops, peak_gib, quick, row, spread
 
 import medst_fast
-from medst_fast.kernels._utils import get_backend, set_backend
+from medst_fast.kernels._utils import get_backend, has_triton, set_backend
 from medst_fast.losses import MedSTLoss
 from medst_fast.models.medst import MedSTOutput
 from medst_fast.text.tokenizer import MedSTTokenizer
@@ -37,10 +43,9 @@ from medst_fast.train.loop import PretrainModule, StepRunner, batch_to, freeze_u
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 MODEL = os.environ.get("BENCH_MODEL", "medst_vit_b16" if CUDA else "medst_tiny")
-SERIES = int(os.environ.get("BENCH_SERIES", "2" if (quick() or not CUDA) else "10"))
+STUDIES = (40, 160) if CUDA and not quick() else (4,)
 AMP = "bf16" if CUDA else "none"  # the precision of every speed-up row
-GFLOP_PER_STUDY = 253.0  # ViT-B Med-ST, forward + backward
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+WARMUP, TIMED = 3, 10
 SHARED_VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vocab", "bio_clinicalbert", "vocab.txt")
 
 
@@ -97,19 +102,49 @@ class OfficialStyle(nn.Module):
                           F.normalize(m.visual_local_head(patches, pm), dim=-1), F.normalize(m.text_local_head(words, wm), dim=-1),
                           pmask, wmask, int(batch["n_full_series"]), cls)
         lo = self.loss_fn(out, m)
-        return lo.total, torch.stack([lo.ita, lo.local, lo.temporal]).float()
+        # the four loss terms the trainer's step records (StepRunner: ita, local, temporal, cross_local)
+        return lo.total, torch.stack([lo.ita, lo.local, lo.temporal, lo.cross_local]).float()
 
 
-def _batch(tok, img_size):
-    ds = RandomSeriesDataset(8 * SERIES, tok, img_size, seed=0)
-    full = [i for i in range(len(ds)) if ds[i]["frontal"].shape[0] == 4][:SERIES]
-    return batch_to(collate_pretokenized([ds[i] for i in full]), DEV)
+def _batch(tok, img_size, studies, laterals="half"):
+    """``studies`` studies in full series of 4 (one temporal cycle each); ``laterals``: "half" (every second
+    study has one), "none" or "all"."""
+    ds = RandomSeriesDataset(8 * studies, tok, img_size, seed=0)
+    full = (it for it in (ds[i] for i in range(len(ds))) if it["frontal"].shape[0] == 4)  # lazily: ~60 % are
+    items = [next(full) for _ in range(studies // 4)]
+    g = torch.Generator().manual_seed(1)
+    for k, it in enumerate(items):
+        has = torch.tensor([laterals == "all" or (laterals == "half" and (4 * k + t) % 2 == 0) for t in range(4)])
+        it["has_lateral"] = has
+        it["lateral"] = (torch.rand(it["frontal"].shape, generator=g) * 2 - 1) * has[:, None, None, None]
+    return batch_to(collate_pretokenized(items), DEV)
 
 
-def _tokenizer(tmp_path_factory):
-    if os.path.isfile(SHARED_VOCAB):
-        return MedSTTokenizer(SHARED_VOCAB)
-    d = tmp_path_factory.mktemp("vocab")
+def step_gflop(cfg, n_frontal_only, n_two_view, text_len, batch) -> float:
+    """Matmul GFLOP of one training step (forward + backward = 3x forward) over the tokens that exist: ViT
+    blocks on each study's packed sequence (197 frontal tokens, + 196 lateral ones), patch embedding, the
+    text encoder on ``text_len`` tokens. Heads and losses are left out (well under 1 %)."""
+    v, t = cfg.vision, cfg.text
+    P = v.num_patches
+
+    def blocks(n, d, hidden, depth):  # per sequence of n tokens: qkv + proj + fc1 + fc2, and QK^T + AV
+        return depth * (2 * n * (4 * d * d + 2 * d * hidden) + 2 * 2 * n * n * d)
+
+    hv = int(v.width * v.mlp_ratio)
+    vis = n_frontal_only * blocks(P + 1, v.width, hv, v.depth) + n_two_view * blocks(2 * P + 1, v.width, hv, v.depth)
+    vis += (n_frontal_only + 2 * n_two_view) * 2 * P * v.width * v.in_chans * v.patch_size ** 2
+    txt = batch * blocks(text_len, t.hidden, t.intermediate, t.layers)
+    return 3 * (vis + txt) / 1e9
+
+
+def _tokenizer(tmp_path_factory=None):
+    """The shared BioClinicalBERT vocabulary when present (MEDST_SHARED_DIR or ../shared), else a small one
+    built from the random reports."""
+    shared = os.environ.get("MEDST_SHARED_DIR")
+    vocab = os.path.join(shared, "vocab", "bio_clinicalbert", "vocab.txt") if shared else SHARED_VOCAB
+    if os.path.isfile(vocab):
+        return MedSTTokenizer(vocab)
+    d = tmp_path_factory.mktemp("vocab") if tmp_path_factory is not None else tempfile.mkdtemp(prefix="medst_vocab_")
     return MedSTTokenizer(build_wordpiece_vocab(RandomSeriesDataset(64, None, 8).texts(), str(d)))
 
 
@@ -117,15 +152,28 @@ def _precision(amp: str) -> str:
     return "fp32" if amp == "none" else amp
 
 
-def test_train_step(bench_results, tmp_path_factory):
+_PEAK = {}
+
+
+def _peak() -> dict:
+    """The dense matmul rate of this device, measured once per run (the MFU denominator)."""
+    if not _PEAK:
+        _PEAK.update(matmul_peak_tflops())
+    return _PEAK
+
+
+@pytest.mark.parametrize("studies", STUDIES)
+def test_train_step(bench_results, tmp_path_factory, studies):
     tok = _tokenizer(tmp_path_factory)
     torch.manual_seed(0)
     base = medst_fast.create_model(MODEL, text={"vocab_size": tok.vocab_size})
     freeze_unused(base)
-    batch = _batch(tok, base.cfg.vision.img_size)
+    batch = _batch(tok, base.cfg.vision.img_size, studies)
     B = batch["frontal"].shape[0]
+    L = batch["input_ids"].shape[1]
+    n_lat = int(batch["has_lateral"].sum())
+    gflop = step_gflop(base.cfg, B - n_lat, n_lat, L, B)
     fast_backend = get_backend()
-
     def make(impl, amp=AMP):
         """(runner, kernels backend) of one implementation, on a copy of the same weights."""
         model = medst_fast.create_model(MODEL, text={"vocab_size": tok.vocab_size}).to(DEV)
@@ -146,63 +194,104 @@ def test_train_step(bench_results, tmp_path_factory):
             mod = torch.compile(mod)
         return StepRunner(mod, opt, DEV, amp), fast_backend
 
-    # Every baseline must compute the same loss: checked once in fp32, eval mode (no dropout, BN running stats).
+    if studies == STUDIES[0]:  # the same code runs at the other sizes
+        _check_same_loss(make, batch)
+    set_backend(fast_backend)
+
+    def measure(impl, amp=AMP, b=batch, flop=gflop):
+        """(ms dict, studies/s, peak GiB, MFU) of one implementation's step; None when it ran out of memory."""
+        runner, backend = make(impl, amp)
+        set_backend(backend)
+        runner.module.train()
+
+        def step():
+            runner.forward_backward([b])
+            runner.optimizer_step(4e-5)
+
+        try:
+            t = bench(step, warmup=WARMUP, rep=TIMED)
+            peak = peak_gib(step)
+        except torch.cuda.OutOfMemoryError as e:  # a baseline that does not fit is a finding, not a crash
+            print(f"OOM: {impl} at {B} studies ({amp}): {str(e).splitlines()[0]}")
+            return None
+        finally:
+            set_backend(fast_backend)
+            del runner
+            if CUDA:
+                torch.cuda.empty_cache()
+        sps = b["frontal"].shape[0] / (t["ms"] / 1e3)
+        mfu = flop * 1e9 / (t["ms"] * 1e-3) / (_peak()["tflops"] * 1e12)
+        return t, sps, peak, mfu
+
+    shape = f"{B} studies ({n_lat} with lateral), {base.cfg.vision.img_size}px, L{L}"
+    fused = "Triton" if CUDA and has_triton() and fast_backend == "triton" else "PyTorch references (no CUDA)"
+    ran = (f"ran: autocast {AMP}; medst_fast kernels backend {fast_backend} ({fused}), baselines backend torch"
+           if AMP != "none" else f"ran: fp32, no autocast; medst_fast kernels backend {fast_backend} ({fused})")
+    ours = measure("medst_fast")
+    assert ours is not None, "medst_fast's own step ran out of memory"
+    rows = []
+    for impl in ("official-style eager", "plain PyTorch autocast"):
+        other = measure(impl)
+        if other is not None:
+            rows.append(row("train_step", "train_step", shape, "studies/s", impl, other[1], "medst_fast", ours[1],
+                            _precision(AMP), note=_note(other, ours, gflop) + "; " + ran))
+    if CUDA and studies == STUDIES[0]:  # what bf16 alone is worth, separately from the speed-ups above
+        fp32 = measure("medst_fast", "none")
+        if fp32 is not None:
+            rows.append(row("train_step", "train_step precision", shape, "studies/s", "medst_fast", fp32[1],
+                            "medst_fast", ours[1], "fp32", _precision(AMP), note=_note(fp32, ours, gflop)))
+    if studies == STUDIES[0]:
+        rows += [r for r in [_lateral_cost_row(measure, tok, base, studies)] if r is not None]
+    if os.environ.get("BENCH_COMPILE") == "1" and (comp := measure("medst_fast+compile")) is not None:
+        rows.append(row("train_step", "train_step compile", shape, "studies/s", "medst_fast", ours[1],
+                        "medst_fast+compile", comp[1], _precision(AMP), note=_note(ours, comp, gflop)))
+    bench_results.add(rows)
+    assert all(r["ours_value"] > 0 and r["baseline_value"] > 0 for r in rows)
+
+
+def _check_same_loss(make, batch):
+    """Every baseline computes the same loss as medst_fast: fp32, eval mode (no dropout, BN running stats),
+    kernels backend "torch" (the fused ops' references)."""
     with torch.no_grad():
         fb = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
         set_backend("torch")
         fast, _ = make("medst_fast", "none")
         fast.module.eval()
         want = fast.module(fb)[0]
+        del fast
         for impl in ("official-style eager", "plain PyTorch autocast"):
             ref, _ = make(impl, "none")
             ref.module.eval()
             torch.testing.assert_close(ref.module(fb)[0], want, rtol=1e-4, atol=1e-4)
-        del fast, ref
-    set_backend(fast_backend)
-
-    def measure(impl, amp=AMP):
-        runner, backend = make(impl, amp)
-        set_backend(backend)
-        runner.module.train()
-
-        def step():
-            runner.forward_backward([batch])
-            runner.optimizer_step(4e-5)
-
-        try:
-            t = bench(step, warmup=3, rep=20)
-            peak = peak_gib(step)
-        finally:
-            set_backend(fast_backend)
-        sps = B / (t["ms"] / 1e3)
-        return t["ms"], sps, peak
-
-    shape = f"{SERIES} series, {B} studies, {base.cfg.vision.img_size}px, L{batch['input_ids'].shape[1]}"
-    ours = measure("medst_fast")
-    rows = []
-    for impl in ("official-style eager", "plain PyTorch autocast"):
-        other = measure(impl)
-        rows.append(row("train_step", "train_step", shape, "studies/s", impl, other[1], "medst_fast", ours[1],
-                        _precision(AMP), note=_note(other, ours)))
-    if CUDA:  # what bf16 alone is worth, separately from the speed-ups above
-        fp32 = measure("medst_fast", "none")
-        rows.append(row("train_step", "train_step precision", shape, "studies/s", "medst_fast", fp32[1], "medst_fast",
-                        ours[1], "fp32", _precision(AMP), note=_note(fp32, ours)))
-    if os.environ.get("BENCH_COMPILE") == "1":
-        comp = measure("medst_fast+compile")
-        rows.append(row("train_step", "train_step compile", shape, "studies/s", "medst_fast", ours[1],
-                        "medst_fast+compile", comp[1], _precision(AMP), note=_note(ours, comp)))
-    bench_results.add(rows)
-    assert all(r["ours_value"] > 0 and r["baseline_value"] > 0 for r in rows)
+            del ref
 
 
-def _note(baseline, ours) -> str:
-    """ms per step and peak GiB of both sides, and MFU where the GPU's peak is known (ViT-B only)."""
-    parts = [f"ms/step {baseline[0]:.4g} vs {ours[0]:.4g}"]
+def _lateral_cost_row(measure, tok, base, studies):
+    """medst_fast's step on ``studies`` frontal-only studies against ``studies`` two-view ones: ms per study.
+    ratio = two-view / frontal-only time (the packed path skips absent laterals, so > 1.8 is the goal)."""
+    S = base.cfg.vision.img_size
+    sides = {}
+    for kind in ("all", "none"):
+        b = _batch(tok, S, studies, laterals=kind)
+        n = b["frontal"].shape[0]
+        flop = step_gflop(base.cfg, 0 if kind == "all" else n, n if kind == "all" else 0, b["input_ids"].shape[1], n)
+        sides[kind] = measure("medst_fast", b=b, flop=flop)
+    two, one = sides["all"], sides["none"]
+    if two is None or one is None:
+        return None
+    per = lambda m: m[0]["ms"] / studies  # noqa: E731
+    return row("train_step", "frontal-only vs two-view study", f"{studies} studies per batch, {S}px", "ms",
+               "two-view study", per(two), "frontal-only study", per(one), _precision(AMP),
+               note=f"frontal-only costs {per(one) / per(two):.1%} of two-view; " + _note(two, one))
+
+
+def _note(baseline, ours, gflop=None) -> str:
+    """ms per step (median, min-max, n), peak GiB and MFU of both sides; the GFLOP and the matmul peak used."""
+    pk = _peak()
+    parts = [f"step {spread(baseline[0])} vs {spread(ours[0])}", f"MFU {baseline[3]:.1%} vs {ours[3]:.1%} of the "
+             f"measured {pk['dtype']} matmul peak {pk['tflops']:.4g} TFLOP/s"]
+    if gflop is not None:
+        parts.append(f"{gflop:.4g} GFLOP/step")
     if CUDA:
         parts.append(f"peak GiB {baseline[2]:.3g} vs {ours[2]:.3g}")
-        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
-        if peak and MODEL == "medst_vit_b16":
-            mfu = [GFLOP_PER_STUDY * 1e9 * sps / peak for sps in (baseline[1], ours[1])]
-            parts.append(f"MFU {mfu[0]:.2%} vs {mfu[1]:.2%}")
     return "; ".join(parts)

@@ -15,6 +15,22 @@ import _common  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _interpreter_fix():
+    """Under TRITON_INTERPRET=1 (the GEMM sweep's CPU smoke run): the tests' start-up fix for Triton 3.6's
+    interpreter with numpy >= 2.4 (tests/_interp_site/sitecustomize.py says why)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import importlib.util
+
+    path = os.path.join(HERE, "..", "tests", "_interp_site", "sitecustomize.py")
+    if os.path.isfile(path):
+        spec = importlib.util.spec_from_file_location("_medst_interp_fix", path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_interpreter_fix()
+
+
 def pytest_addoption(parser):
     parser.addoption("--benchmark", action="store_true", default=False, help="run the benchmarks in benchmarks/")
     parser.addoption("--bench-csv", default=None,

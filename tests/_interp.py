@@ -4,11 +4,33 @@ Triton reads TRITON_INTERPRET only before its first import, and setting it in th
 switch every other test (and any CUDA kernel) to the interpreter; so each kernel test module runs its
 interpreter tests in a child process with the variable set.
 """
+import importlib.util
 import os
 import subprocess
 import sys
 
 from medst_fast.kernels import _utils
+
+# Start-up hook for interpreter children: Triton 3.6 + numpy >= 2.4 workaround (see its docstring).
+SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_interp_site")
+
+
+def _load_fix():
+    spec = importlib.util.spec_from_file_location("_medst_interp_fix", os.path.join(SITE, "sitecustomize.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # applies the fix when TRITON_INTERPRET=1 (this process is a child)
+    return mod
+
+
+fix_interpreter_index = _load_fix().fix_interpreter_index
+
+
+def interp_env(**extra) -> dict:
+    """Environment of a child process that runs Triton's interpreter: TRITON_INTERPRET=1 and the start-up
+    hook that makes Triton 3.6's interpreter work with numpy >= 2.4."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([SITE] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
 
 try:
     import triton  # noqa: F401
@@ -22,7 +44,7 @@ IN_INTERPRETER = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and _u
 
 def run_interp_tests_in_child(test_file: str) -> None:
     """Run ``-k test_interp_`` of ``test_file`` with TRITON_INTERPRET=1; assert they ran and passed."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = interp_env()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
                         os.path.abspath(test_file)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

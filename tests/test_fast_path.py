@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from _interp import interp_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ops that make the host wait for the device (or whose output size depends on device values)
@@ -139,7 +140,7 @@ print("OK")
 
 def test_trainer_step_runs_fused_ops_under_interpreter(tmp_path, vocab_path):
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = interp_env()  # TRITON_INTERPRET=1 + the Triton 3.6 / numpy >= 2.4 start-up fix
     code = CHILD.format(here=HERE, out=str(tmp_path / "run"), vocab=vocab_path)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]

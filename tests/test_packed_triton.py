@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from _interp import interp_env
 
 CHILD = textwrap.dedent("""
     import torch, medst_fast
@@ -39,7 +40,7 @@ CHILD = textwrap.dedent("""
 
 def test_packed_encoder_with_fused_ffn_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = interp_env()  # TRITON_INTERPRET=1 + the Triton 3.6 / numpy >= 2.4 start-up fix
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "OK" in out.stdout

@@ -1,6 +1,6 @@
 """Ahead-of-time compile of the project's Triton kernels for Hopper (sm_90a), without a GPU.
 
-Used by tests/test_sm90_compile.py. The launchers themselves decide which kernels and configurations run:
+Used by tests/test_sm90_compile.py (a test helper, not shipped: the package never needs it at run time). The launchers themselves decide which kernels and configurations run:
 :func:`record_launches` runs them on ``meta`` tensors (shapes and dtypes, no memory, no GPU) with the
 module-level ``launch`` replaced by a recorder, so what gets compiled is exactly what a real launch at those
 shapes would compile. :func:`specialise` derives the signature, constexprs and divisibility attributes the
@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
-from . import _utils
+from medst_fast.kernels import _utils
 
 TARGET = ("cuda", 90, 32)
 SMEM_LIMIT = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
@@ -139,7 +139,7 @@ def move_ffn_launches(studies: int, x_dtype, compute_dtype, width: int = 768, hi
     """Forward + backward launches of the MoVE FFN over ``studies`` packed studies, half with a lateral."""
     import torch
 
-    from . import move_ffn as mf
+    from medst_fast.kernels import move_ffn as mf
 
     n = studies * 197 + (studies // 2) * 196
     n_tiles = -(-n // mf.BLOCK_M) + mf.N_EXPERTS - 1
@@ -159,7 +159,7 @@ def local_align_launches(batch: int, tq: int, tc: int, masks: bool, renorm: bool
     """Forward + backward launches of the fused local-alignment loss, and of the softmax_rows op."""
     import torch
 
-    from . import local_align as la
+    from medst_fast.kernels import local_align as la
 
     q, c = _meta(batch, tq, d), _meta(batch, tc, d)
     qm = _meta(batch, tq, dtype=torch.bool) if masks else None
