@@ -17,6 +17,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Set
 
+from . import quickstart
+
 DEFAULT_SYNTHETIC_PATIENTS = 40
 SERIES_LEN_DEFAULT, SERIES_LEN_MIN, SERIES_LEN_MAX = 4, 2, 8  # the paper's series have 4 studies
 # Flags a resumed run does not take from its args.json: where and how to run, not what the run is.
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m medst_fast.pretrain",
         description="Med-ST pretraining. With no --data it trains on a small synthetic MIMIC-CXR set "
                     "generated into --cache-dir. Multi-GPU: torchrun --nproc_per_node=N -m medst_fast.pretrain ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=quickstart.HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file whose keys (flag names, '-' or '_') become the defaults")
 
     g = p.add_argument_group("model")
@@ -154,6 +156,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     explicit = _explicit_dests(argv) | set(from_config)
     args.inherited = _inherit_run_args(p, args, explicit)
+    # resolve() gives the synthetic quick start its own defaults, only for flags the user did not set
+    args.quick_start_settings = quickstart.user_settings(explicit, run_args_path(args.resume, args.out))
     _validate(args, p)
     return args
 
@@ -342,6 +346,7 @@ def _report_list(s: str) -> List[str]:
 def resolve(a: argparse.Namespace, cuda_available: bool) -> argparse.Namespace:
     """Fill the "auto" values; the result is what gets written to <out>/args.json."""
     a = argparse.Namespace(**vars(a))
+    quick_start_settings = vars(a).pop("quick_start_settings", None)  # parse_args' bookkeeping, not a setting
     if a.device is None:
         a.device = "cuda" if cuda_available else "cpu"
     if a.device == "cuda" and not cuda_available:
@@ -366,6 +371,7 @@ def resolve(a: argparse.Namespace, cuda_available: bool) -> argparse.Namespace:
             raise SystemExit(f"--data {a.data}: neither a prepared index folder nor a .csv manifest")
     if a.dataset_type in ("index", "manifest") and not a.data:
         raise SystemExit(f"--dataset-type {a.dataset_type} needs --data")
+    a.quick_start = quickstart.apply(a, quick_start_settings)  # recorded in args.json: what it applied
     a.report_to = _report_list(a.report_to)
     if a.amp not in ("bf16", "fp16", "none"):  # parse_args checks this; a Namespace built in code may not
         raise SystemExit(f"--amp {a.amp!r}: expected bf16, fp16 or none")
