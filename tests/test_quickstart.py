@@ -1,9 +1,19 @@
-"""The quick start's reassurances: a core install (no [train] extra) gets one line naming the extra."""
+"""The quick start: ``python -m medst_fast.pretrain`` with all defaults (CPU, the built-in synthetic set,
+medst_tiny) runs the whole pipeline and visibly learns (its final validation beats chance), its own defaults
+apply only where they should, and a core install (no [train] extra) gets one line naming the extra."""
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
+
+import medst_fast
+from medst_fast.train import checkpoint as ck
+from medst_fast.train import quickstart as qs
+from medst_fast.train.validate import above_chance_p
 
 # Run in a child: blocking a module in this process would leak into other tests' imports.
 _BLOCKED = """
@@ -50,8 +60,6 @@ def _resolved(argv, cuda=False):
 
 def test_quick_start_defaults_apply_only_to_the_synthetic_cpu_tiny_run(tmp_path):
     """No --data on the CPU: the quick start's values, recorded; --data, a GPU or another model: the paper's."""
-    from medst_fast.train import quickstart as qs
-
     a = _resolved([])
     assert (a.lr, a.clip_grad, a.epochs, a.synthetic_patients) == (
         qs.FLAGS["lr"], qs.FLAGS["clip_grad"], qs.FLAGS["epochs"], qs.FLAGS["synthetic_patients"])
@@ -108,3 +116,76 @@ def test_help_names_the_quick_start_defaults(capsys):
     assert "Quick start: with no --data, on the CPU, with medst_tiny" in out
     assert "--lr 0.001" in out and "--clip-grad 1.0" in out and "text dropout 0" in out
     assert "paper's recipe, used with --data or on a GPU" in out
+
+
+# -- the README command itself ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory):
+    """`python -m medst_fast.pretrain` with all defaults, in a fresh folder with an empty cache."""
+    tmp_path = tmp_path_factory.mktemp("readme")
+    env = dict(os.environ, MEDST_FAST_CACHE=str(tmp_path / "cache"))
+    env.pop("MEDST_FAST_VOCAB", None)
+    r = subprocess.run([sys.executable, "-m", "medst_fast.pretrain"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=3000)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    return tmp_path, run, r.stderr
+
+
+_VAL = re.compile(r"validation at step (\d+): loss \S+, image-to-report R@1 ([\d.]+) R@5 ([\d.]+) .* over (\d+) studies")
+
+
+def test_the_quick_start_beats_chance(readme_run):
+    """Seeded: the default run's final validation R@5 is above chance at p < 0.01 (the trainer's one-sided
+    binomial test), recomputed here from the logged numbers rather than read from the trainer's verdict."""
+    _, run, err = readme_run
+    vals = [(int(m[1]), float(m[2]), float(m[3]), int(m[4])) for m in _VAL.finditer(err)]
+    args = json.loads((run / "args.json").read_text())
+    step, r1, r5, n = vals[-1]
+    assert step == max(v[0] for v in vals) and n >= 20, vals  # the end-of-run check, enough studies to test
+    assert r5 > 5 / n and above_chance_p(r5, n, 5) < 0.01, (vals, args["quick_start"])
+    assert "above chance: " in [ln for ln in err.splitlines() if f"validation at step {step}:" in ln][0]
+
+
+def test_readme_main_command(readme_run):
+    """Defaults on CPU: synthetic data, medst_tiny, the quick start's values (recorded and logged once),
+    metrics, validation with chance levels every epoch, checkpoints and both exports."""
+    tmp_path, run, err = readme_run
+    args = json.loads((run / "args.json").read_text())
+    assert (args["model"], args["amp"], args["device"], args["dataset_type"]) == ("medst_tiny", "none", "cpu", "synthetic")
+    assert {k: args[k] for k in qs.FLAGS} == qs.FLAGS and args["quick_start"]["lr"] == qs.FLAGS["lr"]
+    assert args["model_override"] == ["text.hidden_dropout=0.0", "text.attn_dropout=0.0"]
+    assert sum("quick start (synthetic set, CPU, medst_tiny from scratch): using" in ln for ln in err.splitlines()) == 1
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,epoch,loss,ita,local,temporal,lr,studies_per_s")
+    last = dict(zip(rows[0].split(","), rows[-1].split(",")))
+    epochs = qs.FLAGS["epochs"]
+    assert int(last["epoch"]) == epochs and all(float(last[k]) == float(last[k]) for k in ("loss", "ita", "local", "temporal"))
+    assert "studies/s" in err and "lr" in err and "ETA" in err and "waiting for data" in err
+    # reassuring: the validation numbers (with chance levels) every epoch, the best model exported, the curves
+    val = [dict(zip(rows[0].split(","), x.split(","))) for x in rows[1:]]
+    val = [v for v in val if v["val_loss"]]
+    assert [int(v["epoch"]) for v in val] == list(range(1, epochs + 1)) and all(float(v["val_loss"]) > 0 for v in val)
+    v_lines = [ln for ln in err.splitlines() if "validation at step" in ln]
+    assert len(v_lines) == epochs and all("binomial p" in ln and "chance" in ln.split("binomial p")[1] for ln in v_lines)
+    # and the run ends by naming the command that evaluates it on the synthetic evaluation sets
+    (nxt,) = [ln for ln in err.splitlines() if "python -m medst_fast.eval all --checkpoint " in ln]
+    assert os.path.join(run.name, "final") in nxt
+    assert (run / "best" / "vocab.txt").is_file() and (run / "training_curves.png").is_file()
+
+    model = medst_fast.from_pretrained(str(run / "final")).eval()  # the full export, with its vocab
+    assert model.cfg.text.hidden_dropout == 0.0 and model.cfg.text.attn_dropout == 0.0
+    tok = medst_fast.get_tokenizer(str(run / "final" / "vocab.txt"))
+    ckpt = ck.load_checkpoint(ck.list_checkpoints(str(run))[-1])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    with torch.no_grad():
+        e = model.encode_text(**{k: v for k, v in tok(["no acute process"]).items() if k != "word_slots"})
+    assert e.shape == (1, model.cfg.head.embed_dim)
+    enc = medst_fast.from_pretrained(str(run / "final_encoder")).eval()  # image encoder only
+    x = torch.zeros(2, 1, enc.cfg.vision.img_size, enc.cfg.vision.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_image(x), model.encode_image(x))
+    (syn,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("synthetic-")]
+    assert (syn / "COMPLETE").is_file() and (syn / "vocab.txt").is_file()
+    assert syn.name.startswith(f"synthetic-v2-p{qs.FLAGS['synthetic_patients']}-")

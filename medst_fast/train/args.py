@@ -3,6 +3,8 @@
 Defaults (medst-spec §4): AdamW (0.9, 0.999), lr 4e-5, weight decay 0.05 on every parameter, a per-step
 cosine schedule with 40 % linear warm-up from min_lr 1e-8, 8 epochs, loss weights 1/1/1, 10 series per
 GPU. Values left as None ("auto") are resolved at start-up (device, model, precision, workers, out).
+The synthetic quick start (no --data, on the CPU, medst_tiny) has its own defaults for the flags not given
+(train/quickstart.py says which and why).
 
 Where a value comes from, highest first: the command line, the ``--config`` file, the resumed run's
 ``args.json`` (``--resume`` with a run that has one), the defaults. Values from files are checked against
