@@ -123,7 +123,10 @@ def test_help_names_the_quick_start_defaults(capsys):
 def readme_run(tmp_path_factory):
     """`python -m medst_fast.pretrain` with all defaults, in a fresh folder with an empty cache."""
     tmp_path = tmp_path_factory.mktemp("readme")
-    env = dict(os.environ, MEDST_FAST_CACHE=str(tmp_path / "cache"))
+    # One thread: the run's floating-point reductions are then those of the measured seeds
+    # (benchmarks/results/quickstart_defaults.md) whatever the core count, and on a shared 2-core machine two
+    # intra-op threads competing with other jobs made a step 20x slower than one.
+    env = dict(os.environ, MEDST_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     env.pop("MEDST_FAST_VOCAB", None)
     r = subprocess.run([sys.executable, "-m", "medst_fast.pretrain"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=3000)
