@@ -109,5 +109,5 @@ HELP = ("Quick start: with no --data, on the CPU, with medst_tiny, the flags you
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FLAGS.items())
         + " and text dropout 0 (" + ", ".join(f"--model-override {k}=0" for k in MODEL_FIELDS) + "): from random "
         "weights the paper's recipe shows no learning within minutes (dropout noise swamps the untrained text "
-        "tower's report signal, and lr 4e-5 moves the tiny model too little). The defaults shown below are the "
-        "paper's recipe, used with --data or on a GPU.")
+        "tower's report signal, and lr 4e-5 moves the tiny model too little). The defaults shown with each flag "
+        "are the paper's recipe, used with --data or on a GPU.")
