@@ -86,6 +86,9 @@ def test_flags_the_user_gives_are_kept(tmp_path):
     a = _resolved(["--config", str(cfg)])
     assert (a.epochs, a.clip_grad, a.model_override) == (3, 5.0, ["text.hidden_dropout=0.0", "text.attn_dropout=0.0"])
     assert set(a.quick_start) == {"synthetic_patients", "lr", "model_override"}
+    cfg.write_text('{"clip_grad": null}')  # how --help says to turn the quick start's clipping off
+    a = _resolved(["--config", str(cfg)])
+    assert a.clip_grad is None and a.lr == qs.FLAGS["lr"] and "clip_grad" not in a.quick_start
     # a Namespace built in code (not parse_args) means every value as written
     from medst_fast.train.args import build_parser, resolve
 

@@ -75,8 +75,9 @@ def _override_keys(items: Iterable[str]) -> Set[str]:
 def apply(a: argparse.Namespace, settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Set the quick start's values on ``a`` (resolved: device, model, dataset_type) for every flag the user
     did not set; returns the record for args.json: what was applied (on a resume nothing: the run keeps its
-    args.json's values, and its start's record is returned), {} when the run is not the quick start. ``settings`` is ``user_settings``'s answer; None for a
-    Namespace built in code, where every value is meant as written, so nothing is applied."""
+    args.json's values, and its start's record is returned), {} when the run is not the quick start.
+    ``settings`` is ``user_settings``'s answer; None for a Namespace built in code, where every value is
+    meant as written, so nothing is applied."""
     if settings is None or not applies(a):
         return {}
     if settings["resumed"]:
@@ -113,4 +114,5 @@ HELP = ("Quick start: with no --data, on the CPU, with medst_tiny, the flags you
         + " and text dropout 0 (" + ", ".join(f"--model-override {k}=0" for k in MODEL_FIELDS) + "): from random "
         "weights the paper's recipe showed no learning within minutes here (dropout noise swamps the untrained "
         "text tower's report signal; lr 4e-5 moves the tiny model slowly). The defaults shown with each flag "
-        "are the paper's recipe, used with --data or on a GPU.")
+        "are the paper's recipe, used with --data or on a GPU. (No clipping in the quick start: a --config file "
+        "with \"clip_grad\": null.)")
