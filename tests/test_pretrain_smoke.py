@@ -1,9 +1,8 @@
-"""End-to-end trainer runs: the README command on CPU, exports, faults (NaN, SIGTERM), AMP, flags."""
+"""End-to-end trainer runs: --data, exports, faults (NaN, SIGTERM), AMP, flags. (The README command, the
+synthetic quick start, is run by tests/test_quickstart.py.)"""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,67 +22,20 @@ def _argv(out, vocab, *extra):
 
 
 @pytest.fixture(scope="module")
-def readme_run(tmp_path_factory):
-    """`python -m medst_fast.pretrain` with all defaults, in a fresh folder with an empty cache."""
-    tmp_path = tmp_path_factory.mktemp("readme")
-    env = dict(os.environ, MEDST_FAST_CACHE=str(tmp_path / "cache"))
-    env.pop("MEDST_FAST_VOCAB", None)
-    r = subprocess.run([sys.executable, "-m", "medst_fast.pretrain"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=600)
-    return tmp_path, r
+def small_synthetic(tmp_path_factory):
+    """An 8-patient synthetic set as the trainer builds it (index + vocab), in its own cache."""
+    from medst_fast.train.data import ensure_synthetic
 
-
-def test_readme_main_command(readme_run):
-    """Defaults on CPU: synthetic data, medst_tiny, 8 epochs, metrics, checkpoints and both exports."""
-    tmp_path, r = readme_run
-    assert r.returncode == 0, r.stderr[-4000:]
-    (run,) = list((tmp_path / "runs").iterdir())
-    args = json.loads((run / "args.json").read_text())
-    assert (args["model"], args["amp"], args["device"], args["dataset_type"], args["epochs"]) == (
-        "medst_tiny", "none", "cpu", "synthetic", 8)
-    rows = (run / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,epoch,loss,ita,local,temporal,lr,studies_per_s")
-    last = dict(zip(rows[0].split(","), rows[-1].split(",")))
-    assert int(last["epoch"]) == 8 and all(float(last[k]) == float(last[k]) for k in ("loss", "ita", "local", "temporal"))
-    assert "studies/s" in r.stderr and "lr" in r.stderr and "ETA" in r.stderr and "waiting for data" in r.stderr
-    # reassuring: the validation numbers (with chance levels) every epoch, the best model exported, the curves
-    val = [dict(zip(rows[0].split(","), x.split(","))) for x in rows[1:]]
-    val = [v for v in val if v["val_loss"]]
-    assert [int(v["epoch"]) for v in val] == list(range(1, 9)) and all(float(v["val_loss"]) > 0 for v in val)
-    assert "validation at step 40: loss" in r.stderr and "(chance" in r.stderr
-    # every validation line judges itself against chance (9 studies: no 40-step run is distinguishable)
-    v_lines = [ln for ln in r.stderr.splitlines() if "validation at step" in ln]
-    assert len(v_lines) == 8 and all("binomial p" in ln and "chance" in ln.split("binomial p")[1] for ln in v_lines)
-    # and the run ends by naming the command that evaluates it on the synthetic evaluation sets
-    (nxt,) = [ln for ln in r.stderr.splitlines() if "python -m medst_fast.eval all --checkpoint " in ln]
-    assert os.path.join(run.name, "final") in nxt
-    assert (run / "best" / "vocab.txt").is_file() and (run / "training_curves.png").is_file()
-
-    model = medst_fast.from_pretrained(str(run / "final")).eval()  # the full export, with its vocab
-    tok = medst_fast.get_tokenizer(str(run / "final" / "vocab.txt"))
-    ckpt = ck.load_checkpoint(ck.list_checkpoints(str(run))[-1])
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, ckpt["model"][k]), k
-    with torch.no_grad():
-        e = model.encode_text(**{k: v for k, v in tok(["no acute process"]).items() if k != "word_slots"})
-    assert e.shape == (1, model.cfg.head.embed_dim)
-    enc = medst_fast.from_pretrained(str(run / "final_encoder")).eval()  # image encoder only
-    x = torch.zeros(2, 1, enc.cfg.vision.img_size, enc.cfg.vision.img_size)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.encode_image(x), model.encode_image(x))
-    cache = tmp_path / "cache"
-    (syn,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
-    assert (syn / "COMPLETE").is_file() and (syn / "vocab.txt").is_file()
+    return ensure_synthetic(str(tmp_path_factory.mktemp("cache")), 8)
 
 
 @pytest.mark.parametrize("kind", ["index", "manifest"])
-def test_data_flag(readme_run, tmp_path, kind):
-    """--data with a prepared index folder or a generic manifest CSV (+ --vocab)."""
+def test_data_flag(small_synthetic, tmp_path, kind):
+    """--data with a prepared index folder or a generic manifest CSV (+ --vocab); the paper's recipe applies
+    (the synthetic quick start's own defaults are for the run without --data)."""
     from medst_fast.data.index import SeriesIndex
 
-    cache = readme_run[0] / "cache"
-    (syn,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
-    data = str(syn / "index")
+    data, vocab = small_synthetic
     if kind == "manifest":
         idx = SeriesIndex.load(data)
         lines = ["patient_id,order,view,file,report"]
@@ -92,9 +44,11 @@ def test_data_flag(readme_run, tmp_path, kind):
                 lines.append(f"{st.subject_id},{st.order},PA,{idx.path(st.frontal_path)},{st.text}")
         data = str(tmp_path / "manifest.csv")
         open(data, "w").write("\n".join(lines) + "\n")
-    res = main(["--data", data, "--vocab", str(syn / "vocab.txt"), "--out", str(tmp_path / "r"), "--workers", "0",
+    res = main(["--data", data, "--vocab", vocab, "--out", str(tmp_path / "r"), "--workers", "0",
                 "--batch-series", "4", "--max-steps", "2", "--no-export", "--log-every", "1"])
     assert res.step == 2 and res.last_loss == res.last_loss
+    args = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert (args["lr"], args["clip_grad"], args["model_override"], args["quick_start"]) == (4e-5, None, [], {})
     if kind == "manifest":
         assert (tmp_path / "r" / "manifest_index" / "meta.json").is_file()
 

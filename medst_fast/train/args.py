@@ -3,6 +3,8 @@
 Defaults (medst-spec §4): AdamW (0.9, 0.999), lr 4e-5, weight decay 0.05 on every parameter, a per-step
 cosine schedule with 40 % linear warm-up from min_lr 1e-8, 8 epochs, loss weights 1/1/1, 10 series per
 GPU. Values left as None ("auto") are resolved at start-up (device, model, precision, workers, out).
+The synthetic quick start (no --data, on the CPU, medst_tiny) has its own defaults for the flags not given
+(train/quickstart.py says which and why).
 
 Where a value comes from, highest first: the command line, the ``--config`` file, the resumed run's
 ``args.json`` (``--resume`` with a run that has one), the defaults. Values from files are checked against
@@ -16,6 +18,9 @@ import json
 import math
 import os
 from typing import Any, Dict, List, Optional, Set
+
+from . import quickstart
+
 
 class UsageError(SystemExit):
     """A flag, or a file a flag names, that cannot be used: the command line prints the one-line message and exits 2
@@ -35,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m medst_fast.pretrain",
         description="Med-ST pretraining. With no --data it trains on a small synthetic MIMIC-CXR set "
                     "generated into --cache-dir. Multi-GPU: torchrun --nproc_per_node=N -m medst_fast.pretrain ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=quickstart.HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file whose keys (flag names, '-' or '_') become the defaults")
 
     g = p.add_argument_group("model")
@@ -160,6 +165,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     explicit = _explicit_dests(argv) | set(from_config)
     args.inherited = _inherit_run_args(p, args, explicit)
+    # resolve() gives the synthetic quick start its own defaults, only for flags the user did not set
+    args.quick_start_settings = quickstart.user_settings(explicit, run_args_path(args.resume, args.out))
     _validate(args, p)
     return args
 
@@ -350,6 +357,7 @@ def _report_list(s: str) -> List[str]:
 def resolve(a: argparse.Namespace, cuda_available: bool) -> argparse.Namespace:
     """Fill the "auto" values; the result is what gets written to <out>/args.json."""
     a = argparse.Namespace(**vars(a))
+    quick_start_settings = vars(a).pop("quick_start_settings", None)  # parse_args' bookkeeping, not a setting
     if a.device is None:
         a.device = "cuda" if cuda_available else "cpu"
     if a.device == "cuda" and not cuda_available:
@@ -374,6 +382,7 @@ def resolve(a: argparse.Namespace, cuda_available: bool) -> argparse.Namespace:
             raise SystemExit(f"--data {a.data}: neither a prepared index folder nor a .csv manifest")
     if a.dataset_type in ("index", "manifest") and not a.data:
         raise SystemExit(f"--dataset-type {a.dataset_type} needs --data")
+    a.quick_start = quickstart.apply(a, quick_start_settings)  # recorded in args.json: what it applied
     a.report_to = _report_list(a.report_to)
     if a.amp not in ("bf16", "fp16", "none"):  # parse_args checks this; a Namespace built in code may not
         raise SystemExit(f"--amp {a.amp!r}: expected bf16, fp16 or none")

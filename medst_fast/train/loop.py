@@ -403,6 +403,10 @@ class Trainer:
         if getattr(a, "inherited", None):
             log.info("--resume: taking %s from the run's args.json (flags not given on the command line)",
                      ", ".join(_flag(k) for k in a.inherited))
+        if a.quick_start:  # the synthetic CPU run's own defaults (train/quickstart.py): say which, once
+            from .quickstart import describe as describe_quick_start
+
+            log.info("%s", describe_quick_start(a.quick_start))
 
         # Data first: the vocab (and so the model's vocab size) may come from the synthetic set.
         vocab = a.vocab or os.environ.get("MEDST_FAST_VOCAB") or None
