@@ -7,7 +7,8 @@ takes the same decision at the same step. Under DDP a second, host-only exchange
 agrees on bad batches before the forward.
 
 What can go wrong and what happens (README "Reliability"):
-- a non-finite loss: the update is skipped and every buffer the forward touched (BatchNorm running
+- a non-finite loss or gradient (the gradient norm used for clipping rides in the step's one all-reduce):
+  the update is skipped and every buffer the forward touched (BatchNorm running
   statistics) is restored; --max-bad-steps in a row stop the run;
 - non-finite weights after an update: the run stops with an error; no checkpoint or export is written
   with a NaN/inf tensor;
@@ -256,6 +257,7 @@ class StepRunner:
         # step's forward, so a skipped step can put them back (a NaN batch must not poison them).
         self.buffers = [b for b in module.buffers()]
         self._snapshot = [b.detach().clone() for b in self.buffers]
+        self._norm: Optional[torch.Tensor] = None  # this step's gradient norm (grad_norm), on the device
 
     def forward_backward(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
         """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, cross_local, studies] (no sync)."""
@@ -277,21 +279,49 @@ class StepRunner:
             stats[7] += batch["frontal"].shape[0]
         return stats
 
-    def optimizer_step(self, lr: float) -> Optional[float]:
+    def grad_norm(self) -> torch.Tensor:
+        """(1,) float64 on the device: the L2 norm of all gradients (unscaled under fp16), as clip_grad_norm_
+        computes it; NaN/inf when any gradient is. No host sync: it rides in the step's one stats all-reduce,
+        and optimizer_step clips with the device value. Under DDP it is read after backward's all-reduce, so
+        every rank holds the same gradients and the same norm."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)  # once per step; scaler.step then does not unscale again
+        groups: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:
+                groups.setdefault(p.grad.dtype, []).append(p.grad.detach())
+        norms = [n for gs in groups.values() for n in torch._foreach_norm(gs, 2.0)]
+        if norms:
+            self._norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+        else:
+            self._norm = torch.zeros((), device=self.device)
+        return self._norm.double().reshape(1)
+
+    def optimizer_step(self, lr: float) -> None:
+        """The update, after the caller saw a finite loss and a finite :meth:`grad_norm` (computed here when
+        the caller did not ask for it, e.g. a benchmark driving the runner directly)."""
         for g in self.opt.param_groups:
             g["lr"] = lr
-        norm = None
         if self.clip:
-            self.scaler.unscale_(self.opt)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            if self._norm is None:
+                self.grad_norm()
+            # clip_grad_norm_'s coefficient, from the norm already computed (no second reduction, no sync)
+            coef = torch.clamp(self.clip / (self._norm + 1e-6), max=1.0)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        return norm
+        self._norm = None
 
     def skip_step(self) -> None:
-        """Drop the step's gradients and restore the buffers its forward wrote."""
+        """Drop the step's gradients and restore the buffers its forward wrote. Under fp16 the loss scale is
+        lowered as GradScaler does after an overflow (grad_norm's unscale_ recorded it)."""
+        if self.scaler.is_enabled() and self._norm is not None:
+            self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        self._norm = None
         if self.buffers:
             torch._foreach_copy_(self.buffers, self._snapshot)
 
@@ -866,7 +896,9 @@ class Trainer:
         batches = [self.model.prepare_batch(batch_to(b, self.device)) for b in raw]
         stats = self.runner.forward_backward(batches)
         stats[1] = 1.0 if stop or self._stop_signal is not None else 0.0  # a signal during the forward counts too
-        stats = torch.cat([stats, self._weights_bad])
+        # [8]: the previous update made the weights non-finite; [9]: this step's gradient norm (the same on every
+        # rank after DDP's all-reduce, so the sum is finite exactly when each rank's is)
+        stats = torch.cat([stats, self._weights_bad, self.runner.grad_norm()])
         if self.world.distributed:
             dist.all_reduce(stats)
         s = stats.tolist()  # the one host sync per step (see module docstring)
@@ -875,15 +907,23 @@ class Trainer:
                 f"stopping: the update of step {self.step} made the weights NaN/inf (lr {a.lr:g}, --clip-grad "
                 f"{a.clip_grad}). Nothing non-finite is saved or exported; last checkpoint: {self.last_ckpt}. "
                 f"Lower --lr or enable --clip-grad.")
-        if s[0] > 0:
+        grad_bad = not math.isfinite(s[9])
+        if grad_bad and s[0] == 0 and self.runner.scaler.is_enabled():
+            # fp16: an overflow of the scaled gradients is GradScaler's business (the scale drops, the step is
+            # skipped, as GradScaler itself would), not a sign of divergence
+            self.runner.skip_step()
+            log.info("step %d: fp16 gradient overflow; update skipped and the loss scale lowered", self.step + 1)
+        elif s[0] > 0 or grad_bad:
+            # a non-finite gradient never reaches the optimizer, even with a finite loss
             self.runner.skip_step()  # also restores the BatchNorm statistics the forward wrote
             self._bad_run += 1
             self.bad_total += 1
-            log.warning("step %d: non-finite loss (%s); update skipped (%d in a row, %d in total)",
-                        self.step + 1, s[2] / W, self._bad_run, self.bad_total)
+            what = f"loss ({s[2] / W})" if s[0] > 0 else f"gradient (norm {s[9] / W}, loss {s[2] / W})"
+            log.warning("step %d: non-finite %s; update skipped (%d in a row, %d in total)",
+                        self.step + 1, what, self._bad_run, self.bad_total)
             if self._bad_run >= a.max_bad_steps:
                 raise TrainingDiverged(
-                    f"stopping: the loss was NaN/inf in {self._bad_run} consecutive steps (up to step "
+                    f"stopping: the loss or the gradients were NaN/inf in {self._bad_run} consecutive steps (up to step "
                     f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
                     f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
                     f"--clip-grad, or use --amp bf16/none instead of fp16.")
