@@ -243,6 +243,37 @@ def _nonfinite_flag(tensors: List[torch.Tensor], device: torch.device) -> torch.
     return flag
 
 
+def check_compile_args(compile_: bool, gather_with_grad: bool) -> None:
+    """One clear line for a combination torch.compile cannot take."""
+    if compile_ and gather_with_grad:
+        # The gather exchanges per-rank row counts on the host (ranks hold 1..N studies per series) before the
+        # autograd all_gather: a host sync and collectives inside the one full graph, which fails to compile.
+        raise SystemExit("--compile cannot be combined with --gather-with-grad: the cross-rank feature gather "
+                         "needs the ranks' row counts on the host inside the compiled step; drop one of the two")
+
+
+def wrap_module(module: nn.Module, compile_: bool, distributed: bool, device: torch.device,
+                backend: str = "inductor") -> nn.Module:
+    """DDP, then torch.compile over it, the order PyTorch documents for compiled DDP models: dynamo's
+    DDPOptimizer then splits the graph at DDP's bucket boundaries, so each bucket's gradient all-reduce starts
+    while the rest of the backward still runs (DDP around a compiled module waits for the whole backward)."""
+    if distributed:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if compile_:
+        # One graph for model + losses (tests/test_compile.py checks there is no break); dynamic shapes, so
+        # batches with other study/lateral counts reuse it instead of recompiling. Under DDP, fullgraph would
+        # force dynamo through DDP's own forward (bucket rebuilds, reducer hooks), which it cannot trace:
+        # dynamo skips that frame and compiles the wrapped module's forward inside it.
+        module = torch.compile(module, fullgraph=not distributed, dynamic=True, backend=backend)
+    return module
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (the DDP module under --compile with DDP), else ``module``."""
+    return getattr(module, "_orig_mod", module)
+
+
 class StepRunner:
     """Forward/backward over the micro-batches of one optimizer step, and the guarded optimizer update."""
 
@@ -264,10 +295,11 @@ class StepRunner:
         if self.buffers:
             torch._foreach_copy_(self._snapshot, self.buffers)  # ~17k numbers for ViT-B: one fused copy
         stats = torch.zeros(8, device=self.device, dtype=torch.float64)
-        ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)
+        ddp = isinstance(unwrap_compiled(self.module), nn.parallel.DistributedDataParallel)
         for j, batch in enumerate(batches):
             sync = (not ddp) or j == len(batches) - 1
-            ctx = contextlib.nullcontext() if sync else self.module.no_sync()  # skip all-reduce until the last micro-step
+            # skip the all-reduce until the last micro-step
+            ctx = contextlib.nullcontext() if sync else unwrap_compiled(self.module).no_sync()
             with ctx:
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                     total, parts = self.module(batch)
@@ -383,6 +415,10 @@ class Trainer:
         self.world, self.device = D.init_distributed("cuda" if want_cuda else "cpu")
         a = self.args = resolve(a, cuda_available=want_cuda)
         check_report_to(a.report_to)  # every rank, before any collective: a missing extra stops all of them
+        check_compile_args(a.compile, a.gather_with_grad)
+        if self.device.type == "cpu" and a.amp != "none":
+            # measured 2.5x slower than fp32 for this model on a CPU: the bf16/fp16 kernels there are no faster
+            log.warning("--amp %s on a CPU: CPU autocast is slower than fp32 here (--amp none is faster)", a.amp)
         primary = self.world.is_primary
         if a.kernels:
             from ..kernels import set_backend
@@ -483,15 +519,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, a, self.device)
         loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful, gather=D.make_gather(a.gather_with_grad))
-        module: nn.Module = PretrainModule(self.model, loss_fn)
-        if a.compile:
-            # One graph for model + losses (tests/test_compile.py checks there is no break); dynamic shapes, so
-            # batches with other study/lateral counts reuse it instead of recompiling.
-            module = torch.compile(module, fullgraph=True, dynamic=True)
-        if self.world.distributed:
-            module = nn.parallel.DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
+        module = wrap_module(PretrainModule(self.model, loss_fn), a.compile, self.world.distributed, self.device)
         self.runner = StepRunner(module, self.optimizer, self.device, a.amp, a.accum_steps, a.clip_grad)
 
         self.step, self.epoch, self.step_in_epoch, self.bad_total, self.bad_batches = 0, 0, 0, 0, 0
