@@ -171,7 +171,11 @@ def _rebind(fn, g: dict):
     f = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     f.__qualname__, f.__module__, f.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
     f.__kwdefaults__ = fn.__kwdefaults__
-    f.__annotations__ = dict(fn.__annotations__)  # Triton reads the tl.constexpr annotations from here
+    # Triton reads the tl.constexpr annotations from here. They are strings in the op modules (postponed
+    # annotations); the interpreter of Triton 3.0 (torch 2.4/2.5) only recognises the tl.constexpr object itself.
+    tl_ = g.get("tl")
+    f.__annotations__ = {k: (tl_.constexpr if tl_ is not None and v == "tl.constexpr" else v)
+                         for k, v in fn.__annotations__.items()}
     return f
 
 
