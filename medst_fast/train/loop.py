@@ -44,6 +44,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from ..config import LossCfg, MedSTConfig
 from ..losses import MedSTLoss
+from ..kernels._utils import torch_version_tuple
 from ..plot import PLOT_FILE
 from .args import parse_overrides, resolve
 from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, ensure_synthetic,
@@ -243,8 +244,18 @@ def _nonfinite_flag(tensors: List[torch.Tensor], device: torch.device) -> torch.
     return flag
 
 
-def check_compile_args(compile_: bool, gather_with_grad: bool) -> None:
-    """One clear line for a combination torch.compile cannot take."""
+# torch releases whose inductor gives this model wrong gradients under --compile (measured on the CPU: torch
+# 2.11.0's compiled step returns the eager loss but NaN in every gradient upstream of the local loss, while
+# aot_eager, the model alone and the losses alone all compile correctly; torch 2.14.1 matches eager).
+COMPILE_WRONG_ON = ((2, 11),)
+
+
+def check_compile_args(compile_: bool, gather_with_grad: bool, torch_version: str = torch.__version__) -> None:
+    """One clear line for a combination torch.compile cannot take, or a torch whose compile is wrong here."""
+    if compile_ and torch_version_tuple(torch_version) in COMPILE_WRONG_ON:
+        raise SystemExit(f"--compile is refused with torch {torch_version}: its inductor compiles this model's "
+                         f"training step with NaN gradients (the loss itself looks right); run without --compile or "
+                         f"with another torch release (torch 2.14 is tested to match eager)")
     if compile_ and gather_with_grad:
         # The gather exchanges per-rank row counts on the host (ranks hold 1..N studies per series) before the
         # autograd all_gather: a host sync and collectives inside the one full graph, which fails to compile.
