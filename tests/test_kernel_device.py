@@ -255,3 +255,14 @@ def test_fp32_fused_ops_follow_the_precision_setting_on_gpu(precision, setting, 
     ref = _loss_grads(la.token_align_loss_ref, q, c, qm, cm, w, b)
     for name, g, r in zip(["loss", "dq", "dc", "dw", "db"], got, ref):
         assert _rel_err(g, r) <= rtol, (setting, name, _rel_err(g, r))
+
+
+@pytest.mark.parametrize("amp,logged", [("bf16", True), ("none", False)])
+def test_cpu_autocast_says_it_is_slower_than_fp32(tmp_path, vocab_path, caplog, amp, logged):
+    from test_fast_path import build_trainer
+
+    with caplog.at_level(logging.WARNING, logger="medst_fast"):
+        t, _ = build_trainer(tmp_path / "run", vocab_path, "--amp", amp)
+    t.close()
+    lines = [r.getMessage() for r in caplog.records if "CPU autocast is slower than fp32" in r.getMessage()]
+    assert len(lines) == (1 if logged else 0), lines
