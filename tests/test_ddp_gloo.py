@@ -94,7 +94,8 @@ def _worker(rank, vocab, init_file, out_dir):
     stats = runner.forward_backward(_sub_batches(tok, case)[rank])
     dist.all_reduce(stats)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": stats[2] / WORLD, "grads": grads, "graphs": graphs}, os.path.join(out_dir, f"compiled-{rank}.pt"))
+    torch.save({"loss": stats[2] / WORLD, "grads": grads, "graphs": graphs},
+               os.path.join(out_dir, f"compiled-{rank}.pt"))
     dist.destroy_process_group()
 
 

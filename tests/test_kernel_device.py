@@ -224,9 +224,11 @@ def test_interp_tf32_move_ffn_matches_reference(interpret_mf, precision, monkeyp
     g = torch.Generator().manual_seed(1)
     D, H = 32, 96
     x = torch.randn(vid.numel(), D, generator=g).requires_grad_()
-    params = [t.requires_grad_() for t in (1 + 0.2 * torch.randn(2, D, generator=g), 0.1 * torch.randn(2, D, generator=g),
-                                           torch.randn(2, H, D, generator=g) / D ** 0.5, 0.1 * torch.randn(2, H, generator=g),
-                                           torch.randn(2, D, H, generator=g) / H ** 0.5, 0.1 * torch.randn(2, D, generator=g))]
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    params = [t.requires_grad_() for t in (1 + 0.2 * rnd(2, D), 0.1 * rnd(2, D), rnd(2, H, D) / D ** 0.5,
+                                           0.1 * rnd(2, H), rnd(2, D, H) / H ** 0.5, 0.1 * rnd(2, D))]
     gout = torch.randn(vid.numel(), D, generator=g)
     out = mf.move_ffn(x, vid, *params)
     got = [out.detach()] + list(torch.autograd.grad(out, [x] + params, gout))

@@ -962,8 +962,8 @@ class Trainer:
                         self.step + 1, what, self._bad_run, self.bad_total)
             if self._bad_run >= a.max_bad_steps:
                 raise TrainingDiverged(
-                    f"stopping: the loss or the gradients were NaN/inf in {self._bad_run} consecutive steps (up to step "
-                    f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
+                    f"stopping: the loss or the gradients were NaN/inf in {self._bad_run} consecutive steps "
+                    f"(up to step {self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
                     f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
                     f"--clip-grad, or use --amp bf16/none instead of fp16.")
         else:
