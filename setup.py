@@ -151,7 +151,7 @@ setup(
     package_dir={"medst_fast.kernels": "kernels"},
     package_data={"medst_fast": ["model_configs/*.json"]},
     # core: import medst_fast, build and load models (safetensors), tokenise (tokenizers)
-    install_requires=["torch>=2.3", "numpy", "safetensors>=0.4", "tokenizers>=0.15"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.15"],
     extras_require={
         # prepare (run by the trainer on its built-in synthetic data) reads the MIMIC CSVs with pandas
         "train": ["pillow>=9", "tqdm", "pandas>=1.5", "pydicom>=2.4"],

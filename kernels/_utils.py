@@ -7,6 +7,7 @@ Triton does not import. The first fallback logs one line saying why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -15,6 +16,27 @@ import types
 import torch
 
 log = logging.getLogger("medst_fast")
+
+# The oldest torch this package is tested with (README "Tested versions"; setup.py declares the same floor).
+# torch 2.3 has no torch.library.custom_op, which every fused op is registered with.
+TORCH_FLOOR = (2, 4)
+
+
+def torch_version_tuple(v: str) -> tuple:
+    """(major, minor) of a torch version string such as '2.4.1+cu121' or '2.6.0a0+git1234'."""
+    major, minor = v.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def check_torch_floor(version: str = torch.__version__) -> None:
+    """ImportError with one line naming the installed and the required torch, below TORCH_FLOOR."""
+    if torch_version_tuple(version) < TORCH_FLOOR:
+        need = ".".join(map(str, TORCH_FLOOR))
+        raise ImportError(f"medst_fast needs torch>={need} (torch.library.custom_op); torch {version} is installed: "
+                          f"pip install 'torch>={need}'")
+
+
+check_torch_floor()
 
 _VALID = ("triton", "torch")
 
@@ -149,7 +171,11 @@ def _rebind(fn, g: dict):
     f = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     f.__qualname__, f.__module__, f.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
     f.__kwdefaults__ = fn.__kwdefaults__
-    f.__annotations__ = dict(fn.__annotations__)  # Triton reads the tl.constexpr annotations from here
+    # Triton reads the tl.constexpr annotations from here. They are strings in the op modules (postponed
+    # annotations); the interpreter of Triton 3.0 (torch 2.4/2.5) only recognises the tl.constexpr object itself.
+    tl_ = g.get("tl")
+    f.__annotations__ = {k: (tl_.constexpr if tl_ is not None and v == "tl.constexpr" else v)
+                         for k, v in fn.__annotations__.items()}
     return f
 
 
@@ -215,19 +241,60 @@ def tl_dtype(dt: torch.dtype):
     return {torch.float32: tl_.float32, torch.bfloat16: tl_.bfloat16, torch.float16: tl_.float16}[dt]
 
 
+def fp32_dot_mode() -> str:
+    """How fp32 operands are multiplied: "tf32" (tensor cores, 10-bit mantissa products, fp32 accumulation)
+    when torch.get_float32_matmul_precision() is 'high' or 'medium', as torch's own fp32 matmuls then do;
+    "ieee" (exact fp32 FMA products, the parity path) under 'highest', torch's default. Logged once per mode."""
+    mode = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if ("fp32", mode) not in _warned:
+        _warned.add(("fp32", mode))
+        how = ("TF32 tensor-core products (torch.get_float32_matmul_precision() is not 'highest')" if mode == "tf32"
+               else "exact fp32 products, no tensor cores (torch.set_float32_matmul_precision('high') takes TF32)")
+        log.info("medst_fast: fp32 fused ops use %s", how)
+    return mode
+
+
 def dot_precision(compute_dtype: torch.dtype) -> str:
-    """input_precision for tl.dot: exact fp32 products ("ieee") for fp32 compute and in the interpreter
-    (whose operands are fp32 holding rounded values, see as_operand); low-precision operands ignore it."""
-    return "ieee" if compute_dtype == torch.float32 or interpreting() else "tf32"
+    """input_precision for tl.dot. fp32 compute: :func:`fp32_dot_mode` (the interpreter ignores it and
+    multiplies exactly). bf16/fp16 compute: operands are already low precision and ignore it, except in the
+    interpreter, where they are fp32 holding rounded values (see as_operand) whose products must stay exact."""
+    if compute_dtype == torch.float32:
+        return fp32_dot_mode()
+    return "ieee" if interpreting() else "tf32"
+
+
+def fp32_kind(compute_dtype: torch.dtype) -> str:
+    """The tile family of a launch: "mma" (bf16/fp16), "tf32" (fp32 on the tensor cores) or "fp32" (exact)."""
+    if compute_dtype != torch.float32:
+        return "mma"
+    return "tf32" if fp32_dot_mode() == "tf32" else "fp32"
+
+
+def launch_device(args) -> torch.device:
+    """The device of a launch: that of its first tensor argument (all of a launch's tensors share it)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    raise ValueError("kernels/_utils.py: a kernel launch without a tensor argument")
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device, else nothing: Triton launches on the *current* CUDA
+    device, so a model on cuda:1 in a process whose current device is cuda:0 would hand device-1 pointers to a
+    device-0 launch. Entering the guard when the device is already current costs a device-index query."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def launch(fn, grid, *args, **meta):
-    """Launch kernel ``fn`` (a plain function, see :func:`jit_kernel`) on ``grid``.
+    """Launch kernel ``fn`` (a plain function, see :func:`jit_kernel`) on ``grid``, on its tensors' device.
 
     Every launcher goes through here, so tests can count launches and the sm_90 compile test can record
     exactly which specialisations the launchers ask for without a GPU.
     """
-    jit_kernel(fn)[grid](*args, **meta)
+    with device_guard(launch_device(args)):
+        jit_kernel(fn)[grid](*args, **meta)
 
 
 _autotuners = {}
@@ -257,7 +324,8 @@ def autotune_launch(fn, grid, configs: tuple, key: tuple, tag, *args, **meta):
     """Launch ``fn`` through :func:`autotuner`; ``grid`` is a function of the chosen constexprs. The first
     launch per key benchmarks every config (the kernels' outputs must not feed their inputs: they run
     several times)."""
-    autotuner(fn, configs, key, tag)[grid](*args, **meta)
+    with device_guard(launch_device(args)):
+        autotuner(fn, configs, key, tag)[grid](*args, **meta)
 
 
 def next_pow2(n: int) -> int:

@@ -50,8 +50,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import (as_operand, check_compute_dtype, dot_precision, interpreting, launch, next_pow2, tl_dtype,
-                     triton_helper, use_triton)
+from ._utils import (as_operand, check_compute_dtype, dot_precision, fp32_kind, interpreting, launch, next_pow2,
+                     tl_dtype, triton_helper, use_triton)
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
@@ -686,15 +686,21 @@ _TILES = {
     "mma": _Tiles(64, 64, {"attn_fwd": (4, 2), "attn_bwd": (8, 2), "s_fwd": (4, 2), "s_bwd": (8, 2)}),
     "fp32": _Tiles(16, 16, {"attn_fwd": (8, 1), "attn_bwd": (8, 1), "s_fwd": (4, 1), "s_bwd": (8, 1)}),
     "interp": _Tiles(32, 32, {k: (4, 1) for k in ("attn_fwd", "attn_bwd", "s_fwd", "s_bwd")}),
+    # fp32 operands on the tensor cores (TF32, torch.get_float32_matmul_precision() 'high'/'medium'): the mma
+    # row tile (wgmma m64) over half as many keys a step, as each fp32 operand tile takes twice the bytes of
+    # a bf16 one; one stage. Not yet in the sm_90 compile check; the interpreter runs this family too (its
+    # products stay exact there).
+    "tf32": _Tiles(64, 32, {"attn_fwd": (4, 1), "attn_bwd": (8, 1), "s_fwd": (4, 1), "s_bwd": (8, 1)}),
 }
 _FILL_PROGRAMS = 264  # 2 x 132 SMs (H100 / H200): split the keys until the attention has this many programs
 _GLUE_ROWS = 32  # rows per program of the elementwise combine kernel
 
 
 def _tiles(ct: torch.dtype) -> _Tiles:
-    if interpreting():
-        return _TILES["interp"]
-    return _TILES["fp32" if ct == torch.float32 else "mma"]
+    kind = fp32_kind(ct)
+    if kind == "tf32":
+        return _TILES["tf32"]
+    return _TILES["interp"] if interpreting() else _TILES[kind]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -984,7 +990,12 @@ def _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale: float, with_out
     return dx, dy
 
 
-@torch.library.custom_op("medst_fast::softmax_rows", mutates_args=())
+# Explicit schemas: torch 2.4 cannot infer one from the string annotations this module has (``from __future__
+# import annotations``), and torch 2.5/2.6 cannot resolve a tuple alias; tests/test_torch_versions.py checks
+# every medst_fast op carries one.
+@torch.library.custom_op("medst_fast::softmax_rows", mutates_args=(), schema=(
+    "(Tensor x, Tensor y, Tensor? y_mask, float scale, bool with_out, "
+    "ScalarType compute_dtype) -> (Tensor, Tensor)"))
 def _softmax_rows_op(x: torch.Tensor, y: torch.Tensor, y_mask: Optional[torch.Tensor], scale: float,
                      with_out: bool, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):
@@ -1000,7 +1011,9 @@ def _(x, y, y_mask, scale, with_out, compute_dtype):
     return out, x.new_empty(B, Tx, dtype=torch.float32)
 
 
-@torch.library.custom_op("medst_fast::softmax_rows_bwd", mutates_args=())
+@torch.library.custom_op("medst_fast::softmax_rows_bwd", mutates_args=(), schema=(
+    "(Tensor x, Tensor y, Tensor? y_mask, Tensor lse, Tensor delta, Tensor? dout, float scale, "
+    "bool with_out, ScalarType compute_dtype) -> (Tensor, Tensor)"))
 def _softmax_rows_bwd_op(x: torch.Tensor, y: torch.Tensor, y_mask: Optional[torch.Tensor], lse: torch.Tensor,
                          delta: torch.Tensor, dout: Optional[torch.Tensor], scale: float, with_out: bool,
                          compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1052,7 +1065,10 @@ def softmax_rows(x, y, y_mask, scale: float, with_out: bool = True, compute_dtyp
 _LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@torch.library.custom_op("medst_fast::token_align_fwd", mutates_args=())
+@torch.library.custom_op("medst_fast::token_align_fwd", mutates_args=(), schema=(
+    "(Tensor q, Tensor c, Tensor? q_mask, Tensor? c_mask, Tensor in_proj_weight, Tensor in_proj_bias, "
+    "float tau, bool renorm, ScalarType compute_dtype, bool uniform, bool batch) -> (Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)"))
 def _loss_fwd_op(q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor], c_mask: Optional[torch.Tensor],
                  in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor, tau: float, renorm: bool,
                  compute_dtype: torch.dtype, uniform: bool, batch: bool) -> _LossOut:
@@ -1073,7 +1089,10 @@ def _(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, tau, renorm, compute_d
             q.new_empty(B, 8, Tq, dtype=f32), q.new_empty(B, 6, d, dtype=f32), q.new_empty(B, dtype=f32))
 
 
-@torch.library.custom_op("medst_fast::token_align_bwd", mutates_args=())
+@torch.library.custom_op("medst_fast::token_align_bwd", mutates_args=(), schema=(
+    "(Tensor gout, Tensor q, Tensor c, Tensor? q_mask, Tensor? c_mask, Tensor in_proj_weight, "
+    "Tensor ctx, Tensor a, Tensor rows, Tensor vecs, Tensor dcst, float tau, bool renorm, "
+    "ScalarType compute_dtype, bool batch) -> (Tensor, Tensor, Tensor, Tensor)"))
 def _loss_bwd_op(gout: torch.Tensor, q: torch.Tensor, c: torch.Tensor, q_mask: Optional[torch.Tensor],
                  c_mask: Optional[torch.Tensor], in_proj_weight: torch.Tensor, ctx: torch.Tensor, a: torch.Tensor,
                  rows: torch.Tensor, vecs: torch.Tensor, dcst: torch.Tensor, tau: float, renorm: bool,

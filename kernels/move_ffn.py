@@ -46,8 +46,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import (as_operand, autotune_launch, check_compute_dtype, dot_precision, interpreting, launch,
-                     next_pow2, round_to, triton_helper, use_triton)
+from ._utils import (as_operand, autotune_launch, check_compute_dtype, dot_precision, fp32_kind, interpreting,
+                     launch, next_pow2, round_to, triton_helper, use_triton)
 
 tl = None  # bound to triton.language by _utils.jit_kernel on first launch (keeps Triton an optional import)
 
@@ -322,10 +322,11 @@ class WgradConfig(NamedTuple):
     num_stages: int
 
 
-# The candidate sets, per compute kind ("mma": bf16 / fp16 on the tensor cores; "fp32": exact ieee FMA, the
-# parity path, one config). Every config of every set is compiled for sm_90a at ViT-B shapes by
-# tests/test_sm90_compile.py (no spills, shared memory <= 227 KB, wgmma) and run under the interpreter by
-# tests/test_ops_move_ffn.py, so whatever the table or the autotuner picks is a checked binary.
+# The candidate sets, per compute kind ("mma": bf16 / fp16 on the tensor cores; "tf32": fp32 operands on them;
+# "fp32": exact ieee FMA, the parity path; one config each for the last two). The mma and fp32 configs are
+# compiled for sm_90a at ViT-B shapes by tests/test_sm90_compile.py (no spills, shared memory <= 227 KB, wgmma)
+# and run under the interpreter by tests/test_ops_move_ffn.py, so whatever the table or the autotuner picks is a
+# checked binary; the tf32 ones run under the interpreter (tests/test_kernel_device.py).
 #   0: 128x128x64, two warpgroups (wgmma m64 each), 3 stages of prefetch, 96 KB smem (the former fixed tile)
 #   1: 128x128x64, two warpgroups, 4 stages (128 KB): deeper prefetch for the long K = 3072 loops
 #   2: 128x128x128, two warpgroups, 3 stages (192 KB): half the loop trips on the short K = 768 loops
@@ -339,6 +340,9 @@ GEMM_CONFIGS = {
     "mma": (GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 4), GemmConfig(128, 128, 8, 3),
             GemmConfig(64, 64, 4, 4)),
     "fp32": (GemmConfig(64, 16, 8, 2),),
+    # TF32 (fp32 operands on the tensor cores, torch.get_float32_matmul_precision() 'high'/'medium'): the mma
+    # 128x128 tile over K steps of 32, as an fp32 operand takes twice the bytes of a bf16 one (96 KB smem).
+    "tf32": (GemmConfig(128, 32, 8, 3),),
 }
 #   0: 128x128 over 64-slot steps, two warpgroups, 3 stages (the former fixed tile)
 #   1: 128x256, two warpgroups: half the programs, each reading its slot rows once for twice the columns
@@ -349,6 +353,7 @@ WGRAD_CONFIGS = {
     "mma": (WgradConfig(64, 128, 128, 8, 3), WgradConfig(64, 128, 256, 8, 3), WgradConfig(32, 128, 128, 4, 4),
             WgradConfig(64, 64, 128, 4, 4)),
     "fp32": (WgradConfig(16, 64, 64, 8, 2),),
+    "tf32": (WgradConfig(32, 128, 128, 8, 2),),  # 128x128 over 32-slot steps, fp32 operands (64 KB smem)
 }
 # Slot-count buckets (the GEMMs' M): < 16384 slots (up to ~55 ViT-B studies of which half with a lateral),
 # < 32768 (~110), more. The selection and the autotuner's cache both key on the bucket, not the exact count,
@@ -374,7 +379,7 @@ _forced = {"gemm": None, "wgrad": None}
 
 
 def _cfg_kind(compute_dtype: torch.dtype) -> str:
-    return "fp32" if compute_dtype == torch.float32 else "mma"
+    return fp32_kind(compute_dtype)  # "mma", "tf32" or "fp32" (exact)
 
 
 def token_bucket(slots: int) -> int:
@@ -627,7 +632,13 @@ def _compute_weight(w, ct):
     return wc, wc
 
 
-@torch.library.custom_op("medst_fast::move_ffn_fwd", mutates_args=())
+# Explicit schemas: torch 2.4 cannot infer one from the string annotations this module has (``from __future__
+# import annotations``), and torch 2.5/2.6 cannot resolve a tuple alias; tests/test_torch_versions.py checks
+# every medst_fast op carries one.
+@torch.library.custom_op("medst_fast::move_ffn_fwd", mutates_args=(), schema=(
+    "(Tensor x, Tensor rows, Tensor tile_expert, Tensor seg, Tensor ln_w, Tensor ln_b, Tensor fc1_w, "
+    "Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, float eps, ScalarType compute_dtype) -> (Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
 def _move_ffn_fwd_op(x: torch.Tensor, rows: torch.Tensor, tile_expert: torch.Tensor, seg: torch.Tensor,
                      ln_w: torch.Tensor, ln_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor,
                      fc2_w: torch.Tensor, fc2_b: torch.Tensor, eps: float,
@@ -648,7 +659,10 @@ def _(x, rows, tile_expert, seg, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, co
             x.new_empty(m, dtype=f32), x.new_empty(m, hdim, dtype=ct), x.new_empty(m, hdim, dtype=ct), *saved)
 
 
-@torch.library.custom_op("medst_fast::move_ffn_bwd", mutates_args=())
+@torch.library.custom_op("medst_fast::move_ffn_bwd", mutates_args=(), schema=(
+    "(Tensor dout, Tensor x, Tensor rows, Tensor tile_expert, Tensor seg, Tensor ln_w, Tensor fc1_w, "
+    "Tensor fc2_w, Tensor h, Tensor mean, Tensor rstd, Tensor z1, Tensor g) -> (Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)"))
 def _move_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, tile_expert: torch.Tensor,
                      seg: torch.Tensor, ln_w: torch.Tensor, fc1_w: torch.Tensor, fc2_w: torch.Tensor,
                      h: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, z1: torch.Tensor,

@@ -70,6 +70,16 @@ def test_training_module_has_no_graph_break(packed_trainer):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, [r.reason for r in ex.break_reasons]
 
 
+def _compile_wrong_here():
+    from medst_fast.kernels._utils import torch_version_tuple
+    from medst_fast.train.loop import COMPILE_WRONG_ON
+
+    return torch_version_tuple(torch.__version__) in COMPILE_WRONG_ON
+
+
+# strict: on a torch the trainer refuses --compile for, this must still fail (else the refusal is stale)
+@pytest.mark.xfail(_compile_wrong_here(), strict=True,
+                   reason=f"torch {torch.__version__}: inductor gives NaN gradients here; the trainer refuses --compile")
 def test_compiled_training_step_matches_eager_inductor(packed_trainer):
     """fullgraph inductor compile of model + losses, forward and backward, equals eager."""
     from test_fast_path import step_grads
@@ -133,3 +143,31 @@ def test_varying_lateral_count_does_not_recompile_every_step(tmp_path, vocab_pat
     # the first batch compiles (dynamo may trace it twice while it settles which sizes are static); later
     # batches, with other study and lateral counts, compile nothing
     assert frames[0] <= 2 and frames[-1] == frames[0], frames
+
+
+@pytest.mark.parametrize("version,refused", [("2.11.0+cu130", True), ("2.11.1", True), ("2.14.1", False),
+                                             ("2.10.0", False)])
+def test_compile_refused_on_torch_with_wrong_gradients(version, refused):
+    from medst_fast.train.loop import check_compile_args
+
+    check_compile_args(False, False, version)  # without --compile any torch is fine
+    if not refused:
+        check_compile_args(True, False, version)
+        return
+    with pytest.raises(SystemExit) as e:
+        check_compile_args(True, False, version)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"--compile is refused with torch {version}") and "NaN" in msg
+
+
+def test_trainer_refuses_compile_before_building_anything(tmp_path, vocab_path, monkeypatch):
+    from medst_fast.kernels._utils import torch_version_tuple
+    from medst_fast.train import loop
+    from medst_fast.train.args import parse_args
+
+    monkeypatch.setattr(loop, "COMPILE_WRONG_ON", (torch_version_tuple(torch.__version__),))
+    argv = ["--dataset-type", "random", "--vocab", vocab_path, "--out", str(tmp_path / "r"), "--workers", "0",
+            "--device", "cpu", "--compile"]
+    with pytest.raises(SystemExit, match="--compile is refused with torch"):
+        loop.Trainer(parse_args(argv)).setup()
+    assert not (tmp_path / "r").exists()

@@ -264,7 +264,9 @@ def test_interp_batch_scope_matches_reference_fp32(interpret, B, Tq, Tc, d, qm, 
     ref = loss_and_grads(la.token_align_loss_ref, q, c, q_mask, c_mask, w, b, renorm, gout, **kw)
     got = loss_and_grads(la.token_align_loss, q, c, q_mask, c_mask, w, b, renorm, gout, **kw)
     assert interpret == {"fwd": 1, "bwd": 1}, "the fused kernels did not run"
-    _assert_all_close(got, ref)
+    # 2e-5: the in_proj bias gradient sums B Tq rows with cancellation; on torch 2.4's CPU reference (numpy
+    # 1.26 under Triton 3.0) its fp32 round-off reached 1.06e-5 of the largest entry
+    _assert_all_close(got, ref, rtol=2e-5)
     per_sample = la.token_align_loss_ref(q, c, q_mask, c_mask, w, b, 0.1, renorm, None, weighting)
     if B == 1:  # one sample: the scopes coincide
         assert_close_rel(got[0], per_sample.detach(), 1e-5, "B=1 loss")

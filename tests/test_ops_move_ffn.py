@@ -247,10 +247,11 @@ def test_interp_every_gemm_config_bf16_rule(interpret, monkeypatch, i):
 
 def test_config_sets_are_small_and_keep_the_slot_tile():
     for sets in (mf.GEMM_CONFIGS, mf.WGRAD_CONFIGS):
-        assert set(sets) == {"mma", "fp32"} and 3 <= len(sets["mma"]) <= 5 and len(sets["fp32"]) == 1
+        assert set(sets) == {"mma", "tf32", "fp32"} and 3 <= len(sets["mma"]) <= 5
+        assert len(sets["fp32"]) == len(sets["tf32"]) == 1
         assert len(set(sets["mma"])) == len(sets["mma"])
     # the routing pads every expert segment to BLOCK_M; the weight-gradient steps must divide it
-    assert mf.BLOCK_M == 128 and all(mf.BLOCK_M % c.block_r == 0 for c in mf.WGRAD_CONFIGS["mma"])
+    assert mf.BLOCK_M == 128 and all(mf.BLOCK_M % c.block_r == 0 for k in ("mma", "tf32") for c in mf.WGRAD_CONFIGS[k])
 
 
 def test_table_lookup_is_keyed_on_token_bucket_n_k():

@@ -7,7 +7,8 @@ takes the same decision at the same step. Under DDP a second, host-only exchange
 agrees on bad batches before the forward.
 
 What can go wrong and what happens (README "Reliability"):
-- a non-finite loss: the update is skipped and every buffer the forward touched (BatchNorm running
+- a non-finite loss or gradient (the gradient norm used for clipping rides in the step's one all-reduce):
+  the update is skipped and every buffer the forward touched (BatchNorm running
   statistics) is restored; --max-bad-steps in a row stop the run;
 - non-finite weights after an update: the run stops with an error; no checkpoint or export is written
   with a NaN/inf tensor;
@@ -43,6 +44,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from ..config import LossCfg, MedSTConfig
 from ..losses import MedSTLoss
+from ..kernels._utils import torch_version_tuple
 from ..plot import PLOT_FILE
 from .args import UsageError, parse_overrides, resolve
 from .data import (BAD_BATCH, RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, check_inputs,
@@ -270,6 +272,47 @@ def _nonfinite_flag(tensors: List[torch.Tensor], device: torch.device) -> torch.
     return flag
 
 
+# torch releases whose inductor gives this model wrong gradients under --compile (measured on the CPU: torch
+# 2.11.0's compiled step returns the eager loss but NaN in every gradient upstream of the local loss, while
+# aot_eager, the model alone and the losses alone all compile correctly; torch 2.14.1 matches eager).
+COMPILE_WRONG_ON = ((2, 11),)
+
+
+def check_compile_args(compile_: bool, gather_with_grad: bool, torch_version: str = torch.__version__) -> None:
+    """One clear line for a combination torch.compile cannot take, or a torch whose compile is wrong here."""
+    if compile_ and torch_version_tuple(torch_version) in COMPILE_WRONG_ON:
+        raise SystemExit(f"--compile is refused with torch {torch_version}: its inductor compiles this model's "
+                         f"training step with NaN gradients (the loss itself looks right); run without --compile or "
+                         f"with another torch release (torch 2.14 is tested to match eager)")
+    if compile_ and gather_with_grad:
+        # The gather exchanges per-rank row counts on the host (ranks hold 1..N studies per series) before the
+        # autograd all_gather: a host sync and collectives inside the one full graph, which fails to compile.
+        raise SystemExit("--compile cannot be combined with --gather-with-grad: the cross-rank feature gather "
+                         "needs the ranks' row counts on the host inside the compiled step; drop one of the two")
+
+
+def wrap_module(module: nn.Module, compile_: bool, distributed: bool, device: torch.device,
+                backend: str = "inductor") -> nn.Module:
+    """DDP, then torch.compile over it, the order PyTorch documents for compiled DDP models: dynamo's
+    DDPOptimizer then splits the graph at DDP's bucket boundaries, so each bucket's gradient all-reduce starts
+    while the rest of the backward still runs (DDP around a compiled module waits for the whole backward)."""
+    if distributed:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if compile_:
+        # One graph for model + losses (tests/test_compile.py checks there is no break); dynamic shapes, so
+        # batches with other study/lateral counts reuse it instead of recompiling. Under DDP, fullgraph would
+        # force dynamo through DDP's own forward (bucket rebuilds, reducer hooks), which it cannot trace:
+        # dynamo skips that frame and compiles the wrapped module's forward inside it.
+        module = torch.compile(module, fullgraph=not distributed, dynamic=True, backend=backend)
+    return module
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (the DDP module under --compile with DDP), else ``module``."""
+    return getattr(module, "_orig_mod", module)
+
+
 class StepRunner:
     """Forward/backward over the micro-batches of one optimizer step, and the guarded optimizer update."""
 
@@ -284,16 +327,18 @@ class StepRunner:
         # step's forward, so a skipped step can put them back (a NaN batch must not poison them).
         self.buffers = [b for b in module.buffers()]
         self._snapshot = [b.detach().clone() for b in self.buffers]
+        self._norm: Optional[torch.Tensor] = None  # this step's gradient norm (grad_norm), on the device
 
     def forward_backward(self, batches: List[Dict[str, Any]]) -> torch.Tensor:
         """Returns per-rank stats [non-finite count, 0, loss, ita, local, temporal, cross_local, studies] (no sync)."""
         if self.buffers:
             torch._foreach_copy_(self._snapshot, self.buffers)  # ~17k numbers for ViT-B: one fused copy
         stats = torch.zeros(8, device=self.device, dtype=torch.float64)
-        ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)
+        ddp = isinstance(unwrap_compiled(self.module), nn.parallel.DistributedDataParallel)
         for j, batch in enumerate(batches):
             sync = (not ddp) or j == len(batches) - 1
-            ctx = contextlib.nullcontext() if sync else self.module.no_sync()  # skip all-reduce until the last micro-step
+            # skip the all-reduce until the last micro-step
+            ctx = contextlib.nullcontext() if sync else unwrap_compiled(self.module).no_sync()
             with ctx:
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                     total, parts = self.module(batch)
@@ -305,21 +350,49 @@ class StepRunner:
             stats[7] += batch["frontal"].shape[0]
         return stats
 
-    def optimizer_step(self, lr: float) -> Optional[float]:
+    def grad_norm(self) -> torch.Tensor:
+        """(1,) float64 on the device: the L2 norm of all gradients (unscaled under fp16), as clip_grad_norm_
+        computes it; NaN/inf when any gradient is. No host sync: it rides in the step's one stats all-reduce,
+        and optimizer_step clips with the device value. Under DDP it is read after backward's all-reduce, so
+        every rank holds the same gradients and the same norm."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)  # once per step; scaler.step then does not unscale again
+        groups: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:
+                groups.setdefault(p.grad.dtype, []).append(p.grad.detach())
+        norms = [n for gs in groups.values() for n in torch._foreach_norm(gs, 2.0)]
+        if norms:
+            self._norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+        else:
+            self._norm = torch.zeros((), device=self.device)
+        return self._norm.double().reshape(1)
+
+    def optimizer_step(self, lr: float) -> None:
+        """The update, after the caller saw a finite loss and a finite :meth:`grad_norm` (computed here when
+        the caller did not ask for it, e.g. a benchmark driving the runner directly)."""
         for g in self.opt.param_groups:
             g["lr"] = lr
-        norm = None
         if self.clip:
-            self.scaler.unscale_(self.opt)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            if self._norm is None:
+                self.grad_norm()
+            # clip_grad_norm_'s coefficient, from the norm already computed (no second reduction, no sync)
+            coef = torch.clamp(self.clip / (self._norm + 1e-6), max=1.0)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        return norm
+        self._norm = None
 
     def skip_step(self) -> None:
-        """Drop the step's gradients and restore the buffers its forward wrote."""
+        """Drop the step's gradients and restore the buffers its forward wrote. Under fp16 the loss scale is
+        lowered as GradScaler does after an overflow (grad_norm's unscale_ recorded it)."""
+        if self.scaler.is_enabled() and self._norm is not None:
+            self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        self._norm = None
         if self.buffers:
             torch._foreach_copy_(self.buffers, self._snapshot)
 
@@ -385,6 +458,10 @@ class Trainer:
         self.world, self.device = D.init_distributed("cuda" if want_cuda else "cpu")
         a = self.args = resolve(a, cuda_available=want_cuda)
         check_report_to(a.report_to)  # every rank, before any collective: a missing extra stops all of them
+        check_compile_args(a.compile, a.gather_with_grad)
+        if self.device.type == "cpu" and a.amp != "none":
+            # measured 2.5x slower than fp32 for this model on a CPU: the bf16/fp16 kernels there are no faster
+            log.warning("--amp %s on a CPU: CPU autocast is slower than fp32 here (--amp none is faster)", a.amp)
         primary = self.world.is_primary
         if a.kernels:
             from ..kernels._utils import set_backend
@@ -488,15 +565,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, a, self.device)
         loss_fn = MedSTLoss(self.cfg.loss, self.cfg.faithful, gather=D.make_gather(a.gather_with_grad))
-        module: nn.Module = PretrainModule(self.model, loss_fn)
-        if a.compile:
-            # One graph for model + losses (tests/test_compile.py checks there is no break); dynamic shapes, so
-            # batches with other study/lateral counts reuse it instead of recompiling.
-            module = torch.compile(module, fullgraph=True, dynamic=True)
-        if self.world.distributed:
-            module = nn.parallel.DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
+        module = wrap_module(PretrainModule(self.model, loss_fn), a.compile, self.world.distributed, self.device)
         self.runner = StepRunner(module, self.optimizer, self.device, a.amp, a.accum_steps, a.clip_grad)
 
         self.step, self.epoch, self.step_in_epoch, self.bad_total, self.bad_batches = 0, 0, 0, 0, 0
@@ -955,7 +1024,9 @@ class Trainer:
         batches = [self.model.prepare_batch(batch_to(b, self.device)) for b in raw]
         stats = self.runner.forward_backward(batches)
         stats[1] = 1.0 if stop or self._stop_signal is not None else 0.0  # a signal during the forward counts too
-        stats = torch.cat([stats, self._weights_bad])
+        # [8]: the previous update made the weights non-finite; [9]: this step's gradient norm (the same on every
+        # rank after DDP's all-reduce, so the sum is finite exactly when each rank's is)
+        stats = torch.cat([stats, self._weights_bad, self.runner.grad_norm()])
         if self.world.distributed:
             dist.all_reduce(stats)
         s = stats.tolist()  # the one host sync per step (see module docstring)
@@ -964,16 +1035,24 @@ class Trainer:
                 f"stopping: the update of step {self.step} made the weights NaN/inf (lr {a.lr:g}, --clip-grad "
                 f"{a.clip_grad}). Nothing non-finite is saved or exported; last checkpoint: {self.last_ckpt}. "
                 f"Lower --lr or enable --clip-grad.")
-        if s[0] > 0:
+        grad_bad = not math.isfinite(s[9])
+        if grad_bad and s[0] == 0 and self.runner.scaler.is_enabled():
+            # fp16: an overflow of the scaled gradients is GradScaler's business (the scale drops, the step is
+            # skipped, as GradScaler itself would), not a sign of divergence
+            self.runner.skip_step()
+            log.info("step %d: fp16 gradient overflow; update skipped and the loss scale lowered", self.step + 1)
+        elif s[0] > 0 or grad_bad:
+            # a non-finite gradient never reaches the optimizer, even with a finite loss
             self.runner.skip_step()  # also restores the BatchNorm statistics the forward wrote
             self._bad_run += 1
             self.bad_total += 1
-            log.warning("step %d: non-finite loss (%s); update skipped (%d in a row, %d in total)",
-                        self.step + 1, s[2] / W, self._bad_run, self.bad_total)
+            what = f"loss ({s[2] / W})" if s[0] > 0 else f"gradient (norm {s[9] / W}, loss {s[2] / W})"
+            log.warning("step %d: non-finite %s; update skipped (%d in a row, %d in total)",
+                        self.step + 1, what, self._bad_run, self.bad_total)
             if self._bad_run >= a.max_bad_steps:
                 raise TrainingDiverged(
-                    f"stopping: the loss was NaN/inf in {self._bad_run} consecutive steps (up to step "
-                    f"{self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
+                    f"stopping: the loss or the gradients were NaN/inf in {self._bad_run} consecutive steps "
+                    f"(up to step {self.step + 1}, limit --max-bad-steps {a.max_bad_steps}). The weights are those "
                     f"of the last good step; last checkpoint: {self.last_ckpt}. Lower --lr, enable "
                     f"--clip-grad, or use --amp bf16/none instead of fp16.")
             self._no_update()
