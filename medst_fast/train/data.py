@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".tif", ".tiff", ".bmp")
 # Reports shorter than this many tokens are no reports: [CLS], at least one word, [SEP].
 MIN_TEXT_TOKENS = 3
 
-SYNTHETIC_VERSION = 2  # 2: findings drawn on the side the report names (data/synth.py)
+SYNTHETIC_VERSION = 3  # 2: findings drawn on the side the report names (data/synth.py); 3: deterministic vocab
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: id 0 = TextCfg.pad_token_id
 
 
@@ -55,21 +55,33 @@ class SkipBadBatches:
 
 # -- vocab ---------------------------------------------------------------------------------------------------
 def build_wordpiece_vocab(texts: Sequence[str], out_dir: str, vocab_size: int = 2000) -> str:
-    """Train a small lower-cased WordPiece vocab on ``texts`` (tokenizers library); returns vocab.txt."""
+    """A small lower-cased WordPiece vocab.txt for ``texts``; returns its path.
+
+    The specials, every character of the texts alone and as a ``##`` continuation (so any word spelled with
+    those characters tokenises, never to [UNK]), then whole words by frequency, ties by spelling, up to ``vocab_size``. Deterministic: the
+    tokenizers library's WordPiece trainer breaks ties between equally frequent merges differently from
+    process to process (four trainings on the same reports gave four vocabularies), which made every fresh
+    synthetic cache a different run of the same seed.
+    """
     try:
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers.normalizers import BertNormalizer
+        from tokenizers.pre_tokenizers import BertPreTokenizer
     except ImportError as e:  # pragma: no cover
         raise ImportError("building a vocab needs the 'tokenizers' package: pip install tokenizers") from e
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS,
-                            show_progress=False)
+    norm, pre = BertNormalizer(lowercase=True), BertPreTokenizer()  # what MedSTTokenizer applies before WordPiece
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = _SPECIALS + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab += words[: max(0, vocab_size - len(vocab))]
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".tmp-vocab-{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    tok.save_model(tmp)
     path = os.path.join(out_dir, "vocab.txt")
-    os.replace(os.path.join(tmp, "vocab.txt"), path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in vocab))
+    os.replace(tmp, path)
     return path
 
 
