@@ -65,6 +65,28 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
     return model.eval()
 
 
+def random_baseline(model, seed: int = 0):
+    """A model of ``model``'s config with random weights (seeded), on its device, in eval mode: what its
+    scores would be if training had taught it nothing, from the same architecture and vocabulary."""
+    from ..factory import create_model
+
+    torch.manual_seed(seed)
+    base = create_model(model.cfg)
+    return base.to(next(model.parameters()).device).eval()
+
+
+def default_out(checkpoint: Optional[PathLike]) -> str:
+    """Where evaluation writes by default: ``RUN/eval`` for a checkpoint of a training run, ``eval`` beside
+    any other checkpoint (``DIR/eval-NAME``), and ``eval_results`` in the current folder for a random init."""
+    if checkpoint is None:
+        return "eval_results"
+    run = run_folder(checkpoint)
+    if run is not None:
+        return os.path.join(run, "eval")
+    p = os.path.abspath(os.fspath(checkpoint)).rstrip(os.sep)
+    return os.path.join(os.path.dirname(p), f"eval-{os.path.basename(p)}")
+
+
 def run_folder(checkpoint: Optional[PathLike]) -> Optional[str]:
     """The trainer's run folder a checkpoint belongs to (``RUN/final``, ``RUN/checkpoints/ckpt-*.pt``), if any."""
     if checkpoint is None:
