@@ -85,3 +85,30 @@ def test_table_carries_chance_baseline_interval_and_verdict():
     assert "verdict: above chance" in md
     csv = to_csv([r])
     assert csv.splitlines()[0] == "task,subset,metric,value,std,n,ci_low,ci_high,chance,p,baseline,note"
+
+
+def test_default_output_folder(tmp_path):
+    from medst_fast.eval.common import default_out
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "args.json").write_text("{}")
+    assert default_out(run / "final") == str(run / "eval")
+    assert default_out(run / "checkpoints" / "ckpt-00000010.pt") == str(run / "eval")
+    assert default_out(tmp_path / "models" / "medst") == str(tmp_path / "models" / "eval-medst")
+    assert default_out(None) == "eval_results"  # a random init has no folder of its own
+
+
+def test_sklearn_warnings_become_one_counted_line(caplog):
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    from medst_fast.eval.__main__ import sklearn_warnings_counted
+
+    with caplog.at_level("WARNING", logger="medst_fast"), sklearn_warnings_counted():
+        for _ in range(7):
+            warnings.warn("The least populated class in y has only 1 members", UndefinedMetricWarning)
+    lines = [r.getMessage() for r in caplog.records if "scikit-learn warned" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("scikit-learn warned 7 time(s): UndefinedMetricWarning")
