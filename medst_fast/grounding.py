@@ -1,7 +1,7 @@
 """Grounding maps: where in the image each word of a text points, from Med-ST's local alignment.
 
 The local alignment compares every word embedding (text local head) with every patch embedding (image local
-head), both L2-normalised, and attends over the patches with ``softmax(cosine / tau_local)`` (spec §2.2, the
+head), both L2-normalised, and attends over the patches with ``softmax(cosine / tau_local)`` (the
 word side). ``similarity_maps`` returns both the attention weights and the raw cosines per word, and per
 phrase (the mean over its words), on the patch grid and bilinearly upsampled to the image the model saw (the
 eval transform's centre crop) or, with ``on="original"``, to the original image.

@@ -1,7 +1,7 @@
 """Shared evaluation plumbing: model loading, eval image transform, DICOM/JPEG reading, batched embedding.
 
 The eval transform is the training transform with the centre crop (``medst_fast.data.transforms``,
-medst-spec.md §3.6): longer side to R = round(S*256/224) by exact area averaging, zero-pad centred to R x R,
+the official transform): longer side to R = round(S*256/224) by exact area averaging, zero-pad centred to R x R,
 centre crop S, normalise (x/255 - 0.5)/0.5, one channel (the model folds its RGB patch weights, exactly
 equal to 3 grey channels).
 """

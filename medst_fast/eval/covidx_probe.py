@@ -1,4 +1,4 @@
-"""COVIDx linear probe (medst-spec.md §5.4).
+"""COVIDx linear probe.
 
 ``train.txt`` / ``test.txt`` lines ``patientid filename label source``; labels normal=0, pneumonia=1,
 COVID-19=2. train.txt is split 80/20 (``train_test_split(train_size=0.8, random_state=0)``) into train and

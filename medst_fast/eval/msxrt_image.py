@@ -1,4 +1,4 @@
-"""MS-CXR-T temporal image classification (medst-spec.md §5.1).
+"""MS-CXR-T temporal image classification.
 
 Pair feature = [current || previous] normalised global embeddings (frontal, single-view path); a linear
 SVC scored with StratifiedKFold (no shuffle) after ``df.sample(frac=1, random_state=seed)`` of the whole

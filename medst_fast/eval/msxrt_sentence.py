@@ -1,4 +1,4 @@
-"""MS-CXR-T temporal sentence similarity (medst-spec.md §5.2).
+"""MS-CXR-T temporal sentence similarity.
 
 RadGraph subset; score = cosine of the normalised global text embeddings of the two sentences; label
 1 for paraphrase, 0 for contradiction. Reports AUROC, the official accuracy (threshold chosen by the
@@ -6,7 +6,7 @@ best *test* fold, applied to all pairs; optimistic) and an honest 10-fold accura
 training folds, scored on the held-out fold, averaged over folds).
 
 Sentences are cleaned as in pretraining (``medst_fast.text.clean_report``) and joined with " ";
-``official_join=True`` joins them with "" as the official evaluation does (spec §6.1 item 8).
+``official_join=True`` joins them with "" as the official evaluation does.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Zero-shot RSNA pneumonia (medst-spec.md §5.3).
+"""Zero-shot RSNA pneumonia.
 
 Split: ``stage_2_train_labels.csv`` grouped per patient (Target 1 if any box), sorted by patientId (pandas
 groupby order), ``train_test_split(test_size=0.30, random_state=0)``, then the 30% split 50/50 into test
