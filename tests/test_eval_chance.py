@@ -66,6 +66,9 @@ def test_verdict_wording_on_known_inputs():
     assert "beats the random-init baseline on 1 of 1" in v and "small test set" not in v
     # below its chance level is said, not silently printed
     assert "1 below their chance level" in C.verdict(_res(0.3, 200, 0.5).rows)
+    # a score equal to chance up to rounding is not below it, and a tie with the baseline is no win
+    v = C.verdict(_res(0.6 - 1e-15, 50, 0.6, baseline=0.6).rows)
+    assert "below" not in v and "beats the random-init baseline on 0 of 1" in v
 
 
 def test_verdict_corrects_for_the_number_of_scores():
