@@ -598,6 +598,9 @@ def test_trainer_checkpoint_brings_its_config(tmp_path):
     assert m.cfg.text.vocab_size == 500 and not m.training
     m2 = common.load_model(checkpoint=path, model_name="medst_tiny", device="cpu")
     assert m2.cfg.text.vocab_size == 500
+    # a --model of another architecture is refused with the flag to drop, not silently overridden
+    with pytest.raises(ValueError, match=r"--model medst_vit_b16: .*another architecture.*; drop --model"):
+        common.load_model(checkpoint=path, model_name="medst_vit_b16", device="cpu")
 
 
 def test_all_evaluates_a_quick_start_run(tmp_path, capsys):

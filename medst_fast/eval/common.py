@@ -56,6 +56,9 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
         try:
             model = create_model(model_name, pretrained=os.fspath(checkpoint))
         except ValueError as e:
+            if "another architecture than" in str(e):  # the API's advice (name=None) as the flag it is here
+                raise ValueError(f"--model {model_name}: {str(e).split(': pass name=None')[0]}; drop --model "
+                                 "(the checkpoint carries its own config)") from None
             if "carries no model config" not in str(e):
                 raise
             raise ValueError(f"--checkpoint {checkpoint} is a file without a model config: give --model NAME "
