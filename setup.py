@@ -47,6 +47,17 @@ def _say(msg):
     warnings.warn(msg, stacklevel=2)
 
 
+def _tell(msg):
+    # pip (without -v) captures the build's output and shows no warning either while it runs: a long compile
+    # would look like a hang. The controlling terminal, when there is one, still reaches the user.
+    _say(msg)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(msg + "\n")
+    except OSError:  # no terminal (CI, a batch job): the captured line above is all there is
+        pass
+
+
 def _skip(reason, hint=True):
     _say(f"medst_fast: the C++/CUDA extension medst_fast._C is not built ({reason}); the PyTorch fallbacks "
          f"will be used" + (f"; {BUILD_HINT}" if hint else ""))
@@ -58,6 +69,17 @@ def _load_ext_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_medst_fast_ext_build", os.path.join(here, "medst_fast", "ext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _load_build_stamp():
+    # medst_fast/build_stamp.py by path, as _load_ext_module does
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_medst_fast_build_stamp",
+                                                  os.path.join(here, "medst_fast", "build_stamp.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -116,16 +138,39 @@ def extension_build():
               f"(torch CUDA {torch.version.cuda}, nvcc {nvcc or 'not found'})", file=sys.stderr)
         ext = cpp_extension.CppExtension("medst_fast._C", sources, **kw)
 
+    stamp_mod = _load_build_stamp()
+    all_sources = sorted(glob.glob(os.path.join(here, csrc, "*")))
+    fp = stamp_mod.fingerprint(all_sources, torch.__version__, torch.version.cuda,
+                               {"cuda": with_cuda, "sources": sources, "args": kw["extra_compile_args"],
+                                "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"), "ninja": bool(shutil.which("ninja"))})
+
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Skips the extension, with a message, instead of failing the install."""
+        """Skips the extension, with a message, instead of failing the install. Compiles in a persistent
+        folder (build/medst_fast_ext/, so ninja recompiles only changed objects), and not at all for an
+        in-place (editable) build whose library is up to date (medst_fast/build_stamp.py)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(here, "build", "medst_fast_ext", "temp")
 
         def run(self):
+            so = self.get_ext_fullpath(ext.name)
+            stamp = os.path.join(here, "build", "medst_fast_ext", "_C.stamp.json")
+            if self.inplace and not self.force and stamp_mod.is_up_to_date(stamp, so, fp):
+                _tell(f"medst_fast: medst_fast._C is up to date ({os.path.basename(so)}: same sources, flags and "
+                     f"torch {torch.__version__}); not recompiling")
+                return
+            _tell(f"medst_fast: compiling the C++{'/CUDA' if with_cuda else ''} extension medst_fast._C (about "
+                 "1-2 minutes; MEDST_FAST_NO_EXT=1 skips it, the PyTorch fallbacks then run)")
             try:
                 super().run()
             except Exception as e:  # compiler missing, CUDA/torch mismatch, ...
                 _say(f"medst_fast: building medst_fast._C failed ({type(e).__name__}: {e}); continuing "
                      f"without it, the PyTorch fallbacks will be used")
                 self.extensions = []
+                return
+            if os.path.isfile(so):
+                stamp_mod.write_stamp(stamp, so, fp)
 
         def get_outputs(self):
             return super().get_outputs() if self.extensions else []
@@ -153,8 +198,10 @@ setup(
     # core: import medst_fast, build and load models (safetensors), tokenise (tokenizers)
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.15"],
     extras_require={
-        # prepare (run by the trainer on its built-in synthetic data) reads the MIMIC CSVs with pandas
-        "train": ["pillow>=9", "tqdm", "pandas>=1.5", "pydicom>=2.4"],
+        # prepare (run by the trainer on its built-in synthetic data) reads the MIMIC CSVs with pandas; train
+        # also brings what the quick start's figure (matplotlib) and `python -m medst_fast.eval` (scikit-learn)
+        # need, so one install serves the README's first hour and the extension is compiled once
+        "train": ["pillow>=9", "tqdm", "pandas>=1.5", "pydicom>=2.4", "matplotlib>=3.5", "scikit-learn>=1.2"],
         "eval": ["pillow>=9", "tqdm", "scikit-learn>=1.2", "pydicom>=2.4", "pandas>=1.5"],
         "plot": ["matplotlib>=3.5", "pillow>=9"],  # grounding overlays (medst_fast.grounding.plot_overlay)
         "parquet": ["pyarrow>=12", "pandas>=1.5"],  # python -m medst_fast.embed --out FILE.parquet

@@ -33,7 +33,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -- inputs ---------------------------------------------------------------------------------------------------
 def list_images(src: str, column: str = "path") -> List[str]:
-    """Image files of a folder (recursive, sorted) or of a CSV column (relative to the CSV's folder)."""
+    """Image files of a folder (recursive, sorted), one image file (by extension, or a DICOM by its
+    preamble), or a CSV column (relative to the CSV's folder)."""
+    if os.path.isfile(src) and _is_image_file(src):
+        return [src]
     if os.path.isdir(src):
         out = []
         for dirpath, dirs, files in os.walk(src):
@@ -50,6 +53,15 @@ def list_images(src: str, column: str = "path") -> List[str]:
             raise ValueError(f"{src}: column {column!r} row {i + 2} is empty")
         paths.append(p if os.path.isabs(p) else os.path.join(base, p))
     return paths
+
+
+def _is_image_file(path: str) -> bool:
+    # an image is not a CSV: parsed as one it fails with a tokenizing error far from the cause
+    if path.lower().endswith(IMAGE_EXTS):
+        return True
+    from .factory import _is_dicom
+
+    return _is_dicom(path)
 
 
 def read_texts(src: str, column: str = "text") -> Tuple[List[str], List[str]]:
@@ -265,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="save_pretrained folder (a run's final/ or final_encoder/)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images, or a CSV with a 'path' column")
+    src.add_argument("--images", help="an image file (JPEG/PNG/DICOM), a folder of images, or a CSV with a "
+                                      "'path' column")
     src.add_argument("--texts", help="CSV with a 'text' column (and optionally 'id')")
     p.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
     p.add_argument("--column", help="CSV column to read (default: path for --images, text for --texts)")

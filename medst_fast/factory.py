@@ -60,7 +60,8 @@ def create_model(
     Args:
         name: a registered name (``list_models()``) or a ``MedSTConfig``. May be None when ``pretrained``
             carries its config (a save_pretrained folder, a trainer checkpoint); a checkpoint's own config
-            wins over ``name`` (a run may have changed e.g. the vocabulary size), with a log line saying so.
+            wins over ``name`` (a run may have changed e.g. the vocabulary size), with a log line saying so;
+            a registered name whose architecture (width, depth, ...) differs is refused.
         pretrained: None (random init), a ``save_pretrained`` folder, a ``.safetensors`` file of this
             model, a trainer checkpoint (``ckpt-*.pt``), an official Med-ST / MGCA Lightning checkpoint,
             timm/DeiT ViT-B or Hugging Face BERT weights (converted on load).
@@ -70,6 +71,7 @@ def create_model(
         from .hub import from_pretrained
 
         model = from_pretrained(pretrained, **overrides)
+        check_name_matches(name, model.cfg, pretrained)
     else:
         from .convert import load_checkpoint, read_checkpoint
 
@@ -83,6 +85,31 @@ def create_model(
     return model
 
 
+# The fields that make one model another: a run may change its vocabulary size, dropout or loss weights and
+# still be "medst_tiny", but not its width or depth. open_clip users expect the name they pass to matter, so a
+# name whose architecture disagrees with the weights' own config is refused rather than silently ignored.
+ARCH_FIELDS = {"vision": ("img_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "lateral_expert"),
+               "text": ("hidden", "layers", "heads", "intermediate"),
+               "head": ("embed_dim", "hidden")}
+
+
+def architecture_diff(a: MedSTConfig, b: MedSTConfig) -> List[str]:
+    """``section.field a_value != b_value`` for each architecture field in which the configs differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k} {da[s].get(k)!r} != {db[s].get(k)!r}" for s, keys in ARCH_FIELDS.items() for k in keys
+            if da[s].get(k) != db[s].get(k)]
+
+
+def check_name_matches(name, cfg: MedSTConfig, source) -> None:
+    """Refuse a registered ``name`` whose architecture differs from the config ``source`` carries."""
+    if not isinstance(name, str):
+        return
+    diff = architecture_diff(get_model_config(name), cfg)
+    if diff:
+        raise ValueError(f"{source} holds another architecture than {name!r} ({', '.join(diff[:3])}"
+                         f"{', ...' if len(diff) > 3 else ''}): pass name=None to use its own config")
+
+
 def _config_for(name, ckpt_cfg: Optional[dict], source) -> MedSTConfig:
     named = name if isinstance(name, MedSTConfig) else (get_model_config(name) if name is not None else None)
     if ckpt_cfg is None:
@@ -94,6 +121,7 @@ def _config_for(name, ckpt_cfg: Optional[dict], source) -> MedSTConfig:
         cfg = MedSTConfig.from_dict(ckpt_cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: field 'config': {e}") from None
+    check_name_matches(name, cfg, source)
     if named is not None and named.to_dict() != cfg.to_dict():
         a, b = named.to_dict(), cfg.to_dict()
         diff = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)]
@@ -277,22 +305,18 @@ def create_model_and_transforms(
     """``(model, train_transform, eval_transform)``, open_clip's shape.
 
     Args:
-        name: a registered model name or a ``MedSTConfig``; may be None when ``pretrained`` is a
-            save_pretrained folder (it carries its config).
+        name: a registered model name or a ``MedSTConfig``; may be None when ``pretrained`` carries its
+            config (a save_pretrained folder or a trainer checkpoint). A registered name whose architecture
+            differs from that config is refused (ValueError saying to pass name=None).
         pretrained, device, overrides: as ``create_model``.
     Returns:
         The model (in eval mode) and two callables taking a file path (JPEG/PNG/DICOM), a PIL image or a
         numpy array and returning the float32 (1, S, S) input: the training transform (random crop) and the
         evaluation transform (centre crop of the same pipeline).
     """
-    if name is None:
-        if pretrained is None or not os.path.isdir(pretrained):
-            raise ValueError("give a model name, or a save_pretrained folder as pretrained")
-        from .hub import from_pretrained
-
-        model = from_pretrained(pretrained, device=device, **overrides)
-    else:
-        model = create_model(name, pretrained=pretrained, device=device, **overrides)
+    if name is None and pretrained is None:
+        raise ValueError("give a model name, or pretrained= a save_pretrained folder or a trainer checkpoint")
+    model = create_model(name, pretrained=pretrained, device=device, **overrides)
     size = model.cfg.vision.img_size
     recorded = _recorded_img_size(pretrained)
     if recorded is not None and recorded != size:

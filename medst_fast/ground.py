@@ -1,7 +1,8 @@
 """``python -m medst_fast.ground --checkpoint DIR --image X --text "..." --out map.png``: grounding overlays.
 
 Several ``--text`` give several phrases of one report (each drawn as the mean of its words' maps); ``--words``
-picks the word panels. Needs matplotlib: ``pip install 'medst_fast[plot]'``.
+picks the word panels. A model whose report embeddings are collapsed (at chance) gets a warning on stdout and
+in the picture's title. Needs matplotlib: ``pip install 'medst_fast[plot]'``.
 """
 from __future__ import annotations
 
@@ -34,13 +35,16 @@ def main(argv: Optional[List[str]] = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
     from .eval.common import load_model, load_tokenizer
-    from .grounding import plot_overlay, similarity_maps
+    from .grounding import at_chance_warning, plot_overlay, similarity_maps
 
     model = load_model(checkpoint=a.checkpoint, device=a.device)
     tok = load_tokenizer(a.vocab, model, a.checkpoint)
+    warning = at_chance_warning(model, tok)
+    if warning:  # maps from an untrained model look as convincing as real ones: say so where they are seen
+        print(f"warning: {warning}")
     maps = similarity_maps(model, tok, a.image, a.text, on=a.on)
     words = [w.strip() for w in a.words.split(",") if w.strip()] if a.words else None
-    out = plot_overlay(maps, a.out, words=words, kind=a.kind, max_panels=a.max_panels)
+    out = plot_overlay(maps, a.out, words=words, kind=a.kind, max_panels=a.max_panels, warning=warning)
     log.info("wrote %s (%d words: %s)", out, len(maps.words), " ".join(maps.words))
     return out
 

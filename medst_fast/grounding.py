@@ -1,7 +1,7 @@
 """Grounding maps: where in the image each word of a text points, from Med-ST's local alignment.
 
 The local alignment compares every word embedding (text local head) with every patch embedding (image local
-head), both L2-normalised, and attends over the patches with ``softmax(cosine / tau_local)`` (spec §2.2, the
+head), both L2-normalised, and attends over the patches with ``softmax(cosine / tau_local)`` (the
 word side). ``similarity_maps`` returns both the attention weights and the raw cosines per word, and per
 phrase (the mean over its words), on the patch grid and bilinearly upsampled to the image the model saw (the
 eval transform's centre crop) or, with ``on="original"``, to the original image.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -202,14 +203,43 @@ def peaks_in_region(model, tokenizer, image, text: str, word: str, region: np.nd
     return bool(region[np.unravel_index(int(a.argmax()), a.shape)])
 
 
+# Reports of different findings: a model that learned anything from reports embeds them apart. An untrained
+# text tower (post-LN BERT, small init) and its BatchNorm head give them nearly one direction (mean pairwise
+# cosine 0.9999 for a random medst_tiny, 0.95 for a random medst_vit_b16), and then its maps, however
+# convincing they look, say nothing about the words.
+REFERENCE_REPORTS = (
+    "small left pleural effusion", "no acute cardiopulmonary process",
+    "right lower lobe consolidation concerning for pneumonia", "moderate pulmonary edema",
+    "large right pneumothorax", "the heart size is enlarged", "interval improvement of bibasilar atelectasis",
+    "endotracheal tube terminates above the carina",
+)
+
+
+def at_chance_warning(model, tokenizer) -> Optional[str]:
+    """A warning when ``model`` embeds ``REFERENCE_REPORTS`` as nearly one vector (the trainer's collapse
+    threshold on the mean pairwise cosine), i.e. its text side is at chance; None otherwise. One batch of
+    eight short texts: cheap enough to run before every picture."""
+    from .train.validate import COLLAPSED_COS, mean_pairwise_cosine
+
+    with torch.no_grad(), _eval_mode(model):
+        dev = next(model.parameters()).device
+        z = model.encode_text(**{k: v.to(dev) for k, v in tokenizer(list(REFERENCE_REPORTS)).items()})
+    cos = mean_pairwise_cosine(z.float().cpu())
+    if not cos <= COLLAPSED_COS:  # NaN counts as collapsed
+        return (f"model at chance: it embeds {len(REFERENCE_REPORTS)} reports of different findings nearly alike "
+                f"(mean pairwise cosine {cos:.4f} > {COLLAPSED_COS}); these maps carry no learned meaning")
+    return None
+
+
 def plot_overlay(maps: GroundingMaps, out: Union[str, os.PathLike], words: Optional[Sequence[str]] = None,
                  kind: str = "attention", alpha: float = 0.45, max_panels: int = 12, title: Optional[str] = None,
-                 dpi: int = 100) -> str:
+                 dpi: int = 100, warning: Optional[str] = None) -> str:
     """Write a PNG: the image, then each phrase's and each word's map over it. Returns the path.
 
     Args:
         words: the words to draw (default: every word, up to ``max_panels`` panels in all).
         kind: "attention" (the local alignment's softmax weights) or "cosine".
+        warning: a line drawn in red under the title (e.g. ``at_chance_warning``'s), so the picture carries it.
     """
     from .factory import optional_import
 
@@ -233,7 +263,10 @@ def plot_overlay(maps: GroundingMaps, out: Union[str, os.PathLike], words: Optio
         if mp is not None:
             ax.imshow(mp.numpy(), cmap="jet", alpha=alpha)
         ax.set_title(name if len(name) < 40 else name[:37] + "...", fontsize=9)
-    fig.suptitle(title or f"{kind} (tau_local={maps.tau:g})", fontsize=10)
+    head = title or f"{kind} (tau_local={maps.tau:g})"
+    if warning:
+        head += "\n" + textwrap.fill("WARNING: " + warning, width=40 * cols)
+    fig.suptitle(head, fontsize=10, color="red" if warning else "black")
     fig.tight_layout()
     out = os.fspath(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

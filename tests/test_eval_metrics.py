@@ -153,7 +153,8 @@ def test_report_markdown_and_csv(tmp_path):
     r.add("RadGraph", "auroc", 0.8125, n=16)
     r.add("RadGraph", "accuracy_cv10", 0.75, 0.05, 16, note="honest")
     md = to_markdown([r])
-    assert "| RadGraph | auroc | 0.8125 |" in md and "| accuracy_cv10 (%) | 75.00 | 5.00 | 16 | honest |" in md
+    assert "| RadGraph | auroc | 0.8125 |" in md and "| accuracy_cv10 (%) | 75.00 |  | 5.00 | 16 |  |  |  | honest |" in md
+    assert "verdict: no score here has a chance test" in md  # rows without a chance level are not judged
     rows = list(pd.read_csv(__import__("io").StringIO(to_csv([r]))).itertuples())
     assert rows[1].value == 0.75 and rows[1].std == 0.05 and rows[0].metric == "auroc"
     paths = write_report([r], str(tmp_path / "out"), "python -m x", stem="demo")

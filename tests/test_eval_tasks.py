@@ -437,6 +437,18 @@ def test_cli_writes_table(tmp_path, model, vocab_path):
     rows = pd.read_csv(tmp_path / "out" / "msxrt_sentence.csv")
     assert set(rows["metric"]) == {"auroc", "accuracy_official", "accuracy_cv10"}
     assert rows.loc[rows.metric == "auroc", "value"].item() == pytest.approx(res.get("RadGraph", "auroc"))
+    # the random-init baseline is the same evaluation on a seeded random model of this config
+    from medst_fast.eval import common as EC
+
+    tok = EC.load_tokenizer(vocab_path, model)
+    ref = msxrt_sentence.evaluate(EC.random_baseline(model, 0), tok, csv)
+    assert rows.loc[rows.metric == "auroc", "baseline"].item() == pytest.approx(ref.get("RadGraph", "auroc"))
+    assert rows.loc[rows.metric == "auroc", "chance"].item() == 0.5
+    # --no-baseline skips it, and without --out the report goes beside the checkpoint
+    res = main(["msxrt-sentence", "--checkpoint", str(tmp_path / "ckpt"), "--vocab", vocab_path,
+                "--data", str(tmp_path), "--device", "cpu", "--no-baseline"])
+    rows = pd.read_csv(tmp_path / "eval-ckpt" / "msxrt_sentence.csv")
+    assert rows["baseline"].isna().all() and "baseline" not in res.meta
     write_msxrt(str(tmp_path / "mimic"))
     res2 = main(["msxrt-image", "--random-init", "medst_tiny", "--data", str(tmp_path / "mimic" / "ms-cxr-t"),
                  "--seeds", "42", "--folds", "2", "--workers", "0", "--out", str(tmp_path / "out")])
@@ -586,10 +598,15 @@ def test_trainer_checkpoint_brings_its_config(tmp_path):
     assert m.cfg.text.vocab_size == 500 and not m.training
     m2 = common.load_model(checkpoint=path, model_name="medst_tiny", device="cpu")
     assert m2.cfg.text.vocab_size == 500
+    # a --model of another architecture is refused with the flag to drop, not silently overridden
+    with pytest.raises(ValueError, match=r"--model medst_vit_b16: .*another architecture.*; drop --model"):
+        common.load_model(checkpoint=path, model_name="medst_vit_b16", device="cpu")
 
 
-def test_all_evaluates_a_quick_start_run(tmp_path):
-    """README quick start: `python -m medst_fast.eval all --checkpoint RUN/final` right after pretraining."""
+def test_all_evaluates_a_quick_start_run(tmp_path, capsys):
+    """README quick start: `python -m medst_fast.eval all --checkpoint RUN/final` right after pretraining:
+    every table has its chance level and a random-init baseline, each task a verdict, and the report lands in
+    the run's folder."""
     pytest.importorskip("sklearn.svm")
     from medst_fast.eval.__main__ import main
     from medst_fast.pretrain import main as pretrain
@@ -597,15 +614,22 @@ def test_all_evaluates_a_quick_start_run(tmp_path):
     run = tmp_path / "run"
     pretrain(["--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", "--workers", "0", "--out", str(run)])
     results = main(["all", "--checkpoint", str(run / "final"), "--seeds", "42", "--folds", "2", "--pcts", "1",
-                    "--max-epochs", "2", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "out")])
+                    "--max-epochs", "2", "--workers", "0", "--device", "cpu"])
     tasks = [r.task for r in results]
     assert tasks[:2] == ["msxrt_image", "msxrt_sentence"] and "covidx_probe" in tasks
     import importlib.util
 
     if importlib.util.find_spec("pydicom"):  # the synthetic RSNA set is DICOM
         assert "rsna_zeroshot" in tasks
-    table = pd.read_csv(tmp_path / "out" / "all.csv")
+    assert not (tmp_path / "out").exists() and not os.path.exists("eval_results/all.csv")
+    table = pd.read_csv(run / "eval" / "all.csv")  # beside the checkpoint, not in the current folder
     assert set(table["task"]) == set(tasks) and table["value"].notna().all()
+    # chance and the random-init baseline of the same run on every row; a p-value on each task's tested rows
+    assert table["chance"].notna().all() and table["baseline"].notna().all()
+    assert all(table[table["task"] == t]["p"].notna().any() for t in tasks)
+    assert all(r.meta["baseline"].startswith("random init of the same config") for r in results)
+    printed = capsys.readouterr().out
+    assert printed.count("verdict: ") == len(tasks) and "| chance | random init |" in printed
     assert all(r.meta["model"] == str(run / "final") for r in results)
     # the sets were written beside the run's training data, once
     (raw,) = list((tmp_path / "cache").glob("synthetic-*/raw"))

@@ -104,6 +104,38 @@ def test_plot_overlay_and_cli(tmp_path, model, tok, vocab_path):
               "--text", "effusion", "--out", str(tmp_path / "no.png")])
 
 
+class _Spread(torch.nn.Module):
+    """A text side that embeds every report in its own direction (what a model that learned reports does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, input_ids, **_):
+        return torch.eye(input_ids.shape[0], 16)
+
+
+def test_grounding_warns_when_the_model_is_at_chance(tmp_path, model, tok, vocab_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from medst_fast.ground import main
+    from medst_fast.grounding import at_chance_warning
+
+    assert at_chance_warning(model, tok).startswith("model at chance: it embeds 8 reports")  # random weights
+    assert at_chance_warning(_Spread(), tok) is None
+    titles = []
+    real = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: (titles.append(t), real(self, t, **kw))[1])
+    medst_fast.save_pretrained(model, tmp_path / "m", vocab=vocab_path)
+    Image.fromarray(_xray()[0]).save(tmp_path / "x.png")
+    main(["--checkpoint", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--text", "effusion",
+          "--out", str(tmp_path / "cli.png")])
+    assert "warning: model at chance" in capsys.readouterr().out
+    assert len(titles) == 1 and "WARNING: model at chance" in titles[0]
+
+
 # -- does pretraining ground? ---------------------------------------------------------------------------------
 # Med-ST's losses + the switch loss.lambda_cross_local=1 (ITA + local + cross-image local), measured with the
 # package's loss under 2 threads (pytest's here): hit rates 0.27 / 0.32 / 0.35 / 0.22 / 0.23 after 100 / 150 /

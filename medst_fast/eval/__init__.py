@@ -1,4 +1,4 @@
-"""Downstream evaluation (medst-spec.md §5): ``python -m medst_fast.eval TASK --checkpoint ... --data ...``.
+"""Downstream evaluation (the official evaluation protocols): ``python -m medst_fast.eval TASK --checkpoint ... --data ...``.
 
 Tasks (one subcommand each, with its own ``--help``): ``msxrt-image`` (MS-CXR-T temporal image
 classification), ``msxrt-sentence`` (MS-CXR-T temporal sentence similarity), ``rsna-zeroshot`` (zero-shot RSNA

@@ -6,12 +6,14 @@ checkpoint folder brings its config and vocab.txt, a trainer checkpoint its conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shlex
 import sys
-from typing import List, Optional
+import warnings
+from typing import Dict, List, Optional
 
 from . import TASKS, common
 from .report import TaskResult, to_markdown, write_report
@@ -96,6 +98,9 @@ def _model_args(p: argparse.ArgumentParser, text: bool) -> None:
                                        "vocabulary its training run used)")
     g.add_argument("--device", help="default: cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=0, help="random-init weights and probe-head seed")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="skip the random-init baseline (by default every --checkpoint task is run a second time "
+                        "on a seeded random-init model of the same config, for the 'random init' column)")
 
 
 def _data_args(p, required: bool, images: bool, data_help: str) -> argparse._ArgumentGroup:
@@ -105,7 +110,9 @@ def _data_args(p, required: bool, images: bool, data_help: str) -> argparse._Arg
         d.add_argument("--batch-size", type=_int_at_least(1), default=64)
         d.add_argument("--workers", type=_int_at_least(0), default=min(8, os.cpu_count() or 1),
                        help="image decoding processes")
-    p.add_argument("--out", default="eval_results", help="folder for TASK.md and TASK.csv")
+    p.add_argument("--out", help="folder for TASK.md and TASK.csv (default: RUN/eval for a checkpoint of a "
+                                 "training run, DIR/eval-NAME beside another checkpoint, ./eval_results for "
+                                 "--random-init)")
     return d
 
 
@@ -237,16 +244,51 @@ def run_all(args, model) -> List[TaskResult]:
     return results
 
 
-def run(args) -> TaskResult:
-    """One task (the parsed ``args.task``); for ``all`` see ``run_all``."""
-    model = common.load_model(args.checkpoint, args.model, args.random_init, args.device, args.seed)
-    res = run_task(args.task, args, model)
-    res.meta = {"model": _model_name(args), **res.meta}
-    return res
-
-
 def _model_name(args) -> str:
     return args.checkpoint or f"random init {args.random_init} (seed {args.seed})"
+
+
+def _run_on(args, model) -> List[TaskResult]:
+    with sklearn_warnings_counted():
+        return run_all(args, model) if args.task == "all" else [run_task(args.task, args, model)]
+
+
+def evaluate_with_baseline(args) -> List[TaskResult]:
+    """The task(s) on the model, then (unless --no-baseline or already a random init) on a random-init model
+    of the same config and seed, whose scores fill each row's ``baseline``."""
+    model = common.load_model(args.checkpoint, args.model, args.random_init, args.device, args.seed)
+    results = _run_on(args, model)
+    for r in results:
+        r.meta = {"model": _model_name(args), **r.meta}
+    if args.random_init is None and not args.no_baseline:
+        log.info("baseline: the same evaluation on a random-init model of this config (seed %d; "
+                 "--no-baseline skips it)", args.seed)
+        base = {r.task: r for r in _run_on(args, common.random_baseline(model, args.seed))}
+        for r in results:
+            if r.task in base:
+                r.set_baseline(base[r.task])
+                r.meta["baseline"] = f"random init of the same config (seed {args.seed})"
+    return results
+
+
+@contextlib.contextmanager
+def sklearn_warnings_counted():
+    """scikit-learn's warnings (a class with fewer members than folds, an ill-defined metric) repeat per fold
+    and seed; they become one line of ours per kind, saying what they mean here."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours: Dict[str, int] = {}
+    for w in caught:
+        if type(w.message).__module__.startswith("sklearn") or "sklearn" in (w.filename or ""):
+            first = str(w.message).split("\n")[0]
+            key = f"{type(w.message).__name__}: {first[:120]}"
+            ours[key] = ours.get(key, 0) + 1
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for key, count in ours.items():
+        log.warning("scikit-learn warned %d time(s): %s (small classes or test folds: those scores are noisy; "
+                    "see the 95%% intervals)", count, key)
 
 
 def main(argv: Optional[List[str]] = None):
@@ -254,17 +296,11 @@ def main(argv: Optional[List[str]] = None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    if args.task == "all":
-        model = common.load_model(args.checkpoint, args.model, args.random_init, args.device, args.seed)
-        results = run_all(args, model)
-        for r in results:
-            r.meta = {"model": _model_name(args), **r.meta}
-        stem = "all"
-    else:
-        results = [run(args)]
-        stem = results[0].task
+    results = evaluate_with_baseline(args)
+    stem = "all" if args.task == "all" else results[0].task
+    out = args.out or common.default_out(args.checkpoint)
     cmd = "python -m medst_fast.eval " + " ".join(shlex.quote(a) for a in argv)
-    paths = write_report(results, args.out, cmd, stem=stem)
+    paths = write_report(results, out, cmd, stem=stem)
     print(to_markdown(results))
     log.info("wrote %s and %s", paths["md"], paths["csv"])
     return results if args.task == "all" else results[0]

@@ -1,7 +1,7 @@
 """Shared evaluation plumbing: model loading, eval image transform, DICOM/JPEG reading, batched embedding.
 
 The eval transform is the training transform with the centre crop (``medst_fast.data.transforms``,
-medst-spec.md §3.6): longer side to R = round(S*256/224) by exact area averaging, zero-pad centred to R x R,
+the official transform): longer side to R = round(S*256/224) by exact area averaging, zero-pad centred to R x R,
 centre crop S, normalise (x/255 - 0.5)/0.5, one channel (the model folds its RGB patch weights, exactly
 equal to 3 grey channels).
 """
@@ -56,6 +56,9 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
         try:
             model = create_model(model_name, pretrained=os.fspath(checkpoint))
         except ValueError as e:
+            if "another architecture than" in str(e):  # the API's advice (name=None) as the flag it is here
+                raise ValueError(f"--model {model_name}: {str(e).split(': pass name=None')[0]}; drop --model "
+                                 "(the checkpoint carries its own config)") from None
             if "carries no model config" not in str(e):
                 raise
             raise ValueError(f"--checkpoint {checkpoint} is a file without a model config: give --model NAME "
@@ -63,6 +66,28 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
                              ) from None
     model = model.to(resolve_device(device) if not isinstance(device, torch.device) else device)
     return model.eval()
+
+
+def random_baseline(model, seed: int = 0):
+    """A model of ``model``'s config with random weights (seeded), on its device, in eval mode: what its
+    scores would be if training had taught it nothing, from the same architecture and vocabulary."""
+    from ..factory import create_model
+
+    torch.manual_seed(seed)
+    base = create_model(model.cfg)
+    return base.to(next(model.parameters()).device).eval()
+
+
+def default_out(checkpoint: Optional[PathLike]) -> str:
+    """Where evaluation writes by default: ``RUN/eval`` for a checkpoint of a training run, ``eval`` beside
+    any other checkpoint (``DIR/eval-NAME``), and ``eval_results`` in the current folder for a random init."""
+    if checkpoint is None:
+        return "eval_results"
+    run = run_folder(checkpoint)
+    if run is not None:
+        return os.path.join(run, "eval")
+    p = os.path.abspath(os.fspath(checkpoint)).rstrip(os.sep)
+    return os.path.join(os.path.dirname(p), f"eval-{os.path.basename(p)}")
 
 
 def run_folder(checkpoint: Optional[PathLike]) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""COVIDx linear probe (medst-spec.md §5.4).
+"""COVIDx linear probe.
 
 ``train.txt`` / ``test.txt`` lines ``patientid filename label source``; labels normal=0, pneumonia=1,
 COVID-19=2. train.txt is split 80/20 (``train_test_split(train_size=0.8, random_state=0)``) into train and
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import common
 from .metrics import require_finite
+from .chance import accuracy_stats, majority_fraction
 from .report import TaskResult
 
 log = logging.getLogger("medst_fast")
@@ -161,7 +162,9 @@ def evaluate(model, data, pcts: Sequence[float] = PCTS, max_epochs: int = 200, p
         head = train_head(xtr, ytr, xva, yva, max_epochs=max_epochs, patience=patience, seed=seed)
         with torch.no_grad():
             acc = (head(xte).argmax(-1) == yte).float().mean().item()
-        res.add(f"{pct * 100:g}%", "accuracy", acc, n=len(yte), note=f"{len(tr)} training images")
+        base = majority_fraction(yte.cpu().numpy())
+        res.add(f"{pct * 100:g}%", "accuracy", acc, n=len(yte), note=f"{len(tr)} training images", chance=base,
+                stats=accuracy_stats(acc, len(yte), base))
     if skipped:
         res.meta["skipped"] = skipped
         for k, why in skipped.items():

@@ -1,4 +1,4 @@
-"""Metrics and the evaluation protocols' resampling rules (medst-spec.md §5), in numpy.
+"""Metrics and the evaluation protocols' resampling rules, in numpy.
 
 Written out (instead of calling sklearn.metrics) so each one is checked against hand-computed cases and
 works without sklearn; only the SVC protocol needs sklearn.
@@ -121,7 +121,7 @@ def best_threshold(sim, y, grid=THRESHOLD_GRID) -> Tuple[float, float]:
 
 
 def official_threshold_accuracy(sim, y, n_splits: int = 10, grid=THRESHOLD_GRID) -> Tuple[float, float]:
-    """MS-CXR-T sentence accuracy as the official code computes it (medst-spec §5.2).
+    """MS-CXR-T sentence accuracy as the official code computes it.
 
     For each of ``n_splits`` unshuffled KFold folds pick the threshold on the training folds; keep the
     threshold of the fold whose *test* accuracy is highest (first one on ties; 0 if all are 0) and apply

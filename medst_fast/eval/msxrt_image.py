@@ -1,4 +1,4 @@
-"""MS-CXR-T temporal image classification (medst-spec.md §5.1).
+"""MS-CXR-T temporal image classification.
 
 Pair feature = [current || previous] normalised global embeddings (frontal, single-view path); a linear
 SVC scored with StratifiedKFold (no shuffle) after ``df.sample(frac=1, random_state=seed)`` of the whole
@@ -15,6 +15,7 @@ import numpy as np
 
 from . import common
 from .metrics import mean_std, require_finite, svc_cross_val
+from .chance import accuracy_stats, majority_fraction
 from .report import TaskResult
 
 log = logging.getLogger("medst_fast")
@@ -167,7 +168,7 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
     for seed in seeds:
         shuffled = df.sample(frac=1, random_state=seed)  # the whole CSV, then per-finding filtering
         for k in folds:
-            per_seed_acc, per_seed_mac = [], []
+            per_seed_acc, per_seed_mac, per_seed_chance = [], [], []
             for f in findings:
                 col = f"{f}_progression"
                 sub = shuffled[shuffled[col].notna()]
@@ -180,13 +181,18 @@ def classify(df, feats: Dict[str, np.ndarray], seeds: Sequence[int] = SEEDS, fol
                                     common.stack_rows(feats, list(sub["previous_dicom_id"]))], axis=1)
                 accs, maccs = svc_cross_val(X, y, k)
                 a, m = float(np.mean(accs)), float(np.mean(maccs))
-                rec = out.setdefault((f, k), {"acc": [], "macro": [], "n": len(y)})
+                # chance: a constant prediction of the majority class (accuracy), 1/classes (macro accuracy)
+                rec = out.setdefault((f, k), {"acc": [], "macro": [], "n": len(y), "chance_acc": majority_fraction(y),
+                                              "chance_macro": 1.0 / len(np.unique(y))})
                 rec["acc"].append(a)
                 rec["macro"].append(m)
                 per_seed_acc.append(a)
                 per_seed_mac.append(m)
+                per_seed_chance.append((rec["chance_acc"], rec["chance_macro"]))
             if per_seed_acc:
-                rec = out.setdefault(("average", k), {"acc": [], "macro": [], "n": None})
+                rec = out.setdefault(("average", k), {"acc": [], "macro": [], "n": None,
+                                                      "chance_acc": float(np.mean([c[0] for c in per_seed_chance])),
+                                                      "chance_macro": float(np.mean([c[1] for c in per_seed_chance]))})
                 rec["acc"].append(float(np.mean(per_seed_acc)))
                 rec["macro"].append(float(np.mean(per_seed_mac)))
     if not any(("average", k) in out for k in folds):
@@ -267,7 +273,10 @@ def evaluate(model, csv_path, images: Sequence[str], metadata: Optional[str] = N
                 note = "official score" if key == "acc" else "BioViL-T metric"
                 if f == "average" and len(scored) < len(findings):
                     note += f"; over {len(scored)} of {len(findings)} findings ({', '.join(scored)})"
-                res.add(f, f"{metric}_cv{k}", m, s, rec["n"], note)
+                chance = rec[f"chance_{key}"]
+                # a binomial test fits accuracy (items right of n); balanced accuracy and the average get none
+                stats = accuracy_stats(m, rec["n"], chance) if key == "acc" and rec["n"] else None
+                res.add(f, f"{metric}_cv{k}", m, s, rec["n"], note, chance=chance, stats=stats)
     return res
 
 

@@ -1,4 +1,4 @@
-"""MS-CXR-T temporal sentence similarity (medst-spec.md §5.2).
+"""MS-CXR-T temporal sentence similarity.
 
 RadGraph subset; score = cosine of the normalised global text embeddings of the two sentences; label
 1 for paraphrase, 0 for contradiction. Reports AUROC, the official accuracy (threshold chosen by the
@@ -6,7 +6,7 @@ best *test* fold, applied to all pairs; optimistic) and an honest 10-fold accura
 training folds, scored on the held-out fold, averaged over folds).
 
 Sentences are cleaned as in pretraining (``medst_fast.text.clean_report``) and joined with " ";
-``official_join=True`` joins them with "" as the official evaluation does (spec §6.1 item 8).
+``official_join=True`` joins them with "" as the official evaluation does.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from . import common
 from .metrics import auroc, honest_threshold_accuracy, official_threshold_accuracy, require_finite
+from .chance import accuracy_stats, auroc_stats, majority_fraction
 from .report import TaskResult
 
 CSV_NAME = "MS_CXR_T_temporal_sentence_similarity_v1.0.0.csv"
@@ -76,11 +77,16 @@ def score(sim: np.ndarray, y: np.ndarray, subset: str = "RadGraph", n_splits: in
     sim = require_finite(sim, "sentence-pair similarities", "msxrt_sentence")
     res = TaskResult("msxrt_sentence", meta=dict(meta or {}))
     n = len(y)
-    res.add(subset, "auroc", auroc(y, sim), n=n)
+    a = auroc(y, sim)
+    res.add(subset, "auroc", a, n=n, chance=0.5, stats=auroc_stats(a, y))
     acc, thr = official_threshold_accuracy(sim, y, n_splits)
-    res.add(subset, "accuracy_official", acc, n=n, note=f"threshold {thr:.3f} chosen by the best test fold")
+    base = majority_fraction(y)
+    # no p for the official accuracy: its threshold is chosen on the test fold, so chance would be above base
+    res.add(subset, "accuracy_official", acc, n=n, chance=base,
+            note=f"threshold {thr:.3f} chosen by the best test fold (optimistic; no chance test)")
     m, s, _ = honest_threshold_accuracy(sim, y, n_splits)
-    res.add(subset, f"accuracy_cv{n_splits}", m, s, n, note="threshold from training folds; std over folds")
+    res.add(subset, f"accuracy_cv{n_splits}", m, s, n, note="threshold from training folds; std over folds",
+            chance=base, stats=accuracy_stats(m, n, base))
     return res
 
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-FIELDS = ["task", "subset", "metric", "value", "std", "n", "note"]
+FIELDS = ["task", "subset", "metric", "value", "std", "n", "ci_low", "ci_high", "chance", "p", "baseline", "note"]
 
 
 @dataclass
@@ -18,9 +18,21 @@ class TaskResult:
     meta: Dict = field(default_factory=dict)  # e.g. checkpoint, data file, counts
 
     def add(self, subset: str, metric: str, value: float, std: Optional[float] = None, n: Optional[int] = None,
-            note: str = ""):
-        self.rows.append({"task": self.task, "subset": subset, "metric": metric, "value": float(value),
-                          "std": None if std is None else float(std), "n": n, "note": note})
+            note: str = "", chance: Optional[float] = None, stats: Optional[Dict] = None):
+        """``chance``: what a model without information scores; ``stats``: ci_low, ci_high and p (one-sided,
+        against chance) from ``medst_fast.eval.chance``."""
+        row = {"task": self.task, "subset": subset, "metric": metric, "value": float(value),
+               "std": None if std is None else float(std), "n": n, "note": note,
+               "chance": None if chance is None else float(chance), "ci_low": None, "ci_high": None, "p": None,
+               "baseline": None}
+        row.update({k: float(v) for k, v in (stats or {}).items()})
+        self.rows.append(row)
+
+    def set_baseline(self, other: "TaskResult") -> None:
+        """Each row's ``baseline``: the same score of ``other`` (the random-init model of the same run)."""
+        theirs = {(r["subset"], r["metric"]): r["value"] for r in other.rows}
+        for r in self.rows:
+            r["baseline"] = theirs.get((r["subset"], r["metric"]))
 
     def get(self, subset: str, metric: str) -> float:
         for r in self.rows:
@@ -36,7 +48,9 @@ def _fmt(v, pct: bool) -> str:
 
 
 def to_markdown(results: Sequence[TaskResult]) -> str:
-    """One table per task. Accuracy-like metrics are shown in percent, AUROC as a fraction."""
+    """One table per task, then its verdict line. Accuracy-like metrics in percent, AUROC as a fraction."""
+    from .chance import verdict
+
     out = io.StringIO()
     for res in results:
         out.write(f"### {res.task}\n\n")
@@ -44,12 +58,16 @@ def to_markdown(results: Sequence[TaskResult]) -> str:
             out.write(f"- {k}: {v}\n")
         if res.meta:
             out.write("\n")
-        out.write("| subset | metric | value | std | n | note |\n|---|---|---|---|---|---|\n")
+        out.write("| subset | metric | value | 95% CI | std | n | chance | random init | p vs chance | note |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|\n")
         for r in res.rows:
             pct = "auroc" not in r["metric"].lower()
-            out.write(f"| {r['subset']} | {r['metric']}{' (%)' if pct else ''} | {_fmt(r['value'], pct)} | "
-                      f"{_fmt(r['std'], pct)} | {'' if r['n'] is None else r['n']} | {r['note']} |\n")
-        out.write("\n")
+            ci = "" if r.get("ci_low") is None else f"{_fmt(r['ci_low'], pct)}-{_fmt(r['ci_high'], pct)}"
+            pv = "" if r.get("p") is None else f"{r['p']:.2g}"
+            out.write(f"| {r['subset']} | {r['metric']}{' (%)' if pct else ''} | {_fmt(r['value'], pct)} | {ci} | "
+                      f"{_fmt(r['std'], pct)} | {'' if r['n'] is None else r['n']} | {_fmt(r.get('chance'), pct)} | "
+                      f"{_fmt(r.get('baseline'), pct)} | {pv} | {r['note']} |\n")
+        out.write(f"\n{verdict(res.rows)}\n\n")
     return out.getvalue()
 
 

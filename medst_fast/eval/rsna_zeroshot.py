@@ -1,4 +1,4 @@
-"""Zero-shot RSNA pneumonia (medst-spec.md §5.3).
+"""Zero-shot RSNA pneumonia.
 
 Split: ``stage_2_train_labels.csv`` grouped per patient (Target 1 if any box), sorted by patientId (pandas
 groupby order), ``train_test_split(test_size=0.30, random_state=0)``, then the 30% split 50/50 into test
@@ -18,6 +18,7 @@ import torch
 
 from . import common
 from .metrics import accuracy, auroc, f1_binary, require_finite
+from .chance import accuracy_stats, auroc_stats, f1_chance, majority_fraction
 from .report import TaskResult
 
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -114,10 +115,15 @@ def score(y, pos: np.ndarray, neg: np.ndarray, meta=None, subset: str = "test") 
     pred = (pos > neg).astype(np.int64)
     res = TaskResult("rsna_zeroshot", meta=dict(meta or {}))
     n = len(y)
-    res.add(subset, "accuracy", accuracy(y, pred), n=n)
-    res.add(subset, "f1", f1_binary(y, pred), n=n)
-    res.add(subset, "auroc", auroc(y, pos - neg), n=n, note="score-based: pos - neg similarity")
-    res.add(subset, "auroc_hard_official", auroc(y, pred), n=n,
+    acc, base = accuracy(y, pred), majority_fraction(y)
+    res.add(subset, "accuracy", acc, n=n, chance=base, stats=accuracy_stats(acc, n, base))
+    res.add(subset, "f1", f1_binary(y, pred), n=n, chance=f1_chance(y), note="chance: every image called positive")
+    a = auroc(y, pos - neg)
+    res.add(subset, "auroc", a, n=n, note="score-based: pos - neg similarity", chance=0.5, stats=auroc_stats(a, y))
+    # the hard AUROC is the same predictions as the accuracy: an interval, but no second test of them
+    hard = auroc(y, pred)
+    res.add(subset, "auroc_hard_official", hard, n=n, chance=0.5,
+            stats={k: v for k, v in auroc_stats(hard, y).items() if k != "p"},
             note="official: AUROC of hard predictions (= balanced accuracy)")
     return res
 
