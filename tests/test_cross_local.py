@@ -336,7 +336,7 @@ def test_trainer_run_logs_the_term(tmp_path, vocab_path):
         rows = list(csv.DictReader(f))
     assert rows and all(float(r["cross_local"]) > 0 for r in rows)
     steps = [ln for ln in (out / "train.log").read_text().splitlines() if " cross_local " in ln and "step " in ln]
-    assert len(steps) == len(rows)  # every log line names the term beside ita / local / tcc
+    assert len(steps) == len(rows)  # every log line names the term beside ita / local / temporal
 
 
 # ---------------------------------------------------------------------------------------- CUDA (device_check.sh)

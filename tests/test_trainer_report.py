@@ -223,7 +223,7 @@ def _random_argv(out, vocab, *extra):
 def test_progress_without_a_terminal_is_a_log_line_at_a_set_rate(tmp_path, vocab_path):
     main(_random_argv(tmp_path / "a", vocab_path, "--max-steps", "3", "--log-every", "100", "--progress-interval", "0"))
     text = (tmp_path / "a" / "train.log").read_text()
-    assert len(re.findall(r"progress: step [123]/3 \(\d+%\) ep 1/8 loss .* elapsed \d+:\d\d:\d\d ETA", text)) == 3
+    assert len(re.findall(r"progress: step [123]/3 \(\d+%\) ep 1/8 last batch: loss .* temporal .* elapsed \d+:\d\d:\d\d ETA", text)) == 3
     main(_random_argv(tmp_path / "b", vocab_path, "--max-steps", "3", "--log-every", "100"))  # 30 s by default
     assert "progress:" not in (tmp_path / "b" / "train.log").read_text()
 

@@ -919,8 +919,9 @@ class Trainer:
                         result.val = val
                         win.t += val["seconds"]  # studies/s and the window's times count training only
                     if bar is not None:
-                        bar.update(self.step, f"ep {log_epoch}/{a.epochs} loss {s[2] / W:.3f} ita {s[3] / W:.3f} "
-                                              f"loc {s[4] / W:.3f} tcc {s[5] / W:.3f} lr {lr:.2e} "
+                        bar.update(self.step, f"ep {log_epoch}/{a.epochs} last batch: loss {s[2] / W:.3f} "
+                                              f"ita {s[3] / W:.3f} local {s[4] / W:.3f} temporal {s[5] / W:.3f} "
+                                              f"lr {lr:.2e} "
                                               f"{self._clock(time.perf_counter())}")
                     if self.step % a.log_every == 0 or self.step == self.total_steps or val is not None:
                         self._log_window(win, log_epoch, lr, val, writer, bar)
@@ -971,7 +972,7 @@ class Trainer:
         writer.write(row)
         xl = f" cross_local {m[4]:.4f}" if "cross_local" in row else ""
         log.info(f"step {self.step}/{self.total_steps} epoch {epoch}/{a.epochs} loss {m[0]:.4f} (ita {m[1]:.4f} "
-                 f"local {m[2]:.4f} tcc {m[3]:.4f}{xl}) {rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} "
+                 f"local {m[2]:.4f} temporal {m[3]:.4f}{xl}; mean of {win.good} step(s)) {rate:.1f} studies/s ({rate / W:.1f}/rank) lr {lr:.3e} "
                  f"mem {row['mem_gib']:.2f} GiB {timing_note(row)} {self._clock(now)}{data_note(row)}")
         if bar is not None:
             bar.logged()
