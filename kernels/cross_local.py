@@ -1,7 +1,8 @@
-"""A local contrast across images (issue 13): a research term beside Med-ST's loss (``loss.lambda_cross_local``).
+"""A local contrast across images (docs/method.md §8.4): a research term beside Med-ST's loss
+(``loss.lambda_cross_local``).
 
 Med-ST's local loss (kernels/local_align.py) contrasts a word only with the other words of its own report
-(spec §2.2 (d)): nothing asks a word to point at what tells its image from the others, and on the synthetic
+(docs/method.md §3.2.4): nothing asks a word to point at what tells its image from the others, and on the synthetic
 set its maps do not ground. This term does (GLoRIA/FILIP-like): every report ``r`` reads every image ``i``
 of the batch through word-to-patch attention, and a symmetric InfoNCE over the (report, image) scores wants
 each report to score its own image highest.

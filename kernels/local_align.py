@@ -1,4 +1,4 @@
-"""Modality-weighted local alignment, one direction (medst-spec.md §2.2).
+"""Modality-weighted local alignment, one direction (docs/method.md §3.2).
 
 For each sample b, query tokens Q (words or patches) attend over context tokens C of the other modality:
 
@@ -11,7 +11,7 @@ For each sample b, query tokens Q (words or patches) attend over context tokens 
     loss    = (1/B) sum_b sum_i w_i (CE(S_i,:, i) + CE(S_:,i, i)) / 2   (rows/cols outside q_mask excluded)
 
 The word side is ``token_align_loss(W, P, ...)``, the patch side ``token_align_loss(P, W, ...)``.
-``q_mask=None`` / ``c_mask=None`` mean "every token takes part" (the official semantics, spec §2.2 (b)-(c)).
+``q_mask=None`` / ``c_mask=None`` mean "every token takes part" (the official semantics, docs/method.md §6.1.1, §6.1.2).
 
 ``weighting="uniform"`` (a research switch, LossCfg.local_weighting) replaces the learned w_i by the plain
 mean over the q_mask rows, w_i = 1 / #valid (1 / Tq without a mask): the control for "does the learned
@@ -154,7 +154,7 @@ def _uniform_weights(q, q_mask):
 
 
 def _learned_weights(a, q_mask, in_proj_weight, in_proj_bias):
-    """(B, Tq): the 1-head attention weights of abar (query) over the a_i (keys), spec §2.2."""
+    """(B, Tq): the 1-head attention weights of abar (query) over the a_i (keys), docs/method.md §3.2.3."""
     d = a.shape[-1]
     if q_mask is None:
         abar = a.mean(dim=1)

@@ -1,4 +1,4 @@
-"""MoVE feed-forward (mixture of view experts, medst-spec §1.1): per token, its view's LayerNorm -> fc1 + bias
+"""MoVE feed-forward (mixture of view experts, docs/method.md §2.1): per token, its view's LayerNorm -> fc1 + bias
 -> exact GELU -> fc2 + bias, plus the residual, over a packed token buffer.
 
     out[t] = x[t] + fc2_e(gelu(fc1_e(LN_e(x[t]))))      e = view_id[t] (0 frontal incl. CLS, 1 lateral)

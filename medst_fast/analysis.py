@@ -1,4 +1,4 @@
-"""Analyses of a trained model that the paper leaves open (issue 14).
+"""Analyses of a trained model for questions the paper leaves open.
 
 ``python -m medst_fast.analysis views --checkpoint DIR --data INDEX [--split test] [--max-studies N] --out PREFIX``
 

@@ -1,6 +1,6 @@
 """Model configuration as dataclasses, with JSON round-trip.
 
-The numbers default to the paper's model (medst-spec.md §1): ViT-B/16 at 224 px, the 6-layer
+The numbers default to the paper's model (docs/method.md §2): ViT-B/16 at 224 px, the 6-layer
 BioClinicalBERT of MGCA's config, 768 -> 2048 -> 128 projection heads.
 
 Every field is type- and range-checked when a config is built (``__post_init__``), whatever the source
@@ -139,7 +139,7 @@ class LossCfg:
     # The two halves of the temporal loss (the official sums them with weight 1): an ablation knob.
     lambda_fmc: float = 1.0
     lambda_rmr: float = 1.0
-    # Research switches (issue 14); the defaults are the paper's loss. temporal_shuffle: each complete
+    # Research switches (docs/method.md §8); the defaults are the paper's loss. temporal_shuffle: each complete
     # series' study order is permuted (images and reports alike) before the temporal loss, the control that
     # tells temporal learning from dataset bias. local_weighting "uniform": the local loss weights the valid
     # tokens equally instead of by the learned 1-head attention. local_scope "batch": each token's context
@@ -147,9 +147,9 @@ class LossCfg:
     temporal_shuffle: bool = False
     local_weighting: str = "learned"
     local_scope: str = "sample"
-    # Research switch (issue 13, grounding): the weight of a local contrast ACROSS images (kernels/
+    # Research switch for grounding (docs/method.md §8.4): the weight of a local contrast ACROSS images (kernels/
     # cross_local.py), each report's words against every image's patches of the batch, added to the loss.
-    # Med-ST's local loss contrasts a word only with its own report's words (spec §2.2 (d)), which does not
+    # Med-ST's local loss contrasts a word only with its own report's words (docs/method.md §3.2.4), which does not
     # ground on the synthetic set; this term does. 0 is the paper's loss.
     lambda_cross_local: float = 0.0
 
@@ -172,8 +172,8 @@ class MedSTConfig:
     text: TextCfg = field(default_factory=TextCfg)
     head: HeadCfg = field(default_factory=HeadCfg)
     loss: LossCfg = field(default_factory=LossCfg)
-    # faithful=True reproduces what the official code computes, quirks included (medst-spec §2.2 (b)-(c),
-    # §6.1 item 12): absent-lateral tokens and PAD word slots take part in the local loss and in the
+    # faithful=True reproduces what the official code computes, quirks included (docs/method.md §6.1.1, §6.1.2,
+    # §6.1.4): absent-lateral tokens and PAD word slots take part in the local loss and in the
     # local heads' BatchNorm, and every text token uses position row 0. The default masks absent laterals
     # and PAD words and gives tokens their real positions.
     faithful: bool = False

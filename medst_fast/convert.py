@@ -1,7 +1,7 @@
 """Drop-in loading: official Med-ST / MGCA Lightning checkpoints, timm/DeiT ViT-B, Hugging Face BERT.
 
 Every loader reads with ``torch.load(weights_only=True)`` or safetensors, so no pickled code runs. Keys
-that the official model creates but never uses are dropped with a note (spec §1.3, §6.1 item 10).
+that the official model creates but never uses are dropped with a note (docs/method.md §2.3, §6.3.4).
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def load_official_checkpoint(model, path_or_sd, kind: str = "medst"):
     """Load an official Med-ST (``kind='medst'``) or MGCA (``kind='mgca'``) checkpoint into ``model``.
 
     MGCA has no lateral experts and no weighting attention: those keep their initialisation, as in the
-    official recipe (spec §1.1 step 4).
+    official recipe (docs/method.md §2.5).
     """
     src = path_or_sd if isinstance(path_or_sd, str) else "<state dict>"
     sd = read_state_dict(path_or_sd) if isinstance(path_or_sd, (str, os.PathLike)) else path_or_sd

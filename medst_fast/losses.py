@@ -1,4 +1,4 @@
-"""Med-ST losses (medst-spec.md §2): global ITA, modality-weighted local alignment, temporal cycle, and the
+"""Med-ST losses (docs/method.md §3): global ITA, modality-weighted local alignment, temporal cycle, and the
 research term ``loss.lambda_cross_local`` (a local contrast across images, kernels/cross_local.py; 0: off).
 
 All read a :class:`~medst_fast.models.medst.MedSTOutput`. The local loss's learned weighting
@@ -49,7 +49,7 @@ def _pairwise_neg_sq_l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def cycle_alignment_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.1, variance_lambda: float = 0.001,
                          huber_delta: float = 2.0, w_fmc: float = 1.0, w_rmr: float = 1.0) -> torch.Tensor:
-    """One direction U -> V of Med-ST's temporal loss: w_fmc * FMC + w_rmr * RMR (spec §2.3; the official
+    """One direction U -> V of Med-ST's temporal loss: w_fmc * FMC + w_rmr * RMR (docs/method.md §3.3; the official
     weights are 1 and 1). u, v: (S, T, d) series."""
     S, T, _ = u.shape
     u, v = u.float(), v.float()
@@ -140,8 +140,8 @@ def cross_image_local_loss(out, model, cfg: LossCfg) -> torch.Tensor:
 class MedSTLoss(torch.nn.Module):
     """L = l_ita * L_ITA + l_local * L_local + l_temporal * L_temporal [+ l_cross_local * L_cross_local].
 
-    The last term is the issue-13 research switch (``cfg.lambda_cross_local`` > 0); faithful mode refuses it,
-    as the trainer refuses the issue-14 switches with --faithful: the official loss has no such term.
+    The last term is the cross-image research switch (``cfg.lambda_cross_local`` > 0); faithful mode refuses it,
+    as the trainer refuses the other research switches with --faithful: the official loss has no such term.
 
     Args:
         cfg: loss hyper-parameters. faithful: official semantics (see MedSTConfig.faithful).

@@ -5,8 +5,8 @@
     python -m medst_fast.reproduce --smoke --out RUN        # synthetic data, medst_tiny, a few CPU steps
 
 Stages, in order: prepare (series index of MIMIC-CXR-JPG + reports) -> pretrain (the official recipe,
-medst-spec §4) -> msxrt-image, msxrt-sentence, rsna-zeroshot, covidx-probe (spec §5.1-5.4) -> results
-(``RUN/results.md`` and ``RUN/results.json``: every metric beside the paper's number, spec §5.5, and the gap).
+docs/method.md §5) -> msxrt-image, msxrt-sentence, rsna-zeroshot, covidx-probe (docs/method.md §7.1-7.4) -> results
+(``RUN/results.md`` and ``RUN/results.json``: every metric beside the paper's number, docs/method.md §7.5, and the gap).
 ``--smoke`` adds two stages in front: synth (a synthetic MIMIC-CXR-JPG tree and MS-CXR-T / RSNA / COVIDx-format
 sets in ``RUN/synth``, for every input not given) and vocab (a WordPiece vocabulary of its reports).
 
@@ -42,7 +42,7 @@ EVAL_INPUT_FLAG = {"msxrt-image": "--ms-cxr-t", "msxrt-sentence": "--ms-cxr-t", 
                    "covidx-probe": "--covidx"}
 SYNTH_SUBDIR = {"--ms-cxr-t": "msxrt", "--rsna": "rsna", "--covidx": "covidx"}
 
-# The official recipe (medst-spec §4), passed to the trainer explicitly so that a change of the trainer's
+# The official recipe (docs/method.md §5), passed to the trainer explicitly so that a change of the trainer's
 # defaults cannot change what this command reproduces.
 RECIPE = ["--model", "medst_vit_b16", "--epochs", "8", "--lr", "4e-5", "--min-lr", "1e-8", "--warmup-frac", "0.4",
           "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.999", "--batch-series", "10", "--seed", "42",
@@ -56,21 +56,21 @@ SMOKE_PATIENTS = 30
 RUN_ONLY_FLAGS = {"--workers", "--device", "--batch-size", "--progress", "--progress-interval", "--kernels"}
 
 # ---------------------------------------------------------------------------------------- paper numbers
-# Med-ST's reported numbers as medst-spec §5.5 lists them (fractions). Only one cell could be found: MS-CXR-T
-# pleural-effusion progression 67.4. The spec cannot say whether it is accuracy or macro-accuracy, nor 5- or
-# 10-fold CV (§5.1, §8), so it stands beside each of the four pleural-effusion rows.
+# Med-ST's reported numbers as docs/method.md §7.5 lists them (fractions). Only one cell could be found: MS-CXR-T
+# pleural-effusion progression 67.4. The sources at hand do not say whether it is accuracy or macro-accuracy, nor 5- or
+# 10-fold CV (docs/method.md §7.1, §7.5), so it stands beside each of the four pleural-effusion rows.
 PAPER = [
     {"task": "msxrt_image", "subset": "pleural_effusion", "metrics": None, "value": 0.674,
-     "source": "Med-ST 67.4 (spec §5.5, wizwand 'Macro Acc'; accuracy or macro-accuracy and 5- or 10-fold CV "
-               "unknown, spec §5.1)"},
+     "source": "Med-ST 67.4 (docs/method.md §7.5, wizwand 'Macro Acc'; accuracy or macro-accuracy and 5- or 10-fold CV "
+               "unknown, docs/method.md §7.1)"},
 ]
-NOT_REPORTED = "not reported in the sources the spec could read (spec §5.5)"
-# Other models' numbers the spec lists: context only, never a gap (another model and another protocol).
+NOT_REPORTED = "not reported in the sources this project could read (docs/method.md §7.5)"
+# Other models' numbers docs/method.md §7.5 lists: context only, never a gap (another model and another protocol).
 REFERENCES = [
     {"task": "msxrt_sentence", "metric": "accuracy", "value": 0.8777,
-     "source": "BioViL-T, HF microsoft/BiomedVLP-BioViL-T README (hi-ml's protocol and subset; spec §5.2)"},
+     "source": "BioViL-T, HF microsoft/BiomedVLP-BioViL-T README (hi-ml's protocol and subset; docs/method.md §7.2)"},
     {"task": "msxrt_sentence", "metric": "auroc", "value": 0.933,
-     "source": "BioViL-T, HF microsoft/BiomedVLP-BioViL-T README (hi-ml's protocol and subset; spec §5.2)"},
+     "source": "BioViL-T, HF microsoft/BiomedVLP-BioViL-T README (hi-ml's protocol and subset; docs/method.md §7.2)"},
 ]
 
 
@@ -85,7 +85,7 @@ def paper_value(task: str, subset: str, metric: str) -> Tuple[Optional[float], s
 # --------------------------------------------------------------------------------------------- arguments
 MODE_HELP = ("official (default): the semantics the paper's numbers were computed with, i.e. what the released "
              "code runs, quirks included: prepare --official-rows (a row per frontal image), pretrain --faithful "
-             "--replicate-collate-bug (spec §6.1 items 1, 4, 12), sentences and prompts joined with \"\" "
+             "--replicate-collate-bug (docs/method.md §6.2.1, §6.1.2, §6.1.4), sentences and prompts joined with \"\" "
              "(--official-join). fixed: the project's defaults, every quirk fixed (README 'Faithful vs default "
              "semantics'); numbers will differ from the paper's for that reason too")
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "without it rsna-zeroshot is skipped")
     g.add_argument("--covidx", help="COVIDx folder (train.txt, test.txt, train/, test/); without it covidx-probe "
                                     "is skipped")
-    g.add_argument("--init", help="MGCA ViT-B checkpoint the image tower starts from (spec §4; required "
+    g.add_argument("--init", help="MGCA ViT-B checkpoint the image tower starts from (docs/method.md §2.5; required "
                                   "without --smoke)")
     g.add_argument("--init-kind", default="mgca", choices=["auto", "medst", "mgca"], help="layout of --init")
     g.add_argument("--text-init", help="Hugging Face BERT folder (Bio_ClinicalBERT) for the text tower; its "
@@ -140,7 +140,7 @@ def check_inputs(a: argparse.Namespace) -> None:
     if not a.smoke:
         for flag in ("mimic_jpg", "mimic_reports", "init", "text_init"):
             if getattr(a, flag) is None:
-                why = ("the paper's recipe starts from it (spec §4)" if flag in ("init", "text_init")
+                why = ("the paper's recipe starts from it (docs/method.md §2.5)" if flag in ("init", "text_init")
                        else "the pretraining data")
                 _fail(f"--{flag.replace('_', '-')} is required without --smoke ({why})")
     elif (a.mimic_jpg is None) != (a.mimic_reports is None):

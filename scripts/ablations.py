@@ -1,4 +1,4 @@
-"""Seeded ablations of the research switches (issue 14) on the synthetic MIMIC-CXR, medst_tiny on CPU.
+"""Seeded ablations of the research switches (docs/method.md §8) on the synthetic MIMIC-CXR, medst_tiny on CPU.
 
 Every variant runs for every seed as its own chain from random weights, so the seed covers the whole
 training, stage 1 included (the committed learning proof shared one stage-1 model between its variants):

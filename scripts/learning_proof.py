@@ -1,4 +1,5 @@
-"""Proof that pretraining learns (issue 5), on the synthetic MIMIC-CXR with planted signal, CPU only.
+"""Evidence that pretraining learns (trained vs random weights), on the synthetic MIMIC-CXR with planted signal,
+CPU only.
 
 Pretrains medst_tiny with the real trainer (``python -m medst_fast.pretrain``) on a synthetic training tree and
 evaluates on a *separate* synthetic tree (other seed, other patients). Med-ST itself starts from MGCA, an

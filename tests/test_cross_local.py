@@ -1,4 +1,4 @@
-"""The cross-image local contrast (issue 13, kernels/cross_local.py, loss.lambda_cross_local): the reference
+"""The cross-image local contrast (docs/method.md §8.4, kernels/cross_local.py, loss.lambda_cross_local): the reference
 against a per-pair loop, the SDPA path against the reference (forward and gradients, odd shapes, masks,
 chunks, bf16/fp16), errors, MedSTLoss with the switch off (the paper's loss, exactly) and on, the faithful
 refusal and the trainer flag."""

@@ -1,4 +1,4 @@
-"""Every bad-input case of issue 3: counted, skipped or shortened, never a crash mid-epoch, never misaligned."""
+"""Bad input to prepare and the loaders: counted, skipped or shortened, never a crash mid-epoch, never misaligned."""
 import gzip
 import json
 import logging

@@ -91,7 +91,7 @@ def _fake(series_lens, lateral_every=2, S=8):
 
 
 def _official_collate_ref(items):
-    """Plain re-statement of the official multimodal_collate_fn ordering (medst-spec §3.5, §6.1.1)."""
+    """Plain re-statement of the official multimodal_collate_fn ordering (docs/method.md §4.5, §6.2.1)."""
     imgs4, imgs_rest, ces, flags = [], [], [], []
     for it in items:
         target = imgs4 if len(it) == 4 else imgs_rest

@@ -612,7 +612,9 @@ def test_all_evaluates_a_quick_start_run(tmp_path, capsys):
     from medst_fast.pretrain import main as pretrain
 
     run = tmp_path / "run"
-    pretrain(["--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", "--workers", "0", "--out", str(run)])
+    # 40 patients: the quick start's own 400-patient set costs ~50 CPU s to generate, and 2 steps need few
+    pretrain(["--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", "--workers", "0", "--synthetic-patients",
+              "40", "--out", str(run)])
     results = main(["all", "--checkpoint", str(run / "final"), "--seeds", "42", "--folds", "2", "--pcts", "1",
                     "--max-epochs", "2", "--workers", "0", "--device", "cpu"])
     tasks = [r.task for r in results]

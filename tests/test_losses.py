@@ -24,7 +24,7 @@ def test_ita_hand_case():
 
 
 def tcc_reference(u, v, tau, lam, delta, parts=False):
-    """One series at a time, straight from the TCC definitions (spec §2.3). parts: return (FMC, RMR)."""
+    """One series at a time, straight from the TCC definitions (docs/method.md §3.3). parts: return (FMC, RMR)."""
     total_fmc, total_rmr, n = 0.0, 0.0, 0
     for s in range(u.shape[0]):
         U, V = u[s], v[s]

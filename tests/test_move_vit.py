@@ -29,7 +29,7 @@ def _ffn(x, mlp):
 
 
 def reference_forward(vit: MoVEViT, frontal, lateral=None, has_lateral=None):
-    """Plain re-derivation of spec §1.1: patchify by unfold, explicit softmax attention, per-view FFN loop."""
+    """Plain re-derivation of docs/method.md §2.1: patchify by unfold, explicit softmax attention, per-view FFN loop."""
     cfg = vit.cfg
     p = cfg.patch_size
 
@@ -130,7 +130,7 @@ def test_grey_input_equals_replicated_rgb():
 def test_vit_b16_parameter_count_matches_spec():
     m = medst_fast.create_model("medst_vit_b16")
     trunk = sum(p.numel() for p in m.visual.parameters())
-    # spec §1.1: ViT-B/16 85.80M + 12 lateral MLPs 56.67M + 12 x 1,536 norm2_l = ~142.5M
+    # docs/method.md §2.1: ViT-B/16 85.80M + 12 lateral MLPs 56.67M + 12 x 1,536 norm2_l = ~142.5M
     assert trunk == 85_798_656 + 12 * 4_722_432 + 12 * 1_536
     frontal_only = sum(p.numel() for n, p in m.visual.named_parameters() if "_l." not in n)
     assert abs(frontal_only / 1e6 - 85.80) < 0.01

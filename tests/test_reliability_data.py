@@ -1,4 +1,5 @@
-"""Data preparation never passes broken input silently (issue 11 item 8), and prepare/manifest share one
+"""Data preparation never passes broken input silently (an error naming file and field, or a counted skip), and
+prepare/manifest share one
 cache module instead of importing each other."""
 import ast
 import gzip

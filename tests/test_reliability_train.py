@@ -1,6 +1,6 @@
 """Trainer reliability: no silent wrong result in steps, checkpoints, resume, run folders, flags and batches.
 
-Every test here backs one line of the README's "Reliability" section (issue 11 items 2, 4, 5, 6, 7). They
+Every test here backs one line of the README's "Reliability" section. They
 run the tiny model on the in-memory random set (or a 6-patient synthetic index), a few steps each.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""The research switches of issue 14 (LossCfg.local_weighting, temporal_shuffle, local_scope; the views
+"""The research switches of docs/method.md §8 (LossCfg.local_weighting, temporal_shuffle, local_scope; the views
 analysis): each against a direct computation, the defaults unchanged. The fused kernels' own tests of the
 switches are in tests/test_ops_local_align.py."""
 import pytest
@@ -370,7 +370,7 @@ def test_views_cli_errors_name_the_problem(views_setup, capsys):
     assert rc == 1 and "no study has field 'split' == 'nope'" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ trainer flags (issue 14)
+# ------------------------------------------------------------------------------ trainer flags of the switches
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402

@@ -58,7 +58,7 @@ def test_defaults_are_the_official_recipe():
     a = parse_args([])
     assert (a.lr, a.min_lr, a.warmup_frac, a.wd, a.beta1, a.beta2, a.epochs) == (4e-5, 1e-8, 0.4, 0.05, 0.9, 0.999, 8)
     assert (a.lambda_ita, a.lambda_local, a.lambda_temporal, a.batch_series, a.accum_steps) == (1.0, 1.0, 1.0, 10, 1)
-    # the research switches (issue 14) default to the paper's loss
+    # the research switches (docs/method.md §8) default to the paper's loss
     assert (a.temporal_shuffle, a.local_weighting, a.local_scope, a.series_len, a.faithful) == (
         False, "learned", "sample", 4, False)
     assert a.amp is None and a.model is None  # resolved by device: bf16 + medst_vit_b16 on GPU, fp32 + medst_tiny on CPU

@@ -1,4 +1,4 @@
-"""--series-len N end to end (issue 14 item 5): one prepared index (cut by 4) serves any N by re-cutting each
+"""--series-len N end to end (docs/method.md §8.3): one prepared index (cut by 4) serves any N by re-cutting each
 patient's time-ordered studies at load; the loaders put the series of N studies first and the temporal loss
 takes n_full_series series of N; N = 4 leaves every batch as it was."""
 import json

@@ -262,7 +262,8 @@ def assemble_batch(index: SeriesIndex, plan: PlannedBatch, img_size: int, tokeni
     full = [s for s in series if len(s) == index.series_len]  # the loader's N (the index is cut to it)
     ordered = full + [s for s in series if len(s) != index.series_len]
     rows = [st for s in ordered for st in s]
-    # The official collate keeps laterals and their flags in the sampler's order (§6.1.1), for parity runs.
+    # The official collate keeps laterals and their flags in the sampler's order (docs/method.md §6.2.1), for
+    # parity runs.
     lat_source = [st for s in series for st in s] if replicate_official_bug else rows
     frontal = torch.stack([st.frontal.out for st in rows])
     zero = absent_view(img_size).to(frontal.device)

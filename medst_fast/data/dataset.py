@@ -1,4 +1,4 @@
-"""Series-level dataset and collation (docs/interfaces.md "Data API", "Batch"; medst-spec §3.4-3.6).
+"""Series-level dataset and collation (docs/interfaces.md "Data API", "Batch"; docs/method.md §4.4-4.6).
 
 One item is one series: up to N consecutive studies of one patient in time order (N = the index's
 ``series_len``, 4 as prepared; ``series_len=`` re-cuts the index at load, ``SeriesIndex.with_series_len``).
@@ -8,7 +8,7 @@ mid-epoch because of a bad file, and nothing is ever shifted against its neighbo
 
 ``collate_series`` puts length-N series first (the temporal loss reads the first ``n_full_series*N`` rows as
 complete series) and keeps every row's lateral, flag and text with its own frontal. The official collate
-appends laterals and flags in the original batch order instead (§6.1.1); ``replicate_official_bug=True``
+appends laterals and flags in the original batch order instead (docs/method.md §6.2.1); ``replicate_official_bug=True``
 reproduces that, for parity checks only.
 """
 from __future__ import annotations
@@ -98,7 +98,8 @@ def collate_series(items: Sequence[List[Dict]], replicate_official_bug: bool = F
     """List of series (each a list of study dicts) -> Batch dict of docs/interfaces.md.
 
     Series of exactly ``series_len`` studies (the loader's N) come first: the temporal loss takes them. Empty
-    series (all studies unreadable) are skipped. With ``replicate_official_bug`` the laterals and has_lateral flags stay in the original batch order while everything else is reordered (§6.1.1).
+    series (all studies unreadable) are skipped. With ``replicate_official_bug`` the laterals and has_lateral
+    flags stay in the original batch order while everything else is reordered (docs/method.md §6.2.1).
     """
     items_in = items
     items = [it for it in items if len(it) > 0]

@@ -99,7 +99,7 @@ def save_jpeg_atomic(img: Image.Image, path: str, quality: int = 95) -> None:
 
 
 def read_dicom_gray(path: str) -> Image.Image:
-    """DICOM -> 8-bit grayscale the way the RSNA preprocessing does (spec §5.3): scale by 255/max, invert
+    """DICOM -> 8-bit grayscale the way the RSNA preprocessing does (docs/method.md §4.6): scale by 255/max, invert
     MONOCHROME1 so that bone is always bright."""
     try:
         import pydicom

@@ -286,7 +286,7 @@ class _StringSink:
 
 
 def cut_series(rows_in_time_order: List[int], length: int = DEFAULT_SERIES_LEN) -> List[List[int]]:
-    """Non-overlapping chunks of ``length``; the remainder chunk (1..length-1) is kept (spec §3.4)."""
+    """Non-overlapping chunks of ``length``; the remainder chunk (1..length-1) is kept (docs/method.md §4.4)."""
     return [rows_in_time_order[i:i + length] for i in range(0, len(rows_in_time_order), length)]
 
 

@@ -1,4 +1,4 @@
-"""Offline index builder for MIMIC-CXR-JPG 2.0.0 (+ MIMIC-CXR reports), medst-spec §3.1-3.4.
+"""Offline index builder for MIMIC-CXR-JPG 2.0.0 (+ MIMIC-CXR reports), docs/method.md §4.1-4.4.
 
     python -m medst_fast.data.prepare mimic --jpg-root DIR --reports DIR|ZIP|CSV --out OUT \
         [--cache-size 256] [--workers N] [--official-rows] [--no-draft]
@@ -8,10 +8,10 @@ Modes:
 - "study" (default): one row per study. The frontal is the first readable PA, else AP (metadata order breaks
   ties); the lateral is the first readable LATERAL/LL in metadata order (the official merge keeps the first).
 - "official_rows" (``--official-rows``): one row per frontal dicom as the official Img_Textv1.csv has it; a
-  study with PA and AP gives two rows with the same report and lateral (spec §3.2.5).
+  study with PA and AP gives two rows with the same report and lateral (docs/method.md §4.2).
 
 Then each patient's rows (per split) are ordered by StudyDate, StudyTime (numerically; MIMIC writes StudyTime
-as a float without leading zeros) and cut into non-overlapping series of 4, the remainder kept (§3.4).
+as a float without leading zeros) and cut into non-overlapping series of 4, the remainder kept (docs/method.md §4.4).
 
 Every image the index keeps has been decoded (``cache.check_or_cache``): without a cache by a cheap draft
 decode, with one while writing the resized JPEG (longer side ``cache_size``, process pool, JPEG draft

@@ -1,4 +1,4 @@
-"""The image transform of medst-spec §3.6, defined once (docs/interfaces.md "Transforms").
+"""The image transform of docs/method.md §4.6, defined once (docs/interfaces.md "Transforms").
 
 Every path that turns a decoded grey image into model input follows this module: the trainer's PIL dataset
 (``ImageTransform``), the evaluation (``eval_transform``, a centre crop of the same pipeline), the batched

@@ -1,4 +1,4 @@
-"""MedST: MoVE ViT + BERT + projection heads + the local-weighting attention (medst-spec.md §1, §7)."""
+"""MedST: MoVE ViT + BERT + projection heads + the local-weighting attention (docs/method.md §2, §1.3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ class MedST(nn.Module):
         self.visual = MoVEViT(v)
         self.text = TextBert(t, faithful_positions=cfg.faithful)
         # Packed two-view sequences skip absent laterals (default semantics only: the faithful mode computes
-        # them, spec §2.2 (c)). None = wherever the fused kernels run (CUDA, or Triton's CPU interpreter);
+        # them, docs/method.md §6.1.2). None = wherever the fused kernels run (CUDA, or Triton's CPU interpreter);
         # on the CPU the padded fallback gains nothing.
         self.packed: Optional[bool] = None
         self.visual_global_head = ProjectionHead(v.width, h.hidden, h.embed_dim)

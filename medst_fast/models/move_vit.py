@@ -1,4 +1,4 @@
-"""Mixture-of-View-Experts ViT (medst-spec.md §1.1).
+"""Mixture-of-View-Experts ViT (docs/method.md §2.1).
 
 One sequence per study: [CLS, frontal patches, lateral patches]. The lateral view reuses the patch
 embedding and the patch positions (no CLS, no view embedding). Attention (and its LayerNorm) is shared;

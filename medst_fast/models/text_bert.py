@@ -1,10 +1,10 @@
-"""BERT text encoder on SDPA, with word-piece -> word pooling on the device (medst-spec.md §1.2).
+"""BERT text encoder on SDPA, with word-piece -> word pooling on the device (docs/method.md §2.2).
 
 Parameter names follow Hugging Face ``BertModel`` so a local BioClinicalBERT directory loads by name.
 The official encoder is BLIP's ``med.py`` BERT in text mode: no token-type embedding, CLS of the last
 layer as the report feature, word pieces summed into words (slot 0 = [CLS], [SEP] a word of its own,
 empty slots zero), 111 word slots after dropping CLS. Faithful mode also reproduces which words the official
-merge never emits on a report that fills every position (``official_walk_slots``, spec §1.2).
+merge never emits on a report that fills every position (``official_walk_slots``, docs/method.md §6.1.3).
 """
 from __future__ import annotations
 
@@ -152,10 +152,10 @@ class TextBert(nn.Module):
     def __init__(self, cfg: TextCfg, faithful_positions: bool = False, faithful_words: Optional[bool] = None):
         super().__init__()
         self.cfg = cfg
-        # Official quirk (medst-spec §6.1 item 12): token_type_ids land in the position_ids slot, so every
+        # Official quirk (docs/method.md §6.1.4): token_type_ids land in the position_ids slot, so every
         # token reads position row 0. Kept only in faithful mode.
         self.faithful_positions = faithful_positions
-        # Official quirk (spec §1.2): the word merge never emits the last word and [SEP] of a report that
+        # Official quirk (docs/method.md §6.1.3): the word merge never emits the last word and [SEP] of a report that
         # fills every position. Follows faithful_positions unless set, so MedSTConfig.faithful drives both.
         self.faithful_words = faithful_positions if faithful_words is None else faithful_words
         self.embeddings = BertEmbeddings(cfg)

@@ -1,4 +1,4 @@
-"""Report text cleaning exactly as Med-ST/MGCA prepare it (medst-spec.md §3.3).
+"""Report text cleaning exactly as Med-ST/MGCA prepare it (docs/method.md §4.3).
 
 impression first, then findings; split into sentences on "N." enumerations and on "."; each sentence is
 lowercased and reduced to its \\w+ tokens; one-token sentences are dropped; non-ASCII characters are
@@ -33,7 +33,9 @@ def _clean_sentences(text: str, joiner: str = " ") -> Tuple[str, int]:
 
 
 def clean_report(impression: Optional[str], findings: Optional[str] = None, joiner: str = " ") -> Tuple[str, int]:
-    """Return (cleaned text, token count). ``joiner=""`` replicates the official evaluation bug (§6.1.8)."""
+    """Return (cleaned text, token count).
+
+    ``joiner=""`` replicates the official evaluation bug (docs/method.md §6.2.3)."""
     parts = [p for p in (impression, findings) if isinstance(p, str) and p.strip()]
     return _clean_sentences(" ".join(parts), joiner=joiner)
 

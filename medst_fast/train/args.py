@@ -1,6 +1,6 @@
 """Command-line arguments of ``python -m medst_fast.pretrain``, grouped; defaults follow the official recipe.
 
-Defaults (medst-spec §4): AdamW (0.9, 0.999), lr 4e-5, weight decay 0.05 on every parameter, a per-step
+Defaults (docs/method.md §5): AdamW (0.9, 0.999), lr 4e-5, weight decay 0.05 on every parameter, a per-step
 cosine schedule with 40 % linear warm-up from min_lr 1e-8, 8 epochs, loss weights 1/1/1, 10 series per
 GPU. Values left as None ("auto") are resolved at start-up (device, model, precision, workers, out).
 The synthetic quick start (no --data, on the CPU, medst_tiny) has its own defaults for the flags not given
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "within one grey level of JPEG decoding), so it does not change the data: a resumed run "
                         "keeps the run's back-end unless this flag is given, and may change it freely")
     g.add_argument("--replicate-collate-bug", action="store_true",
-                   help="reproduce the official lateral misalignment in collation (spec §6.1 item 1)")
+                   help="reproduce the official lateral misalignment in collation (docs/method.md §6.2.1)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=8)
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-temporal", type=float, default=1.0)
     g.add_argument("--lambda-fmc", type=float, default=1.0, help="weight of FMC inside the temporal loss (ablation)")
     g.add_argument("--lambda-rmr", type=float, default=1.0, help="weight of RMR inside the temporal loss (ablation)")
-    # Research switches (issue 14): the defaults are the paper's loss; each sets its loss.* model config field.
+    # Research switches (docs/method.md §8): the defaults are the paper's loss; each sets its loss.* model config
+    # field.
     g.add_argument("--temporal-shuffle", action="store_true",
                    help="control run: permute each complete series' studies (images and reports alike) before the "
                         "temporal loss, so time order carries no signal (loss.temporal_shuffle)")

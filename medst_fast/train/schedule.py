@@ -1,4 +1,4 @@
-"""The official learning-rate schedule as a pure function of the optimizer step (medst-spec §4).
+"""The official learning-rate schedule as a pure function of the optimizer step (docs/method.md §5).
 
 Med-ST uses ``CosineAnnealingWarmupRestarts(first_cycle_steps=total, warmup_steps=int(0.4 * total),
 max_lr=4e-5, min_lr=1e-8)`` stepped once per optimizer step. Its optimizer step ``i`` (0-based) runs at
