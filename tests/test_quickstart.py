@@ -195,3 +195,17 @@ def test_readme_main_command(readme_run):
     (syn,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("synthetic-")]
     assert (syn / "COMPLETE").is_file() and (syn / "vocab.txt").is_file()
     assert syn.name.startswith(f"synthetic-v2-p{qs.FLAGS['synthetic_patients']}-")
+
+
+def test_help_shows_the_recipe_defaults():
+    """`pretrain --help` names the paper's default of every recipe flag (not only of those that had a help text)."""
+    from medst_fast.train.args import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for flag, default in (("--lr LR", "4e-05"), ("--min-lr MIN_LR", "1e-08"), ("--epochs EPOCHS", "8"),
+                          ("--wd WD", "0.05"), ("--beta1 BETA1", "0.9"), ("--beta2 BETA2", "0.999"),
+                          ("--eps EPS", "1e-08"), ("--lambda-ita LAMBDA_ITA", "1.0"),
+                          ("--lambda-local LAMBDA_LOCAL", "1.0"), ("--lambda-temporal LAMBDA_TEMPORAL", "1.0"),
+                          ("--seed SEED", "42")):
+        after = text.rsplit(flag, 1)[1].split(" --", 1)[0]  # the options list, after the usage line
+        assert f"(default: {default})" in after, (flag, after)
