@@ -1,7 +1,8 @@
 """``python -m medst_fast.plot RUN_DIR``: the training curves of a run as ``RUN_DIR/training_curves.png``.
 
 Reads ``RUN_DIR/metrics.csv`` (the trainer writes the same picture at the end of a run): the loss and its
-terms, the learning rate, the validation loss and image-to-report R@1/R@5, and the input vs compute time
+terms, the learning rate, the validation loss and image-to-report R@1/R@5 with their chance levels (the
+validation size from ``RUN_DIR/train.log``), and the input vs compute time
 per step. Needs matplotlib, the optional extra ``[plot]`` (``pip install medst_fast[plot]``).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -61,6 +63,28 @@ def _panel(ax, cols, keys: Sequence[str], title: str, log_y: bool = False) -> No
     ax.grid(alpha=0.3)
 
 
+_VAL_STUDIES = re.compile(r"INFO validation at step \d+: .* over (\d+) studies")
+
+
+def validation_studies(run_dir: str) -> Optional[int]:
+    """How many studies the run's last validation ranked (from train.log: metrics.csv has no such column), or None."""
+    try:
+        with open(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="replace") as f:
+            found = _VAL_STUDIES.findall(f.read())
+    except OSError:
+        return None
+    return int(found[-1]) if found and int(found[-1]) > 0 else None
+
+
+def _chance_lines(ax, n: Optional[int]) -> None:
+    """Chance R@1 = 1/n and R@5 = 5/n for random ranking of n reports: a recall curve means little without them."""
+    if n is None:
+        return
+    for k, color in ((1, "C0"), (5, "C1")):
+        ax.axhline(min(1.0, k / n), color=color, linestyle="--", linewidth=1, label=f"chance R@{k} ({k}/{n})")
+    ax.legend(fontsize=8)
+
+
 def plot_run(run_dir: str, out: Optional[str] = None) -> str:
     """Write the training curves of ``run_dir`` to ``out`` (default RUN_DIR/training_curves.png); returns the path.
 
@@ -81,6 +105,8 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
     _panel(axes[0][2], cols, ("input_ms", "compute_ms"), "ms per step: waiting for data vs the rest")
     _panel(axes[1][0], cols, ("val_loss",), "validation loss")
     _panel(axes[1][1], cols, ("val_r1", "val_r5"), "validation image-to-report recall")
+    if any(_series(cols, k)[0] for k in ("val_r1", "val_r5")):
+        _chance_lines(axes[1][1], validation_studies(run_dir))
     _panel(axes[1][2], cols, ("studies_per_s",), "studies/s (all ranks)")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     out = out or os.path.join(run_dir, PLOT_FILE)

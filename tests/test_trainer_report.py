@@ -345,3 +345,20 @@ def test_collapsed_validation_embeddings_are_warned_about(tmp_path, val_index, v
     assert 0.9 < max(v["img_cos"], v["txt_cos"]) <= 1.0 + 1e-9
     assert any("validation embeddings are nearly identical" in r.getMessage() and "2 updates" in r.getMessage()
                and "81.0%" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_recall_panel_draws_the_chance_levels(tmp_path, monkeypatch):
+    """The curves' recall panel carries dashed chance lines at 1/n and 5/n, n read from the run's train.log."""
+    pytest.importorskip("matplotlib")
+    from medst_fast import plot
+
+    (tmp_path / "metrics.csv").write_text("step,loss,val_r1,val_r5\n10,3.0,,\n20,2.5,0.1,0.4\n")
+    (tmp_path / "train.log").write_text(
+        "2026-01-01 00:00:00 INFO validation at step 20: loss 2.0, image-to-report R@1 0.100 R@5 0.400 (chance "
+        "0.036 / 0.179, ...) over 28 studies in 1 batch(es)\n")
+    assert plot.validation_studies(str(tmp_path)) == 28
+    drawn, orig = [], plot._chance_lines
+    monkeypatch.setattr(plot, "_chance_lines", lambda ax, n: (drawn.append(n), orig(ax, n)))
+    plot.plot_run(str(tmp_path))
+    assert drawn == [28] and (tmp_path / "training_curves.png").stat().st_size > 0
+    assert plot.validation_studies(str(tmp_path / "missing")) is None  # no log: the panel has no chance lines
