@@ -362,3 +362,19 @@ def test_recall_panel_draws_the_chance_levels(tmp_path, monkeypatch):
     plot.plot_run(str(tmp_path))
     assert drawn == [28] and (tmp_path / "training_curves.png").stat().st_size > 0
     assert plot.validation_studies(str(tmp_path / "missing")) is None  # no log: the panel has no chance lines
+
+
+def test_the_collapse_warning_is_said_once_a_run(caplog):
+    """The long warning once; later collapsed validations get a one-line note, not the paragraph again."""
+    import logging
+
+    from medst_fast.train.validate import Validator
+
+    v = Validator(loader=None, n_series=0, batch_series=1)
+    with caplog.at_level(logging.INFO, logger="medst_fast"):
+        for _ in range(3):
+            v._say_collapse("validation embeddings are nearly identical (long text)", 0.99, 0.98)
+        v._say_collapse(None, 0.2, 0.3)
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [lv for lv, _ in msgs] == ["WARNING", "INFO", "INFO"]
+    assert "long text" in msgs[0][1] and "still nearly identical" in msgs[1][1] and "0.990" in msgs[1][1]

@@ -99,6 +99,17 @@ class Validator:
 
     def __init__(self, loader, n_series: int, batch_series: int):
         self.loader, self.n_series, self.batch_series = loader, n_series, batch_series
+        self._collapse_said = False  # the long collapse warning is said once a run; later ones are one line
+
+    def _say_collapse(self, warning: Optional[str], img_cos: float, txt_cos: float) -> None:
+        if not warning:
+            return
+        if not self._collapse_said:
+            log.warning("%s", warning)
+            self._collapse_said = True
+        else:
+            log.info("validation embeddings still nearly identical (mean pairwise cosine: images %.3f, reports "
+                     "%.3f; see the warning above)", img_cos, txt_cos)
 
     @torch.no_grad()
     def run(self, model, loss_fn, device: torch.device, dtype: Optional[torch.dtype], prepare) -> Dict[str, Any]:
@@ -135,9 +146,7 @@ class Validator:
         r = recall_at_k(all_img, all_txt, (1, 5))
         val_loss = sum(p["loss"] for p in parts) / n if n else float("nan")
         img_cos, txt_cos = mean_pairwise_cosine(all_img), mean_pairwise_cosine(all_txt)
-        warning = collapse_warning(img_cos, txt_cos, batchnorm_start_weight(model))
-        if warning:
-            log.warning("%s", warning)
+        self._say_collapse(collapse_warning(img_cos, txt_cos, batchnorm_start_weight(model)), img_cos, txt_cos)
         v = {"val_loss": val_loss, "val_r1": r[1], "val_r5": r[5], "studies": int(all_img.shape[0]),
              "batches": n, "skipped": sum(p["skipped"] for p in parts), "img_cos": img_cos, "txt_cos": txt_cos}
         if n and not is_finite(v):
