@@ -687,10 +687,13 @@ _TILES = {
     "fp32": _Tiles(16, 16, {"attn_fwd": (8, 1), "attn_bwd": (8, 1), "s_fwd": (4, 1), "s_bwd": (8, 1)}),
     "interp": _Tiles(32, 32, {k: (4, 1) for k in ("attn_fwd", "attn_bwd", "s_fwd", "s_bwd")}),
     # fp32 operands on the tensor cores (TF32, torch.get_float32_matmul_precision() 'high'/'medium'): the mma
-    # row tile (wgmma m64) over half as many keys a step, as each fp32 operand tile takes twice the bytes of
-    # a bf16 one; one stage. Not yet in the sm_90 compile check; the interpreter runs this family too (its
-    # products stay exact there).
-    "tf32": _Tiles(64, 32, {"attn_fwd": (4, 1), "attn_bwd": (8, 1), "s_fwd": (4, 1), "s_bwd": (8, 1)}),
+    # tiles (wgmma m64) with one stage, as each fp32 operand tile takes twice the bytes of a bf16 one. Square
+    # like every family: the backward kernel walks both sides with one accumulator, so a 64 x 32 tile does not
+    # compile for a GPU (the interpreter, which does not type-check the branches, accepted it); the sm_90
+    # compile check covers this family (tests/test_sm90_compile.py::tf32_launches). Its two backward kernels
+    # spill (272-976 bytes at ViT-B shapes, triton 3.8: fp32 operand tiles fill the registers; 16 warps spill
+    # more); what that costs on a GPU is not measured yet.
+    "tf32": _Tiles(64, 64, {"attn_fwd": (4, 1), "attn_bwd": (8, 1), "s_fwd": (4, 1), "s_bwd": (8, 1)}),
 }
 _FILL_PROGRAMS = 264  # 2 x 132 SMs (H100 / H200): split the keys until the attention has this many programs
 _GLUE_ROWS = 32  # rows per program of the elementwise combine kernel
