@@ -113,11 +113,21 @@ def test_signal_saves_checkpoint_and_exits(tmp_path, vocab_path, monkeypatch, si
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_on_cpu(tmp_path, vocab_path, amp):
-    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--amp", amp, "--no-export"))
+    # fp16: GradScaler starts at 2**16 and halves its scale on each overflow; here the first 9 steps overflow
+    steps = "12" if amp == "fp16" else "2"
+    res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", steps, "--amp", amp, "--no-export"))
     st = ck.load_checkpoint(res.last_checkpoint)
     assert res.bad_steps == 0 and res.last_loss == res.last_loss
     assert bool(st["scaler"]) == (amp == "fp16")  # GradScaler only for fp16
     assert all(v.dtype != torch.bfloat16 for v in st["model"].values())  # master weights stay fp32
+
+
+def test_fp16_run_that_never_got_past_the_loss_scale_names_it(tmp_path, vocab_path):
+    """Two fp16 steps, both GradScaler overflows: no update, so no trained model; the error says why."""
+    from medst_fast.train.loop import NoUpdates
+
+    with pytest.raises(NoUpdates, match=r"none of the run's 2 steps made an update.*2 fp16 gradient overflow"):
+        main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--amp", "fp16", "--no-export"))
 
 
 def test_grad_checkpointing_same_result(tmp_path, vocab_path):

@@ -13,6 +13,7 @@ import torch
 import medst_fast
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import quickstart as qs
+from medst_fast.train.data import SYNTHETIC_VERSION
 from medst_fast.train.validate import above_chance_p
 
 # Run in a child: blocking a module in this process would leak into other tests' imports.
@@ -111,6 +112,21 @@ def test_a_resumed_run_keeps_its_own_values(tmp_path):
     assert a.quick_start == {"clip_grad": 1.0, "epochs": 16}
 
 
+def test_a_resume_that_gives_model_override_again_keeps_the_quick_start_dropout(tmp_path):
+    """--model-override given again on a resume replaces the run's list: the quick start's dropout overrides the
+    run was made with are kept, or the resumed model would not match its checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    qs_over = ["text.hidden_dropout=0.0", "text.attn_dropout=0.0"]
+    (run / "args.json").write_text(json.dumps({
+        "lr": 1e-3, "clip_grad": 1.0, "model_override": ["vision.img_size=32"] + qs_over,
+        "quick_start": {"clip_grad": 1.0, "lr": 1e-3, "model_override": qs_over}}))
+    a = _resolved(["--resume", "auto", "--out", str(run), "--model-override", "vision.img_size=32"])
+    assert a.model_override == ["vision.img_size=32"] + qs_over
+    a = _resolved(["--resume", "auto", "--out", str(run), "--model-override", "text.attn_dropout=0.1"])
+    assert a.model_override == ["text.attn_dropout=0.1", "text.hidden_dropout=0.0"]  # the user's field wins
+
+
 def test_help_names_the_quick_start_defaults(capsys):
     from medst_fast.train.args import build_parser
 
@@ -194,7 +210,7 @@ def test_readme_main_command(readme_run):
         torch.testing.assert_close(enc.encode_image(x), model.encode_image(x))
     (syn,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("synthetic-")]
     assert (syn / "COMPLETE").is_file() and (syn / "vocab.txt").is_file()
-    assert syn.name.startswith(f"synthetic-v2-p{qs.FLAGS['synthetic_patients']}-")
+    assert syn.name.startswith(f"synthetic-v{SYNTHETIC_VERSION}-p{qs.FLAGS['synthetic_patients']}-")
 
 
 def test_help_shows_the_recipe_defaults():

@@ -443,6 +443,9 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._stop_time = 0.0  # time.monotonic() of the first stop signal
         self._steps_run = 0  # optimizer steps finished by this process (a resumed run counts from 0)
+        # the step accounting _use_batches updates (run() resets it; set here too, so a step can run without run())
+        self._bad_run = self._skipped_run = self._updates_run = self._scaler_skips = 0
+        self._last_problem = ""
         self.resumed_from: Optional[str] = None
         self.last_ckpt: Optional[str] = None
         self._old_handlers: Dict[int, Any] = {}
@@ -1041,6 +1044,7 @@ class Trainer:
             # fp16: an overflow of the scaled gradients is GradScaler's business (the scale drops, the step is
             # skipped, as GradScaler itself would), not a sign of divergence
             self.runner.skip_step()
+            self._scaler_skips += 1
             log.info("step %d: fp16 gradient overflow; update skipped and the loss scale lowered", self.step + 1)
         elif s[0] > 0 or grad_bad:
             # a non-finite gradient never reaches the optimizer, even with a finite loss
@@ -1078,6 +1082,9 @@ class Trainer:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()) if v) or "none"
         parts = [f"{self.bad_batches} unusable batch(es) in total, last: {self._last_problem or '-'}; loader "
                  f"counts: {counts}", f"{self.bad_total} step(s) with a non-finite loss"]
+        if self._scaler_skips:
+            parts.append(f"{self._scaler_skips} fp16 gradient overflow(s) while GradScaler lowered its loss scale from "
+                         f"its start (normal in a run's first steps: a longer run gets past them, or use --amp bf16)")
         where = ""
         if self.data_path and self.args.dataset_type != "random":
             where = (f" Check that the images exist where the index says: {os.path.join(self.data_path, 'meta.json')}"

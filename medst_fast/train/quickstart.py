@@ -81,7 +81,15 @@ def apply(a: argparse.Namespace, settings: Optional[Dict[str, Any]]) -> Dict[str
     if settings is None or not applies(a):
         return {}
     if settings["resumed"]:
-        return dict(settings["recorded"])
+        recorded = dict(settings["recorded"])
+        if "model_override" in settings["given"]:
+            # a --model-override given again replaces the run's list from args.json: keep the quick start's own
+            # overrides the run was made with (for fields the command line does not set), or the resumed model
+            # would differ from the checkpoint's
+            already = _override_keys(a.model_override)
+            a.model_override = list(a.model_override) + [
+                x for x in recorded.get("model_override", []) if x.split("=", 1)[0].strip() not in already]
+        return recorded
     given = set(settings["given"])
     applied: Dict[str, Any] = {}
     for dest, value in FLAGS.items():
