@@ -35,14 +35,18 @@ SUBDIRS = {"msxrt-image": "msxrt", "msxrt-sentence": "msxrt", "rsna-zeroshot": "
 
 # Flag values are checked by argparse (usage error, exit 2, naming the flag) before a model is loaded: a
 # --folds 1 or --batch-size 0 would otherwise fail minutes later inside scikit-learn or the DataLoader.
-def _ints(s: str) -> List[int]:
+def _comma_list(s: str, cast, what: str) -> list:
     try:
-        out = [int(v) for v in s.split(",") if v.strip()]
+        out = [cast(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {s!r}") from None
     if not out:
         raise argparse.ArgumentTypeError("expected at least one value")
     return out
+
+
+def _ints(s: str) -> List[int]:
+    return _comma_list(s, int, "integers")
 
 
 def _folds(s: str) -> List[int]:
@@ -54,13 +58,7 @@ def _folds(s: str) -> List[int]:
 
 
 def _floats(s: str) -> List[float]:
-    try:
-        out = [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {s!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return out
+    return _comma_list(s, float, "numbers")
 
 
 def _fractions(s: str) -> List[float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -81,14 +80,6 @@ SAME_SIGNAL_S = 2.0
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -443,7 +434,9 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._stop_time = 0.0  # time.monotonic() of the first stop signal
         self._steps_run = 0  # optimizer steps finished by this process (a resumed run counts from 0)
-        # the step accounting _use_batches updates (run() resets it; set here too, so a step can run without run())
+        # the step accounting _use_batches updates: non-finite losses in a row, steps in a row without an update
+        # (for any reason), updates made by this process, fp16 GradScaler overflows, and why the last unusable
+        # batch could not be used
         self._bad_run = self._skipped_run = self._updates_run = self._scaler_skips = 0
         self._last_problem = ""
         self.resumed_from: Optional[str] = None
@@ -504,7 +497,9 @@ class Trainer:
             D.barrier()
             vocab = path
         a.vocab = os.path.abspath(vocab)
-        self.vocab_sha256 = _file_sha256(a.vocab)
+        from ..hub import file_digest
+
+        self.vocab_sha256 = file_digest(a.vocab)
         self.data_path = os.path.abspath(data) if data else None
 
         from .. import create_model
@@ -884,10 +879,6 @@ class Trainer:
         bar = make_progress(self.total_steps, self.step, a.progress, primary, a.progress_interval)
         result = TrainResult(self.run_dir, self.step, self.epoch, bad_steps=self.bad_total, bad_batches=self.bad_batches)
         self._install_signals()
-        self._bad_run = 0  # non-finite losses in a row
-        self._skipped_run = 0  # steps in a row without an update, for any reason
-        self._updates_run = 0  # updates made by this process
-        self._last_problem = ""  # why the last unusable batch could not be used
         self._weights_bad = torch.zeros(1, device=self.device, dtype=torch.float64)  # set after each update
         W = self.world.world_size
         self._t0, self._step0 = time.perf_counter(), self.step  # for elapsed and ETA
