@@ -16,12 +16,12 @@ import torch
 import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
-from medst_fast.train import loop as loop_mod
+from medst_fast.train import step as step_mod
 from medst_fast.train.args import parse_args
 from medst_fast.train.validate import above_chance_p, describe, recall_at_k
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
-_FORWARD = loop_mod.PretrainModule.forward
+_FORWARD = step_mod.PretrainModule.forward
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +172,9 @@ def test_resume_with_validation_is_bitwise(tmp_path, val_index, vocab_path, monk
             os.kill(os.getpid(), 15)
         return _FORWARD(self, batch)
 
-    monkeypatch.setattr(loop_mod.PretrainModule, "forward", fwd)
+    monkeypatch.setattr(step_mod.PretrainModule, "forward", fwd)
     assert main(_argv(tmp_path / "run", val_index, vocab_path, *extra)).step == 3
-    monkeypatch.setattr(loop_mod.PretrainModule, "forward", _FORWARD)
+    monkeypatch.setattr(step_mod.PretrainModule, "forward", _FORWARD)
     b = main(["--out", str(tmp_path / "run"), "--resume", "auto"])
     wa, wb = ck.load_checkpoint(a.last_checkpoint)["model"], ck.load_checkpoint(b.last_checkpoint)["model"]
     for k in wa:
