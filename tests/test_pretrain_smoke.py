@@ -91,12 +91,6 @@ def test_nan_step_is_skipped(tmp_path, vocab_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
 
 
-def test_consecutive_nans_stop_with_clear_message(tmp_path, vocab_path, monkeypatch):
-    _inject(monkeypatch, lambda n: float("inf") if n >= 3 else None)
-    with pytest.raises(TrainingDiverged, match=r"NaN/inf in 3 consecutive steps .*--max-bad-steps 3"):
-        main(_argv(tmp_path / "r", vocab_path, "--max-steps", "10", "--max-bad-steps", "3", "--save-every", "2"))
-    st = ck.load_checkpoint(ck.list_checkpoints(str(tmp_path / "r"))[-1])
-    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -256,10 +256,9 @@ def test_stale_temps_from_killed_writes_are_removed(tmp_path, vocab_path):
 def test_resume_refuses_changed_run_settings_unless_allowed(tmp_path, vocab_path):
     out = tmp_path / "r"
     _small_run(out, vocab_path, "--max-steps", "4")
-    for flag, value in (("--lr", "1e-3"), ("--max-steps", "6"), ("--epochs", "3"), ("--warmup-frac", "0.1"),
-                        ("--lambda-temporal", "0"), ("--clip-grad", "1")):
-        with pytest.raises(ck.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
-            _small_run(out, vocab_path, "--resume", "auto", flag, value)
+    # which settings count as a change: tests/test_train_state.py; here the refusal and the override end to end
+    with pytest.raises(ck.CheckpointError, match="resuming would change the run: --lr .*--allow-changed-args"):
+        _small_run(out, vocab_path, "--resume", "auto", "--lr", "1e-3")
     before = json.loads((out / "args.json").read_text())
     assert before["lr"] == 4e-5 and before["max_steps"] == 4  # a refused resume rewrites nothing
     res = _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "6", "--lambda-temporal", "0.5",
@@ -298,50 +297,10 @@ def test_bare_resume_takes_the_runs_own_settings(tmp_path, vocab_path, monkeypat
     assert float(rows[-1]["lr"]) < 1e-4  # the run's schedule, not the default 4e-5 one
 
 
-def test_resume_refuses_a_changed_data_set_and_a_position_past_the_end(tmp_path, vocab_path, monkeypatch):
-    out = tmp_path / "r"
-    _small_run(out, vocab_path)
-    with pytest.raises(ck.CheckpointError, match="past the end of this run"):
-        _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "2", "--allow-changed-args")
-    monkeypatch.setattr(RandomSeriesDataset, "__len__", lambda self: 6)  # the same flags, fewer series
-    with pytest.raises(ck.CheckpointError, match="the data set has 6 series, the checkpoint's run had 8"):
-        _small_run(out, vocab_path, "--resume", "auto", "--allow-changed-args")
 
 
-def test_second_trainer_on_a_run_folder_is_refused(tmp_path, vocab_path):
-    out = tmp_path / "r"
-    os.makedirs(out)
-    code = ("import sys, time; from medst_fast.train.checkpoint import RunLock; RunLock(sys.argv[1]); "
-            "print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ck.RunFolderError, match=f"in use by another trainer \\(pid {holder.pid}\\)"):
-            _small_run(out, vocab_path)
-    finally:
-        holder.kill()
-        holder.wait()
-    lock = ck.RunLock(str(out))  # in this process too
-    try:
-        with pytest.raises(ck.RunFolderError, match="in use by another trainer in this process"):
-            _small_run(out, vocab_path)
-    finally:
-        lock.release()
-    assert _small_run(out, vocab_path).step == 4  # free again once the holder is gone
 
 
-def test_fresh_run_into_an_existing_run_needs_resume_or_overwrite(tmp_path, vocab_path):
-    out = tmp_path / "r"
-    main(_argv(out, vocab_path, "--max-steps", "4", "--save-every", "2"))
-    old_final = (out / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(ck.RunFolderError, match="already holds a run .*--resume auto.*--overwrite"):
-        main(_argv(out, vocab_path, "--max-steps", "2", "--seed", "7"))
-    assert (out / "final" / "model.safetensors").read_bytes() == old_final
-    assert json.loads((out / "args.json").read_text())["seed"] == 42
-    res = main(_argv(out, vocab_path, "--max-steps", "2", "--seed", "7", "--overwrite", "--no-export"))
-    assert res.step == 2 and not (out / "final").exists()
-    assert [os.path.basename(p) for p in ck.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
-    assert [int(r["step"]) for r in _metrics(out)] == [1, 2]
 
 
 def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path, vocab_path, monkeypatch):

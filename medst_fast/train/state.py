@@ -154,6 +154,11 @@ def fixed_changes(old: Dict[str, Any], new: Dict[str, Any], st: Dict[str, Any], 
     return fixed
 
 
+def defining_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """What changed among the run-defining settings (allowed on resume only with --allow-changed-args)."""
+    return [f"{flag(k)} {old[k]!r} -> {new.get(k)!r}" for k in RUN_DEFINING if k in old and old[k] != new.get(k)]
+
+
 def check_resume(run: Run, path: str, st: Dict[str, Any]) -> None:
     """Refuse a resume that would silently change the run: data order, model and data size always;
     run-defining settings unless --allow-changed-args (then each change is logged)."""
@@ -167,7 +172,7 @@ def check_resume(run: Run, path: str, st: Dict[str, Any]) -> None:
         raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order, the "
                                    f"data or the model: {'; '.join(fixed)}")
     ckpt.check_data_fingerprint(path, st.get("data_fingerprint"), run.data_fingerprint, run.data_path, allow)
-    changed = [f"{flag(k)} {old[k]!r} -> {new.get(k)!r}" for k in RUN_DEFINING if k in old and old[k] != new.get(k)]
+    changed = defining_changes(old, new)
     if changed and not allow:
         raise ckpt.CheckpointError(
             f"{path}: resuming would change the run: {'; '.join(changed)}. Omit these flags to continue with "
