@@ -11,7 +11,6 @@ import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
-from medst_fast.train.faults import TrainingDiverged
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
 
