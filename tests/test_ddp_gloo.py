@@ -74,7 +74,7 @@ def _worker(rank, vocab, init_file, out_dir):
         stats = runner.forward_backward(_sub_batches(tok, case)[rank])
         dist.all_reduce(stats.loss)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"loss": stats.loss.item() / WORLD, "grads": grads}, os.path.join(out_dir, f"{mode}-{case}-{gather}-{rank}.pt"))
+        torch.save({"loss": stats.loss[0] / WORLD, "grads": grads}, os.path.join(out_dir, f"{mode}-{case}-{gather}-{rank}.pt"))
     mode, case, gather = COMPILED
     model = _model(tok.vocab_size)
     graphs = []
@@ -94,7 +94,7 @@ def _worker(rank, vocab, init_file, out_dir):
     stats = runner.forward_backward(_sub_batches(tok, case)[rank])
     dist.all_reduce(stats.loss)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": stats.loss.item() / WORLD, "grads": grads, "graphs": graphs},
+    torch.save({"loss": stats.loss[0] / WORLD, "grads": grads, "graphs": graphs},
                os.path.join(out_dir, f"compiled-{rank}.pt"))
     dist.destroy_process_group()
 
