@@ -59,9 +59,9 @@ def _is_image_file(path: str) -> bool:
     # an image is not a CSV: parsed as one it fails with a tokenizing error far from the cause
     if path.lower().endswith(IMAGE_EXTS):
         return True
-    from .factory import _is_dicom
+    from .data.images import is_dicom
 
-    return _is_dicom(path)
+    return is_dicom(path)
 
 
 def read_texts(src: str, column: str = "text") -> Tuple[List[str], List[str]]:

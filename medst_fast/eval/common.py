@@ -159,14 +159,6 @@ def eval_transform(img: np.ndarray, size: int) -> torch.Tensor:
     return _T.eval_transform(img, size)
 
 
-def read_dicom(path: PathLike) -> np.ndarray:
-    """DICOM (whatever its extension) -> uint8 grey: pixels scaled by 255/max (rounded, saturated),
-    MONOCHROME1 inverted: the official RSNA reading, by the loaders' decoder."""
-    from ..data.images import read_dicom_gray
-
-    return _decoded(os.fspath(path), read_dicom_gray)
-
-
 def _decoded(path: str, decode) -> np.ndarray:
     """``decode(path)`` as a uint8 (H, W) array; a missing file raises FileNotFoundError, a bad one
     ValueError, each naming the file."""
@@ -184,7 +176,8 @@ def _decoded(path: str, decode) -> np.ndarray:
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """Any image file (JPEG, PNG 8/16-bit, RGBA, ... or .dcm/.dicom) -> uint8 grey (H, W). Errors name the file."""
+    """Any image file (JPEG, PNG 8/16-bit, RGBA, ..., DICOM by ``data.images.is_dicom``) -> uint8 grey (H, W),
+    decoded by the project's one reader (``data.images.load_gray``). Errors name the file."""
     from ..data.images import load_gray
 
     return _decoded(os.fspath(path), load_gray)
