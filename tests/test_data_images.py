@@ -66,10 +66,14 @@ def test_a_dicom_without_extension_through_the_transforms_and_the_cache(dicoms, 
     assert cache.check_or_cache(bare, dst, 36, draft=True) is None and os.path.isfile(dst)
 
 
-def test_a_dicom_without_extension_is_an_image_file_for_embed(dicoms):
+def test_a_dicom_without_extension_is_found_by_embed_and_the_rsna_task(dicoms):
     from medst_fast.embed import list_images
+    from medst_fast.eval.rsna_zeroshot import image_path
 
-    assert list_images(dicoms[1]) == [dicoms[1]]
+    named, bare, _ = dicoms
+    assert list_images(bare) == [bare]
+    os.unlink(named)
+    assert image_path(os.path.dirname(bare), os.path.basename(bare)) == bare
 
 
 @pytest.mark.parametrize("content", ["png", "text"])
