@@ -1,5 +1,5 @@
 """End-to-end trainer runs: --data, exports, faults (NaN, SIGTERM), AMP, flags. (The README command, the
-synthetic quick start, is run by tests/test_quickstart.py.)"""
+synthetic quick start, is run by tests/test_train_quickstart.py.)"""
 import json
 import os
 import signal
