@@ -177,15 +177,25 @@ def _count_runs_enabled() -> bool:
     return os.environ.get("MEDST_COUNT_TRAINER_RUNS", "0") not in ("", "0")
 
 
+# A call refused before its first step (a resume check, a run-folder check, a bad flag) is counted apart.
+_REFUSALS = ("CheckpointError", "RunFolderError", "UsageError", "SystemExit")
+
+
 def _counted(fn):
     def wrapper(*a, **k):
-        if _CURRENT["depth"] == 0:
-            _RUNS[_CURRENT["test"]] = _RUNS.get(_CURRENT["test"], 0) + 1
+        outer = _CURRENT["depth"] == 0
         _CURRENT["depth"] += 1
+        kind = "runs"
         try:
             return fn(*a, **k)
+        except BaseException as e:
+            kind = "refused" if type(e).__name__ in _REFUSALS else kind
+            raise
         finally:
             _CURRENT["depth"] -= 1
+            if outer:
+                counts = _RUNS.setdefault(_CURRENT["test"], {"runs": 0, "refused": 0})
+                counts[kind] += 1
     return wrapper
 
 
@@ -207,9 +217,12 @@ def pytest_runtest_setup(item):
 
 def pytest_terminal_summary(terminalreporter):
     if _count_runs_enabled():
-        terminalreporter.write_line(f"in-process trainer runs: {sum(_RUNS.values())} in {len(_RUNS)} test(s)")
-        for nodeid, n in sorted(_RUNS.items(), key=lambda kv: -kv[1]):
-            terminalreporter.write_line(f"  {n:3d} {nodeid}")
+        runs = sum(c["runs"] for c in _RUNS.values())
+        refused = sum(c["refused"] for c in _RUNS.values())
+        terminalreporter.write_line(f"in-process trainer runs: {runs} (and {refused} refused before a step) in "
+                                    f"{len(_RUNS)} test(s)")
+        for nodeid, c in sorted(_RUNS.items(), key=lambda kv: -kv[1]["runs"]):
+            terminalreporter.write_line(f"  {c['runs']:3d} runs {c['refused']:3d} refused  {nodeid}")
     # pytest -q prints only "N skipped"; say once which shared resources those skips were missing.
     missing = {}
     for rep in terminalreporter.stats.get("skipped", []):

@@ -128,12 +128,12 @@ def test_grad_checkpointing_same_result(tmp_path, vocab_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_init_from_export_and_lr_zero_keeps_weights(tmp_path, vocab_path):
-    a = main(_argv(tmp_path / "a", vocab_path, "--max-steps", "1"))
-    init = os.path.join(a.export_dir, "model.safetensors")
+def test_init_from_export_and_lr_zero_keeps_weights(tmp_path, vocab_path, tiny_run):
+    export = os.path.join(tiny_run, "final")  # the session's finished run (same model sizes); only read here
+    init = os.path.join(export, "model.safetensors")
     b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "1", "--init", init, "--lr", "0", "--min-lr", "0",
                    "--seed", "7", "--no-export"))
-    wa = medst_fast.from_pretrained(a.export_dir).state_dict()
+    wa = medst_fast.from_pretrained(export).state_dict()
     wb = ck.load_checkpoint(b.last_checkpoint)["model"]
     for k, v in wa.items():
         if "running_" in k or "num_batches" in k:
