@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .similarity import mean_pairwise_cosine
+
 log = logging.getLogger("medst_fast")
 
 POINTS = ("before", "after")  # the residual stream before / after the view experts of a block
@@ -52,16 +54,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     cross = (yc.t() @ xc).pow(2).sum()
     den = torch.linalg.matrix_norm(xc.t() @ xc) * torch.linalg.matrix_norm(yc.t() @ yc)
     return float(cross / den) if den > 0 else float("nan")  # a constant representation has no CKA
-
-
-def mean_pairwise_cosine(z: torch.Tensor) -> float:
-    """Mean cosine similarity over the distinct pairs (i != j) of the rows of z (n, d), n >= 2."""
-    if z.dim() != 2 or z.shape[0] < 2:
-        raise ValueError(f"mean_pairwise_cosine: needs (n >= 2, d) rows, got {tuple(z.shape)}")
-    u = F.normalize(z.double(), dim=-1)
-    n = u.shape[0]
-    s = u.sum(0)
-    return float((s @ s - (u * u).sum()) / (n * (n - 1)))  # the full Gram sum minus its diagonal
 
 
 # -- features per block ----------------------------------------------------------------------------------
