@@ -38,7 +38,7 @@ from medst_fast.losses import MedSTLoss
 from medst_fast.models.medst import MedSTOutput
 from medst_fast.text.tokenizer import MedSTTokenizer
 from medst_fast.train.data import RandomSeriesDataset, build_wordpiece_vocab, collate_pretokenized
-from medst_fast.train.loop import PretrainModule, StepRunner, batch_to, freeze_unused
+from medst_fast.train.step import PretrainModule, StepRunner, batch_to, freeze_unused
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

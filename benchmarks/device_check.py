@@ -118,7 +118,7 @@ def _one_train_step() -> None:
     """One medst_fast step at the first benchmark size: compiles the kernels at the model's shapes."""
     import bench_train_step as bt
     import medst_fast
-    from medst_fast.train.loop import PretrainModule, StepRunner, freeze_unused
+    from medst_fast.train.step import PretrainModule, StepRunner, freeze_unused
     from medst_fast.losses import MedSTLoss
 
     tok = bt._tokenizer(None)
@@ -188,7 +188,7 @@ def cmd_compile(a) -> int:
     import bench_train_step as bt
     import medst_fast
     from medst_fast.losses import MedSTLoss
-    from medst_fast.train.loop import PretrainModule, freeze_unused
+    from medst_fast.train.step import PretrainModule, freeze_unused
 
     backend = "inductor" if CUDA else "eager"
     if not CUDA:

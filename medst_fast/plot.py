@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PLOT_FILE = "training_curves.png"
 _INSTALL = "pip install medst_fast[plot]"
@@ -63,17 +63,24 @@ def _panel(ax, cols, keys: Sequence[str], title: str, log_y: bool = False) -> No
     ax.grid(alpha=0.3)
 
 
-_VAL_STUDIES = re.compile(r"INFO validation at step \d+: .* over (\d+) studies")
+# The trainer's validation log line (train/loop.py with train/validate.describe): the one reader of it.
+_VALIDATION = re.compile(r"validation at step (\d+): loss \S+, image-to-report R@1 ([\d.]+) R@5 ([\d.]+) .* over "
+                         r"(\d+) studies")
+
+
+def validations(log_text: str) -> List[Tuple[int, float, float, int]]:
+    """[(step, R@1, R@5, studies)] of every validation line in a train.log (or the trainer's stderr)."""
+    return [(int(m[1]), float(m[2]), float(m[3]), int(m[4])) for m in _VALIDATION.finditer(log_text)]
 
 
 def validation_studies(run_dir: str) -> Optional[int]:
     """How many studies the run's last validation ranked (from train.log: metrics.csv has no such column), or None."""
     try:
         with open(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="replace") as f:
-            found = _VAL_STUDIES.findall(f.read())
+            found = validations(f.read())
     except OSError:
         return None
-    return int(found[-1]) if found and int(found[-1]) > 0 else None
+    return found[-1][3] if found and found[-1][3] > 0 else None
 
 
 def _chance_lines(ax, n: Optional[int]) -> None:

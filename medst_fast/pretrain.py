@@ -74,7 +74,7 @@ def _cli() -> int:
         check_extra("train", purpose="python -m medst_fast.pretrain")
         from .train.args import UsageError
         from .train.checkpoint import CheckpointError, RunFolderError
-        from .train.loop import OutOfMemory, TrainingDiverged
+        from .train.faults import OutOfMemory, TrainingDiverged
     except ImportError as e:
         return _fail(e)
     try:

@@ -422,7 +422,7 @@ class Pipeline:
     def run_trainer(self, argv: List[str]) -> None:
         from .pretrain import main as pretrain
         from .train.checkpoint import CheckpointError, RunFolderError
-        from .train.loop import TrainingDiverged
+        from .train.faults import TrainingDiverged
 
         try:
             res = pretrain(argv)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -25,17 +24,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from medst_fast.plot import validations  # noqa: E402
 from medst_fast.train.validate import above_chance_p  # noqa: E402
 
 FIELDS = ["name", "seed", "flags", "steps", "cpu_s", "checks", "r5_above", "final_r1", "final_r5", "studies",
           "chance_r1", "chance_r5", "p_r1", "p_r5", "commit"]
-_VAL = re.compile(r"validation at step (\d+): loss \S+, image-to-report R@1 ([\d.]+) R@5 ([\d.]+).* over (\d+) studies")
-
-
-def validations(log_text: str):
-    """[(step, r1, r5, studies)] from a train.log."""
-    return [(int(m[1]), float(m[2]), float(m[3]), int(m[4])) for m in _VAL.finditer(log_text)]
-
 
 def run_one(work: str, name: str, seed: int, flags, commit: str) -> dict:
     out = os.path.join(work, f"{name}-s{seed}")

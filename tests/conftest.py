@@ -165,10 +165,9 @@ def copy_run(tiny_run):
 
 
 # -- counting full trainer runs ---------------------------------------------------------------------------------
-# MEDST_COUNT_TRAINER_RUNS=1: count the in-process trainer runs (calls of medst_fast.train.loop.train, and of a
-# Trainer's run() made outside it), each credited to the test being set up or run (a module or session
-# fixture's runs go to the first test that needs it); the summary prints the total and the tests that make
-# them. Runs in a subprocess (the CLI, torchrun) are not seen here.
+# MEDST_COUNT_TRAINER_RUNS=1: count the in-process trainer runs (calls of medst_fast.train.loop.train), each
+# credited to the test being set up or run (a module or session fixture's runs go to the first test that needs
+# it); the summary prints the total and the tests that make them. Runs in a subprocess (the CLI, torchrun) are not seen here.
 _RUNS: dict = {}
 _CURRENT = {"test": "(outside a test)", "depth": 0}
 
@@ -205,9 +204,6 @@ def pytest_sessionstart(session):
     from medst_fast.train import loop
 
     loop.train = _counted(loop.train)
-    trainer = getattr(loop, "Trainer", None)
-    if trainer is not None and hasattr(trainer, "run"):
-        trainer.run = _counted(trainer.run)
 
 
 @pytest.hookimpl(tryfirst=True)

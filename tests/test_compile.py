@@ -35,7 +35,7 @@ STEP_ARGS = ("--model-override", "text.hidden_dropout=0", "--model-override", "t
 
 
 def _batches(trainer, n):
-    from medst_fast.train.loop import batch_to
+    from medst_fast.train.step import batch_to
 
     it = iter(trainer.loader)
     return [trainer.model.prepare_batch(batch_to(next(it), trainer.device)) for _ in range(n)]
@@ -72,7 +72,7 @@ def test_training_module_has_no_graph_break(packed_trainer):
 
 def _compile_wrong_here():
     from medst_fast.kernels._utils import torch_version_tuple
-    from medst_fast.train.loop import COMPILE_WRONG_ON
+    from medst_fast.train.build import COMPILE_WRONG_ON
 
     return torch_version_tuple(torch.__version__) in COMPILE_WRONG_ON
 
@@ -148,7 +148,7 @@ def test_varying_lateral_count_does_not_recompile_every_step(tmp_path, vocab_pat
 @pytest.mark.parametrize("version,refused", [("2.11.0+cu130", True), ("2.11.1", True), ("2.14.1", False),
                                              ("2.10.0", False)])
 def test_compile_refused_on_torch_with_wrong_gradients(version, refused):
-    from medst_fast.train.loop import check_compile_args
+    from medst_fast.train.build import check_compile_args
 
     check_compile_args(False, False, version)  # without --compile any torch is fine
     if not refused:
@@ -162,12 +162,12 @@ def test_compile_refused_on_torch_with_wrong_gradients(version, refused):
 
 def test_trainer_refuses_compile_before_building_anything(tmp_path, vocab_path, monkeypatch):
     from medst_fast.kernels._utils import torch_version_tuple
-    from medst_fast.train import loop
+    from medst_fast.train import build
     from medst_fast.train.args import parse_args
 
-    monkeypatch.setattr(loop, "COMPILE_WRONG_ON", (torch_version_tuple(torch.__version__),))
+    monkeypatch.setattr(build, "COMPILE_WRONG_ON", (torch_version_tuple(torch.__version__),))
     argv = ["--dataset-type", "random", "--vocab", vocab_path, "--out", str(tmp_path / "r"), "--workers", "0",
             "--device", "cpu", "--compile"]
     with pytest.raises(SystemExit, match="--compile is refused with torch"):
-        loop.Trainer(parse_args(argv)).setup()
+        build.build_run(parse_args(argv))
     assert not (tmp_path / "r").exists()

@@ -316,10 +316,10 @@ def test_faithful_refuses_the_switch(vocab_path, capsys):
 def test_flag_reaches_the_model_loss_config(vocab_path):
     from test_research_switches import _argv
 
-    from medst_fast.train import loop as loop_mod
+    from medst_fast.train import build as build_mod
     from medst_fast.train.args import parse_args
 
-    o = loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--lambda-cross-local", "0.5")))
+    o = build_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--lambda-cross-local", "0.5")))
     assert medst_fast.get_model_config("medst_tiny").replace(**o).loss.lambda_cross_local == 0.5
 
 

@@ -24,7 +24,7 @@ import medst_fast
 from medst_fast.losses import MedSTLoss
 from medst_fast.text.tokenizer import MedSTTokenizer
 from medst_fast.train.data import RandomSeriesDataset, collate_pretokenized
-from medst_fast.train.loop import PretrainModule, StepRunner, freeze_unused, wrap_module
+from medst_fast.train.step import PretrainModule, StepRunner, freeze_unused, wrap_module
 
 WORLD = 2
 IMG = 32  # small images: 4 patches per view, enough for every code path
@@ -72,9 +72,9 @@ def _worker(rank, vocab, init_file, out_dir):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         runner = StepRunner(mod, opt, torch.device("cpu"), "none", accum_steps=2)
         stats = runner.forward_backward(_sub_batches(tok, case)[rank])
-        dist.all_reduce(stats)
+        dist.all_reduce(stats.loss)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"loss": stats[2] / WORLD, "grads": grads}, os.path.join(out_dir, f"{mode}-{case}-{gather}-{rank}.pt"))
+        torch.save({"loss": stats.loss[0] / WORLD, "grads": grads}, os.path.join(out_dir, f"{mode}-{case}-{gather}-{rank}.pt"))
     mode, case, gather = COMPILED
     model = _model(tok.vocab_size)
     graphs = []
@@ -92,9 +92,9 @@ def _worker(rank, vocab, init_file, out_dir):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     runner = StepRunner(mod, opt, torch.device("cpu"), "none", accum_steps=2)
     stats = runner.forward_backward(_sub_batches(tok, case)[rank])
-    dist.all_reduce(stats)
+    dist.all_reduce(stats.loss)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": stats[2] / WORLD, "grads": grads, "graphs": graphs},
+    torch.save({"loss": stats.loss[0] / WORLD, "grads": grads, "graphs": graphs},
                os.path.join(out_dir, f"compiled-{rank}.pt"))
     dist.destroy_process_group()
 
@@ -177,12 +177,12 @@ def test_compiled_ddp_matches_single_process(ddp_results, vocab_path):
 def test_compile_with_gather_with_grad_is_refused(tmp_path, vocab_path):
     """The gather needs a host sync inside the compiled step: one clear line before anything is built."""
     from medst_fast.train.args import parse_args
-    from medst_fast.train.loop import Trainer
+    from medst_fast.train.build import build_run
 
     argv = ["--dataset-type", "random", "--vocab", vocab_path, "--out", str(tmp_path / "r"), "--workers", "0",
             "--device", "cpu", "--compile", "--gather-with-grad"]
     with pytest.raises(SystemExit, match="--compile cannot be combined with --gather-with-grad"):
-        Trainer(parse_args(argv)).setup()
+        build_run(parse_args(argv))
     assert not (tmp_path / "r").exists()
 
 

@@ -1,7 +1,7 @@
 """The fast path is the path the CLI takes: the trainer's own step under ``--amp bf16`` runs the fused MoVE FFN
 and the fused local alignment, forward and backward, with no host-syncing op, within the bf16 accuracy rule.
 
-The step is built exactly as ``python -m medst_fast.pretrain`` builds it (Trainer.setup from parsed CLI
+The step is built exactly as ``python -m medst_fast.pretrain`` builds it (build_run from parsed CLI
 arguments); ops are counted with a TorchDispatchMode. The Triton cases run in a child process under
 TRITON_INTERPRET=1 (Triton reads the variable only at its first import).
 """
@@ -49,15 +49,15 @@ class OpCounter(TorchDispatchMode):
 
 
 def build_trainer(out, vocab, *extra):
-    """The trainer the CLI builds (parse_args -> Trainer.setup), tiny shapes, one batch ready."""
+    """The trainer the CLI builds (parse_args -> build_run), tiny shapes, one batch ready."""
     from medst_fast.train.args import parse_args
-    from medst_fast.train.loop import Trainer, batch_to
+    from medst_fast.train.build import build_run
+    from medst_fast.train.step import batch_to
 
     argv = ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out),
             "--workers", "0", "--batch-series", "2", "--model-override", "vision.img_size=32",
             "--model-override", "text.max_length=32", "--device", "cpu", *extra]
-    t = Trainer(parse_args(argv))
-    t.setup()
+    t = build_run(parse_args(argv))
     batch = batch_to(next(iter(t.loader)), t.device)
     return t, batch
 
@@ -76,7 +76,7 @@ def step_grads(trainer, batch, counter=None):
     grads = {n: p.grad.detach().float().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     trainer.model.load_state_dict(state)
     runner.opt.zero_grad(set_to_none=True)
-    return float(stats[2]), grads
+    return float(stats.loss), grads
 
 
 def test_trainer_step_has_no_sync_ops(tmp_path, vocab_path):

@@ -2,7 +2,7 @@
 
 The gradient norm that clipping needs is computed on the device before the step's stats all-reduce and rides
 in it; the optimizer then clips with that device value. These tests drive the trainer's own step
-(Trainer._use_batches, as Trainer.run calls it) on the tiny model.
+(Training._use_batches, as the loop calls it) on the tiny model.
 """
 import copy
 import logging
@@ -17,11 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_fast_path import OpCounter, build_trainer  # noqa: E402
 
 
-def _ready(t):
-    """The per-run state Trainer.run sets before its first step."""
-    t._bad_run = 0
-    t._weights_bad = torch.zeros(1, device=t.device, dtype=torch.float64)
-    return t
+def _training(run):
+    """The loop's per-process context, as train() makes it before the first step."""
+    from medst_fast.train.loop import Training
+    from medst_fast.train.state import TrainState
+
+    return Training(run, TrainState())
 
 
 def _batches(t, n):
@@ -50,30 +51,31 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, vocab_path, caplog, clip):
     bitwise what they were; the step is counted and logged; the next step updates again."""
     extra = ("--clip-grad", clip) if clip else ()
     t, _ = build_trainer(tmp_path / "run", vocab_path, *extra)
+    tr = _training(t)
     try:
-        _ready(t)
         b1, b2, b3 = _batches(t, 3)
-        s = t._use_batches([b1], 1e-3)  # a good step first: AdamW has state to keep
-        assert s[0] == 0 and t.bad_total == 0
+        s = tr._use_batches([b1], 1e-3)  # a good step first: AdamW has state to keep
+        assert s.nonfinite == 0 and tr.account.bad_total == 0
         before = _state(t)
         p = next(p for p in t.model.parameters() if p.requires_grad)
         h = p.register_hook(lambda g: torch.full_like(g, float("nan")))
         try:
             with caplog.at_level(logging.WARNING, logger="medst_fast"):
-                s = t._use_batches([b2], 1e-3)
+                s = tr._use_batches([b2], 1e-3)
         finally:
             h.remove()
-        assert s[0] == 0 and s[2] == s[2], "the loss itself was finite"
+        assert s.nonfinite == 0 and s.loss == s.loss, "the loss itself was finite"
         _assert_same(_state(t), before)
         assert all(q.grad is None for q in t.model.parameters())
-        assert t.bad_total == 1 and t._bad_run == 1
+        assert tr.account.bad_total == 1 and tr.account.bad_run == 1
         assert any("non-finite gradient" in r.getMessage() and "update skipped" in r.getMessage()
                    for r in caplog.records), [r.getMessage() for r in caplog.records]
-        t._use_batches([b3], 1e-3)
-        assert t._bad_run == 0
+        tr._use_batches([b3], 1e-3)
+        assert tr.account.bad_run == 0
         after = t.model.state_dict()
         assert any(not torch.equal(after[k], before[0][k]) for k in after)  # updated again
     finally:
+        tr.close()
         t.close()
 
 

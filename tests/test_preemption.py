@@ -1,6 +1,5 @@
 """Preemption: SIGTERM to the trainer's whole process group (SLURM's time limit, scancel, timeout), as a cluster
 sends it, with the default loader worker processes; a second SIGTERM and one before the first step exit at once."""
-import argparse
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from medst_fast.train import checkpoint as ck
-from medst_fast.train import loop as loop_mod
+from medst_fast.train import stop as stop_mod
 from medst_fast.train.data import synthetic_root
 
 BOUND_S = 60  # from SIGTERM to exit: one step, one checkpoint and the workers' shutdown, on a loaded CI machine
@@ -105,36 +104,34 @@ def test_a_preempted_torchrun_run_exits_143(tmp_path, vocab_path):
 
 # -- the signal handler's decisions (no process needed) ------------------------------------------------------------
 def _trainer(steps_run, resumed_from=None):
-    t = loop_mod.Trainer(argparse.Namespace())
-    t._steps_run, t.resumed_from, t.last_ckpt = steps_run, resumed_from, resumed_from
-    return t
+    return stop_mod.StopRequest(lambda: (steps_run, resumed_from, resumed_from))
 
 
 def test_sigterm_before_the_first_step_exits_at_once(caplog):
     t = _trainer(0)
     with pytest.raises(SystemExit) as e:
-        t._on_signal(signal.SIGTERM, None)
-    assert e.value.code == 143 and t._stop_signal is None
+        t.on_signal(signal.SIGTERM, None)
+    assert e.value.code == 143 and t.signal is None
     assert "before the first step of this process finished" in caplog.text and "no checkpoint" in caplog.text
     t = _trainer(0, resumed_from="/r/checkpoints/ckpt-00000004.pt")
     with pytest.raises(SystemExit):
-        t._on_signal(signal.SIGTERM, None)
+        t.on_signal(signal.SIGTERM, None)
     assert "the checkpoint /r/checkpoints/ckpt-00000004.pt it resumed from" in caplog.text
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C keeps Python's own way out
-        _trainer(0)._on_signal(signal.SIGINT, None)
+        _trainer(0).on_signal(signal.SIGINT, None)
 
 
 def test_a_second_sigterm_exits_at_once_a_duplicate_does_not(monkeypatch, caplog):
     clock = [100.0]
-    monkeypatch.setattr(loop_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stop_mod.time, "monotonic", lambda: clock[0])
     t = _trainer(3, resumed_from="/r/checkpoints/ckpt-00000002.pt")
-    t._on_signal(signal.SIGTERM, None)  # the first: finish the step, checkpoint, exit
-    assert t._stop_signal == signal.SIGTERM
-    clock[0] += loop_mod.SAME_SIGNAL_S / 2
-    t._on_signal(signal.SIGTERM, None)  # the same preemption delivered twice (torchrun forwards it): no change
-    clock[0] += loop_mod.SAME_SIGNAL_S
+    t.on_signal(signal.SIGTERM, None)  # the first: finish the step, checkpoint, exit
+    assert t.signal == signal.SIGTERM
+    clock[0] += stop_mod.SAME_SIGNAL_S / 2
+    t.on_signal(signal.SIGTERM, None)  # the same preemption delivered twice (torchrun forwards it): no change
+    clock[0] += stop_mod.SAME_SIGNAL_S
     with pytest.raises(SystemExit) as e:
-        t._on_signal(signal.SIGTERM, None)
+        t.on_signal(signal.SIGTERM, None)
     assert e.value.code == 143
     assert "received SIGTERM again while stopping: exiting now" in caplog.text
     assert "ckpt-00000002.pt" in caplog.text  # names the last complete checkpoint

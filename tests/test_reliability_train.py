@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -18,10 +19,13 @@ import torch
 import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
-from medst_fast.train import loop as loop_mod
+from medst_fast.train import build as build_mod
+from medst_fast.train import faults as faults_mod
+from medst_fast.train import step as step_mod
 from medst_fast.train.args import parse_args
 from medst_fast.train.data import BAD_BATCH, RandomSeriesDataset
-from medst_fast.train.loop import TrainingDiverged, batch_to
+from medst_fast.train.faults import TrainingDiverged
+from medst_fast.train.step import batch_to
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
 
@@ -56,7 +60,7 @@ def test_batch_to_keeps_a_host_copy_of_has_lateral():
 # -- item 2: a skipped step leaves no trace; a non-finite model is never written --------------------------------
 def _poison_frontal(monkeypatch, bad_calls):
     """Forward number n in bad_calls sees NaN images: the BatchNorm statistics it computes are NaN."""
-    orig = loop_mod.PretrainModule.forward
+    orig = step_mod.PretrainModule.forward
     count = {"n": 0}
 
     def fwd(self, batch):
@@ -65,7 +69,7 @@ def _poison_frontal(monkeypatch, bad_calls):
             batch = dict(batch, frontal=torch.full_like(batch["frontal"], float("nan")))
         return orig(self, batch)
 
-    monkeypatch.setattr(loop_mod.PretrainModule, "forward", fwd)
+    monkeypatch.setattr(step_mod.PretrainModule, "forward", fwd)
 
 
 def test_skipped_step_restores_batchnorm_statistics(tmp_path, vocab_path, monkeypatch):
@@ -92,8 +96,8 @@ def test_skip_step_puts_every_buffer_back(vocab_path):
     from medst_fast.losses import MedSTLoss
     from medst_fast.train.data import collate_pretokenized
 
-    runner = loop_mod.StepRunner(loop_mod.PretrainModule(model, MedSTLoss(model.cfg.loss, False)),
-                                 loop_mod.build_optimizer(list(model.parameters()), args, torch.device("cpu")),
+    runner = step_mod.StepRunner(step_mod.PretrainModule(model, MedSTLoss(model.cfg.loss, False)),
+                                 build_mod.build_optimizer(list(model.parameters()), args, torch.device("cpu")),
                                  torch.device("cpu"), "none")
     ds = RandomSeriesDataset(4, tok, 32, seed=1)
     batch = collate_pretokenized([ds[0], ds[1]])
@@ -102,7 +106,7 @@ def test_skip_step_puts_every_buffer_back(vocab_path):
     before = {k: v.clone() for k, v in model.named_buffers()}
     bad = dict(batch, frontal=torch.full_like(batch["frontal"], float("nan")))
     stats = runner.forward_backward([bad])
-    assert stats[0] == 1
+    assert stats.nonfinite.item() == 1
     assert any(not torch.equal(before[k], v) for k, v in model.named_buffers())  # the forward did write them
     runner.skip_step()
     for k, v in model.named_buffers():
@@ -114,15 +118,15 @@ _POISON_GRAD = """
 import sys
 import torch
 from medst_fast.pretrain import _cli
-from medst_fast.train import loop
+from medst_fast.train import step as step_mod
 
-orig = loop.StepRunner.optimizer_step
+orig = step_mod.StepRunner.optimizer_step
 
 def step(self, lr):  # the loss was finite; a NaN gradient (e.g. from a sqrt at 0) reaches the update
     self.params[0].grad.view(-1)[0] = float("nan")
     return orig(self, lr)
 
-loop.StepRunner.optimizer_step = step
+step_mod.StepRunner.optimizer_step = step
 sys.exit(_cli())
 """
 
@@ -142,9 +146,9 @@ def test_update_that_makes_weights_nonfinite_stops_and_writes_nothing(tmp_path, 
 
 def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkeypatch):
     """Even when the in-loop flag is bypassed, save() itself refuses non-finite tensors."""
-    monkeypatch.setattr(loop_mod.StepRunner, "nonfinite_weights",
+    monkeypatch.setattr(step_mod.StepRunner, "nonfinite_weights",
                         lambda self: torch.zeros(1, dtype=torch.float64))
-    orig = loop_mod.StepRunner.optimizer_step
+    orig = step_mod.StepRunner.optimizer_step
 
     def poisoning_step(self, lr):
         out = orig(self, lr)
@@ -152,7 +156,7 @@ def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkey
             self.params[0].fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(loop_mod.StepRunner, "optimizer_step", poisoning_step)
+    monkeypatch.setattr(step_mod.StepRunner, "optimizer_step", poisoning_step)
     with pytest.raises(TrainingDiverged, match="refusing to write a checkpoint"):
         main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--save-every", "2"))
     assert ck.list_checkpoints(str(tmp_path / "r")) == [] and not (tmp_path / "r" / "final").exists()
@@ -204,28 +208,6 @@ def test_unsafe_pickle_and_truncation_have_their_own_messages(tmp_path):
 
 
 # -- item 5: resume and run folders ---------------------------------------------------------------------------
-def test_second_trainer_on_a_run_folder_is_refused(tmp_path, vocab_path):
-    out = tmp_path / "r"
-    os.makedirs(out)
-    code = ("import sys, time; from medst_fast.train.checkpoint import RunLock; RunLock(sys.argv[1]); "
-            "print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ck.RunFolderError, match=f"in use by another trainer \\(pid {holder.pid}\\)"):
-            _small_run(out, vocab_path)
-    finally:
-        holder.kill()
-        holder.wait()
-    lock = ck.RunLock(str(out))  # in this process too
-    try:
-        with pytest.raises(ck.RunFolderError, match="in use by another trainer in this process"):
-            _small_run(out, vocab_path)
-    finally:
-        lock.release()
-    assert _small_run(out, vocab_path).step == 4  # free again once the holder is gone
-
-
 def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path, vocab_path, monkeypatch):
     out = tmp_path / "r"
 
@@ -393,7 +375,7 @@ def test_bad_batch_stand_in_is_what_the_collate_returns():
 
     out = SkipBadBatches(SeriesCollate())([[], []])
     assert out[BAD_BATCH].startswith("collate_series: every series in the batch is empty") and out["n_series"] == 2
-    assert loop_mod.batch_problem(out) == out[BAD_BATCH]
+    assert step_mod.batch_problem(out) == out[BAD_BATCH]
     with pytest.raises(KeyError):  # only the data's own "nothing usable" error becomes a stand-in
         SkipBadBatches(lambda items: {}["x"])([[1]])
 
@@ -414,13 +396,13 @@ def test_model_override_and_flags_never_drop_each_other(vocab_path):
     """--model-override faithful=true used to be discarded by the --faithful default; clashes are errors."""
     args = parse_args(_argv("unused", vocab_path, "--model-override", "faithful=true",
                             "--model-override", 'text={"layers": 1}'))
-    o = loop_mod.model_overrides(args)
+    o = build_mod.model_overrides(args)
     assert o["faithful"] is True and o["text"] == {"layers": 1} and o["loss"]["lambda_ita"] == 1.0
     cfg = medst_fast.get_model_config("medst_tiny").replace(**o)
     assert cfg.faithful and cfg.text.layers == 1
     for extra in (["--faithful", "--model-override", "faithful=false"], ["--model-override", "loss.lambda_ita=2"]):
         with pytest.raises(SystemExit, match="have their own flags"):
-            loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, *extra)))
+            build_mod.model_overrides(parse_args(_argv("unused", vocab_path, *extra)))
 
 
 def test_save_pretrained_removes_its_own_stale_temps_only(tmp_path):
@@ -481,23 +463,27 @@ def test_nonfinite_validation_is_reported_as_such(caplog):
     assert none == "no study could be validated (0 batch(es), 2 unreadable batch(es) skipped): no numbers"
 
 
-def test_nonfinite_validation_is_not_a_best_model_and_training_goes_on(tmp_path):
+def test_nonfinite_validation_is_not_a_best_model_and_training_goes_on(tmp_path, monkeypatch):
     """The trainer's decision on a NaN validation: no best/ export, best_val kept, the step goes on (no raise)."""
+    from medst_fast.train import loop as loop_mod
+    from medst_fast.train.state import TrainState
+
     nan = _nan_validation()
-    t = loop_mod.Trainer.__new__(loop_mod.Trainer)
-    t.validator = type("V", (), {"run": lambda self, *a: dict(nan)})()
-    t.step, t.total_steps, t.eval_every, t.best_val = 4, 10, 2, 3.5
-    t.args = argparse.Namespace(no_export=False)
-    t.model, t.val_loss_fn, t.device, t.run_dir = None, None, torch.device("cpu"), str(tmp_path)
-    t.runner = type("R", (), {"dtype": torch.float16})()
+    t = loop_mod.Training.__new__(loop_mod.Training)
+    t.run = types.SimpleNamespace(
+        validator=type("V", (), {"run": lambda self, *a: dict(nan)})(), total_steps=10, eval_every=2,
+        args=argparse.Namespace(no_export=False), model=None, val_loss_fn=None, device=torch.device("cpu"),
+        run_dir=str(tmp_path), runner=types.SimpleNamespace(dtype=torch.float16))
+    t.state, t.last_ckpt = TrainState(step=4, best_val=3.5), None
+    t.window, t.result = loop_mod.Window(), loop_mod.TrainResult(str(tmp_path), 4, 0)
     exported = []
-    t._export_best = lambda v: exported.append(v)
-    v = loop_mod.Trainer._validate_if_due(t)
+    monkeypatch.setattr(loop_mod, "export_best", lambda *a: exported.append(a))
+    v = t.validate_if_due()
     assert v is not None and math.isnan(v["val_loss"])
-    assert t.best_val == 3.5 and exported == []
-    t.best_val = None  # nor is it the first best model
-    loop_mod.Trainer._validate_if_due(t)
-    assert t.best_val is None and exported == []
+    assert t.state.best_val == 3.5 and exported == []
+    t.state.best_val = None  # nor is it the first best model
+    t.validate_if_due()
+    assert t.state.best_val is None and exported == []
 
 
 # -- one line, exit 2, nothing written, for an input the run cannot use ---------------------------------------------
@@ -549,7 +535,7 @@ def test_out_of_memory_is_one_line_naming_the_flags_that_lower_memory(tmp_path, 
     def oom(self, batches):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")
 
-    monkeypatch.setattr(loop_mod.StepRunner, "forward_backward", oom)
+    monkeypatch.setattr(step_mod.StepRunner, "forward_backward", oom)
     rc, err = _cli_run(monkeypatch, capsys, _argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--no-export"))
     assert rc == 1 and "Traceback" not in err, err
     err = err.strip().splitlines()[-1]  # the log lines of the run's start come before it
@@ -583,7 +569,7 @@ def _index_argv(out, data, vocab, *extra):
 
 def test_steps_in_a_row_without_an_update_stop_naming_the_cause(tmp_path, vocab_path, imageless_index):
     out = tmp_path / "r"
-    with pytest.raises(loop_mod.NoUpdates, match=r"3 steps in a row made no update .*--max-bad-steps 3.*missing_image "
+    with pytest.raises(faults_mod.NoUpdates, match=r"3 steps in a row made no update .*--max-bad-steps 3.*missing_image "
                                                   r"\d+.*meta.json field 'image_root'"):
         main(_index_argv(out, imageless_index, vocab_path, "--max-steps", "10", "--max-bad-steps", "3"))
     assert not (out / "final").exists() and not (out / "best").exists()
@@ -591,7 +577,7 @@ def test_steps_in_a_row_without_an_update_stop_naming_the_cause(tmp_path, vocab_
 
 def test_a_run_that_made_no_update_exports_nothing(tmp_path, vocab_path, imageless_index):
     out = tmp_path / "r"  # fewer steps than --max-bad-steps: the end of the run catches it
-    with pytest.raises(loop_mod.NoUpdates, match=r"none of the run's 2 steps made an update.*2 unusable batch"):
+    with pytest.raises(faults_mod.NoUpdates, match=r"none of the run's 2 steps made an update.*2 unusable batch"):
         main(_index_argv(out, imageless_index, vocab_path, "--max-steps", "2"))
     assert not (out / "final").exists() and not (out / "final_encoder").exists()
 

@@ -369,7 +369,9 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from medst_fast.train import checkpoint as ck  # noqa: E402
-from medst_fast.train import loop as loop_mod  # noqa: E402
+from medst_fast.train import build as build_mod # noqa: E402
+from medst_fast.train import state as state_mod
+from medst_fast.train import step as step_mod
 from medst_fast.train.args import parse_args  # noqa: E402
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
@@ -384,13 +386,13 @@ def _argv(out, vocab, *extra):
 def test_switch_flags_default_to_the_paper_loss(vocab_path):
     a = parse_args(_argv("unused", vocab_path))
     assert (a.temporal_shuffle, a.local_weighting, a.local_scope, a.series_len) == (False, "learned", "sample", 4)
-    loss = loop_mod.model_overrides(a)["loss"]
+    loss = build_mod.model_overrides(a)["loss"]
     assert {k: loss[k] for k in ("temporal_shuffle", "local_weighting", "local_scope", "series_len")} == {
         k: getattr(LossCfg(), k) for k in ("temporal_shuffle", "local_weighting", "local_scope", "series_len")}
 
 
 def test_switch_flags_set_the_loss_config(vocab_path):
-    o = loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, *SWITCH_FLAGS, "--series-len", "6",
+    o = build_mod.model_overrides(parse_args(_argv("unused", vocab_path, *SWITCH_FLAGS, "--series-len", "6",
                                                   "--model-override", "loss.tau_local=0.2")))
     cfg = medst_fast.get_model_config("medst_tiny").replace(**o).loss
     assert (cfg.temporal_shuffle, cfg.local_weighting, cfg.local_scope, cfg.series_len) == (True, "uniform", "batch", 6)
@@ -402,7 +404,7 @@ def test_switch_flags_set_the_loss_config(vocab_path):
                                       'loss={"local_scope": "sample"}'])
 def test_switch_set_by_flag_and_model_override_is_an_error(vocab_path, override):
     with pytest.raises(SystemExit, match="have their own flags"):
-        loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--model-override", override)))
+        build_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--model-override", override)))
 
 
 @pytest.mark.parametrize("extra,flag", [(["--series-len", "3"], "--series-len"), (["--temporal-shuffle"], "--temporal-shuffle"),
@@ -415,8 +417,8 @@ def test_faithful_refuses_every_switch(vocab_path, capsys, extra, flag):
     assert f"--faithful cannot be combined with {flag}" in err and "faithful mode keeps the paper's" in err
     # the same through the config route: --model-override faithful=true
     with pytest.raises(SystemExit, match=f"faithful=true cannot be combined with {flag}: faithful mode keeps"):
-        loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--model-override", "faithful=true", *extra)))
-    assert loop_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--faithful")))["faithful"] is True
+        build_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--model-override", "faithful=true", *extra)))
+    assert build_mod.model_overrides(parse_args(_argv("unused", vocab_path, "--faithful")))["faithful"] is True
 
 
 @pytest.mark.parametrize("n", ["1", "9", "0"])
@@ -438,10 +440,10 @@ def test_switch_values_from_a_config_file_are_checked(tmp_path, vocab_path):
 
 def test_uniform_weighting_freezes_the_weighting_attentions():
     learned = medst_fast.create_model("medst_tiny")
-    assert all(n.startswith(loop_mod.UNUSED_PARAMS) for n in loop_mod.freeze_unused(learned))
+    assert all(n.startswith(step_mod.UNUSED_PARAMS) for n in step_mod.freeze_unused(learned))
     assert learned.word_weighting.in_proj_weight.requires_grad and learned.patch_weighting.in_proj_bias.requires_grad
     uni = medst_fast.create_model("medst_tiny", loss={"local_weighting": "uniform"})
-    frozen = loop_mod.freeze_unused(uni)
+    frozen = step_mod.freeze_unused(uni)
     weighting = [n for n, _ in uni.named_parameters() if n.startswith(("word_weighting.", "patch_weighting."))]
     assert sorted(frozen) == sorted(weighting) and len(weighting) == 8
     assert not any(p.requires_grad for m in (uni.word_weighting, uni.patch_weighting) for p in m.parameters())
@@ -479,15 +481,15 @@ def test_resume_config_comparison_fills_fields_added_later():
     for k in ("local_scope", "local_weighting", "temporal_shuffle", "lambda_fmc"):
         del old["loss"][k]
     del old["vision"]["lateral_expert"]
-    assert loop_mod._architecture(old) == loop_mod._architecture(now)
+    assert state_mod.architecture(old) == state_mod.architecture(now)
     other = json.loads(json.dumps(now))
     other["vision"]["depth"] = 3
-    assert loop_mod._architecture(other) != loop_mod._architecture(now)
+    assert state_mod.architecture(other) != state_mod.architecture(now)
     # loss fields that are flags are compared as arguments, not as the model
     flagged = MedSTConfig().replace(**{"loss.local_scope": "batch", "loss.series_len": 6}).to_dict()
-    assert loop_mod._architecture(flagged) == loop_mod._architecture(now)
+    assert state_mod.architecture(flagged) == state_mod.architecture(now)
     with pytest.raises(ck.CheckpointError, match="cannot be read by this version"):
-        loop_mod._architecture({**now, "vision": {**now["vision"], "bogus": 1}})
+        state_mod.architecture({**now, "vision": {**now["vision"], "bogus": 1}})
 
 
 def test_uniform_weighting_under_ddp_two_ranks(tmp_path, vocab_path):

@@ -88,7 +88,7 @@ def test_config_file_sets_defaults(tmp_path):
 
 def test_adamw_weight_decay_on_all_params():
     """The trainer's optimizer: AdamW, one group, wd on every trainable parameter (official)."""
-    from medst_fast.train.loop import build_optimizer
+    from medst_fast.train.build import build_optimizer
 
     a = parse_args([])
     ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]

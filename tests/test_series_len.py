@@ -13,12 +13,12 @@ from medst_fast.data.dataset import SeriesCollate, SeriesDataset, collate_series
 from medst_fast.data.index import SPLITS, SeriesIndex, Study, cut_series, patient_runs
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
-from medst_fast.train import loop as loop_mod
+from medst_fast.train import step as step_mod
 from medst_fast.train.args import parse_args
 from medst_fast.train.data import RandomSeriesDataset, collate_pretokenized
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
-_FORWARD = loop_mod.PretrainModule.forward
+_FORWARD = step_mod.PretrainModule.forward
 
 
 # ------------------------------------------------------------------------------------------ cutting semantics
@@ -210,7 +210,7 @@ def _record_temporal(monkeypatch):
         return _FORWARD(self, batch)
 
     monkeypatch.setattr(losses, "temporal_loss", temporal)
-    monkeypatch.setattr(loop_mod.PretrainModule, "forward", fwd)
+    monkeypatch.setattr(step_mod.PretrainModule, "forward", fwd)
     return calls, batches
 
 

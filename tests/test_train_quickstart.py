@@ -3,7 +3,6 @@ medst_tiny) runs the whole pipeline and visibly learns (its final validation bea
 apply only where they should, and a core install (no [train] extra) gets one line naming the extra."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import medst_fast
+from medst_fast.plot import validations
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import quickstart as qs
 from medst_fast.train.data import SYNTHETIC_VERSION
@@ -154,14 +154,11 @@ def readme_run(tmp_path_factory):
     return tmp_path, run, r.stderr
 
 
-_VAL = re.compile(r"validation at step (\d+): loss \S+, image-to-report R@1 ([\d.]+) R@5 ([\d.]+) .* over (\d+) studies")
-
-
 def test_the_quick_start_beats_chance(readme_run):
     """Seeded: the default run's final validation R@5 is above chance at p < 0.05 (the trainer's one-sided
     binomial test), recomputed here from the logged numbers as well as read from the trainer's verdict."""
     _, run, err = readme_run
-    vals = [(int(m[1]), float(m[2]), float(m[3]), int(m[4])) for m in _VAL.finditer(err)]
+    vals = validations(err)
     args = json.loads((run / "args.json").read_text())
     step, r1, r5, n = vals[-1]
     assert step == max(v[0] for v in vals) and n >= 20, vals  # the end-of-run check, enough studies to test

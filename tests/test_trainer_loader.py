@@ -9,11 +9,12 @@ import torch
 
 from medst_fast.data import loaders as L
 from medst_fast.pretrain import main
-from medst_fast.train import loop as loop_mod
+from medst_fast.train import checkpoint as ck
+from medst_fast.train import step as step_mod
 
 GREY = 2.0 / 255.0 + 1e-5  # one grey level after (x/255 - 0.5)/0.5
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
-_FORWARD = loop_mod.PretrainModule.forward  # the real one: each _recording wraps it, never a previous wrapper
+_FORWARD = step_mod.PretrainModule.forward  # the real one: each _recording wraps it, never a previous wrapper
 BATCHED = ["nvjpeg"] + (["dali"] if L.dali_missing() is None else [])
 
 
@@ -48,7 +49,7 @@ def _recording(monkeypatch, stop_at=None):
             os.kill(os.getpid(), 15)
         return _FORWARD(self, batch)
 
-    monkeypatch.setattr(loop_mod.PretrainModule, "forward", fwd)
+    monkeypatch.setattr(step_mod.PretrainModule, "forward", fwd)
     return seen
 
 

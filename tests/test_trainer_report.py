@@ -16,12 +16,12 @@ import torch
 import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
-from medst_fast.train import loop as loop_mod
+from medst_fast.train import step as step_mod
 from medst_fast.train.args import parse_args
 from medst_fast.train.validate import above_chance_p, describe, recall_at_k
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
-_FORWARD = loop_mod.PretrainModule.forward
+_FORWARD = step_mod.PretrainModule.forward
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +340,15 @@ def test_the_collapse_warning_is_said_once_a_run(caplog):
     msgs = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [lv for lv, _ in msgs] == ["WARNING", "INFO", "INFO"]
     assert "long text" in msgs[0][1] and "still nearly identical" in msgs[1][1] and "0.990" in msgs[1][1]
+
+
+def test_the_validation_line_reader_reads_what_the_trainer_writes():
+    """plot.validations (used by the curves and scripts/quickstart_defaults.py) parses describe()'s line."""
+    from medst_fast import plot
+
+    v = {"val_loss": 2.5, "val_r1": 0.125, "val_r5": 0.375, "studies": 24, "batches": 3, "skipped": 1}
+    line = f"2026-01-01 00:00:00 INFO validation at step 40: {describe(v)} (1.2 s); best so far"
+    assert plot.validations(line + "\n" + line.replace("step 40", "step 80")) == [(40, 0.125, 0.375, 24),
+                                                                                  (80, 0.125, 0.375, 24)]
+    nan = dict(v, val_loss=float("nan"))  # a NOT FINITE line has no numbers to plot
+    assert plot.validations(f"INFO validation at step 9: {describe(nan)}") == []

@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "generated into --cache-dir. Multi-GPU: torchrun --nproc_per_node=N -m medst_fast.pretrain ...",
         epilog=quickstart.HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file whose keys (flag names, '-' or '_') become the defaults")
+    for add in (_model_flags, _data_flags, _optimisation_flags, _device_flags, _run_flags):
+        add(p)
+    return p
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="model config name (default: medst_tiny on CPU, medst_vit_b16 on GPU)")
     g.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", default=None, choices=["triton", "torch"],
                    help="fused-op backend (default: $MEDST_FAST_KERNELS or triton where available)")
 
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="prepared index folder or generic manifest CSV (default: built-in synthetic set)")
     g.add_argument("--dataset-type", default="auto", choices=["auto", "index", "manifest", "synthetic", "random"],
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replicate-collate-bug", action="store_true",
                    help="reproduce the official lateral misalignment in collation (docs/method.md §6.2.1)")
 
+
+def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=8, help="passes over the training series (the paper: 8)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (the schedule spans them)")
@@ -120,12 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global contrastive loss over all ranks' batches (the official contrasts within a GPU)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
 
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision and device")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast dtype (default: bf16 on CUDA, none on CPU); GradScaler only for fp16")
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--seed", type=int, default=42, help="seed of weights, data order and augmentation")
 
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     g.add_argument("--resume", default=None,
@@ -153,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress-interval", type=float, default=30.0,
                    help="seconds between progress updates when stderr is not a terminal")
     g.add_argument("--no-export", action="store_true", help="skip the save_pretrained exports (final/ and final_encoder/ at the end, best/ after validations)")
-    return p
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
