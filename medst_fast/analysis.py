@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_writer
+
 log = logging.getLogger("medst_fast")
 
 POINTS = ("before", "after")  # the residual stream before / after the view experts of a block
@@ -185,9 +187,8 @@ def plot(rows: List[dict], path: str, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, path)  # a reader never sees a half-written picture
+    with atomic_writer(path, "wb") as f:  # a reader never sees a half-written picture
+        fig.savefig(f, format="png", dpi=90)
 
 
 def _select(index_dir: str, split: str, max_studies: Optional[int]):

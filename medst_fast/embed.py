@@ -25,6 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .files import held_temp_file, lock_fd, move_into_place, remove_stale_temps
+
 log = logging.getLogger("medst_fast")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
@@ -187,8 +189,6 @@ def lock_path(out: str) -> str:
 @contextlib.contextmanager
 def _output_lock(out: str):
     """flock on ``OUT.lock`` while a result set is put in place; a second run waits for the first."""
-    from .hub import lock_fd
-
     fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if not lock_fd(fd, block=False):
@@ -199,43 +199,29 @@ def _output_lock(out: str):
         os.close(fd)  # releases the lock
 
 
-def _temp_beside(path: str, write) -> str:
-    """``write(tmp)`` into a fresh temp file in ``path``'s folder; returns the temp's name."""
-    import uuid
-
-    # unique per call (two runs, or two threads of one process), created by ``write`` with the usual umask
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    try:
-        write(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
 def put_in_place(files) -> None:
     """Move a set of outputs in as one result: ``files`` is [(final path, write(tmp))], the main output LAST.
 
-    Every file is written to a temp first (a failure leaves the old result untouched). Then, under the
+    Every file is written to a held temp first (a failure leaves the old result untouched). Then, under the
     output's lock: the old main output is removed, the others are renamed in, and the main output comes last,
     so two runs never leave one's array beside the other's ids, and a main output that exists always has
     its side files from the same run (a run killed in between leaves no main output, not a mixed set).
+    Temps a killed run left beside these outputs are removed first.
     """
     main = files[-1][0]
-    temps = []
-    try:
+    folder = os.path.dirname(os.path.abspath(main))
+    remove_stale_temps(folder, targets=[os.path.basename(p) for p, _ in files])
+    with contextlib.ExitStack() as held:
+        temps = []
         for path, write in files:
-            temps.append((_temp_beside(path, write), path))
+            tmp = held.enter_context(held_temp_file(path))  # removed at the end unless moved in
+            write(tmp)
+            temps.append((tmp, path))
         with _output_lock(main):
             if os.path.exists(main):
                 os.unlink(main)
             for tmp, path in temps:
-                os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                move_into_place(tmp, path)
 
 
 def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Sequence[Tuple[str, str]]) -> None:

@@ -206,9 +206,9 @@ class Summary:
 
 
 def _atomic_json(path: str, obj) -> None:
-    from .data.index import atomic_write_text
+    from .files import atomic_write
 
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def _cmd(module: str, argv: List[str]) -> List[str]:
@@ -525,9 +525,9 @@ class Pipeline:
                "written": datetime.datetime.now().isoformat(timespec="seconds"),
                "gap": "ours - paper, in the value's unit (fractions)"}
         _atomic_json(os.path.join(self.run_dir, "results.json"), doc)
-        from .data.index import atomic_write_text
+        from .files import atomic_write
 
-        atomic_write_text(os.path.join(self.run_dir, "results.md"), results_markdown(doc))
+        atomic_write(os.path.join(self.run_dir, "results.md"), results_markdown(doc))
 
     # -- all -------------------------------------------------------------------------------------------
     def run(self) -> Summary:

@@ -9,7 +9,7 @@ import torch
 
 import medst_fast
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import loop as loop_mod
 from medst_fast.train.loop import TrainingDiverged
 
@@ -85,7 +85,7 @@ def test_nan_step_is_skipped(tmp_path, vocab_path, monkeypatch):
     _inject(monkeypatch, lambda n: float("nan") if n == 2 else None)
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "4", "--no-export"))
     assert res.step == 4 and res.bad_steps == 1
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     steps = {float(s["step"]) for s in st["optimizer"]["state"].values()}
     assert steps == {3.0}  # 4 steps, one update skipped
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
@@ -95,7 +95,7 @@ def test_consecutive_nans_stop_with_clear_message(tmp_path, vocab_path, monkeypa
     _inject(monkeypatch, lambda n: float("inf") if n >= 3 else None)
     with pytest.raises(TrainingDiverged, match=r"NaN/inf in 3 consecutive steps .*--max-bad-steps 3"):
         main(_argv(tmp_path / "r", vocab_path, "--max-steps", "10", "--max-bad-steps", "3", "--save-every", "2"))
-    st = ck.load_checkpoint(ck.list_checkpoints(str(tmp_path / "r"))[-1])
+    st = W.load_checkpoint(W.list_checkpoints(str(tmp_path / "r"))[-1])
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
 
 
@@ -105,7 +105,7 @@ def test_signal_saves_checkpoint_and_exits(tmp_path, vocab_path, monkeypatch, si
     _inject(monkeypatch, lambda n: os.kill(os.getpid(), sig) if n == 2 else None)
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "6", "--save-every", "100"))
     assert res.interrupted == int(sig) and res.step == 2 and res.export_dir is None
-    assert res.last_checkpoint == ck.ckpt_path(str(tmp_path / "r"), 2) and os.path.isfile(res.last_checkpoint)
+    assert res.last_checkpoint == W.ckpt_path(str(tmp_path / "r"), 2) and os.path.isfile(res.last_checkpoint)
     assert signal.getsignal(sig) == before  # handlers restored
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "6", "--resume", "auto", "--no-export"))
     assert res.step == 6 and res.interrupted is None
@@ -116,7 +116,7 @@ def test_amp_on_cpu(tmp_path, vocab_path, amp):
     # fp16: GradScaler starts at 2**16 and halves its scale on each overflow; here the first 9 steps overflow
     steps = "12" if amp == "fp16" else "2"
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", steps, "--amp", amp, "--no-export"))
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     assert res.bad_steps == 0 and res.last_loss == res.last_loss
     assert bool(st["scaler"]) == (amp == "fp16")  # GradScaler only for fp16
     assert all(v.dtype != torch.bfloat16 for v in st["model"].values())  # master weights stay fp32
@@ -133,7 +133,7 @@ def test_fp16_run_that_never_got_past_the_loss_scale_names_it(tmp_path, vocab_pa
 def test_grad_checkpointing_same_result(tmp_path, vocab_path):
     a = main(_argv(tmp_path / "a", vocab_path, "--max-steps", "2", "--no-export"))
     b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "2", "--no-export", "--grad-checkpointing"))
-    wa, wb = ck.load_checkpoint(a.last_checkpoint)["model"], ck.load_checkpoint(b.last_checkpoint)["model"]
+    wa, wb = W.load_checkpoint(a.last_checkpoint)["model"], W.load_checkpoint(b.last_checkpoint)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -144,7 +144,7 @@ def test_init_from_export_and_lr_zero_keeps_weights(tmp_path, vocab_path):
     b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "1", "--init", init, "--lr", "0", "--min-lr", "0",
                    "--seed", "7", "--no-export"))
     wa = medst_fast.from_pretrained(a.export_dir).state_dict()
-    wb = ck.load_checkpoint(b.last_checkpoint)["model"]
+    wb = W.load_checkpoint(b.last_checkpoint)["model"]
     for k, v in wa.items():
         if "running_" in k or "num_batches" in k:
             continue  # BatchNorm statistics do move in a training step

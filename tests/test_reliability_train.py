@@ -18,6 +18,7 @@ import torch
 import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import loop as loop_mod
 from medst_fast.train.args import parse_args
 from medst_fast.train.data import BAD_BATCH, RandomSeriesDataset
@@ -72,7 +73,7 @@ def test_skipped_step_restores_batchnorm_statistics(tmp_path, vocab_path, monkey
     _poison_frontal(monkeypatch, {2})
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "4"))
     assert res.step == 4 and res.bad_steps == 1
-    sd = ck.load_checkpoint(res.last_checkpoint)["model"]
+    sd = W.load_checkpoint(res.last_checkpoint)["model"]
     assert _finite(sd)
     counts = {int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")}
     assert counts == {3}  # 4 forwards, the skipped one undone
@@ -135,7 +136,7 @@ def test_update_that_makes_weights_nonfinite_stops_and_writes_nothing(tmp_path, 
     assert r.returncode == 1, r.stderr[-3000:]
     assert "the update of step 1 made the weights NaN/inf" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "final").exists() and not (out / "final_encoder").exists()
-    assert ck.list_checkpoints(str(out)) == []
+    assert W.list_checkpoints(str(out)) == []
 
 
 def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkeypatch):
@@ -153,7 +154,7 @@ def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkey
     monkeypatch.setattr(loop_mod.StepRunner, "optimizer_step", poisoning_step)
     with pytest.raises(TrainingDiverged, match="refusing to write a checkpoint"):
         main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--save-every", "2"))
-    assert ck.list_checkpoints(str(tmp_path / "r")) == [] and not (tmp_path / "r" / "final").exists()
+    assert W.list_checkpoints(str(tmp_path / "r")) == [] and not (tmp_path / "r" / "final").exists()
 
 
 # -- item 4: checkpoints and exports are verified on load ------------------------------------------------------
@@ -172,8 +173,8 @@ def _flip(path, offset, n=64):
 def test_flipped_bytes_in_a_checkpoint_are_detected(tmp_path, vocab_path):
     res = _small_run(tmp_path / "r", vocab_path)
     _flip(res.last_checkpoint, os.path.getsize(res.last_checkpoint) // 2)
-    with pytest.raises(ck.CheckpointError, match="content hash mismatch") as e:
-        ck.load_checkpoint(res.last_checkpoint)
+    with pytest.raises(W.CheckpointError, match="content hash mismatch") as e:
+        W.load_checkpoint(res.last_checkpoint)
     assert "weights_only" not in str(e.value)
 
 
@@ -189,7 +190,7 @@ def test_flipped_bytes_in_an_export_are_detected(tmp_path):
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path, vocab_path):
     out = tmp_path / "r"
     _small_run(out, vocab_path, "--keep", "5")
-    c2, c4 = ck.list_checkpoints(str(out))
+    c2, c4 = W.list_checkpoints(str(out))
     with open(c4, "r+b") as f:
         f.truncate(os.path.getsize(c4) // 3)
     res = _small_run(out, vocab_path, "--keep", "5", "--resume", "auto")
@@ -206,18 +207,18 @@ def test_unsafe_pickle_and_truncation_have_their_own_messages(tmp_path):
 
     p = str(tmp_path / "evil.pt")
     torch.save({"format": 1, "model": Evil()}, p)
-    ck.write_hash_file(p)  # even with a matching hash it must not be unpickled
-    with pytest.raises(ck.CheckpointError) as e:
-        ck.load_checkpoint(p)
+    W.write_hash_file(p)  # even with a matching hash it must not be unpickled
+    with pytest.raises(W.CheckpointError) as e:
+        W.load_checkpoint(p)
     msg = str(e.value).split(": ", 1)[1]  # without the path (it holds this test's name)
     assert "unsafe pickle" in msg and "truncated" not in msg and "weights_only" not in msg
-    good = ck.save_checkpoint({"format": 1, "model": {}, "optimizer": {}, "step": 1, "epoch": 0,
+    good = W.save_checkpoint({"format": 1, "model": {}, "optimizer": {}, "step": 1, "epoch": 0,
                                "step_in_epoch": 1, "rng": ck.capture_rng()}, str(tmp_path / "run"), 1, keep=2)
     with open(good, "r+b") as f:
         f.truncate(100)
     for verify in (True, False):  # by the hash file, and by the zip reader when the hash is not checked
-        with pytest.raises(ck.CheckpointError, match="truncated") as e:
-            ck.load_checkpoint(good, verify=verify)
+        with pytest.raises(W.CheckpointError, match="truncated") as e:
+            W.load_checkpoint(good, verify=verify)
         msg = str(e.value).split(": ", 1)[1]
         assert "weights_only" not in msg and "unsafe" not in msg
 
@@ -254,7 +255,7 @@ def test_resume_refuses_changed_run_settings_unless_allowed(tmp_path, vocab_path
     _small_run(out, vocab_path, "--max-steps", "4")
     for flag, value in (("--lr", "1e-3"), ("--max-steps", "6"), ("--epochs", "3"), ("--warmup-frac", "0.1"),
                         ("--lambda-temporal", "0"), ("--clip-grad", "1")):
-        with pytest.raises(ck.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
+        with pytest.raises(W.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
             _small_run(out, vocab_path, "--resume", "auto", flag, value)
     before = json.loads((out / "args.json").read_text())
     assert before["lr"] == 4e-5 and before["max_steps"] == 4  # a refused resume rewrites nothing
@@ -265,7 +266,7 @@ def test_resume_refuses_changed_run_settings_unless_allowed(tmp_path, vocab_path
     assert "--allow-changed-args: resuming" in log_text and "--lambda-temporal 1.0 -> 0.5" in log_text
     after = json.loads((out / "args.json").read_text())
     assert after["max_steps"] == 6 and after["lambda_temporal"] == 0.5
-    assert ck.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_temporal"] == 0.5
+    assert W.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_temporal"] == 0.5
 
 
 def test_bare_resume_takes_the_runs_own_settings(tmp_path, vocab_path, monkeypatch):
@@ -286,7 +287,7 @@ def test_bare_resume_takes_the_runs_own_settings(tmp_path, vocab_path, monkeypat
     monkeypatch.setattr(loop_mod.PretrainModule, "forward", orig)
     res = main(["--out", str(out), "--resume", "auto"])
     assert res.step == 5 and res.interrupted is None
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     assert (st["args"]["lr"], st["args"]["min_lr"], st["args"]["max_steps"], st["args"]["batch_series"]) == (1e-4, 1e-6, 5, 2)
     assert "--resume: taking" in (out / "train.log").read_text()
     rows = _metrics(out)
@@ -297,10 +298,10 @@ def test_bare_resume_takes_the_runs_own_settings(tmp_path, vocab_path, monkeypat
 def test_resume_refuses_a_changed_data_set_and_a_position_past_the_end(tmp_path, vocab_path, monkeypatch):
     out = tmp_path / "r"
     _small_run(out, vocab_path)
-    with pytest.raises(ck.CheckpointError, match="past the end of this run"):
+    with pytest.raises(W.CheckpointError, match="past the end of this run"):
         _small_run(out, vocab_path, "--resume", "auto", "--max-steps", "2", "--allow-changed-args")
     monkeypatch.setattr(RandomSeriesDataset, "__len__", lambda self: 6)  # the same flags, fewer series
-    with pytest.raises(ck.CheckpointError, match="the data set has 6 series, the checkpoint's run had 8"):
+    with pytest.raises(W.CheckpointError, match="the data set has 6 series, the checkpoint's run had 8"):
         _small_run(out, vocab_path, "--resume", "auto", "--allow-changed-args")
 
 
@@ -336,7 +337,7 @@ def test_fresh_run_into_an_existing_run_needs_resume_or_overwrite(tmp_path, voca
     assert json.loads((out / "args.json").read_text())["seed"] == 42
     res = main(_argv(out, vocab_path, "--max-steps", "2", "--seed", "7", "--overwrite", "--no-export"))
     assert res.step == 2 and not (out / "final").exists()
-    assert [os.path.basename(p) for p in ck.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
+    assert [os.path.basename(p) for p in W.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
     assert [int(r["step"]) for r in _metrics(out)] == [1, 2]
 
 
@@ -349,7 +350,7 @@ def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path, 
     monkeypatch.setattr(ck, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         main(_argv(out, vocab_path, "--max-steps", "5", "--save-every", "5", "--no-export"))
-    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3, 4, 5] and ck.list_checkpoints(str(out)) == []
+    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3, 4, 5] and W.list_checkpoints(str(out)) == []
     monkeypatch.undo()
     res = main(_argv(out, vocab_path, "--max-steps", "5", "--save-every", "5", "--no-export", "--resume", "auto"))
     assert res.step == 5
@@ -465,7 +466,7 @@ def test_one_study_batch_is_skipped_and_counted(tmp_path, vocab_path):
     assert int(rows[-1]["bad_batches"]) == n_single
     skipped = [r for r in rows if r["loss"] == "nan"]
     assert len(skipped) == n_single and all(float(r["studies_per_s"]) == 0 for r in skipped)
-    assert _finite(ck.load_checkpoint(res.last_checkpoint)["model"])
+    assert _finite(W.load_checkpoint(res.last_checkpoint)["model"])
     assert "unusable batch" in (tmp_path / "r" / "train.log").read_text()
 
 

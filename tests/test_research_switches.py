@@ -376,7 +376,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from medst_fast.train import checkpoint as ck  # noqa: E402
+from medst_fast import weights as W
 from medst_fast.train import loop as loop_mod  # noqa: E402
 from medst_fast.train.args import parse_args  # noqa: E402
 
@@ -466,7 +466,7 @@ def test_switch_run_records_flags_and_keeps_weighting_weights(tmp_path, vocab_pa
     args = json.loads((out / "args.json").read_text())
     assert (args["temporal_shuffle"], args["local_weighting"], args["local_scope"], args["series_len"]) == (
         True, "uniform", "batch", 4)
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     loss = st["config"]["loss"]
     assert (loss["temporal_shuffle"], loss["local_weighting"], loss["local_scope"]) == (True, "uniform", "batch")
     torch.manual_seed(args["seed"])  # the trainer's initial weights: create_model after set_seed(seed)
@@ -487,7 +487,7 @@ def test_resume_refuses_a_changed_switch(tmp_path, vocab_path):
     main(_argv(out, vocab_path, "--max-steps", "2"))
     for extra, flag in ((["--local-scope", "batch"], "--local-scope"), (["--temporal-shuffle"], "--temporal-shuffle"),
                         (["--local-weighting", "uniform"], "--local-weighting")):
-        with pytest.raises(ck.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
+        with pytest.raises(W.CheckpointError, match=f"resuming would change the run: {flag} .*--allow-changed-args"):
             main(_argv(out, vocab_path, "--resume", "auto", *extra))
     res = main(_argv(out, vocab_path, "--resume", "auto", "--allow-changed-args", "--local-scope", "batch"))
     assert res.step == 2 and json.loads((out / "args.json").read_text())["local_scope"] == "batch"
@@ -507,7 +507,7 @@ def test_resume_config_comparison_fills_fields_added_later():
     # loss fields that are flags are compared as arguments, not as the model
     flagged = MedSTConfig().replace(**{"loss.local_scope": "batch", "loss.series_len": 6}).to_dict()
     assert loop_mod._architecture(flagged) == loop_mod._architecture(now)
-    with pytest.raises(ck.CheckpointError, match="cannot be read by this version"):
+    with pytest.raises(W.CheckpointError, match="cannot be read by this version"):
         loop_mod._architecture({**now, "vision": {**now["vision"], "bogus": 1}})
 
 
@@ -520,5 +520,5 @@ def test_uniform_weighting_under_ddp_two_ranks(tmp_path, vocab_path):
                                          "--batch-series", "2")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    st = ck.load_checkpoint(ck.list_checkpoints(str(out))[-1])
+    st = W.load_checkpoint(W.list_checkpoints(str(out))[-1])
     assert st["step"] == 3 and st["args"]["world_size"] == 2 and st["config"]["loss"]["local_weighting"] == "uniform"

@@ -16,6 +16,7 @@ import torch
 
 from medst_fast.data.sampling import SeededItems, SeriesBatchSampler
 from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 
 
 # -- sampler and per-item seeding --------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def _env():
 
 
 def _final_weights(out):
-    return ck.load_checkpoint(ck.ckpt_path(str(out), 8))
+    return W.load_checkpoint(W.ckpt_path(str(out), 8))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, vocab_path
         assert "loader: nvjpeg (requested" in r.stderr
 
     p = subprocess.Popen(_cmd(out, vocab_path, index), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = ck.ckpt_path(str(out), 2)  # step 2 of 3 in epoch 1: mid-epoch
+    first = W.ckpt_path(str(out), 2)  # step 2 of 3 in epoch 1: mid-epoch
     deadline = time.time() + 240
     while not os.path.exists(first) and p.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -128,9 +129,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, vocab_path
     p.wait()
     p.stderr.close()
     assert p.returncode == -signal.SIGKILL
-    done = ck.list_checkpoints(str(out))
-    assert done and ck.ckpt_path(str(out), 8) not in done, "the run finished before it could be killed"
-    assert ck.load_checkpoint(first)["step_in_epoch"] == 2
+    done = W.list_checkpoints(str(out))
+    assert done and W.ckpt_path(str(out), 8) not in done, "the run finished before it could be killed"
+    assert W.load_checkpoint(first)["step_in_epoch"] == 2
 
     r = subprocess.run(_cmd(out, vocab_path, index) + ["--resume", "auto"], env=_env(), capture_output=True, text=True,
                        timeout=300)
@@ -184,7 +185,7 @@ def test_resume_check_refuses_another_index_unless_allowed(caplog):
     p = "/r/checkpoints/ckpt-00000002.pt"
     ck.check_data_fingerprint(p, "a" * 64, "a" * 64, "/data/idx", allow_changed=False)  # the same index
     ck.check_data_fingerprint(p, None, "b" * 64, "/data/idx", allow_changed=False)  # an older checkpoint: no field
-    with pytest.raises(ck.CheckpointError, match=r"ckpt-00000002.pt: resuming would change the run: the index "
+    with pytest.raises(W.CheckpointError, match=r"ckpt-00000002.pt: resuming would change the run: the index "
                                                  r"/data/idx differs .*--allow-changed-args"):
         ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=False)
     ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=True)

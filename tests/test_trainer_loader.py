@@ -9,7 +9,7 @@ import torch
 
 from medst_fast.data import loaders as L
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import loop as loop_mod
 
 GREY = 2.0 / 255.0 + 1e-5  # one grey level after (x/255 - 0.5)/0.5
@@ -111,7 +111,7 @@ def test_resume_on_a_batched_backend_equals_the_uninterrupted_run(tmp_path, monk
     assert len(first) == 4 and len(ref) == 14
     assert_same_batches(ref[:4], first, exact=True)
     assert_same_batches(ref[4:], rest, exact=True)
-    wa, wb = ck.load_checkpoint(a.last_checkpoint), ck.load_checkpoint(b.last_checkpoint)
+    wa, wb = W.load_checkpoint(a.last_checkpoint), W.load_checkpoint(b.last_checkpoint)
     for k in wa["model"]:
         assert torch.equal(wa["model"][k], wb["model"][k]), k
     ra, rb = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")

@@ -16,6 +16,7 @@ import torch
 import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import loop as loop_mod
 from medst_fast.train.args import parse_args
 from medst_fast.train.validate import above_chance_p, describe, recall_at_k
@@ -135,7 +136,7 @@ def test_validation_is_logged_recorded_and_exported_as_best(tmp_path, val_index,
     assert info["step"] == best_step and info["val_loss"] == pytest.approx(vals[best_step])
     assert res.best_dir == str(out / "best") and (out / "best" / "vocab.txt").read_bytes() == (out / "final" / "vocab.txt").read_bytes()
     best = medst_fast.from_pretrained(str(out / "best")).state_dict()
-    saved = ck.load_checkpoint(ck.ckpt_path(str(out), best_step))
+    saved = W.load_checkpoint(W.ckpt_path(str(out), best_step))
     assert saved["best_val_loss"] == pytest.approx(vals[best_step])
     for k, v in best.items():
         assert torch.equal(v, saved["model"][k]), k
@@ -176,7 +177,7 @@ def test_resume_with_validation_is_bitwise(tmp_path, val_index, vocab_path, monk
     assert main(_argv(tmp_path / "run", val_index, vocab_path, *extra)).step == 3
     monkeypatch.setattr(loop_mod.PretrainModule, "forward", _FORWARD)
     b = main(["--out", str(tmp_path / "run"), "--resume", "auto"])
-    wa, wb = ck.load_checkpoint(a.last_checkpoint)["model"], ck.load_checkpoint(b.last_checkpoint)["model"]
+    wa, wb = W.load_checkpoint(a.last_checkpoint)["model"], W.load_checkpoint(b.last_checkpoint)["model"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     cols = ("step", "loss", "val_loss", "val_r1", "val_r5")

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from ..files import atomic_write
+
 FIELDS = ["task", "subset", "metric", "value", "std", "n", "ci_low", "ci_high", "chance", "p", "baseline", "note"]
 
 
@@ -92,8 +94,5 @@ def write_report(results: Sequence[TaskResult], out_dir: str, command: Optional[
     md += to_markdown(results)
     paths = {"md": os.path.join(out_dir, f"{stem}.md"), "csv": os.path.join(out_dir, f"{stem}.csv")}
     for key, text in (("md", md), ("csv", to_csv(results))):
-        tmp = paths[key] + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, paths[key])
+        atomic_write(paths[key], text)
     return paths

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch.utils.data import Dataset
 
+from ..files import atomic_write, lock_process
 from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN  # stdlib-only module (no image libraries)
 from ..data.sampling import (BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, iterate_and_stop_workers,  # noqa: F401 (re-exports)
                              make_loader)
@@ -78,10 +79,7 @@ def build_wordpiece_vocab(texts: Sequence[str], out_dir: str, vocab_size: int = 
     vocab += words[: max(0, vocab_size - len(vocab))]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "vocab.txt")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(t + "\n" for t in vocab))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(t + "\n" for t in vocab))
     return path
 
 
@@ -102,8 +100,6 @@ def ensure_synthetic(cache_dir: str, patients: int, seed: int = 0, workers: int 
     index_dir, vocab_dir, marker = os.path.join(root, "index"), root, os.path.join(root, "COMPLETE")
     if os.path.isfile(marker):  # written last, never removed: a complete cache needs no lock
         return index_dir, os.path.join(vocab_dir, "vocab.txt")
-    from ..hub import lock_process
-
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     fd = os.open(os.path.join(parent, f".{os.path.basename(root)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
