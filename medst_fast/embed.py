@@ -25,7 +25,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .eval.common import load_model, load_tokenizer, read_csv_checked
+from .eval.metrics import require_finite
+from .factory import Preprocess, _is_dicom, optional_import
 from .files import held_temp_file, lock_fd, move_into_place, remove_stale_temps
+from .hub import MissingTower
+from .text.report import clean_report
 
 log = logging.getLogger("medst_fast")
 
@@ -61,8 +66,6 @@ def _is_image_file(path: str) -> bool:
     # an image is not a CSV: parsed as one it fails with a tokenizing error far from the cause
     if path.lower().endswith(IMAGE_EXTS):
         return True
-    from .factory import _is_dicom
-
     return _is_dicom(path)
 
 
@@ -75,11 +78,7 @@ def read_texts(src: str, column: str = "text") -> Tuple[List[str], List[str]]:
 
 
 def _read_csv(src: str, column: str):
-    from .factory import optional_import
-
     optional_import("pandas", "reading a CSV list")
-    from .eval.common import read_csv_checked
-
     df = read_csv_checked(src, [column], dtype=str, keep_default_na=False)
     if not len(df):
         raise ValueError(f"{src}: no rows")
@@ -90,8 +89,6 @@ class _ImageFiles(torch.utils.data.Dataset):
     """path -> (index, eval-transformed image or None, reason); a failed decode is a skip, not a crash."""
 
     def __init__(self, paths: Sequence[str], img_size: int):
-        from .factory import Preprocess
-
         self.paths, self.tf = list(paths), Preprocess(img_size, train=False)
 
     def __len__(self):
@@ -150,13 +147,9 @@ def embed_image_files(model, paths: Sequence[str], feature: str = "embedding", b
 def embed_text_list(model, tokenizer, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32",
                     clean: bool = True, progress: bool = True):
     """Returns (kept indices, float32 (N, E) array, [(index, reason)] skipped: texts empty after cleaning)."""
-    from .hub import MissingTower
-
     if isinstance(model.text, MissingTower):
         model.text()  # raises the folder's explanation (an image-encoder export has no text tower)
     if clean:
-        from .text.report import clean_report
-
         texts = [clean_report(t)[0] if t.strip() else "" for t in texts]
     keep = [i for i, t in enumerate(texts) if t.strip()]
     skipped = [(i, "empty text") for i, t in enumerate(texts) if not t.strip()]
@@ -227,8 +220,6 @@ def put_in_place(files) -> None:
 def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Sequence[Tuple[str, str]]) -> None:
     """Write the array (or parquet table), its row ids and the skipped list as one result (``put_in_place``);
     refuses non-finite rows first."""
-    from .eval.metrics import require_finite
-
     if len(ids):
         require_finite(emb, "embeddings", "embed", names=list(ids))
     ext = os.path.splitext(out)[1].lower()
@@ -242,8 +233,6 @@ def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Seq
                 np.save(f, emb)
         files += [(side_path(out, "ids"), lambda p: _write_lines(p, ids)), (out, save_npy)]
     else:
-        from .factory import optional_import
-
         pd = optional_import("pandas", "writing parquet", "parquet")
         optional_import("pyarrow", "writing parquet", "parquet")
         table = pd.DataFrame({"id": list(ids), "embedding": list(emb)})
@@ -291,8 +280,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parser.error(f"argument --workers: must be >= 0, got {a.workers}")
     if os.path.splitext(a.out)[1].lower() not in (".npy", ".parquet"):  # before minutes of embedding
         raise ValueError(f"--out {a.out}: the file name must end in .npy or .parquet")
-    from .eval.common import load_model, load_tokenizer
-
     model = load_model(checkpoint=a.checkpoint, device=a.device)
     if a.images:
         paths = list_images(a.images, a.column or "path")

@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .files import atomic_write
+
 log = logging.getLogger("medst_fast")
 
 EVAL_TASKS = ("msxrt-image", "msxrt-sentence", "rsna-zeroshot", "covidx-probe")
@@ -206,8 +208,6 @@ class Summary:
 
 
 def _atomic_json(path: str, obj) -> None:
-    from .files import atomic_write
-
     atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
@@ -421,7 +421,8 @@ class Pipeline:
 
     def run_trainer(self, argv: List[str]) -> None:
         from .pretrain import main as pretrain
-        from .train.checkpoint import CheckpointError, RunFolderError
+        from .train.checkpoint import RunFolderError
+        from .weights import CheckpointError
         from .train.loop import TrainingDiverged
 
         try:
@@ -525,8 +526,6 @@ class Pipeline:
                "written": datetime.datetime.now().isoformat(timespec="seconds"),
                "gap": "ours - paper, in the value's unit (fractions)"}
         _atomic_json(os.path.join(self.run_dir, "results.json"), doc)
-        from .files import atomic_write
-
         atomic_write(os.path.join(self.run_dir, "results.md"), results_markdown(doc))
 
     # -- all -------------------------------------------------------------------------------------------
