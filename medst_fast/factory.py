@@ -16,6 +16,7 @@ import torch
 from .config import MedSTConfig
 from .convert import load_checkpoint, read_checkpoint
 from .data.transforms import PREPROCESS, ImageTransform, check_preprocess_config
+from .files import read_json_object
 from .hub import from_pretrained, is_save_pretrained_folder, verify_folder_files
 from .models import MedST
 from .text.tokenizer import _DEFAULT_MAX, VOCAB_FILE, MedSTTokenizer, check_vocab_fits
@@ -251,12 +252,7 @@ def _recorded_img_size(pretrained) -> Optional[int]:
     p = os.path.join(os.fspath(pretrained), PREPROCESS)
     if not os.path.isfile(p):
         return None  # written by an older version: the model config's img_size is the whole story
-    with open(p) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
-    return check_preprocess_config(d, p)
+    return check_preprocess_config(read_json_object(p), p)
 
 
 def create_model_and_transforms(

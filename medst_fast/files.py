@@ -132,7 +132,13 @@ def atomic_writer(path: Union[str, os.PathLike], mode: str = "w", **open_kw) -> 
 
 
 def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str]) -> None:
-    """Replace ``path`` with ``data`` (bytes, or str written as UTF-8) atomically and durably."""
+    """Replace ``path`` with ``data`` (bytes, or str written as UTF-8) atomically and durably.
+
+    Temps that a killed earlier write of this same file left beside it are removed first (one listing of
+    the folder: meant for small files such as JSON, CSV and vocabularies, not for a cache of thousands).
+    """
+    path = os.path.abspath(os.fspath(path))
+    remove_stale_temps(os.path.dirname(path), targets=[os.path.basename(path)])
     with atomic_writer(path, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 

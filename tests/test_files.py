@@ -45,6 +45,16 @@ def test_atomic_write_bytes_and_str_into_a_new_folder(tmp_path):
     assert _entries(tmp_path / "a") == ["x.bin", "y.txt"]
 
 
+@pytest.mark.skipif(files.fcntl is None, reason="no fcntl: temps are not locked on this platform")
+def test_atomic_write_removes_what_a_killed_write_of_the_same_file_left(tmp_path):
+    left = files.temp_name(tmp_path / "meta.json")
+    open(left, "w").close()  # its writer was killed: nobody holds it
+    other = files.temp_name(tmp_path / "studies.csv")
+    open(other, "w").close()
+    files.atomic_write(tmp_path / "meta.json", "{}")
+    assert _entries(tmp_path) == sorted(["meta.json", os.path.basename(other)])
+
+
 def test_atomic_writer_refuses_a_read_or_append_mode(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with files.atomic_writer(tmp_path / "x", "a"):
