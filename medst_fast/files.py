@@ -57,11 +57,10 @@ def lock_process(fd: int, block: bool = True) -> bool:
 
 
 # -- temps ----------------------------------------------------------------------------------------------
-def temp_name(path: Union[str, os.PathLike], folder: Optional[str] = None) -> str:
-    """A fresh temp path for ``path``: ``.tmp-<pid>-<random>-<basename>`` in ``folder`` (default: path's folder)."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path) if folder is None else folder
-    return os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{os.path.basename(path)}")
+def temp_name(path: Union[str, os.PathLike]) -> str:
+    """A fresh temp path for ``path``: ``.tmp-<pid>-<random>-<basename>`` in the same folder."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{name}")
 
 
 def fsync_dir(folder: str) -> None:
@@ -150,7 +149,7 @@ def held_temp_dir(parent: str, name: str = "dir") -> Iterator[str]:
     The lock tells a cleaner (``remove_stale_temps``) that a live writer owns the folder; a killed writer's
     lock goes with its process, so its leftover folder can be removed safely.
     """
-    tmp = temp_name(os.path.join(parent, name), folder=parent)
+    tmp = temp_name(os.path.join(parent, name))
     os.mkdir(tmp, 0o700)
     fd = os.open(tmp, os.O_RDONLY)
     try:
