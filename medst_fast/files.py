@@ -114,16 +114,21 @@ def held_temp_file(path: Union[str, os.PathLike]) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Union[str, os.PathLike], mode: str = "w", **open_kw) -> Iterator[IO]:
+def atomic_writer(path: Union[str, os.PathLike], mode: str = "w", clean: bool = True, **open_kw) -> Iterator[IO]:
     """Open a temp beside ``path`` for writing; when the block ends normally it replaces ``path`` (fsynced).
 
     If the block raises, ``path`` keeps its old content and the temp is removed. ``mode`` is "w" or "wb";
-    ``open_kw`` go to ``open`` (encoding, newline).
+    ``open_kw`` go to ``open`` (encoding, newline). ``clean``: first remove the temps a killed earlier write
+    of this same file left beside it (one listing of the folder; a writer of thousands of files into one
+    tree passes False and cleans the tree once with ``remove_stale_temps(..., recursive=True)``).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer: mode must be 'w' or 'wb', got {mode!r}")
     if mode == "w":
         open_kw.setdefault("encoding", "utf-8")
+    if clean:
+        folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+        remove_stale_temps(folder, targets=[name])
     with held_temp_file(path) as tmp:
         with open(tmp, mode, **open_kw) as f:
             yield f
@@ -131,13 +136,7 @@ def atomic_writer(path: Union[str, os.PathLike], mode: str = "w", **open_kw) -> 
 
 
 def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str]) -> None:
-    """Replace ``path`` with ``data`` (bytes, or str written as UTF-8) atomically and durably.
-
-    Temps that a killed earlier write of this same file left beside it are removed first (one listing of
-    the folder: meant for small files such as JSON, CSV and vocabularies, not for a cache of thousands).
-    """
-    path = os.path.abspath(os.fspath(path))
-    remove_stale_temps(os.path.dirname(path), targets=[os.path.basename(path)])
+    """Replace ``path`` with ``data`` (bytes, or str written as UTF-8) atomically and durably (``atomic_writer``)."""
     with atomic_writer(path, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 

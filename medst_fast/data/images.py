@@ -84,7 +84,8 @@ def read_resized(path: str, longer: int, draft: bool = True) -> Image.Image:
 
 def save_jpeg_atomic(img: Image.Image, path: str, quality: int = 95) -> None:
     """Write a JPEG through a temp file + rename: a killed writer never leaves a truncated file at ``path``."""
-    with atomic_writer(path, "wb") as f:
+    # clean=False: a cache folder holds thousands of files; open_cache removes stale temps once per run
+    with atomic_writer(path, "wb", clean=False) as f:
         img.save(f, format="JPEG", quality=quality)
 
 
