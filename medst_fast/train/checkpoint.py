@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 # moved to medst_fast.weights; the trainer split imports them from there
-from ..weights import CKPT_DIR, FORMAT_VERSION, CheckpointError, ckpt_path, list_checkpoints, load_resume, save_checkpoint  # noqa: F401,E501
+from ..weights import (CKPT_DIR, FORMAT_VERSION, CheckpointError, ckpt_path, list_checkpoints,  # noqa: F401
+                       load_resume, save_checkpoint)
 from ..files import fcntl, file_digest, lock_process, remove_stale_temps
 from ..weights import HASH_SUFFIX, ckpt_dir
 
