@@ -208,7 +208,7 @@ setup(
         "tensorboard": ["tensorboard>=2.10"],  # --report-to tensorboard
         "wandb": ["wandb>=0.15"],  # --report-to wandb
         "dali": ["nvidia-dali-cuda130"],
-        # timm and transformers only for the interop tests (tests/test_interop.py)
+        # timm and transformers only for the interop tests (tests/test_convert_interop.py)
         "dev": ["pytest>=7", "pillow>=9", "tqdm", "pandas>=1.5", "scikit-learn>=1.2", "pydicom>=2.4",
                 "matplotlib>=3.5", "pyarrow>=12", "timm>=1.0", "transformers>=4.40"],
     },

@@ -211,20 +211,17 @@ def _token_align_loss_ref(q, c, q_mask, c_mask, in_proj_weight, in_proj_bias, ta
 #   _s_bwd_kernel         through both logsumexps of S (rows: dq; columns: dctx, then the per-row glue)
 #   _attn_bwd_kernel      the attention's backward from the saved logsumexp (dq and dc programs)
 #   _param_grad_kernel    the in_proj gradients, summed over the batch
-# softmax_rows (the generic building block, its own custom op) uses the first and the sixth kernel.
 # The batch scope changes only the launches of the two attention kernels: one sample of B Tq query rows over
 # B Tc keys (contiguous (B, T, d) tensors are already (1, B T, d) in memory); every other kernel stays per sample.
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _attn_fwd_kernel(X, Y, MASK, OUT, LSE, Tx, Ty, D: tl.constexpr, scale, keys_per_split,
-                     HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, SPLIT: tl.constexpr, CT: tl.constexpr,
-                     PREC: tl.constexpr, INTERP: tl.constexpr,
+                     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax(x y^T * scale) y for a block of x rows over the keys of one split.
 
-    SPLIT False (softmax_rows): OUT (B, Tx, D) the normalised output, LSE (B, Tx) the logsumexp.
-    SPLIT True (the loss): partials of split s = program_id(0) // cdiv(Tx, BLOCK_M): OUT (S, B, Tx, D) holds
+    Partials of split s = program_id(0) // cdiv(Tx, BLOCK_M): OUT (S, B, Tx, D) holds
     sum_j exp(s_ij - m_i) y_j, LSE (S, B, 2, Tx) holds (m_i, l_i); _attn_combine_kernel merges the splits.
     Splitting the keys gives the word side (111 query rows) enough programs to fill the GPU.
     """
@@ -259,8 +256,7 @@ def _attn_fwd_kernel(X, Y, MASK, OUT, LSE, Tx, Ty, D: tl.constexpr, scale, keys_
         if CT == tl.float32:
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if WITH_OUT:
-                acc = tl.dot(p, y, acc * alpha[:, None], input_precision=PREC)
+            acc = tl.dot(p, y, acc * alpha[:, None], input_precision=PREC)
         else:
             # Low-precision P: normalised within the key block before it is rounded, the block's product then
             # weighted in fp32. Rounding p relative to the running max instead (the largest entry exactly 1)
@@ -271,33 +267,24 @@ def _attn_fwd_kernel(X, Y, MASK, OUT, LSE, Tx, Ty, D: tl.constexpr, scale, keys_
             lb = tl.sum(p, 1)
             wb = lb * tl.exp(mb_safe - m_safe)
             l_i = l_i * alpha + wb
-            if WITH_OUT:
-                pn = as_operand(p / tl.where(lb > 0, lb, 1.0)[:, None], CT, INTERP)
-                acc = acc * alpha[:, None] + tl.dot(pn, y, input_precision=PREC) * wb[:, None]
+            pn = as_operand(p / tl.where(lb > 0, lb, 1.0)[:, None], CT, INTERP)
+            acc = acc * alpha[:, None] + tl.dot(pn, y, input_precision=PREC) * wb[:, None]
         m_i = m_new
-    if SPLIT:
-        sb = split * tl.num_programs(1) + b
-        tl.store(OUT + sb * Tx * D + x_off, acc, mask=xmask)
-        tl.store(LSE + sb * 2 * Tx + rm, m_i, mask=rm < Tx)
-        tl.store(LSE + sb * 2 * Tx + Tx + rm, l_i, mask=rm < Tx)
-    else:
-        tl.store(LSE + b * Tx + rm, tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf")),
-                 mask=rm < Tx)
-        if WITH_OUT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(OUT + b * Tx * D + x_off, out, mask=xmask)
+    sb = split * tl.num_programs(1) + b
+    tl.store(OUT + sb * Tx * D + x_off, acc, mask=xmask)
+    tl.store(LSE + sb * 2 * Tx + rm, m_i, mask=rm < Tx)
+    tl.store(LSE + sb * 2 * Tx + Tx + rm, l_i, mask=rm < Tx)
 
 
 def _attn_bwd_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, DY, DXA, DXB, Tx, Ty, D: tl.constexpr, scale, lse_sb, delta_sb,
-                     HAS_MASK: tl.constexpr, WITH_OUT: tl.constexpr, EXTRA_DX: tl.constexpr, CT: tl.constexpr,
-                     PREC: tl.constexpr, INTERP: tl.constexpr,
+                     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Backward of softmax(x y^T * scale) y and its logsumexp from the saved logsumexp (no score tensor):
         dS_ij = P_ij (dout_i . y_j - delta_i) * scale,   dx_i = sum_j dS_ij y_j,
         dy_j  = sum_i dS_ij x_i + P_ij dout_i,           delta_i = dout_i . out_i - dlse_i.
     Programs [0, cdiv(Tx, BLOCK_M)) write dx for a block of x rows, the rest dy for a block of keys, each
     looping over the other side: every gradient is written once, without atomics. LSE / DELTA of sample b
-    start at b * lse_sb / b * delta_sb. EXTRA_DX: dx += DXA + DXB (the loss's other dq terms).
+    start at b * lse_sb / b * delta_sb. dx also collects DXA + DXB (the loss's other dq terms).
     """
     n_x = tl.cdiv(Tx, BLOCK_M)
     pid = tl.program_id(0)
@@ -315,8 +302,7 @@ def _attn_bwd_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, DY, DXA, DXB, Tx, Ty, D: 
         lse = tl.load(LSEb + rm, mask=rm < Tx, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no valid key has P = 0, not NaN
         delta = tl.load(DELTAb + rm, mask=rm < Tx, other=0.0)
-        if WITH_OUT:
-            do = as_operand(tl.load(DOb + x_off, mask=xmask, other=0.0), CT, INTERP)
+        do = as_operand(tl.load(DOb + x_off, mask=xmask, other=0.0), CT, INTERP)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, Ty, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
@@ -327,14 +313,10 @@ def _attn_bwd_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, DY, DXA, DXB, Tx, Ty, D: 
                            CT, INTERP)
             s = tl.dot(x, tl.trans(y), input_precision=PREC) * scale
             p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-            if WITH_OUT:
-                ds = p * (tl.dot(do, tl.trans(y), input_precision=PREC) - delta[:, None])
-            else:
-                ds = p * (-delta[:, None])
+            ds = p * (tl.dot(do, tl.trans(y), input_precision=PREC) - delta[:, None])
             acc = tl.dot(as_operand(ds * scale, CT, INTERP), y, acc, input_precision=PREC)
-        if EXTRA_DX:
-            acc += tl.load(DXA + b * Tx * D + x_off, mask=xmask, other=0.0)
-            acc += tl.load(DXB + b * Tx * D + x_off, mask=xmask, other=0.0)
+        acc += tl.load(DXA + b * Tx * D + x_off, mask=xmask, other=0.0)
+        acc += tl.load(DXB + b * Tx * D + x_off, mask=xmask, other=0.0)
         tl.store(DX + b * Tx * D + x_off, acc, mask=xmask)
     else:
         rn = (pid - n_x) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -355,12 +337,9 @@ def _attn_bwd_kernel(X, Y, MASK, LSE, DELTA, DOUT, DX, DY, DXA, DXB, Tx, Ty, D: 
             delta = tl.load(DELTAb + rm, mask=rm < Tx, other=0.0)
             st = tl.dot(y, tl.trans(x), input_precision=PREC) * scale  # (BLOCK_N, BLOCK_M): the S^T tile
             pt = tl.where(valid[:, None], tl.exp(st - lse[None, :]), 0.0)
-            if WITH_OUT:
-                do = as_operand(tl.load(DOb + x_off, mask=xmask, other=0.0), CT, INTERP)
-                dst = pt * (tl.dot(y, tl.trans(do), input_precision=PREC) - delta[None, :])
-                acc = tl.dot(as_operand(pt, CT, INTERP), do, acc, input_precision=PREC)
-            else:
-                dst = pt * (-delta[None, :])
+            do = as_operand(tl.load(DOb + x_off, mask=xmask, other=0.0), CT, INTERP)
+            dst = pt * (tl.dot(y, tl.trans(do), input_precision=PREC) - delta[None, :])
+            acc = tl.dot(as_operand(pt, CT, INTERP), do, acc, input_precision=PREC)
             acc = tl.dot(as_operand(dst * scale, CT, INTERP), x, acc, input_precision=PREC)
         tl.store(DY + b * Ty * D + y_off, acc, mask=ymask)
 
@@ -722,34 +701,6 @@ def _kw(ct: torch.dtype, d: int, cfg: _Tiles, kernel: str) -> dict:
                 num_warps=warps, num_stages=stages)
 
 
-def _softmax_rows_triton(x, y, y_mask, scale: float, with_out: bool, ct: torch.dtype):
-    B, Tx, D = x.shape
-    Ty = y.shape[1]
-    x, y = x.contiguous(), y.contiguous()
-    cfg = _tiles(ct)
-    lse = torch.empty(B, Tx, device=x.device, dtype=torch.float32)
-    out = torch.empty(B, Tx, D, device=x.device, dtype=torch.float32) if with_out else x.new_empty(0, dtype=torch.float32)
-    launch(_attn_fwd_kernel, (triton_cdiv(Tx, cfg.block_m), B), x, y, _mask_arg(y_mask, x), out if with_out else lse,
-           lse, Tx, Ty, D, float(scale), Ty, HAS_MASK=y_mask is not None, WITH_OUT=with_out, SPLIT=False,
-           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_kw(ct, D, cfg, "attn_fwd"))
-    return out, lse
-
-
-def _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale: float, with_out: bool, ct: torch.dtype):
-    B, Tx, D = x.shape
-    Ty = y.shape[1]
-    x, y = x.contiguous(), y.contiguous()
-    cfg = _tiles(ct)
-    dx = torch.empty(B, Tx, D, device=x.device, dtype=torch.float32)
-    dy = torch.empty(B, Ty, D, device=x.device, dtype=torch.float32)
-    do = dout.contiguous() if with_out else x
-    grid = (triton_cdiv(Tx, cfg.block_m) + triton_cdiv(Ty, cfg.block_n), B)
-    launch(_attn_bwd_kernel, grid, x, y, _mask_arg(y_mask, x), lse, delta, do, dx, dy, dx, dx, Tx, Ty, D, float(scale),
-           Tx, Tx, HAS_MASK=y_mask is not None, WITH_OUT=with_out, EXTRA_DX=False, BLOCK_M=cfg.block_m,
-           BLOCK_N=cfg.block_n, **_kw(ct, D, cfg, "attn_bwd"))
-    return dx, dy
-
-
 def _attention_split_fwd(q, c, cm, has_cmask: bool, scale: float, ct: torch.dtype, cfg: _Tiles, batch: bool):
     """The attention's key-split partials (pacc (S, B, Tq, d), pml) and pml's strides (split, sample, sum).
 
@@ -764,7 +715,7 @@ def _attention_split_fwd(q, c, cm, has_cmask: bool, scale: float, ct: torch.dtyp
     pacc = torch.empty(n_split, B, Tq, d, device=q.device, dtype=torch.float32)
     pml = torch.empty(n_split, nb_, 2, tx, device=q.device, dtype=torch.float32)
     launch(_attn_fwd_kernel, (n_m * n_split, nb_), q, c, cm, pacc, pml, tx, ty, d, scale, per_split,
-           HAS_MASK=has_cmask, WITH_OUT=True, SPLIT=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           HAS_MASK=has_cmask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
            **_kw(ct, d, cfg, "attn_fwd"))
     strides = (2 * B * Tq, Tq, B * Tq) if batch else (2 * B * Tq, 2 * Tq, Tq)
     return pacc, pml, n_split, strides
@@ -825,7 +776,7 @@ def _loss_bwd_triton(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst,
         nb_, tx, ty, lse, lse_sb = B, Tq, Tc, rows, 8 * Tq
     grid = (triton_cdiv(tx, cfg.block_m) + triton_cdiv(ty, cfg.block_n), nb_)
     launch(_attn_bwd_kernel, grid, q, c, cm, lse, delta, dctxr, dq, dc, dqs, dqg, tx, ty, d, scale, lse_sb, tx,
-           HAS_MASK=c_mask is not None, WITH_OUT=True, EXTRA_DX=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           HAS_MASK=c_mask is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
            **_kw(ct, d, cfg, "attn_bwd"))
     dw = torch.empty(3 * d, d, device=dev, dtype=f32)
     db = torch.empty(3 * d, device=dev, dtype=f32)
@@ -963,108 +914,9 @@ def _loss_bwd_torch(gout, q, c, q_mask, c_mask, in_w, ctx, a, rows, vecs, dcst, 
 # ------------------------------------------------------------------------------------------- the custom ops
 # No autocast registration (as kernels/move_ffn.py): the Autocast key falls through, so autocast never casts
 # the fp32 inputs; the compute dtype is an explicit argument and the implementations run with autocast off.
-def softmax_rows_ref(x, y, y_mask, scale: float, with_out: bool, compute_dtype: Optional[torch.dtype] = None):
-    """PyTorch reference of the op (also its CPU path). Builds the (B, Tx, Ty) scores."""
-    ct = _compute_dtype(compute_dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        xf, yf = x.float(), y.float()
-        s = _bmm(xf, yf.transpose(1, 2), ct) * scale
-        if y_mask is not None:
-            s = s.masked_fill(~y_mask[:, None, :], float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        if not with_out:
-            return x.new_empty(0, dtype=torch.float32), lse
-        p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
-        return _bmm(p, yf, ct), lse
-
-
-def _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale: float, with_out: bool, ct: torch.dtype):
-    xf, yf = x.float(), y.float()
-    s = torch.bmm(_rounded(xf, ct), _rounded(yf, ct).transpose(1, 2)) * scale
-    p = torch.exp(s - torch.where(torch.isneginf(lse), torch.inf, lse)[..., None])
-    if y_mask is not None:
-        p = p.masked_fill(~y_mask[:, None, :], 0.0)
-    dp = torch.bmm(_rounded(dout.float(), ct), _rounded(yf, ct).transpose(1, 2)) if with_out else torch.zeros_like(p)
-    ds = p * (dp - delta[..., None]) * scale
-    dx = torch.bmm(_rounded(ds, ct), _rounded(yf, ct))
-    dy = torch.bmm(_rounded(ds, ct).transpose(1, 2), _rounded(xf, ct))
-    if with_out:
-        dy = dy + torch.bmm(_rounded(p, ct).transpose(1, 2), _rounded(dout.float(), ct))
-    return dx, dy
-
-
 # Explicit schemas: torch 2.4 cannot infer one from the string annotations this module has (``from __future__
 # import annotations``), and torch 2.5/2.6 cannot resolve a tuple alias; tests/test_torch_versions.py checks
 # every medst_fast op carries one.
-@torch.library.custom_op("medst_fast::softmax_rows", mutates_args=(), schema=(
-    "(Tensor x, Tensor y, Tensor? y_mask, float scale, bool with_out, "
-    "ScalarType compute_dtype) -> (Tensor, Tensor)"))
-def _softmax_rows_op(x: torch.Tensor, y: torch.Tensor, y_mask: Optional[torch.Tensor], scale: float,
-                     with_out: bool, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast(x.device.type, enabled=False):
-        if use_triton(x, y):
-            return _softmax_rows_triton(x, y, y_mask, scale, with_out, compute_dtype)
-        return softmax_rows_ref(x, y, y_mask, scale, with_out, compute_dtype)
-
-
-@_softmax_rows_op.register_fake
-def _(x, y, y_mask, scale, with_out, compute_dtype):
-    B, Tx, D = x.shape
-    out = x.new_empty(B, Tx, D, dtype=torch.float32) if with_out else x.new_empty(0, dtype=torch.float32)
-    return out, x.new_empty(B, Tx, dtype=torch.float32)
-
-
-@torch.library.custom_op("medst_fast::softmax_rows_bwd", mutates_args=(), schema=(
-    "(Tensor x, Tensor y, Tensor? y_mask, Tensor lse, Tensor delta, Tensor? dout, float scale, "
-    "bool with_out, ScalarType compute_dtype) -> (Tensor, Tensor)"))
-def _softmax_rows_bwd_op(x: torch.Tensor, y: torch.Tensor, y_mask: Optional[torch.Tensor], lse: torch.Tensor,
-                         delta: torch.Tensor, dout: Optional[torch.Tensor], scale: float, with_out: bool,
-                         compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast(x.device.type, enabled=False):
-        if use_triton(x, y):
-            return _softmax_rows_bwd_triton(x, y, y_mask, lse, delta, dout, scale, with_out, compute_dtype)
-        return _softmax_rows_bwd_ref(x, y, y_mask, lse, delta, dout, scale, with_out, compute_dtype)
-
-
-@_softmax_rows_bwd_op.register_fake
-def _(x, y, y_mask, lse, delta, dout, scale, with_out, compute_dtype):
-    return x.new_empty(x.shape, dtype=torch.float32), y.new_empty(y.shape, dtype=torch.float32)
-
-
-def _softmax_rows_setup(ctx, inputs, output):
-    x, y, y_mask, scale, with_out, compute_dtype = inputs
-    out, lse = output
-    ctx.scale, ctx.with_out, ctx.has_mask, ctx.ct = scale, with_out, y_mask is not None, compute_dtype
-    # Saved: the inputs, the (B, Tx, d) output and the (B, Tx) logsumexp. Never the scores.
-    ctx.save_for_backward(x, y, y_mask if y_mask is not None else x.new_empty(0), out, lse)
-
-
-def _softmax_rows_backward(ctx, dout, dlse):
-    x, y, y_mask, out, lse = ctx.saved_tensors
-    y_mask = y_mask if ctx.has_mask else None
-    delta = -dlse if dlse is not None else torch.zeros_like(lse)
-    if ctx.with_out and dout is not None:
-        delta = delta + (dout.float() * out).sum(-1)
-        with_out = True
-    else:
-        dout, with_out = None, False
-    dx, dy = _softmax_rows_bwd_op(x, y, y_mask, lse, delta.contiguous(), dout, ctx.scale, with_out, ctx.ct)
-    return dx.to(x.dtype), dy.to(y.dtype), None, None, None, None
-
-
-_softmax_rows_op.register_autograd(_softmax_rows_backward, setup_context=_softmax_rows_setup)
-
-
-def softmax_rows(x, y, y_mask, scale: float, with_out: bool = True, compute_dtype: Optional[torch.dtype] = None):
-    """``(softmax(x y^T * scale) y, logsumexp(x y^T * scale))`` per batch row, keys outside ``y_mask`` excluded.
-
-    x: (B, Tx, d), y: (B, Ty, d), y_mask: (B, Ty) bool or None. Returns fp32 (B, Tx, d) (empty when
-    ``with_out=False``) and fp32 (B, Tx). Differentiable in x and y; custom op ``medst_fast::softmax_rows``.
-    ``compute_dtype`` bf16/fp16: the products take operands rounded to it (P too), fp32 accumulation.
-    """
-    return _softmax_rows_op(x, y, y_mask, float(scale), bool(with_out), _compute_dtype(compute_dtype))
-
-
 _LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .data.index import SeriesIndex
 from .eval.common import StudyListDataset, embed_images, load_model
 from .files import atomic_writer
+from .similarity import mean_pairwise_cosine
 
 log = logging.getLogger("medst_fast")
 
@@ -56,16 +57,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     cross = (yc.t() @ xc).pow(2).sum()
     den = torch.linalg.matrix_norm(xc.t() @ xc) * torch.linalg.matrix_norm(yc.t() @ yc)
     return float(cross / den) if den > 0 else float("nan")  # a constant representation has no CKA
-
-
-def mean_pairwise_cosine(z: torch.Tensor) -> float:
-    """Mean cosine similarity over the distinct pairs (i != j) of the rows of z (n, d), n >= 2."""
-    if z.dim() != 2 or z.shape[0] < 2:
-        raise ValueError(f"mean_pairwise_cosine: needs (n >= 2, d) rows, got {tuple(z.shape)}")
-    u = F.normalize(z.double(), dim=-1)
-    n = u.shape[0]
-    s = u.sum(0)
-    return float((s @ s - (u * u).sum()) / (n * (n - 1)))  # the full Gram sum minus its diagonal
 
 
 # -- features per block ----------------------------------------------------------------------------------

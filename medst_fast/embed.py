@@ -23,11 +23,10 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .eval.common import load_model, load_tokenizer, read_csv_checked
 from .eval.metrics import require_finite
-from .factory import Preprocess, _is_dicom, optional_import
+from .factory import optional_import
 from .files import held_temp_file, lock_fd, move_into_place, remove_stale_temps
 from .hub import MissingTower
 from .text.report import clean_report
@@ -35,7 +34,6 @@ from .text.report import clean_report
 log = logging.getLogger("medst_fast")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
@@ -66,7 +64,9 @@ def _is_image_file(path: str) -> bool:
     # an image is not a CSV: parsed as one it fails with a tokenizing error far from the cause
     if path.lower().endswith(IMAGE_EXTS):
         return True
-    return _is_dicom(path)
+    from .data.images import is_dicom
+
+    return is_dicom(path)
 
 
 def read_texts(src: str, column: str = "text") -> Tuple[List[str], List[str]]:
@@ -85,65 +85,19 @@ def _read_csv(src: str, column: str):
     return df
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """path -> (index, eval-transformed image or None, reason); a failed decode is a skip, not a crash."""
-
-    def __init__(self, paths: Sequence[str], img_size: int):
-        self.paths, self.tf = list(paths), Preprocess(img_size, train=False)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return i, self.tf(self.paths[i]), ""
-        except (OSError, ValueError, TypeError, RuntimeError) as e:  # missing, truncated, undecodable
-            msg = str(e).replace("\n", " ")
-            return i, None, msg if self.paths[i] in msg else f"{self.paths[i]}: {msg}"
-
-
-def _collate(items):
-    ok = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, why) for i, x, why in items if x is None]
-    idx = [i for i, _ in ok]
-    return idx, (torch.stack([x for _, x in ok]) if ok else None), bad
-
-
-# -- embedding ------------------------------------------------------------------------------------------------
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _bar(it, total: int, desc: str, show: bool):
-    if not show:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # no bar without tqdm (an optional package), same output
-        return it
-    return tqdm(it, total=total, desc=desc, disable=None)
-
-
-@torch.inference_mode()
+# -- embedding: the evaluation's engine (medst_fast.eval.common), with this command's outputs -------------------
 def embed_image_files(model, paths: Sequence[str], feature: str = "embedding", batch_size: int = 64,
                       workers: int = 0, precision: str = "fp32", progress: bool = True):
     """Returns (kept indices into ``paths``, float32 (N, D) array, [(index, reason)] skipped)."""
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths, model.cfg.vision.img_size), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
-    fn = model.encode_image if feature == "embedding" else model.image_features
-    kept, rows, skipped = [], [], []
-    for idx, x, bad in _bar(loader, len(loader), "images", progress):
-        skipped += bad
-        if x is not None:
-            with _autocast(device, precision):
-                rows.append(fn(x.to(device, non_blocking=True)).float().cpu().numpy())
-            kept += idx
-    return kept, _stack(rows), skipped
+    from .eval import common
+
+    fn = (lambda m, x: m.encode_image(x)) if feature == "embedding" else (lambda m, x: m.image_features(x))
+    kept, emb, skipped = common.embed_dataset(model, common.ImageListDataset(paths, model.cfg.vision.img_size),
+                                              common.image_step(model, fn), batch_size, workers, "images",
+                                              precision, progress)
+    return kept, emb.numpy(), skipped
 
 
-@torch.inference_mode()
 def embed_text_list(model, tokenizer, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32",
                     clean: bool = True, progress: bool = True):
     """Returns (kept indices, float32 (N, E) array, [(index, reason)] skipped: texts empty after cleaning)."""
@@ -153,19 +107,11 @@ def embed_text_list(model, tokenizer, texts: Sequence[str], batch_size: int = 25
         texts = [clean_report(t)[0] if t.strip() else "" for t in texts]
     keep = [i for i, t in enumerate(texts) if t.strip()]
     skipped = [(i, "empty text") for i, t in enumerate(texts) if not t.strip()]
-    device = next(model.parameters()).device
-    rows = []
-    starts = range(0, len(keep), batch_size)
-    for s in _bar(starts, len(starts), "texts", progress):
-        enc = tokenizer([texts[i] for i in keep[s:s + batch_size]])
-        with _autocast(device, precision):
-            e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-        rows.append(e.float().cpu().numpy())
-    return keep, _stack(rows), skipped
-
-
-def _stack(rows) -> np.ndarray:
-    return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    if not keep:
+        return keep, np.zeros((0, 0), np.float32), skipped
+    emb = common.embed_texts(model, tokenizer, [texts[i] for i in keep], batch_size, desc="texts",
+                             precision=precision, progress=progress)
+    return keep, emb.numpy(), skipped
 
 
 # -- output ---------------------------------------------------------------------------------------------------
@@ -263,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-clean", action="store_true", help="texts: embed as given (default: cleaned as in pretraining)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    from .eval.common import PRECISIONS
+
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype (output is float32)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

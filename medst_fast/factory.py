@@ -171,16 +171,6 @@ def check_extra(extra: str = "train", modules: Tuple[str, ...] = TRAIN_MODULES, 
         raise ImportError(f"{what} needs {', '.join(missing)}, not installed: pip install 'medst_fast[{extra}]'")
 
 
-def _is_dicom(path: str) -> bool:
-    """DICOM by extension, or by the 'DICM' marker at byte 128 (RSNA-style files may lack the extension)."""
-    if path.lower().endswith((".dcm", ".dicom")):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def to_gray_u8(img) -> np.ndarray:
@@ -197,8 +187,7 @@ def to_gray_u8(img) -> np.ndarray:
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: image not found")
-        g = images.read_dicom_gray(path) if _is_dicom(path) else images.load_gray(path)
-        return np.asarray(g, dtype=np.uint8)
+        return np.asarray(images.load_gray(path), dtype=np.uint8)
     if isinstance(img, torch.Tensor):
         if img.dtype != torch.uint8:
             raise TypeError(f"an image tensor must be uint8 pixels (H, W), got {img.dtype}; a float tensor that "

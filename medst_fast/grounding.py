@@ -217,7 +217,7 @@ def at_chance_warning(model, tokenizer) -> Optional[str]:
     """A warning when ``model`` embeds ``REFERENCE_REPORTS`` as nearly one vector (the trainer's collapse
     threshold on the mean pairwise cosine), i.e. its text side is at chance; None otherwise. One batch of
     eight short texts: cheap enough to run before every picture."""
-    from .train.validate import COLLAPSED_COS, mean_pairwise_cosine
+    from .similarity import COLLAPSED_COS, mean_pairwise_cosine
 
     with torch.no_grad(), _eval_mode(model):
         dev = next(model.parameters()).device

@@ -132,19 +132,6 @@ def auroc_noise_std(pairs, sigma=TIE_SIGMA, draws=TIE_DRAWS, seed=0):
     return float(np.std(vals))
 
 
-def mean_pairwise_cos(emb):
-    """Mean cosine over distinct pairs of rows of (n, d) embeddings (rows normalised here)."""
-    import numpy as np
-
-    e = np.asarray(emb, dtype=np.float64)
-    e = e / np.linalg.norm(e, axis=1, keepdims=True)
-    n = len(e)
-    if n < 2:
-        raise ValueError("mean_pairwise_cos: need at least 2 embeddings")
-    s = e.sum(0)
-    return float((s @ s - n) / (n * (n - 1)))
-
-
 # ---------------------------------------------------------------- the grid
 
 def available_variants(help_text, wanted):
@@ -208,6 +195,7 @@ def score_spread(model, tok, eval_raw, prompts_file):
     import pandas as pd
 
     from medst_fast.eval import common, msxrt_image, msxrt_sentence, rsna_zeroshot
+    from medst_fast.similarity import mean_pairwise_cosine
     from medst_fast.zero_shot import zero_shot_logits
 
     rsna = os.path.join(eval_raw, "rsna")
@@ -216,7 +204,7 @@ def score_spread(model, tok, eval_raw, prompts_file):
     ids, y = list(df["patientId"]), df["Target"].to_numpy().astype(np.int64)
     image_dir = os.path.join(os.path.dirname(labels), rsna_zeroshot.IMAGE_DIR)
     img = common.embed_images(model, [rsna_zeroshot.image_path(image_dir, p) for p in ids])
-    out = {"cos_rsna": mean_pairwise_cos(img.numpy())}
+    out = {"cos_rsna": mean_pairwise_cosine(img)}
     for key, prompts in (("biovil", None), ("synth", rsna_zeroshot.read_prompts(prompts_file))):
         pos, neg = prompts if prompts else (rsna_zeroshot.POSITIVE_PROMPTS, rsna_zeroshot.NEGATIVE_PROMPTS)
         logits = zero_shot_logits(model, rsna_zeroshot.classifier(model, tok, pos, neg), img, logit_scale=1.0)
@@ -228,10 +216,10 @@ def score_spread(model, tok, eval_raw, prompts_file):
     frontal_ids = sorted(set(df.dicom_id) | set(df.previous_dicom_id))
     emb, _ = msxrt_image.image_features(model, msxrt_image.ImageResolver([os.path.join(eval_raw, "msxrt"),
                                                                           eval_raw]), frontal_ids, "frontal")
-    out["cos_msxrt_frontal"] = mean_pairwise_cos(np.stack([emb[d] for d in frontal_ids]))
+    out["cos_msxrt_frontal"] = mean_pairwise_cosine(np.stack([emb[d] for d in frontal_ids]))
     s1, s2, ys = msxrt_sentence.read_pairs(msxrt_sentence.find_csv(os.path.join(eval_raw, "msxrt")))
     sent = common.embed_texts(model, tok, msxrt_sentence.clean(list(s1) + list(s2)))
-    out["cos_sentences"] = mean_pairwise_cos(sent.numpy())
+    out["cos_sentences"] = mean_pairwise_cosine(sent)
     sim = msxrt_sentence.similarities(model, tok, s1, s2)
     out["sentence_auroc"] = msxrt_sentence.score(sim, ys).get("RadGraph", "auroc")
     out["tie_sentence_auroc"] = auroc_noise_std([(ys, sim)])

@@ -100,11 +100,6 @@ def probes(E, Y, order, groups):
     return sev, within, float(np.corrcoef(fit(Ec, Oc), Oc)[0, 1])
 
 
-def mean_cos(E):
-    E = E / np.linalg.norm(E, axis=1, keepdims=True)
-    return float((E @ E.T).mean())
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "medst_learning_proof"))
@@ -112,6 +107,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from medst_fast.eval import common
     from medst_fast.eval.common import load_tokenizer
+    from medst_fast.similarity import mean_pairwise_cosine
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     eval_raw, vocab = os.path.join(a.work, "eval_raw"), os.path.join(a.work, "vocab.txt")
@@ -150,7 +146,8 @@ def main(argv=None):
         e_f = common.embed_images(m, [fr[i] for i in both]).numpy()
         e_s = (common.embed_studies(m, [(fr[i], la[i]) for i in both]).numpy()
                if m.cfg.vision.lateral_expert else None)
-        lines.append(f"| {n} | {mean_cos(e_f):.3f} | " + ("-" if e_s is None else f"{mean_cos(e_s):.3f}") + " |")
+        lines.append(f"| {n} | {mean_pairwise_cosine(e_f):.3f} | " +
+                     ("-" if e_s is None else f"{mean_pairwise_cosine(e_s):.3f}") + " |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -156,7 +156,7 @@ def move_ffn_launches(studies: int, x_dtype, compute_dtype, width: int = 768, hi
 
 
 def local_align_launches(batch: int, tq: int, tc: int, masks: bool, renorm: bool, compute_dtype, d: int = 128):
-    """Forward + backward launches of the fused local-alignment loss, and of the softmax_rows op."""
+    """Forward + backward launches of the fused local-alignment loss."""
     import torch
 
     from medst_fast.kernels import local_align as la
@@ -168,9 +168,6 @@ def local_align_launches(batch: int, tq: int, tc: int, masks: bool, renorm: bool
     with record_launches(la) as rec:
         _, ctx, a, rows, vecs, dcst = la._loss_fwd_triton(q, c, qm, cm, w, b, 0.1, renorm, compute_dtype)
         la._loss_bwd_triton(_meta(()), q, c, qm, cm, w, ctx, a, rows, vecs, dcst, 0.1, renorm, compute_dtype)
-        la._softmax_rows_triton(q, c, cm, 10.0, True, compute_dtype)
-        la._softmax_rows_bwd_triton(q, c, cm, _meta(batch, tq), _meta(batch, tq), _meta(batch, tq, d), 10.0, True,
-                                    compute_dtype)
     return rec
 
 

@@ -1,4 +1,7 @@
+import hashlib
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -68,7 +71,158 @@ def vocab_path(shared_dir):
     return _need("vocab", "bio_clinicalbert", "vocab.txt")
 
 
+# -- session fixtures: built once, read-only to tests -------------------------------------------------------------
+# A test that writes gets a copy in its own tmp_path (copy_index / copy_run); each session fixture checks at the
+# end of the session that its files are bitwise what it built, so a test that wrote into the shared one fails.
+def _tree_digest(root: str) -> str:
+    h = hashlib.sha256()
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(d, name)
+            h.update(os.path.relpath(p, root).encode() + b"\0")
+            with open(p, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def _read_only(root: str):
+    """Yield ``root`` and fail the session if anything under it changed meanwhile."""
+    before = _tree_digest(root)
+    yield root
+    if _tree_digest(root) != before:
+        pytest.fail(f"a test modified the shared session folder {root}: tests that write must copy it first "
+                    f"(copy_index / copy_run)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory):
+    """An 8-patient synthetic MIMIC-CXR tree (80x64 JPEGs, plain-text reports) and its prepared index: 13
+    training series. ``<root>/tree`` and ``<root>/idx``; the index is ``tiny_index``."""
+    from medst_fast.data import prepare, synth
+
+    root = tmp_path_factory.mktemp("tiny_index")
+    synth.generate(str(root / "tree"), patients=8, seed=3, extras=False, zip_reports=False, image_size=(80, 64))
+    prepare.prepare_mimic(str(root / "tree"), str(root / "tree"), str(root / "idx"), cache_size=None, workers=0,
+                          progress=False)
+    yield from _read_only(str(root))
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_tree):
+    """The session's tiny prepared index folder (read-only: write into ``copy_index(tmp_path)`` instead)."""
+    return os.path.join(tiny_tree, "idx")
+
+
+@pytest.fixture(scope="session")
+def copy_index(tiny_tree):
+    """``copy_index(dst)``: a private copy of the tiny tree + index at ``dst`` (a new folder); returns the index folder,
+    whose meta.json points at the copied images (so a test may damage them)."""
+    def copy(dst) -> str:
+        dst = str(dst)
+        shutil.copytree(tiny_tree, dst)
+        meta_path = os.path.join(dst, "idx", "meta.json")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["image_root"] = os.path.join(dst, "tree")
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        return os.path.join(dst, "idx")
+    return copy
+
+
+# The smallest run the CLI makes: the tiny model at 32 px and 32 tokens on 8 in-memory random series, 2 per
+# step, 4 steps, a checkpoint every 2 (both kept), the final/ and final_encoder/ exports.
+TINY_RUN_STEPS = 4
+
+
+def tiny_run_argv(out, vocab, *extra):
+    """The flags of the session's finished run (``tiny_run``); a resume of a copy passes the same ones."""
+    return ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out), "--workers",
+            "0", "--batch-series", "2", "--log-every", "1", "--max-steps", str(TINY_RUN_STEPS), "--save-every", "2",
+            "--keep", "5", "--progress", "off", "--model-override", "vision.img_size=32", "--model-override",
+            "text.max_length=32", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, vocab_path):
+    """A finished run folder (trained once per session; read-only: use ``copy_run``)."""
+    from medst_fast.pretrain import main
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    res = main(tiny_run_argv(out, vocab_path))
+    assert res.step == TINY_RUN_STEPS and res.export_dir is not None
+    yield from _read_only(str(out))
+
+
+@pytest.fixture(scope="session")
+def copy_run(tiny_run):
+    """``copy_run(dst)``: a private copy of the session's finished run at ``dst`` (returns its path as str)."""
+    def copy(dst) -> str:
+        shutil.copytree(tiny_run, str(dst))
+        return str(dst)
+    return copy
+
+
+# -- counting full trainer runs ---------------------------------------------------------------------------------
+# MEDST_COUNT_TRAINER_RUNS=1: count the in-process trainer runs (calls of medst_fast.train.loop.train, and of a
+# Trainer's run() made outside it), each credited to the test being set up or run (a module or session
+# fixture's runs go to the first test that needs it); the summary prints the total and the tests that make
+# them. Runs in a subprocess (the CLI, torchrun) are not seen here.
+_RUNS: dict = {}
+_CURRENT = {"test": "(outside a test)", "depth": 0}
+
+
+def _count_runs_enabled() -> bool:
+    return os.environ.get("MEDST_COUNT_TRAINER_RUNS", "0") not in ("", "0")
+
+
+# A call refused before its first step (a resume check, a run-folder check, a bad flag) is counted apart.
+_REFUSALS = ("CheckpointError", "RunFolderError", "UsageError", "SystemExit")
+
+
+def _counted(fn):
+    def wrapper(*a, **k):
+        outer = _CURRENT["depth"] == 0
+        _CURRENT["depth"] += 1
+        kind = "runs"
+        try:
+            return fn(*a, **k)
+        except BaseException as e:
+            kind = "refused" if type(e).__name__ in _REFUSALS else kind
+            raise
+        finally:
+            _CURRENT["depth"] -= 1
+            if outer:
+                counts = _RUNS.setdefault(_CURRENT["test"], {"runs": 0, "refused": 0})
+                counts[kind] += 1
+    return wrapper
+
+
+def pytest_sessionstart(session):
+    if not _count_runs_enabled():
+        return
+    from medst_fast.train import loop
+
+    loop.train = _counted(loop.train)
+    trainer = getattr(loop, "Trainer", None)
+    if trainer is not None and hasattr(trainer, "run"):
+        trainer.run = _counted(trainer.run)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _CURRENT["test"] = item.nodeid
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _count_runs_enabled():
+        runs = sum(c["runs"] for c in _RUNS.values())
+        refused = sum(c["refused"] for c in _RUNS.values())
+        terminalreporter.write_line(f"in-process trainer runs: {runs} (and {refused} refused before a step) in "
+                                    f"{len(_RUNS)} test(s)")
+        for nodeid, c in sorted(_RUNS.items(), key=lambda kv: -kv[1]["runs"]):
+            terminalreporter.write_line(f"  {c['runs']:3d} runs {c['refused']:3d} refused  {nodeid}")
     # pytest -q prints only "N skipped"; say once which shared resources those skips were missing.
     missing = {}
     for rep in terminalreporter.stats.get("skipped", []):

@@ -65,17 +65,6 @@ def test_verdict_needs_the_interval_to_exclude_zero(ab):
     assert ab.verdict(0.0, 0.2) == "not distinguishable"
 
 
-def test_mean_pairwise_cosine_against_a_double_loop(ab):
-    rng = np.random.default_rng(0)
-    e = rng.normal(size=(7, 5))
-    u = e / np.linalg.norm(e, axis=1, keepdims=True)
-    loop = np.mean([u[i] @ u[j] for i in range(7) for j in range(7) if i != j])
-    assert ab.mean_pairwise_cos(e) == pytest.approx(loop)
-    assert ab.mean_pairwise_cos(np.ones((4, 3)) + 1e-4 * rng.normal(size=(4, 3))) > 0.999
-    with pytest.raises(ValueError):
-        ab.mean_pairwise_cos(np.ones((1, 3)))
-
-
 def test_near_tie_flag_from_auroc_noise_sensitivity(ab):
     rng = np.random.default_rng(1)
     y = np.array([0, 1] * 100)

@@ -129,6 +129,21 @@ def test_missing_shared_resources_fail_ci_and_are_named_for_users(tmp_path):
     assert "MEDST_REQUIRE_SHARED=1" in ci.stdout and str(tmp_path / "no_shared") in ci.stdout
 
 
-def test_ci_script_requires_shared_resources_before_the_tests():
-    text = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
-    assert text.index("export MEDST_REQUIRE_SHARED=1") < text.index('eval "$cmd"')
+def test_ci_script_runs_the_readme_command_with_shared_resources_required(tmp_path):
+    """.ci/run after its install steps, run for real on a README of our own: the command between the
+    test-command markers runs with MEDST_REQUIRE_SHARED=1, its exit status is CI's, and pytest's "collected
+    no tests" (exit 5) fails CI."""
+    lines = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("cmd="))  # the installs come before
+    script = "\n".join(["set -euo pipefail", *lines[start:]])
+    env = {k: v for k, v in os.environ.items() if k != "MEDST_REQUIRE_SHARED"}
+    for command, rc, says in (('echo "require=${MEDST_REQUIRE_SHARED:-unset}"', 0, "require=1"),
+                              ("(exit 5)", 1, "collected no tests"), ("(exit 3)", 3, "+ (exit 3)")):
+        (tmp_path / "README.md").write_text(f"text\n<!-- test-command -->\n```bash\n{command}\n```\n"
+                                            f"<!-- /test-command -->\nmore text\n")
+        r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == rc and says in r.stdout, (command, r.returncode, r.stdout, r.stderr)
+    (tmp_path / "README.md").write_text("no markers\n")
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no test command found in README.md" in r.stdout

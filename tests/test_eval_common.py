@@ -141,3 +141,76 @@ def test_embed_images_matches_direct_forward(tmp_path):
     assert torch.allclose(e, ref, atol=1e-5)
     f = common.embed_images(model, paths, fn=lambda m, x: m.image_features(x), batch_size=3)
     assert f.shape == (5, model.cfg.vision.width)
+
+
+# -- the one embedding engine (eval tasks and python -m medst_fast.embed) -----------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    import medst_fast
+
+    torch.manual_seed(0)
+    return medst_fast.create_model("medst_tiny").eval()
+
+
+def _with_bad(tmp_path):
+    """Five readable images with a truncated and a missing one between them (indices 1 and 4)."""
+    paths = []
+    for i in range(5):
+        p = str(tmp_path / f"{i}.jpg")
+        _jpg(p, 30 + 40 * i)
+        paths.append(p)
+    with open(tmp_path / "cut.jpg", "wb") as f:
+        f.write(open(paths[0], "rb").read()[:60])
+    paths.insert(1, str(tmp_path / "cut.jpg"))
+    paths.insert(4, str(tmp_path / "gone.jpg"))
+    return paths
+
+
+def test_eval_and_embed_share_rows_skips_and_reasons(tmp_path, tiny):
+    from medst_fast.embed import embed_image_files
+
+    paths = _with_bad(tmp_path)
+    kept, emb, skipped = common.embed_images_kept(tiny, paths, batch_size=2)
+    kept2, emb2, skipped2 = embed_image_files(tiny, paths, batch_size=2, progress=False)
+    assert kept == kept2 == [0, 2, 3, 5, 6]
+    assert skipped == skipped2 and [i for i, _ in skipped] == [1, 4]
+    assert "cut.jpg" in skipped[0][1] and "gone.jpg" in skipped[1][1] and "not found" in skipped[1][1]
+    assert isinstance(emb2, np.ndarray) and emb2.dtype == np.float32
+    np.testing.assert_array_equal(emb.numpy(), emb2)  # one engine: the same numbers, not merely close
+    with torch.no_grad():
+        ref = tiny.encode_image(torch.stack([common.eval_transform(common.read_image(paths[i]), 96) for i in kept]))
+    torch.testing.assert_close(emb, ref, atol=1e-5, rtol=0)
+
+
+def test_engine_autocast_rule(tmp_path, tiny):
+    paths = _with_bad(tmp_path)[:1]
+    ds = common.ImageListDataset(paths, 96)
+    _, fp32, _ = common.embed_dataset(tiny, ds, common.image_step(tiny), progress=False)
+    _, bf16, _ = common.embed_dataset(tiny, ds, common.image_step(tiny), precision="bf16", progress=False)
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.1  # ran in bf16, returned as fp32
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp64'"):
+        common.embed_dataset(tiny, ds, common.image_step(tiny), precision="fp64", progress=False)
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        common.embed_dataset(tiny, ds, common.image_step(tiny), batch_size=0)
+
+
+def test_engine_nothing_readable(tmp_path, tiny):
+    paths = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    kept, emb, skipped = common.embed_dataset(tiny, common.ImageListDataset(paths, 96), common.image_step(tiny),
+                                              progress=False)
+    assert kept == [] and emb.shape == (0, 0) and len(skipped) == 2  # embed then says "nothing to write"
+    with pytest.raises(ValueError, match=r"images: none of the 2 inputs could be read \(first: .*a.jpg"):
+        common.embed_images_kept(tiny, paths)
+
+
+def test_engine_lets_a_bug_through(tmp_path, tiny):
+    """Only a bad file is a skip: any other error in reading (here a TypeError) ends the run."""
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise TypeError("a bug, not a bad file")
+
+    with pytest.raises(TypeError, match="a bug"):
+        common.embed_dataset(tiny, Broken(), common.image_step(tiny), progress=False)

@@ -251,13 +251,6 @@ def test_faithful_with_series_len_is_refused(vocab_path, capsys):
     assert "--faithful cannot be combined with --series-len: faithful mode keeps the paper's" in capsys.readouterr().err
 
 
-def test_resume_with_another_series_len_is_refused(tmp_path, vocab_path):
-    out = tmp_path / "r"
-    main(_argv(out, vocab_path, "--max-steps", "1"))
-    with pytest.raises(W.CheckpointError, match="cannot resume with changed settings .*--series-len 4 -> 3"):
-        main(_argv(out, vocab_path, "--resume", "auto", "--series-len", "3", "--allow-changed-args"))
-
-
 # ------------------------------------------------------------------------------------- the default N = 4
 def _collate_as_before(items):
     """collate_series as it was before --series-len (series of exactly 4 first), the fields the check reads."""

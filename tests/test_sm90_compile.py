@@ -163,7 +163,7 @@ def write_table(rows, n_launches):
         f"shapes (MoVE FFN: {', '.join(map(str, FFN_STUDIES))} studies, half with a lateral, width 768, hidden "
         f"3072, x/compute dtypes fp32/bf16, bf16/bf16, fp32/fp32; local alignment: B {', '.join(map(str, ALIGN_BATCH))},"
         f" 111 words x 392 patches both ways, d 128, masks on/off, fp32 and bf16, each with the default loss, "
-        f"uniform weighting, batch scope and both switches, plus softmax_rows; fp32 also as TF32 (compute `tf32`: "
+        f"uniform weighting, batch scope and both switches; fp32 also as TF32 (compute `tf32`: "
         f"torch.set_float32_matmul_precision('high')); the MoVE FFN also with each config of "
         f"its GEMM candidate sets forced, `move_ffn.GEMM_CONFIGS` / `WGRAD_CONFIGS`, what MEDST_FAST_AUTOTUNE=1 "
         f"can pick) compile to "

@@ -41,7 +41,7 @@ def _custom_op_calls():
 def test_every_custom_op_has_an_explicit_schema_matching_the_registered_one():
     calls = _custom_op_calls()
     names = {name for _, name, _ in calls}
-    assert len(calls) == len(names) >= 6, calls
+    assert len(calls) == len(names) >= 4, calls  # token_align fwd/bwd, move_ffn fwd/bwd
     for path, name, schema in calls:
         assert schema is not None, f"{path}: custom op {name} has no schema= (torch 2.4-2.6 cannot infer it)"
         ns, op = name.split("::")
@@ -54,8 +54,7 @@ def test_explicit_schemas_agree_with_the_python_signatures():
     infer = getattr(torch.library, "infer_schema", None)
     if infer is None:
         pytest.skip(f"torch {torch.__version__} has no torch.library.infer_schema")
-    ops = [local_align._softmax_rows_op, local_align._softmax_rows_bwd_op, local_align._loss_fwd_op,
-           local_align._loss_bwd_op, move_ffn._move_ffn_fwd_op, move_ffn._move_ffn_bwd_op]
+    ops = [local_align._loss_fwd_op, local_align._loss_bwd_op, move_ffn._move_ffn_fwd_op, move_ffn._move_ffn_bwd_op]
     by_name = {name: schema for _, name, schema in _custom_op_calls()}
     for op in ops:
         fn = op._init_fn

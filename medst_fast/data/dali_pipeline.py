@@ -12,7 +12,7 @@ decodes the JPEGs ("mixed": nvJPEG on the GPU; "cpu" with ``device_id=None``) an
   antialiased linear filter. That is ``F.interpolate(antialias=True)``'s filter, and the outputs agree to
   rounding except within one filter support (about the downscale factor, in pixels) of the image's
   edges, where DALI clamps to the edge pixel and torch/PIL renormalise the truncated filter
-  (tests/test_dali_pipeline.py compares the interior); ``slice`` with out-of-bounds padding does the
+  (tests/test_data_dali_pipeline.py compares the interior); ``slice`` with out-of-bounds padding does the
   centred zero padding and the crop in one step (its window starts at the crop origin minus the
   padding); ``crop_mirror_normalize`` computes (x - 127.5)/127.5 = (x/255 - 0.5)/0.5 into (1, S, S).
   CPU-decoded images take the op with the same bilinear filter.

@@ -89,6 +89,25 @@ def save_jpeg_atomic(img: Image.Image, path: str, quality: int = 95) -> None:
         img.save(f, format="JPEG", quality=quality)
 
 
+DICOM_EXTS = (".dcm", ".dicom")
+
+
+def has_dicm_marker(path: str) -> bool:
+    """True when the file carries the DICOM Part 10 marker: the bytes 'DICM' after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False  # a missing or unreadable file: the decoder that opens it names the problem
+
+
+def is_dicom(path: str) -> bool:
+    """The one DICOM rule: the extension (.dcm / .dicom) or the 'DICM' marker at byte 128. Both, because RSNA-
+    style exports may carry no extension, and a named .dcm that is something else deserves a DICOM error."""
+    return path.lower().endswith(DICOM_EXTS) or has_dicm_marker(path)
+
+
 def read_dicom_gray(path: str) -> Image.Image:
     """DICOM -> 8-bit grayscale the way the RSNA preprocessing does (docs/method.md §4.6): scale by 255/max, invert
     MONOCHROME1 so that bone is always bright."""
@@ -96,6 +115,10 @@ def read_dicom_gray(path: str) -> Image.Image:
         import pydicom
     except ImportError as e:
         raise ImportError("reading DICOM needs the optional 'pydicom' package: pip install pydicom") from e
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: DICOM file not found")
+    if not has_dicm_marker(path):  # pydicom's own error here suggests force=True, which would only read garbage
+        raise ImageReadError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128)")
     try:
         ds = pydicom.dcmread(path)
         a = ds.pixel_array.astype(np.float32)
@@ -111,8 +134,13 @@ def read_dicom_gray(path: str) -> Image.Image:
 
 
 def load_gray(path: str, draft_longer: Optional[int] = None) -> Image.Image:
-    """8-bit grayscale from a JPEG/PNG/... file, or a DICOM (.dcm / .dicom)."""
-    if path.lower().endswith((".dcm", ".dicom")):
+    """THE image reader: any path (JPEG, PNG 8/16-bit, RGBA, ..., DICOM) -> 8-bit grayscale PIL image.
+
+    Every reader of the project (training loaders, cache, evaluation, embedding, the drop-in ``Preprocess``)
+    decodes through here, so a file reads the same everywhere. DICOM by ``is_dicom``; anything else by PIL
+    (``draft_longer``: JPEG draft-mode decoding, see ``open_gray``). Raises ImageReadError naming the file.
+    """
+    if is_dicom(path):
         return read_dicom_gray(path)
     return open_gray(path, draft_longer=draft_longer)
 

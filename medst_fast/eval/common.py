@@ -7,6 +7,7 @@ equal to 3 grey channels).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -122,14 +123,6 @@ def eval_transform(img: np.ndarray, size: int) -> torch.Tensor:
     return _T.eval_transform(img, size)
 
 
-def read_dicom(path: PathLike) -> np.ndarray:
-    """DICOM (whatever its extension) -> uint8 grey: pixels scaled by 255/max (rounded, saturated),
-    MONOCHROME1 inverted: the official RSNA reading, by the loaders' decoder."""
-    from ..data.images import read_dicom_gray
-
-    return _decoded(os.fspath(path), read_dicom_gray)
-
-
 def _decoded(path: str, decode) -> np.ndarray:
     """``decode(path)`` as a uint8 (H, W) array; a missing file raises FileNotFoundError, a bad one
     ValueError, each naming the file."""
@@ -147,7 +140,8 @@ def _decoded(path: str, decode) -> np.ndarray:
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """Any image file (JPEG, PNG 8/16-bit, RGBA, ... or .dcm/.dicom) -> uint8 grey (H, W). Errors name the file."""
+    """Any image file (JPEG, PNG 8/16-bit, RGBA, ..., DICOM by ``data.images.is_dicom``) -> uint8 grey (H, W),
+    decoded by the project's one reader (``data.images.load_gray``). Errors name the file."""
     from ..data.images import load_gray
 
     return _decoded(os.fspath(path), load_gray)
@@ -183,9 +177,23 @@ class StudyListDataset(torch.utils.data.Dataset):
         return xf, eval_transform(read_image(l), self.size), True
 
 
+# -- the embedding engine -------------------------------------------------------------------------
+# One loop turns inputs into embeddings for the evaluation tasks and for ``python -m medst_fast.embed``: batched,
+# under inference mode, on the model's device, autocast by ``precision``, a progress bar, and an unreadable
+# image counted as a skip with its reason rather than the end of the run.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: plain fp32)
+
+# What reading one input raises for a bad file (read_image's contract): FileNotFoundError when missing, a
+# ValueError naming the file when truncated or undecodable. Anything else (a bug, a missing optional package)
+# propagates rather than turning every input into a skip.
+_READ_ERRORS = (OSError, ValueError)
+
+Skipped = List[Tuple[int, str]]  # (input index, reason naming the file)
+
+
 class _Skipping(torch.utils.data.Dataset):
     """``ds[i]`` as (i, item, "") or, for an unreadable file, (i, None, reason): one corrupt image is a counted
-    skip, as in training and ``medst_fast.embed``, not the end of an evaluation."""
+    skip, as in training, not the end of an evaluation."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -196,7 +204,7 @@ class _Skipping(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             return i, self.ds[i], ""
-        except (OSError, ValueError) as e:  # missing, truncated, undecodable: the message names the file
+        except _READ_ERRORS as e:  # the message names the file (read_image's contract)
             return i, None, str(e).replace("\n", " ")
 
 
@@ -207,50 +215,83 @@ def _collate_kept(items):
     return [i for i, _ in kept], batch, bad
 
 
-def _progress(it, desc: str, total: int):
+def _progress(it, desc: str, total: int, show: bool = True):
+    if not show:
+        return it
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
+    except ImportError:  # no bar without tqdm (an optional package), same results
         return it
     # disable=None: a bar on a terminal, nothing in logs and CI.
     return tqdm(it, desc=desc, total=total, disable=None, leave=False)
 
 
-Skipped = List[Tuple[int, str]]  # (input index, reason naming the file)
+def autocast(device: torch.device, precision: str):
+    """The engine's autocast rule: ``precision`` "fp32" runs as is, "bf16" / "fp16" under torch.autocast on
+    ``device`` (the outputs are returned as float32 either way)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _run_kept(model, ds, step: Callable, batch_size: int, workers: int, desc: str):
-    """Batches of ``ds`` through ``step(batch) -> (n, E)``, skipping unreadable items.
-
-    Returns (kept input indices, float32 CPU (len(kept), E), [(index, reason)] skipped)."""
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+
+
+def _cat(rows: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(rows) if rows else torch.zeros((0, 0), dtype=torch.float32)
+
+
+@torch.inference_mode()
+def embed_dataset(model, ds, step: Callable, batch_size: int = 64, workers: int = 0, desc: str = "images",
+                  precision: str = "fp32", progress: bool = True) -> Tuple[List[int], torch.Tensor, Skipped]:
+    """The engine for files: batches of ``ds`` (decoded in ``workers`` DataLoader processes while the device
+    computes) through ``step(batch, device) -> (n, E)``, skipping unreadable items.
+
+    Returns (kept input indices, float32 CPU (len(kept), E), [(index, reason)] skipped); with nothing readable
+    the array is (0, 0) and the caller decides whether that is an error.
+    """
+    _check_batch_size(batch_size)
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(_Skipping(ds), batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=_collate_kept, pin_memory=device.type == "cuda")
     kept, out, skipped = [], [], []
-    for idx, batch, bad in _progress(loader, desc, len(loader)):
+    for idx, batch, bad in _progress(loader, desc, len(loader), progress):
         skipped += bad
         if batch is not None:
-            out.append(step(batch, device).float().cpu())
+            with autocast(device, precision):
+                out.append(step(batch, device).float().cpu())
             kept += idx
+    return kept, _cat(out), skipped
+
+
+def _some_read(kept: List[int], skipped: Skipped, n: int, desc: str) -> None:
+    """The evaluation tasks need at least one input: an error naming the first reason otherwise."""
     if not kept:
-        raise ValueError(f"{desc}: none of the {len(ds)} inputs could be read (first: "
+        raise ValueError(f"{desc}: none of the {n} inputs could be read (first: "
                          f"{skipped[0][1] if skipped else '-'})")
-    return kept, torch.cat(out), skipped
+
+
+def image_step(model, fn: Optional[Callable] = None) -> Callable:
+    """``step`` for ``embed_dataset`` over ``ImageListDataset``: ``fn(model, frontal)``, by default the
+    normalised global embedding."""
+    if fn is None:
+        fn = lambda m, x: m.encode_image(x)  # noqa: E731
+    return lambda x, dev: fn(model, x.to(dev, non_blocking=True))
 
 
 def embed_images_kept(model, paths: Sequence[PathLike], fn: Optional[Callable] = None, batch_size: int = 64,
                       workers: int = 0, desc: str = "images") -> Tuple[List[int], torch.Tensor, Skipped]:
     """``fn(model, frontal)`` (default: the normalised global embedding) over image files, skipping unreadable
     ones: returns (kept indices into ``paths``, float32 CPU (len(kept), E), [(index, reason)] skipped)."""
-    if fn is None:
-        fn = lambda m, x: m.encode_image(x)  # noqa: E731
     if len(paths) == 0:
         raise ValueError("no images to embed")
-    with torch.inference_mode():
-        return _run_kept(model, ImageListDataset(paths, model.cfg.vision.img_size),
-                         lambda x, dev: fn(model, x.to(dev, non_blocking=True)), batch_size, workers, desc)
+    kept, emb, skipped = embed_dataset(model, ImageListDataset(paths, model.cfg.vision.img_size),
+                                       image_step(model, fn), batch_size, workers, desc)
+    _some_read(kept, skipped, len(paths), desc)
+    return kept, emb, skipped
 
 
 def embed_images(model, paths: Sequence[PathLike], fn: Optional[Callable] = None, batch_size: int = 64,
@@ -281,8 +322,10 @@ def embed_studies_kept(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]
         xf, xl, has = batch
         return model.encode_image(xf.to(device), xl.to(device), has.to(device))
 
-    with torch.inference_mode():
-        return _run_kept(model, StudyListDataset(pairs, model.cfg.vision.img_size), step, batch_size, workers, desc)
+    kept, emb, skipped = embed_dataset(model, StudyListDataset(pairs, model.cfg.vision.img_size), step, batch_size,
+                                       workers, desc)
+    _some_read(kept, skipped, len(pairs), desc)
+    return kept, emb, skipped
 
 
 def embed_studies(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], batch_size: int = 64,
@@ -296,17 +339,21 @@ def embed_studies(model, pairs: Sequence[Tuple[PathLike, Optional[PathLike]]], b
 
 @torch.inference_mode()
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, normalize: bool = True,
-                desc: str = "texts") -> torch.Tensor:
-    """Global text embeddings (N, E) as float32 on the CPU, in batches."""
+                desc: str = "texts", precision: str = "fp32", progress: bool = True) -> torch.Tensor:
+    """The engine for texts: global text embeddings (N, E) as float32 on the CPU, in batches, under the same
+    autocast rule and progress bar as ``embed_dataset``. Every text is embedded (no skips: the caller drops
+    the texts it does not want)."""
+    _check_batch_size(batch_size)
+    if len(texts) == 0:
+        raise ValueError("no texts to embed")
     device = next(model.parameters()).device
     out = []
     starts = range(0, len(texts), batch_size)
-    for s in _progress(starts, desc, len(starts)):
+    for s in _progress(starts, desc, len(starts), progress):
         enc = tokenizer(list(texts[s:s + batch_size]))
-        e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=normalize)
+        with autocast(device, precision):
+            e = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=normalize)
         out.append(e.float().cpu())
-    if not out:
-        raise ValueError("no texts to embed")
     return torch.cat(out)
 
 

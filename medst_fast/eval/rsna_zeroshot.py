@@ -80,7 +80,8 @@ def image_path(image_dir: str, patient_id: str) -> str:
     p = os.path.join(image_dir, patient_id + ".dcm")
     if os.path.isfile(p):
         return p
-    for ext in (".png", ".jpg"):  # converted copies of the Kaggle set
+    # converted copies of the Kaggle set, or a DICOM saved without its extension (the reader knows it by its marker)
+    for ext in (".png", ".jpg", ""):
         if os.path.isfile(os.path.join(image_dir, patient_id + ext)):
             return os.path.join(image_dir, patient_id + ext)
     return p  # read_image raises with this name

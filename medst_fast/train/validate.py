@@ -26,23 +26,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..similarity import COLLAPSED_COS, mean_pairwise_cosine
 from . import checkpoint as ckpt
 from . import distributed as D
 
 log = logging.getLogger("medst_fast")
-
-# Mean pairwise cosine above which the validation embeddings count as collapsed (retrieval then measures nothing).
-COLLAPSED_COS = 0.9
-
-
-def mean_pairwise_cosine(z: torch.Tensor) -> float:
-    """Mean cosine over the N(N-1) ordered pairs of distinct rows of (N, E); NaN for N < 2."""
-    n = z.shape[0]
-    if n < 2:
-        return float("nan")
-    u = torch.nn.functional.normalize(z.double(), dim=1)
-    s = u.sum(0)
-    return float(((s @ s) - (u * u).sum()) / (n * (n - 1)))  # sum over i != j of u_i . u_j
 
 
 def batchnorm_start_weight(model) -> Optional[Tuple[int, float]]:

@@ -179,7 +179,7 @@ def test_packed_path_equals_dense_forward_and_grads(has):
         torch.set_default_dtype(torch.float32)
 
 
-# -- timm-style API (the interop against timm itself is tests/test_interop.py) ----------------------------
+# -- timm-style API (the interop against timm itself is tests/test_convert_interop.py) ----------------------------
 def test_intermediates_are_the_block_outputs():
     torch.set_default_dtype(torch.float64)
     try:

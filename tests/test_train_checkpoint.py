@@ -1,12 +1,13 @@
 """Training checkpoints: atomic writes, rotation, weights_only loading, RNG round trips, damaged files."""
+import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
 from medst_fast import weights as W
 
@@ -81,26 +82,37 @@ def test_not_a_training_checkpoint(tmp_path):
         W.resolve_resume(str(tmp_path / "nope.pt"), str(tmp_path))
 
 
-def _argv(out, vocab, *extra):
-    return ["--dataset-type", "random", "--vocab", vocab, "--out", str(out), "--workers", "0", "--batch-series", "3",
-            "--log-every", "2", "--no-export", *extra]
+# -- the index a run trained on is part of the run ------------------------------------------------------------------
+def _copy_index(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
 
 
-def test_trainer_corrupted_resume(tmp_path, vocab_path):
-    out = tmp_path / "run"
-    res = main(_argv(out, vocab_path, "--max-steps", "4", "--save-every", "2"))
-    assert res.step == 4
-    ckpts = W.list_checkpoints(str(out))
-    assert [os.path.basename(p) for p in ckpts] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
-    with open(ckpts[-1], "r+b") as f:
-        f.truncate(1000)
-    # an explicit path must itself be intact
-    with pytest.raises(W.CheckpointError, match="ckpt-00000004.pt: checkpoint is truncated"):
-        main(_argv(out, vocab_path, "--max-steps", "4", "--resume", ckpts[-1]))
-    # auto falls back to the newest intact one (with a warning) instead of stopping
-    res = main(_argv(out, vocab_path, "--max-steps", "4", "--resume", "auto"))
-    assert res.step == 4 and os.path.isfile(ckpts[0])
-    assert "falling back to" in (out / "train.log").read_text()
-    assert W.load_checkpoint(ckpts[-1])["step"] == 4  # rewritten intact by the resumed run
-    with pytest.raises(W.CheckpointError, match="batch-series"):
-        main(_argv(out, vocab_path, "--max-steps", "4", "--resume", "auto") + ["--batch-series", "2"])
+def test_index_fingerprint_sees_changed_reports_not_a_moved_image_root(tmp_path, tiny_index):
+    from medst_fast.data.index import SeriesIndex
+
+    base = ck.index_fingerprint(tiny_index)
+    assert ck.index_fingerprint(_copy_index(tiny_index, tmp_path / "same")) == base
+    moved = _copy_index(tiny_index, tmp_path / "moved")  # the images copied elsewhere, the index pointed at them
+    meta = json.loads(open(os.path.join(moved, "meta.json")).read())
+    meta["image_root"] = "/scratch/images"
+    open(os.path.join(moved, "meta.json"), "w").write(json.dumps(meta))
+    assert ck.index_fingerprint(moved) == base
+    changed = tmp_path / "changed"  # every report rewritten, the same series: the count check cannot see it
+    idx = SeriesIndex.load(tiny_index)
+    for s in idx.studies:
+        s.text = "no acute cardiopulmonary process."
+    idx.save(str(changed))
+    assert len(SeriesIndex.load(str(changed)).series["train"]) == len(idx.series["train"])
+    assert ck.index_fingerprint(str(changed)) != base
+
+
+def test_resume_check_refuses_another_index_unless_allowed(caplog):
+    p = "/r/checkpoints/ckpt-00000002.pt"
+    ck.check_data_fingerprint(p, "a" * 64, "a" * 64, "/data/idx", allow_changed=False)  # the same index
+    ck.check_data_fingerprint(p, None, "b" * 64, "/data/idx", allow_changed=False)  # an older checkpoint: no field
+    with pytest.raises(W.CheckpointError, match=r"ckpt-00000002.pt: resuming would change the run: the index "
+                                                 r"/data/idx differs .*--allow-changed-args"):
+        ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=False)
+    ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=True)
+    assert "--allow-changed-args: resuming" in caplog.text and "aaaaaaaaaaaa -> bbbbbbbbbbbb" in caplog.text

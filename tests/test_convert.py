@@ -1,4 +1,7 @@
-"""Drop-in loading (official Med-ST / MGCA / timm / HF BERT layouts) and save_pretrained round trips."""
+"""Drop-in loading (official Med-ST / MGCA / timm / HF BERT layouts) and save_pretrained round trips.
+
+The official checkpoint layout is built from modules (timm's ViT, transformers' BERT, the official heads and
+attention modules under the official code's attribute names), never from the converter's own table."""
 import os
 import pickle
 
@@ -11,37 +14,75 @@ from medst_fast.convert import (convert_medst_checkpoint, load_checkpoint, load_
                                 load_timm_vit, read_state_dict)
 from medst_fast.hub import from_pretrained, save_pretrained
 
-REVERSE = [
-    ("visual_global_head.", "img_encoder_q.global_embed."),
-    ("visual_local_head.", "img_encoder_q.local_embed."),
-    ("visual.", "img_encoder_q.model."),
-    ("text_global_head.", "text_encoder_q.global_embed."),
-    ("text_local_head.", "text_encoder_q.local_embed."),
-    ("text.", "text_encoder_q.model."),
-    ("word_weighting.", "word_element_wise_multi_head."),
-    ("patch_weighting.", "patch_element_wise_multi_head."),
-]
+# -- the official layout built from the official code's modules, not from the converter's table ------------------
+def _official_from_modules(model, refs=None):
+    """The state dict of the official MedST Lightning module at medst_tiny's sizes, with random values, built
+    the way the official code builds it: ``img_encoder_q.model`` is a timm-style VisionTransformer whose blocks
+    add a lateral expert (``mlp_l``, ``norm2_l``), ``text_encoder_q.model`` a transformers BertModel, the
+    projection heads ``GlobalEmbedding``/``LocalEmbedding`` (Linear/Conv1d(k=1), BatchNorm1d, ReLU,
+    Linear/Conv1d, BatchNorm1d without affine), the image encoder's unused lateral heads (``*_la``) and four
+    nn.MultiheadAttention modules (attribute names from the official medst_module.py and encoder.py)."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    from torch import nn
 
-
-def official_layout(model):
-    """A state dict laid out as the official Lightning module names and shapes it (plus its unused tensors)."""
+    v, t = model.cfg.vision, model.cfg.text
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=v.img_size, patch_size=v.patch_size, in_chans=v.in_chans, embed_dim=v.width, depth=v.depth,
+        num_heads=v.heads, mlp_ratio=v.mlp_ratio, qkv_bias=v.qkv_bias, num_classes=0)
     sd = {}
-    for k, v in model.state_dict().items():
-        for a, b in REVERSE:
-            if k.startswith(a):
-                nk = b + k[len(a):]
-                break
-        if "local_embed.head." in nk and nk.endswith("weight") and v.dim() == 2:
-            v = v[..., None]  # Conv1d(k=1) kernels
-        sd[nk] = v.clone()
-    D = model.cfg.vision.width
-    sd["img_encoder_q.global_embed_la.head.0.weight"] = torch.zeros(8, D)
-    sd["img_encoder_q.local_embed_la.head.0.weight"] = torch.zeros(8, D, 1)
-    sd["text_encoder_q.model.encoder.layer.0.crossattention.self.query.weight"] = torch.zeros(4, 4)
-    sd["text_encoder_q.model.pooler.dense.weight"] = torch.zeros(4, 4)
-    sd["text_encoder_q.model.embeddings.position_ids"] = torch.arange(512)[None]
-    sd["patch_local_atten_layer.in_proj_weight"] = torch.zeros(3, 3)
+    for k, x in vit.state_dict().items():
+        sd["img_encoder_q.model." + k] = x
+        if ".mlp." in k or ".norm2." in k:  # the official Block's lateral expert: a second MLP and its norm
+            sd["img_encoder_q.model." + k.replace(".mlp.", ".mlp_l.").replace(".norm2.", ".norm2_l.")] = x
+    # The official text model is med.py's BertModel (BLIP's copy of transformers' BERT, cross-attention layers
+    # included): transformers' names, but its embeddings have no token-type table.
+    # (transformers builds cross-attention only for a decoder, whose self-attention is causal: the names come
+    # from that one, the reference forward from the same BERT without it)
+    bert_cfg = dict(vocab_size=t.vocab_size, hidden_size=t.hidden, num_hidden_layers=t.layers,
+                    num_attention_heads=t.heads, intermediate_size=t.intermediate, max_position_embeddings=t.max_position)
+    layout = transformers.BertModel(transformers.BertConfig(**bert_cfg, is_decoder=True, add_cross_attention=True))
+    sd.update({"text_encoder_q.model." + k: x for k, x in layout.state_dict().items()
+               if "token_type_embeddings" not in k})
+    bert = transformers.BertModel(transformers.BertConfig(**bert_cfg))
+    hidden = model.visual_global_head.head[0].out_features
+    out = model.visual_global_head.head[3].out_features
+
+    def head(dim, conv):
+        lin = (lambda a, b: nn.Conv1d(a, b, 1)) if conv else nn.Linear
+        return nn.Sequential(lin(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), lin(hidden, out),
+                             nn.BatchNorm1d(out, affine=False)).state_dict()
+
+    for enc, dim, names in (("img_encoder_q", v.width, ("global_embed", "local_embed", "global_embed_la",
+                                                         "local_embed_la")),
+                            ("text_encoder_q", t.hidden, ("global_embed", "local_embed"))):
+        for name in names:
+            sd.update({f"{enc}.{name}.head.{k}": x for k, x in head(dim, "local" in name).items()})
+    for name in ("patch_local_atten_layer", "word_local_atten_layer", "word_element_wise_multi_head",
+                 "patch_element_wise_multi_head"):
+        sd.update({f"{name}.{k}": x for k, x in nn.MultiheadAttention(out, 1).state_dict().items()})
+    g = torch.Generator().manual_seed(0)  # distinct values everywhere, so a tensor loaded into the wrong place shows
+    sd = {k: (x.clone() if not x.is_floating_point() else
+              0.5 + torch.rand(x.shape, generator=g) if k.endswith("running_var") else  # a variance is positive
+              0.05 * torch.randn(x.shape, generator=g)) for k, x in sd.items()}
+    if refs is not None:  # timm's ViT and transformers' BERT holding the official tensors: the reference forwards
+        vit.load_state_dict({k: sd["img_encoder_q.model." + k] for k in vit.state_dict()})
+        bert_sd = {k: sd.get("text_encoder_q.model." + k) for k in bert.state_dict()}
+        bert_sd["embeddings.token_type_embeddings.weight"] = torch.zeros_like(bert.embeddings.token_type_embeddings.weight)
+        bert.load_state_dict(bert_sd)  # (a zero token-type row adds nothing, as med.py's embeddings do)
+        refs.update(vit=vit.eval(), bert=bert.eval())
     return sd
+
+
+# Where the official code keeps each part medst_fast loads (its attribute names), and the name timm, transformers
+# or the official head gives the tensor inside it.
+_OFFICIAL_PARTS = {"visual.": "img_encoder_q.model.", "text.": "text_encoder_q.model.",
+                   "visual_global_head.": "img_encoder_q.global_embed.",
+                   "visual_local_head.": "img_encoder_q.local_embed.",
+                   "text_global_head.": "text_encoder_q.global_embed.",
+                   "text_local_head.": "text_encoder_q.local_embed.",
+                   "word_weighting.": "word_element_wise_multi_head.",
+                   "patch_weighting.": "patch_element_wise_multi_head."}
 
 
 def _inputs(model, tok):
@@ -61,39 +102,52 @@ def _same_outputs(a, b, batch):
 
 
 @pytest.mark.parametrize("faithful", [False, True])
-def test_official_checkpoint_converts_and_loads(tmp_path, vocab_path, faithful):
-    tok = medst_fast.get_tokenizer(vocab_path)
-    src = medst_fast.create_model("medst_tiny", faithful=faithful)
-    sd = official_layout(src)
-    conv, notes = convert_medst_checkpoint(sd)
+def test_a_checkpoint_built_from_the_official_modules_loads_every_tensor(tmp_path, vocab_path, faithful):
+    model = medst_fast.create_model("medst_tiny", faithful=faithful)
+    refs = {}
+    sd = _official_from_modules(model, refs)
+    notes = convert_medst_checkpoint(sd)[1]
     assert any("never used" in n for n in notes) and any("cross-attention" in n for n in notes)
     path = tmp_path / "medst.ckpt"
     torch.save({"state_dict": sd, "epoch": 3}, path)  # the Lightning wrapper
-    dst = medst_fast.create_model("medst_tiny", faithful=faithful, pretrained=str(path))
-    _same_outputs(src, dst, _inputs(src, tok))
-    # the faithful forward on fixed inputs is deterministic
-    b = _inputs(src, tok)
+    loaded = medst_fast.create_model("medst_tiny", faithful=faithful, pretrained=str(path))  # strict
+    for k, x in loaded.state_dict().items():
+        ours = next(a for a in _OFFICIAL_PARTS if k.startswith(a))
+        src = sd[_OFFICIAL_PARTS[ours] + k[len(ours):]]
+        assert torch.equal(x, src.reshape(x.shape)), k
+    # the loaded towers compute what timm's ViT (the frontal expert) and transformers' BERT compute
+    loaded.eval()
+    S = model.cfg.vision.img_size
+    x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        o1, o2 = dst(b), dst(b)
+        torch.testing.assert_close(loaded.visual.forward_features(x), refs["vit"].forward_features(x),
+                                   atol=1e-5, rtol=1e-5)
+        if not faithful:  # faithful mode reproduces an official quirk in the text positions (not plain BERT's)
+            enc = medst_fast.get_tokenizer(vocab_path)(["small right effusion", "no acute process"])
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            keep = mask.bool()
+            want = refs["bert"](input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(loaded.text.forward_hidden(ids, mask)[keep], want[keep], atol=2e-5, rtol=2e-5)
+        # the whole model's forward on fixed inputs is deterministic
+        b = _inputs(loaded, medst_fast.get_tokenizer(vocab_path))
+        o1, o2 = loaded(b), loaded(b)
     assert torch.equal(o1.patch_local, o2.patch_local) and torch.equal(o1.txt_global, o2.txt_global)
 
 
 def test_mgca_checkpoint_keeps_new_modules_initialised():
-    src = medst_fast.create_model("medst_tiny")
-    sd = {k: v for k, v in official_layout(src).items()
-          if ".mlp_l." not in k and ".norm2_l." not in k and "element_wise" not in k}
     dst = medst_fast.create_model("medst_tiny")
+    sd = {k: v for k, v in _official_from_modules(dst).items()
+          if ".mlp_l." not in k and ".norm2_l." not in k and "element_wise" not in k}
     before = dst.visual.blocks[0].mlp_l.fc1.weight.clone()
     load_official_checkpoint(dst, sd, kind="mgca")
-    assert torch.equal(dst.visual.blocks[0].mlp.fc1.weight, src.visual.blocks[0].mlp.fc1.weight)
+    assert torch.equal(dst.visual.blocks[0].mlp.fc1.weight, sd["img_encoder_q.model.blocks.0.mlp.fc1.weight"])
     assert torch.equal(dst.visual.blocks[0].mlp_l.fc1.weight, before)
     with pytest.raises(ValueError, match=r"missing: \[.*mlp_l"):
         load_official_checkpoint(medst_fast.create_model("medst_tiny"), sd, kind="medst")
 
 
 def test_bad_checkpoint_lists_missing_and_unexpected():
-    src = medst_fast.create_model("medst_tiny")
-    sd = official_layout(src)
+    sd = _official_from_modules(medst_fast.create_model("medst_tiny"))
     sd.pop("img_encoder_q.model.norm.weight")
     sd["img_encoder_q.model.bogus"] = torch.zeros(1)
     with pytest.raises(ValueError) as e:
