@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .eval import common
 from .eval.common import load_model, load_tokenizer, read_csv_checked
 from .eval.metrics import require_finite
 from .factory import optional_import
@@ -89,8 +90,6 @@ def _read_csv(src: str, column: str):
 def embed_image_files(model, paths: Sequence[str], feature: str = "embedding", batch_size: int = 64,
                       workers: int = 0, precision: str = "fp32", progress: bool = True):
     """Returns (kept indices into ``paths``, float32 (N, D) array, [(index, reason)] skipped)."""
-    from .eval import common
-
     fn = (lambda m, x: m.encode_image(x)) if feature == "embedding" else (lambda m, x: m.image_features(x))
     kept, emb, skipped = common.embed_dataset(model, common.ImageListDataset(paths, model.cfg.vision.img_size),
                                               common.image_step(model, fn), batch_size, workers, "images",

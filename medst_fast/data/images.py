@@ -8,6 +8,7 @@ exactly the requested size.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Tuple
 
 import numpy as np
