@@ -40,8 +40,8 @@ from .config import HeadCfg, LossCfg, MedSTConfig, TextCfg, VisionCfg
 from .models import MedST, MedSTOutput
 from .losses import LossOutput, MedSTLoss
 from .kernels._utils import get_backend, set_backend
-from .factory import (add_model_config, create_model, create_model_and_transforms, get_model_config, list_models)
-from .text.tokenizer import get_tokenizer
+from .factory import (add_model_config, create_model, create_model_and_transforms, get_model_config, get_tokenizer,
+                      list_models)
 from .hub import from_pretrained, save_pretrained
 from .zero_shot import build_zero_shot_classifier, zero_shot_logits
 

@@ -32,6 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .data.index import SeriesIndex
+from .eval.common import StudyListDataset, embed_images, load_model
+from .files import atomic_writer
 from .similarity import mean_pairwise_cosine
 
 log = logging.getLogger("medst_fast")
@@ -98,8 +101,6 @@ class _BlockTaps:
 
 
 def _loader(pairs, size: int, batch_size: int, workers: int):
-    from .eval.common import StudyListDataset
-
     return torch.utils.data.DataLoader(StudyListDataset(pairs, size), batch_size=batch_size, shuffle=False,
                                        num_workers=workers)
 
@@ -136,8 +137,6 @@ def view_similarity(model, pairs: Sequence[Tuple[str, str]], batch_size: int = 3
 @torch.inference_mode()
 def frontal_only_spread(model, frontals: Sequence[str], batch_size: int = 32, workers: int = 0) -> float:
     """Mean pairwise cosine of the global embeddings of frontal images fed alone (the single-view path)."""
-    from .eval.common import embed_images
-
     if len(frontals) < 2:
         raise ValueError(f"the frontal-only spread needs at least 2 images, got {len(frontals)}")
     return mean_pairwise_cosine(embed_images(model, list(frontals), batch_size=batch_size, workers=workers,
@@ -177,16 +176,13 @@ def plot(rows: List[dict], path: str, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, path)  # a reader never sees a half-written picture
+    with atomic_writer(path, "wb") as f:  # a reader never sees a half-written picture
+        fig.savefig(f, format="png", dpi=90)
 
 
 def _select(index_dir: str, split: str, max_studies: Optional[int]):
     """(frontal, lateral) pairs of the split's studies with both views, and the split's frontals; the first
     max_studies of each, in index order."""
-    from .data.index import SeriesIndex
-
     idx = SeriesIndex.load(index_dir)
     studies = [s for s in idx.studies if s.split == split]
     if not studies:
@@ -203,8 +199,6 @@ def views(checkpoint: str, data: str, out: str, split: str = "test", max_studies
           workers: int = 0) -> dict:
     """The ``views`` analysis; returns {"rows", "spread", "markdown" (its path), "table" (its text), "png" (the
     path, None without matplotlib)}."""
-    from .eval.common import load_model
-
     pairs, frontals = _select(data, split, max_studies)
     model = load_model(checkpoint, model_name=model_name, device=device)
     rows = view_similarity(model, pairs, batch_size, workers)

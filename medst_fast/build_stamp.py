@@ -5,7 +5,8 @@ is compiled from scratch every time (1-2 minutes) although nothing it is made of
 setup.py writes a stamp: a fingerprint of everything the library depends on (its sources, the compile
 flags, the torch and CUDA versions, the Python ABI, the CUDA arch list) and the identity of the .so it
 produced. The next install skips the build when the fingerprint is the same and that .so is still there.
-Standard library only: setup.py loads this file by path, before the package can be imported.
+Standard library only: setup.py loads this file by path, before the package can be imported, so the
+atomic write comes from files.py loaded the same way (it too is standard library only).
 """
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ import sys
 from typing import Dict, Iterable, Optional
 
 STAMP_VERSION = 1
+
+
+def _files_module():
+    """medst_fast.files: imported normally, else (setup.py, no package yet) loaded from beside this file."""
+    if __package__:
+        from . import files
+
+        return files
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_medst_fast_files",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "files.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def fingerprint(sources: Iterable[str], torch_version: str, cuda_version: Optional[str], flags: Dict) -> str:
@@ -59,8 +75,4 @@ def is_up_to_date(stamp_path: str, so_path: str, fp: str) -> bool:
 def write_stamp(stamp_path: str, so_path: str, fp: str) -> None:
     """Record a successful build (atomically: a half-written stamp would read as 'up to date' garbage)."""
     rec = {"fingerprint": fp, "so": os.path.abspath(so_path), "so_identity": _so_identity(so_path)}
-    os.makedirs(os.path.dirname(os.path.abspath(stamp_path)), exist_ok=True)
-    tmp = stamp_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, stamp_path)
+    _files_module().atomic_write(stamp_path, json.dumps(rec))

@@ -13,6 +13,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .hub import from_pretrained, is_save_pretrained_folder
+from .weights import HASH_SUFFIX, WEIGHTS, read_verified_safetensors
+from .weights import load_checkpoint as load_training_checkpoint
+
 log = logging.getLogger("medst_fast")
 
 # Official module prefix -> medst_fast prefix (the official names come from the public code's modules).
@@ -51,14 +55,8 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.endswith(".safetensors"):
-        from .hub import read_verified_safetensors  # content-hash check when the file carries one
-
-        return read_verified_safetensors(path), None
-    from .train.checkpoint import HASH_SUFFIX
-
+        return read_verified_safetensors(path), None  # content-hash check when the file carries one
     if os.path.isfile(path + HASH_SUFFIX):  # the trainer's: size and sha256 checked before unpickling
-        from .train.checkpoint import load_checkpoint as load_training_checkpoint
-
         state = load_training_checkpoint(path)
         cfg = state.get("config")
         return _tensors(state["model"], path), cfg if isinstance(cfg, dict) else None
@@ -86,8 +84,6 @@ def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
 
     A run's ``final/`` is as good a starting point as the checkpoint it came from, so ``--init`` takes it.
     """
-    from .hub import WEIGHTS, from_pretrained, is_save_pretrained_folder
-
     if is_save_pretrained_folder(path):  # loaded whole: every file verified, its config checked against the weights
         model = from_pretrained(path)
         if getattr(model, "components", None):

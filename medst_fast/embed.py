@@ -24,6 +24,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .eval import common
+from .eval.common import load_model, load_tokenizer, read_csv_checked
+from .eval.metrics import require_finite
+from .factory import optional_import
+from .files import held_temp_file, lock_fd, move_into_place, remove_stale_temps
+from .hub import MissingTower
+from .text.report import clean_report
+
 log = logging.getLogger("medst_fast")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
@@ -71,11 +79,7 @@ def read_texts(src: str, column: str = "text") -> Tuple[List[str], List[str]]:
 
 
 def _read_csv(src: str, column: str):
-    from .factory import optional_import
-
     optional_import("pandas", "reading a CSV list")
-    from .eval.common import read_csv_checked
-
     df = read_csv_checked(src, [column], dtype=str, keep_default_na=False)
     if not len(df):
         raise ValueError(f"{src}: no rows")
@@ -86,8 +90,6 @@ def _read_csv(src: str, column: str):
 def embed_image_files(model, paths: Sequence[str], feature: str = "embedding", batch_size: int = 64,
                       workers: int = 0, precision: str = "fp32", progress: bool = True):
     """Returns (kept indices into ``paths``, float32 (N, D) array, [(index, reason)] skipped)."""
-    from .eval import common
-
     fn = (lambda m, x: m.encode_image(x)) if feature == "embedding" else (lambda m, x: m.image_features(x))
     kept, emb, skipped = common.embed_dataset(model, common.ImageListDataset(paths, model.cfg.vision.img_size),
                                               common.image_step(model, fn), batch_size, workers, "images",
@@ -98,14 +100,9 @@ def embed_image_files(model, paths: Sequence[str], feature: str = "embedding", b
 def embed_text_list(model, tokenizer, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32",
                     clean: bool = True, progress: bool = True):
     """Returns (kept indices, float32 (N, E) array, [(index, reason)] skipped: texts empty after cleaning)."""
-    from .eval import common
-    from .hub import MissingTower
-
     if isinstance(model.text, MissingTower):
         model.text()  # raises the folder's explanation (an image-encoder export has no text tower)
     if clean:
-        from .text.report import clean_report
-
         texts = [clean_report(t)[0] if t.strip() else "" for t in texts]
     keep = [i for i, t in enumerate(texts) if t.strip()]
     skipped = [(i, "empty text") for i, t in enumerate(texts) if not t.strip()]
@@ -130,8 +127,6 @@ def lock_path(out: str) -> str:
 @contextlib.contextmanager
 def _output_lock(out: str):
     """flock on ``OUT.lock`` while a result set is put in place; a second run waits for the first."""
-    from .hub import lock_fd
-
     fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if not lock_fd(fd, block=False):
@@ -142,50 +137,34 @@ def _output_lock(out: str):
         os.close(fd)  # releases the lock
 
 
-def _temp_beside(path: str, write) -> str:
-    """``write(tmp)`` into a fresh temp file in ``path``'s folder; returns the temp's name."""
-    import uuid
-
-    # unique per call (two runs, or two threads of one process), created by ``write`` with the usual umask
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    try:
-        write(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
 def put_in_place(files) -> None:
     """Move a set of outputs in as one result: ``files`` is [(final path, write(tmp))], the main output LAST.
 
-    Every file is written to a temp first (a failure leaves the old result untouched). Then, under the
+    Every file is written to a held temp first (a failure leaves the old result untouched). Then, under the
     output's lock: the old main output is removed, the others are renamed in, and the main output comes last,
     so two runs never leave one's array beside the other's ids, and a main output that exists always has
     its side files from the same run (a run killed in between leaves no main output, not a mixed set).
+    Temps a killed run left beside these outputs are removed first.
     """
     main = files[-1][0]
-    temps = []
-    try:
+    folder = os.path.dirname(os.path.abspath(main))
+    remove_stale_temps(folder, targets=[os.path.basename(p) for p, _ in files])
+    with contextlib.ExitStack() as held:
+        temps = []
         for path, write in files:
-            temps.append((_temp_beside(path, write), path))
+            tmp = held.enter_context(held_temp_file(path))  # removed at the end unless moved in
+            write(tmp)
+            temps.append((tmp, path))
         with _output_lock(main):
             if os.path.exists(main):
                 os.unlink(main)
             for tmp, path in temps:
-                os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                move_into_place(tmp, path)
 
 
 def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Sequence[Tuple[str, str]]) -> None:
     """Write the array (or parquet table), its row ids and the skipped list as one result (``put_in_place``);
     refuses non-finite rows first."""
-    from .eval.metrics import require_finite
-
     if len(ids):
         require_finite(emb, "embeddings", "embed", names=list(ids))
     ext = os.path.splitext(out)[1].lower()
@@ -199,8 +178,6 @@ def write_embeddings(out: str, ids: Sequence[str], emb: np.ndarray, skipped: Seq
                 np.save(f, emb)
         files += [(side_path(out, "ids"), lambda p: _write_lines(p, ids)), (out, save_npy)]
     else:
-        from .factory import optional_import
-
         pd = optional_import("pandas", "writing parquet", "parquet")
         optional_import("pyarrow", "writing parquet", "parquet")
         table = pd.DataFrame({"id": list(ids), "embedding": list(emb)})
@@ -250,8 +227,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parser.error(f"argument --workers: must be >= 0, got {a.workers}")
     if os.path.splitext(a.out)[1].lower() not in (".npy", ".parquet"):  # before minutes of embedding
         raise ValueError(f"--out {a.out}: the file name must end in .npy or .parquet")
-    from .eval.common import load_model, load_tokenizer
-
     model = load_model(checkpoint=a.checkpoint, device=a.device)
     if a.images:
         paths = list_images(a.images, a.column or "path")

@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from .config import MedSTConfig
+from .convert import load_checkpoint, read_checkpoint
+from .data.transforms import PREPROCESS, ImageTransform, check_preprocess_config
+from .files import read_json_object
+from .hub import from_pretrained, is_save_pretrained_folder, verify_folder_files
 from .models import MedST
+from .text.tokenizer import _DEFAULT_MAX, VOCAB_FILE, MedSTTokenizer, check_vocab_fits
+from .weights import HASH_SUFFIX
 
 log = logging.getLogger("medst_fast")
 
@@ -68,13 +74,9 @@ def create_model(
         overrides: config fields, e.g. ``faithful=True`` or ``vision={"depth": 2}``; None values are ignored.
     """
     if pretrained is not None and os.path.isdir(pretrained):
-        from .hub import from_pretrained
-
         model = from_pretrained(pretrained, **overrides)
         check_name_matches(name, model.cfg, pretrained)
     else:
-        from .convert import load_checkpoint, read_checkpoint
-
         sd, ckpt_cfg = read_checkpoint(pretrained) if pretrained is not None else (None, None)
         cfg = _config_for(name, ckpt_cfg, pretrained).replace(**overrides)
         model = MedST(cfg)
@@ -169,40 +171,6 @@ def check_extra(extra: str = "train", modules: Tuple[str, ...] = TRAIN_MODULES, 
         raise ImportError(f"{what} needs {', '.join(missing)}, not installed: pip install 'medst_fast[{extra}]'")
 
 
-# -- preprocessing --------------------------------------------------------------------------------------------
-PREPROCESS = "preprocessor_config.json"
-
-
-def preprocess_config(img_size: int) -> dict:
-    """The image preprocessing of a model with input size ``img_size``, as ``save_pretrained`` records it.
-
-    Every number follows medst_fast.data.transforms (the one transform definition): longer side to
-    ``resize_side`` by exact area averaging, zero-pad centred to a square, crop (random when training, centre
-    otherwise), then (x/255 - mean)/std on one grey channel.
-    """
-    from .data.transforms import resize_side
-
-    return {"image_size": int(img_size), "resize_side": resize_side(img_size), "resize": "longer_side_area",
-            "pad": "centre_zero", "train_crop": "random", "eval_crop": "centre", "channels": 1,
-            "pixel_scale": 255.0, "mean": 0.5, "std": 0.5}
-
-
-def check_preprocess_config(d: dict, source: str) -> int:
-    """Validate a recorded preprocessing against what this version implements; returns the image size.
-
-    A folder whose preprocessing differs (another resize side or normalisation) cannot be served by these
-    transforms, and feeding it differently prepared pixels would give wrong embeddings without an error.
-    """
-    if not isinstance(d, dict) or not isinstance(d.get("image_size"), int) or isinstance(d.get("image_size"), bool):
-        raise ValueError(f"{source}: field 'image_size' must be an integer")
-    want = preprocess_config(d["image_size"])
-    for k, v in d.items():
-        if k not in want:
-            raise ValueError(f"{source}: unknown field {k!r} (known: {sorted(want)})")
-        if v != want[k]:
-            raise ValueError(f"{source}: field {k!r} is {v!r}, but medst_fast's transform uses {want[k]!r} for "
-                             f"image_size {d['image_size']}; this version cannot reproduce that preprocessing")
-    return d["image_size"]
 
 
 def to_gray_u8(img) -> np.ndarray:
@@ -252,8 +220,6 @@ class Preprocess:
     """
 
     def __init__(self, img_size: int, train: bool):
-        from .data.transforms import ImageTransform
-
         self.transform = ImageTransform(img_size, train=train)
         self.img_size, self.train = self.transform.img_size, self.transform.train
 
@@ -275,12 +241,7 @@ def _recorded_img_size(pretrained) -> Optional[int]:
     p = os.path.join(os.fspath(pretrained), PREPROCESS)
     if not os.path.isfile(p):
         return None  # written by an older version: the model config's img_size is the whole story
-    with open(p) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
-    return check_preprocess_config(d, p)
+    return check_preprocess_config(read_json_object(p), p)
 
 
 def create_model_and_transforms(
@@ -311,3 +272,123 @@ def create_model_and_transforms(
                          f"vision.img_size is {size}")
     train_tf, eval_tf = image_transforms(size)
     return model.eval(), train_tf, eval_tf
+
+
+# -- the tokenizer of a model folder, a trainer checkpoint or a run --------------------------------------------
+# Here and not in text/tokenizer.py: finding a checkpoint's vocabulary means knowing the run-folder layout,
+# model folders and checkpoints, which sit above the tokenizer.
+def run_folder(checkpoint: Optional[Union[str, os.PathLike]]) -> Optional[str]:
+    """The trainer's run folder a checkpoint belongs to (``RUN/final``, ``RUN/checkpoints/ckpt-*.pt``), if any."""
+    if checkpoint is None:
+        return None
+    p = os.path.abspath(os.fspath(checkpoint))
+    for cand in (os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
+        if os.path.isfile(os.path.join(cand, "args.json")):
+            return cand
+    return None
+
+
+def default_vocab(checkpoint: Optional[Union[str, os.PathLike]]) -> Optional[str]:
+    """The vocabulary that belongs with ``checkpoint``: vocab.txt in its folder (a saved model), beside the
+    file, or the one its training run used (the run's final/vocab.txt, else args.json's ``vocab``)."""
+    if checkpoint is None:
+        return None
+    p = os.fspath(checkpoint)
+    cands = [os.path.join(p, "vocab.txt")] if os.path.isdir(p) else [os.path.join(os.path.dirname(p), "vocab.txt")]
+    run = run_folder(p)
+    if run:
+        cands.append(os.path.join(run, "final", "vocab.txt"))
+        try:
+            with open(os.path.join(run, "args.json")) as f:
+                v = json.load(f).get("vocab")
+            if isinstance(v, str):
+                cands.append(v)
+        except (OSError, ValueError):
+            pass
+    return next((c for c in cands if os.path.isfile(c)), None)
+
+
+def _folder_text_config(folder: str) -> dict:
+    """The ``text`` section of a save_pretrained folder's config.json ({} when the folder has none of ours)."""
+    p = os.path.join(folder, "config.json")
+    if not os.path.isfile(p):
+        return {}
+    try:
+        with open(p, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: cannot read ({e})") from None
+    text = d.get("text") if isinstance(d, dict) else None  # a Hugging Face config.json has no "text" section
+    return text if isinstance(text, dict) else {}
+
+
+def _int_field(d: dict, key: str) -> Optional[int]:
+    v = d.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+# Files that hold weights, not a vocabulary: read as vocab.txt they would fail as "not UTF-8 text".
+_WEIGHT_EXTS = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def get_tokenizer(name_or_path: Union[str, os.PathLike], max_length: Optional[int] = None) -> MedSTTokenizer:
+    """The WordPiece tokenizer of a model folder, a trainer checkpoint or a vocab.txt.
+
+    Args:
+        name_or_path: a folder with vocab.txt (a model saved with its vocabulary, the trainer's ``final/``,
+            a Hugging Face BERT folder); a trainer checkpoint (``RUN/checkpoints/ckpt-*.pt``: its run's
+            vocabulary); or a vocab.txt file. A registered config name (``medst_tiny``) is refused with a
+            line saying what to pass: no vocabulary is bundled with the package.
+        max_length: tokens per text; default: the saved model's ``text.max_length``, else 112.
+    """
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return _folder_tokenizer(path, max_length)
+    if not os.path.exists(path):
+        _refuse_name(path)
+    if path.endswith(_WEIGHT_EXTS):
+        return _checkpoint_tokenizer(path, max_length)
+    return MedSTTokenizer(path, max_length=_DEFAULT_MAX if max_length is None else max_length)
+
+
+def _refuse_name(name: str) -> None:
+    if name in list_models():
+        raise ValueError(f"get_tokenizer({name!r}): {name} is a model config name and no vocabulary is bundled "
+                         "with medst_fast; pass a model folder (e.g. a run's final/), a trainer checkpoint or a "
+                         "vocab.txt (the paper's models use Bio_ClinicalBERT's)")
+    raise FileNotFoundError(f"tokenizer vocabulary not found: {name} (give a model folder, a trainer checkpoint, "
+                            "or a vocab.txt)")
+
+
+def _checkpoint_tokenizer(path: str, max_length: Optional[int]) -> MedSTTokenizer:
+    """A weights file's vocabulary: vocab.txt beside it, or the one its training run used."""
+    vocab = default_vocab(path)
+    if vocab is None:
+        raise FileNotFoundError(f"{path}: a weights file, and no vocab.txt beside it or in its training run "
+                                "folder; pass the vocab.txt the model was trained with")
+    if max_length is None:  # the run's saved model records it; a checkpoint's own config needs unpickling
+        run = run_folder(path)
+        if run is not None and os.path.isfile(os.path.join(run, "final", "config.json")):
+            max_length = _int_field(_folder_text_config(os.path.join(run, "final")), "max_length")
+        if max_length is None and os.path.isfile(path + HASH_SUFFIX):
+            max_length = _int_field((read_checkpoint(path)[1] or {}).get("text", {}), "max_length")
+    return MedSTTokenizer(vocab, max_length=_DEFAULT_MAX if max_length is None else max_length)
+
+
+def _folder_tokenizer(path: str, max_length: Optional[int]) -> MedSTTokenizer:
+    vocab = os.path.join(path, VOCAB_FILE)
+    if not os.path.isfile(vocab):
+        has_model = os.path.isfile(os.path.join(path, "model.safetensors"))
+        hint = (" (a model folder saved without its vocabulary, e.g. an image-encoder export: use the full "
+                "model folder, or pass the vocab.txt it was trained with)") if has_model else ""
+        raise FileNotFoundError(f"{path}: no {VOCAB_FILE} in this folder{hint}")
+    if is_save_pretrained_folder(path):  # its vocab and config must be the exported ones (not a HF folder)
+        verify_folder_files(path, names=[VOCAB_FILE, "config.json"])
+    text = _folder_text_config(path)
+    if max_length is None:
+        max_length = _int_field(text, "max_length")
+    tok = MedSTTokenizer(vocab, max_length=_DEFAULT_MAX if max_length is None else max_length)
+    table = _int_field(text, "vocab_size")
+    if table is not None:
+        check_vocab_fits(tok.vocab_size, table, vocab, os.path.join(path, "config.json"))
+    return tok

@@ -34,6 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import transforms as T
+from .factory import optional_import, to_gray_u8
+
 KINDS = ("attention", "cosine")
 
 
@@ -100,9 +103,6 @@ def _count_words(tokenizer, text: str) -> int:
 # -- image side ---------------------------------------------------------------------------------------------
 def _prepare_image(model, image):
     """(input tensor (1, 1, S, S), grey uint8 original or None, displayed uint8 (S, S))."""
-    from .data import transforms as T
-    from .factory import to_gray_u8
-
     S = model.cfg.vision.img_size
     if isinstance(image, torch.Tensor) and image.is_floating_point():
         x = image if image.dim() == 4 else image[None]
@@ -119,8 +119,6 @@ def _prepare_image(model, image):
 def _to_original(maps: torch.Tensor, h: int, w: int, S: int) -> torch.Tensor:
     """(n, S, S) maps on the eval crop -> (n, h, w) on the original image, by inverting the eval geometry
     (resize longer side to R, pad centred, centre crop S); pixels outside the crop are NaN."""
-    from .data import transforms as T
-
     R = T.resize_side(S)
     nh, nw, top, left = T.resize_geometry(h, w, R)
     off = T.center_offset(R, S)
@@ -241,8 +239,6 @@ def plot_overlay(maps: GroundingMaps, out: Union[str, os.PathLike], words: Optio
         kind: "attention" (the local alignment's softmax weights) or "cosine".
         warning: a line drawn in red under the title (e.g. ``at_chance_warning``'s), so the picture carries it.
     """
-    from .factory import optional_import
-
     mpl = optional_import("matplotlib", "plot_overlay", "plot")
     mpl.use("Agg", force=False)
     import matplotlib.pyplot as plt

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 # The transform's definition (geometry, crop origins, area weights, normalisation) lives in one module;
 # it is re-exported here because this op is its batched form.
+from . import ext
 from .data.transforms import (area_overlap_np, area_weights_np, center_offset, crop_offsets,  # noqa: F401
                               normalize_pixels, resize_geometry, resize_side)
 
@@ -123,8 +124,6 @@ def resize_pad_crop_normalize(images: Sequence[torch.Tensor], out_size: int, res
     if len(devices) != 1:
         raise ValueError(f"images: all images must be on one device, got {sorted(map(str, devices))}")
     offsets = _check_offsets(offsets, len(images), resize_to, out_size)
-    from . import ext
-
     op = ext.op("resize_pad_crop_normalize") if use_ext is not False else None
     if op is None:
         if use_ext:

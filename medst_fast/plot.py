@@ -15,6 +15,8 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .files import atomic_writer
+
 PLOT_FILE = "training_curves.png"
 _INSTALL = "pip install medst_fast[plot]"
 
@@ -117,9 +119,8 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
     _panel(axes[1][2], cols, ("studies_per_s",), "studies/s (all ranks)")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     out = out or os.path.join(run_dir, PLOT_FILE)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp-{os.getpid()}-{os.path.basename(out)}")
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, out)  # a reader never sees a half-written picture
+    with atomic_writer(out, "wb") as f:  # a reader never sees a half-written picture
+        fig.savefig(f, format="png", dpi=90)
     return out
 
 

@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .files import atomic_write
+
 log = logging.getLogger("medst_fast")
 
 EVAL_TASKS = ("msxrt-image", "msxrt-sentence", "rsna-zeroshot", "covidx-probe")
@@ -206,9 +208,7 @@ class Summary:
 
 
 def _atomic_json(path: str, obj) -> None:
-    from .data.index import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def _cmd(module: str, argv: List[str]) -> List[str]:
@@ -421,8 +421,9 @@ class Pipeline:
 
     def run_trainer(self, argv: List[str]) -> None:
         from .pretrain import main as pretrain
-        from .train.checkpoint import CheckpointError, RunFolderError
+        from .train.checkpoint import RunFolderError
         from .train.faults import TrainingDiverged
+        from .weights import CheckpointError
 
         try:
             res = pretrain(argv)
@@ -525,9 +526,7 @@ class Pipeline:
                "written": datetime.datetime.now().isoformat(timespec="seconds"),
                "gap": "ours - paper, in the value's unit (fractions)"}
         _atomic_json(os.path.join(self.run_dir, "results.json"), doc)
-        from .data.index import atomic_write_text
-
-        atomic_write_text(os.path.join(self.run_dir, "results.md"), results_markdown(doc))
+        atomic_write(os.path.join(self.run_dir, "results.md"), results_markdown(doc))
 
     # -- all -------------------------------------------------------------------------------------------
     def run(self) -> Summary:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .eval.metrics import require_finite
+
 Template = Union[str, Callable[[str], str]]
 
 
@@ -52,8 +54,6 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Union[Sequence[str]
         preprocess: applied to every prompt first (e.g. the report cleaning the model was trained with).
         name: names the caller in errors (a NaN prompt embedding is an error, never a class vector).
     """
-    from .eval.metrics import require_finite
-
     per_class = _prompts_per_class(classnames, templates)
     device = device or next(model.parameters()).device
     cols = []
@@ -101,7 +101,5 @@ def zero_shot_logits(model, classifier: torch.Tensor, images: torch.Tensor, logi
 
 def predict(logits: torch.Tensor) -> np.ndarray:
     """Class index per row; NaN logits are an error (argmax would quietly pick class 0)."""
-    from .eval.metrics import require_finite
-
     a = require_finite(logits.detach().cpu().numpy(), "logits", "zero_shot")
     return a.argmax(-1)

@@ -326,12 +326,12 @@ def test_flag_reaches_the_model_loss_config(vocab_path):
 def test_trainer_run_logs_the_term(tmp_path, vocab_path):
     from test_research_switches import _argv
 
-    from medst_fast.train import checkpoint as ck
+    from medst_fast import weights as W
     from medst_fast.pretrain import main
 
     out = tmp_path / "r"
     res = main(_argv(out, vocab_path, "--lambda-cross-local", "1.0", "--max-steps", "2"))
-    assert ck.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_cross_local"] == 1.0
+    assert W.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_cross_local"] == 1.0
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(float(r["cross_local"]) > 0 for r in rows)

@@ -19,7 +19,7 @@ def index_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(vocab_path):
-    from medst_fast.text import get_tokenizer
+    from medst_fast import get_tokenizer
 
     return get_tokenizer(vocab_path)
 

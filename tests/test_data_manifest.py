@@ -42,7 +42,7 @@ def test_covid_manifest_index(covid_csv, tmp_path):
 
 
 def test_covid_manifest_batches_are_well_formed(covid_csv, tmp_path, vocab_path):
-    from medst_fast.text import get_tokenizer
+    from medst_fast import get_tokenizer
 
     tok = get_tokenizer(vocab_path)
     ds = ManifestDataset(covid_csv, tmp_path / "m", "train", tokenizer=tok, img_size=64, train=True)

@@ -203,7 +203,7 @@ def test_torchrun_trainer_two_ranks(tmp_path, vocab_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    from medst_fast.train.checkpoint import list_checkpoints, load_checkpoint
+    from medst_fast.weights import list_checkpoints, load_checkpoint
 
     ck = list_checkpoints(str(out))
     assert [os.path.basename(p) for p in ck] == ["ckpt-00000002.pt"]

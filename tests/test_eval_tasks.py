@@ -588,12 +588,12 @@ def test_msxrt_findings_selection_and_too_few_pairs(tmp_path, model):
 
 
 def test_trainer_checkpoint_brings_its_config(tmp_path):
-    from medst_fast.train import checkpoint as ckpt
+    from medst_fast import weights as W
 
     src = medst_fast.create_model("medst_tiny", text={"vocab_size": 500})
-    state = {"format": ckpt.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 1, "epoch": 0,
+    state = {"format": W.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 1, "epoch": 0,
              "step_in_epoch": 1, "rng": [], "config": src.cfg.to_dict()}
-    path = ckpt.save_checkpoint(state, str(tmp_path / "run"), 1, keep=1)
+    path = W.save_checkpoint(state, str(tmp_path / "run"), 1, keep=1)
     m = common.load_model(checkpoint=path, device="cpu")  # no --model needed, vocab size as trained
     assert m.cfg.text.vocab_size == 500 and not m.training
     m2 = common.load_model(checkpoint=path, model_name="medst_tiny", device="cpu")

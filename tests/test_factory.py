@@ -99,10 +99,11 @@ def test_folder_holds_vocab_and_preprocessing(tmp_path, vocab_path):
 
 
 def test_get_tokenizer_has_one_definition(vocab_path, tmp_path):
-    from medst_fast import text
+    from medst_fast import factory, text
     from medst_fast.text import tokenizer
 
-    assert medst_fast.get_tokenizer is tokenizer.get_tokenizer is text.get_tokenizer
+    assert medst_fast.get_tokenizer is factory.get_tokenizer
+    assert not hasattr(tokenizer, "get_tokenizer") and not hasattr(text, "get_tokenizer")  # no second copy
     assert medst_fast.get_tokenizer(os.path.dirname(vocab_path)).vocab_size == 28996  # an HF folder too
     assert medst_fast.get_tokenizer(vocab_path, max_length=20)(["a b"])["input_ids"].shape == (1, 20)
     with pytest.raises(FileNotFoundError, match="no vocab.txt"):
@@ -129,13 +130,13 @@ def test_encoder_only_folder_builds_encoder_only_model(tmp_path, vocab_path):
 
 
 def test_checkpoint_with_its_own_config_rebuilds_the_trained_model(tmp_path):
-    from medst_fast.train import checkpoint as ckpt
+    from medst_fast import weights as W
 
     src = medst_fast.create_model("medst_tiny", text={"vocab_size": 321}).eval()
-    state = {"format": ckpt.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 3, "epoch": 0,
+    state = {"format": W.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 3, "epoch": 0,
              "step_in_epoch": 3, "rng": [], "config": src.cfg.to_dict()}
     run = tmp_path / "run"
-    path = ckpt.save_checkpoint(state, str(run), 3, keep=2)  # the trainer's writer: .pt + .sha256
+    path = W.save_checkpoint(state, str(run), 3, keep=2)  # the trainer's writer: .pt + .sha256
     for name in (None, "medst_tiny"):  # the checkpoint's config wins over the registered one
         m = medst_fast.create_model(name, pretrained=path).eval()
         assert m.cfg.text.vocab_size == 321
@@ -144,7 +145,7 @@ def test_checkpoint_with_its_own_config_rebuilds_the_trained_model(tmp_path):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+    with pytest.raises(W.CheckpointError, match="corrupted"):
         medst_fast.create_model(None, pretrained=path)
     # a plain state dict of another vocabulary size: a clear shape-mismatch error, not a raw one
     torch.save(src.state_dict(), tmp_path / "w.pt")

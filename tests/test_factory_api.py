@@ -12,13 +12,13 @@ import medst_fast
 
 def _trainer_run(tmp_path, vocab_path):
     """A run folder as the trainer leaves it: checkpoints/ckpt-*.pt (+ .sha256), args.json naming the vocab."""
-    from medst_fast.train import checkpoint as ckpt
+    from medst_fast import weights as W
 
     src = medst_fast.create_model("medst_tiny", text={"max_length": 40}).eval()
-    state = {"format": ckpt.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 3, "epoch": 0,
+    state = {"format": W.FORMAT_VERSION, "model": src.state_dict(), "optimizer": {}, "step": 3, "epoch": 0,
              "step_in_epoch": 3, "rng": [], "config": src.cfg.to_dict()}
     run = tmp_path / "run"
-    path = ckpt.save_checkpoint(state, str(run), 3, keep=2)  # writes run/checkpoints/
+    path = W.save_checkpoint(state, str(run), 3, keep=2)  # writes run/checkpoints/
     (run / "args.json").write_text(json.dumps({"vocab": vocab_path}))
     return src, path
 

@@ -11,6 +11,7 @@ import pytest
 
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import stop as stop_mod
+from medst_fast import weights as W
 from medst_fast.train.data import synthetic_root
 
 BOUND_S = 60  # from SIGTERM to exit: one step, one checkpoint and the workers' shutdown, on a loaded CI machine
@@ -56,9 +57,9 @@ def test_sigterm_to_the_process_group_checkpoints_exits_143_and_resumes(tmp_path
     assert took < BOUND_S, took
     assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
     assert json.loads((out / "args.json").read_text())["workers"] >= 1  # the test ran with worker processes
-    found = ck.list_checkpoints(str(out))
+    found = W.list_checkpoints(str(out))
     assert len(found) == 1, found
-    st = ck.load_checkpoint(found[0])  # verifies size and hash
+    st = W.load_checkpoint(found[0])  # verifies size and hash
     assert 1 <= st["step"] < 6 and "received SIGTERM: saving a checkpoint" in log
     index = os.path.join(synthetic_root(str(cache), 8, 0), "index")
     assert st["data_fingerprint"] == ck.index_fingerprint(index)  # what the resume below checks
@@ -66,7 +67,7 @@ def test_sigterm_to_the_process_group_checkpoints_exits_143_and_resumes(tmp_path
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {found[0]} at step {st['step']}" in r.stderr
-    assert ck.load_checkpoint(ck.list_checkpoints(str(out))[-1])["step"] == 6
+    assert W.load_checkpoint(W.list_checkpoints(str(out))[-1])["step"] == 6
 
 
 def test_a_preempted_torchrun_run_exits_143(tmp_path, vocab_path):
@@ -98,8 +99,8 @@ def test_a_preempted_torchrun_run_exits_143(tmp_path, vocab_path):
     log = "".join(seen) + rest
     assert rc == 128 + signal.SIGTERM, log[-3000:]
     assert "medst_fast.launch: stopped by SIGTERM" in log
-    found = ck.list_checkpoints(str(out))
-    assert len(found) == 1 and 1 <= ck.load_checkpoint(found[0])["step"] < 40, log[-3000:]
+    found = W.list_checkpoints(str(out))
+    assert len(found) == 1 and 1 <= W.load_checkpoint(found[0])["step"] < 40, log[-3000:]
 
 
 # -- the signal handler's decisions (no process needed) ------------------------------------------------------------

@@ -11,6 +11,7 @@ import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
+from medst_fast import weights as W
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
 
@@ -88,7 +89,7 @@ def test_signal_saves_checkpoint_and_exits(tmp_path, vocab_path, monkeypatch, si
     _inject(monkeypatch, lambda n: os.kill(os.getpid(), sig) if n == 2 else None)
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "6", "--save-every", "100"))
     assert res.interrupted == int(sig) and res.step == 2 and res.export_dir is None
-    assert res.last_checkpoint == ck.ckpt_path(str(tmp_path / "r"), 2) and os.path.isfile(res.last_checkpoint)
+    assert res.last_checkpoint == W.ckpt_path(str(tmp_path / "r"), 2) and os.path.isfile(res.last_checkpoint)
     assert signal.getsignal(sig) == before  # handlers restored
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "6", "--resume", "auto", "--no-export"))
     assert res.step == 6 and res.interrupted is None
@@ -99,7 +100,7 @@ def test_amp_on_cpu(tmp_path, vocab_path, amp):
     # fp16: GradScaler starts at 2**16 and halves its scale on each overflow; here the first 9 steps overflow
     steps = "12" if amp == "fp16" else "2"
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", steps, "--amp", amp, "--no-export"))
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     assert res.bad_steps == 0 and res.last_loss == res.last_loss
     assert bool(st["scaler"]) == (amp == "fp16")  # GradScaler only for fp16
     assert all(v.dtype != torch.bfloat16 for v in st["model"].values())  # master weights stay fp32
@@ -116,7 +117,7 @@ def test_fp16_run_that_never_got_past_the_loss_scale_names_it(tmp_path, vocab_pa
 def test_grad_checkpointing_same_result(tmp_path, vocab_path):
     a = main(_argv(tmp_path / "a", vocab_path, "--max-steps", "2", "--no-export"))
     b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "2", "--no-export", "--grad-checkpointing"))
-    wa, wb = ck.load_checkpoint(a.last_checkpoint)["model"], ck.load_checkpoint(b.last_checkpoint)["model"]
+    wa, wb = W.load_checkpoint(a.last_checkpoint)["model"], W.load_checkpoint(b.last_checkpoint)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -127,7 +128,7 @@ def test_init_from_export_and_lr_zero_keeps_weights(tmp_path, vocab_path, tiny_r
     b = main(_argv(tmp_path / "b", vocab_path, "--max-steps", "1", "--init", init, "--lr", "0", "--min-lr", "0",
                    "--seed", "7", "--no-export"))
     wa = medst_fast.from_pretrained(export).state_dict()
-    wb = ck.load_checkpoint(b.last_checkpoint)["model"]
+    wb = W.load_checkpoint(b.last_checkpoint)["model"]
     for k, v in wa.items():
         if "running_" in k or "num_batches" in k:
             continue  # BatchNorm statistics do move in a training step

@@ -19,6 +19,7 @@ import torch
 import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import build as build_mod
 from medst_fast.train import faults as faults_mod
 from medst_fast.train import step as step_mod
@@ -76,7 +77,7 @@ def test_skipped_step_restores_batchnorm_statistics(tmp_path, vocab_path, monkey
     _poison_frontal(monkeypatch, {2})
     res = main(_argv(tmp_path / "r", vocab_path, "--max-steps", "4"))
     assert res.step == 4 and res.bad_steps == 1
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     sd = st["model"]
     assert _finite(sd)
     counts = {int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")}
@@ -141,7 +142,7 @@ def test_update_that_makes_weights_nonfinite_stops_and_writes_nothing(tmp_path, 
     assert r.returncode == 1, r.stderr[-3000:]
     assert "the update of step 1 made the weights NaN/inf" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "final").exists() and not (out / "final_encoder").exists()
-    assert ck.list_checkpoints(str(out)) == []
+    assert W.list_checkpoints(str(out)) == []
 
 
 def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkeypatch):
@@ -159,7 +160,7 @@ def test_weights_check_runs_before_every_checkpoint(tmp_path, vocab_path, monkey
     monkeypatch.setattr(step_mod.StepRunner, "optimizer_step", poisoning_step)
     with pytest.raises(TrainingDiverged, match="refusing to write a checkpoint"):
         main(_argv(tmp_path / "r", vocab_path, "--max-steps", "2", "--save-every", "2"))
-    assert ck.list_checkpoints(str(tmp_path / "r")) == [] and not (tmp_path / "r" / "final").exists()
+    assert W.list_checkpoints(str(tmp_path / "r")) == [] and not (tmp_path / "r" / "final").exists()
 
 
 # -- item 4: checkpoints and exports are verified on load ------------------------------------------------------
@@ -191,18 +192,18 @@ def test_unsafe_pickle_and_truncation_have_their_own_messages(tmp_path):
 
     p = str(tmp_path / "evil.pt")
     torch.save({"format": 1, "model": Evil()}, p)
-    ck.write_hash_file(p)  # even with a matching hash it must not be unpickled
-    with pytest.raises(ck.CheckpointError) as e:
-        ck.load_checkpoint(p)
+    W.write_hash_file(p)  # even with a matching hash it must not be unpickled
+    with pytest.raises(W.CheckpointError) as e:
+        W.load_checkpoint(p)
     msg = str(e.value).split(": ", 1)[1]  # without the path (it holds this test's name)
     assert "unsafe pickle" in msg and "truncated" not in msg and "weights_only" not in msg
-    good = ck.save_checkpoint({"format": 1, "model": {}, "optimizer": {}, "step": 1, "epoch": 0,
+    good = W.save_checkpoint({"format": 1, "model": {}, "optimizer": {}, "step": 1, "epoch": 0,
                                "step_in_epoch": 1, "rng": ck.capture_rng()}, str(tmp_path / "run"), 1, keep=2)
     with open(good, "r+b") as f:
         f.truncate(100)
     for verify in (True, False):  # by the hash file, and by the zip reader when the hash is not checked
-        with pytest.raises(ck.CheckpointError, match="truncated") as e:
-            ck.load_checkpoint(good, verify=verify)
+        with pytest.raises(W.CheckpointError, match="truncated") as e:
+            W.load_checkpoint(good, verify=verify)
         msg = str(e.value).split(": ", 1)[1]
         assert "weights_only" not in msg and "unsafe" not in msg
 
@@ -217,7 +218,7 @@ def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path, 
     monkeypatch.setattr(ck, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         main(_argv(out, vocab_path, "--max-steps", "5", "--save-every", "5", "--no-export"))
-    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3, 4, 5] and ck.list_checkpoints(str(out)) == []
+    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3, 4, 5] and W.list_checkpoints(str(out)) == []
     monkeypatch.undo()
     res = main(_argv(out, vocab_path, "--max-steps", "5", "--save-every", "5", "--no-export", "--resume", "auto"))
     assert res.step == 5
@@ -333,7 +334,7 @@ def test_one_study_batch_is_skipped_and_counted(tmp_path, vocab_path):
     assert int(rows[-1]["bad_batches"]) == n_single
     skipped = [r for r in rows if r["loss"] == "nan"]
     assert len(skipped) == n_single and all(float(r["studies_per_s"]) == 0 for r in skipped)
-    assert _finite(ck.load_checkpoint(res.last_checkpoint)["model"])
+    assert _finite(W.load_checkpoint(res.last_checkpoint)["model"])
     assert "unusable batch" in (tmp_path / "r" / "train.log").read_text()
 
 

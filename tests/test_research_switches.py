@@ -372,6 +372,7 @@ from medst_fast.train import checkpoint as ck  # noqa: E402
 from medst_fast.train import build as build_mod # noqa: E402
 from medst_fast.train import state as state_mod
 from medst_fast.train import step as step_mod
+from medst_fast import weights as W
 from medst_fast.train.args import parse_args  # noqa: E402
 
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
@@ -460,7 +461,7 @@ def test_switch_run_records_flags_and_keeps_weighting_weights(tmp_path, vocab_pa
     args = json.loads((out / "args.json").read_text())
     assert (args["temporal_shuffle"], args["local_weighting"], args["local_scope"], args["series_len"]) == (
         True, "uniform", "batch", 4)
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     loss = st["config"]["loss"]
     assert (loss["temporal_shuffle"], loss["local_weighting"], loss["local_scope"]) == (True, "uniform", "batch")
     torch.manual_seed(args["seed"])  # the trainer's initial weights: create_model after set_seed(seed)
@@ -488,7 +489,7 @@ def test_resume_config_comparison_fills_fields_added_later():
     # loss fields that are flags are compared as arguments, not as the model
     flagged = MedSTConfig().replace(**{"loss.local_scope": "batch", "loss.series_len": 6}).to_dict()
     assert state_mod.architecture(flagged) == state_mod.architecture(now)
-    with pytest.raises(ck.CheckpointError, match="cannot be read by this version"):
+    with pytest.raises(W.CheckpointError, match="cannot be read by this version"):
         state_mod.architecture({**now, "vision": {**now["vision"], "bogus": 1}})
 
 
@@ -501,5 +502,5 @@ def test_uniform_weighting_under_ddp_two_ranks(tmp_path, vocab_path):
                                          "--batch-series", "2")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    st = ck.load_checkpoint(ck.list_checkpoints(str(out))[-1])
+    st = W.load_checkpoint(W.list_checkpoints(str(out))[-1])
     assert st["step"] == 3 and st["args"]["world_size"] == 2 and st["config"]["loss"]["local_weighting"] == "uniform"

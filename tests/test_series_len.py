@@ -14,6 +14,7 @@ from medst_fast.data.index import SPLITS, SeriesIndex, Study, cut_series, patien
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
+from medst_fast import weights as W
 from medst_fast.train.args import parse_args
 from medst_fast.train.data import RandomSeriesDataset, collate_pretokenized
 
@@ -227,7 +228,7 @@ def test_trainer_steps_with_series_len(tmp_path, vocab_path, monkeypatch, n):
         assert b["series_index"][: k * n].tolist() == [j for j in range(k) for _ in range(n)]
         assert (b["series_index"][k * n:] >= k).all()
     assert any(c["n_full"] > 0 and c["value"] > 0 for c in calls)
-    st = ck.load_checkpoint(res.last_checkpoint)
+    st = W.load_checkpoint(res.last_checkpoint)
     assert st["config"]["loss"]["series_len"] == n and st["args"]["series_len"] == n
 
 
@@ -238,7 +239,7 @@ def test_trainer_on_a_prepared_index_recuts_it(tmp_path, vocab_path, synthetic_i
                 "--series-len", "6", "--max-steps", "2", "--eval-every", "0", *SMALL])
     assert math.isfinite(res.last_loss)
     n_series = len(SeriesIndex.load(synthetic_index).with_series_len(6).series["train"])
-    assert ck.load_checkpoint(res.last_checkpoint)["n_series"] == n_series
+    assert W.load_checkpoint(res.last_checkpoint)["n_series"] == n_series
     train_calls = calls[:2]  # then the validation at the end (same N)
     for c, b in zip(train_calls, batches):
         assert c["T"] == 6 and b["step"][: 6 * c["n_full"]].tolist() == list(range(6)) * c["n_full"]

@@ -12,6 +12,7 @@ import torch
 import medst_fast
 from medst_fast.plot import validations
 from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import quickstart as qs
 from medst_fast.train.data import SYNTHETIC_VERSION
 from medst_fast.train.validate import above_chance_p
@@ -195,7 +196,7 @@ def test_readme_main_command(readme_run):
     model = medst_fast.from_pretrained(str(run / "final")).eval()  # the full export, with its vocab
     assert model.cfg.text.hidden_dropout == 0.0 and model.cfg.text.attn_dropout == 0.0
     tok = medst_fast.get_tokenizer(str(run / "final" / "vocab.txt"))
-    ckpt = ck.load_checkpoint(ck.list_checkpoints(str(run))[-1])
+    ckpt = W.load_checkpoint(W.list_checkpoints(str(run))[-1])
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["model"][k]), k
     with torch.no_grad():

@@ -26,6 +26,7 @@ import torch
 from medst_fast.data import loaders as L
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 
 from conftest import tiny_run_argv
 
@@ -119,15 +120,15 @@ def _sigkilled(argv, out):
     cmd[cmd.index("--out") + 1] = str(out)
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = ck.ckpt_path(str(out), 2)
+    first = W.ckpt_path(str(out), 2)
     deadline = time.time() + 300
     while not os.path.exists(first) and p.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     err = p.communicate()[1].decode(errors="replace")
     assert p.returncode == -signal.SIGKILL, err[-3000:]
-    done = ck.list_checkpoints(str(out))
-    assert done and ck.ckpt_path(str(out), MAX_STEPS) not in done, "the run finished before it could be killed"
+    done = W.list_checkpoints(str(out))
+    assert done and W.ckpt_path(str(out), MAX_STEPS) not in done, "the run finished before it could be killed"
     return str(out)
 
 
@@ -150,9 +151,9 @@ def test_killed_run_resumes_bitwise(tmp_path, reference, data_kind, loader, val,
         out = _sigkilled(argv, tmp_path / "killed")
     else:
         out = shutil.copytree(snaps[kill], tmp_path / "killed")
-        newest = ck.list_checkpoints(str(out))[-1]
-        assert newest == ck.ckpt_path(str(out), kill)
-        at_epoch_start = ck.load_checkpoint(newest)["step_in_epoch"] == 0
+        newest = W.list_checkpoints(str(out))[-1]
+        assert newest == W.ckpt_path(str(out), kill)
+        at_epoch_start = W.load_checkpoint(newest)["step_in_epoch"] == 0
         assert at_epoch_start == (kill == 3 and not val)  # the kill point is what the case says
         assert int(_metrics(out)[-1]["step"]) == kill + 1  # a row logged after the last checkpoint
 
@@ -163,8 +164,8 @@ def test_killed_run_resumes_bitwise(tmp_path, reference, data_kind, loader, val,
     if data_kind == "index":
         assert f"loader: {loader} (requested" in text
 
-    a = ck.load_checkpoint(ck.ckpt_path(ref_out, MAX_STEPS))
-    b = ck.load_checkpoint(res.last_checkpoint)
+    a = W.load_checkpoint(W.ckpt_path(ref_out, MAX_STEPS))
+    b = W.load_checkpoint(res.last_checkpoint)
     assert (a["epoch"], a["step_in_epoch"]) == (b["epoch"], b["step_in_epoch"])
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -230,14 +231,14 @@ def test_resume_refuses_a_changed_run(tmp_path, copy_run, vocab_path, monkeypatc
     out = copy_run(tmp_path / "r")
     args_before = (tmp_path / "r" / "args.json").read_bytes()
     metrics_before = (tmp_path / "r" / "metrics.csv").read_bytes()
-    ckpts = ck.list_checkpoints(out)
+    ckpts = W.list_checkpoints(out)
     if fewer_series:
         monkeypatch.setattr(RandomSeriesDataset, "__len__", lambda self: 6)  # the same flags, fewer series
-    with pytest.raises(ck.CheckpointError, match=msg):
+    with pytest.raises(W.CheckpointError, match=msg):
         main(_resume_argv(out, vocab_path, *extra))
     assert (tmp_path / "r" / "args.json").read_bytes() == args_before  # a refused resume rewrites nothing
     assert (tmp_path / "r" / "metrics.csv").read_bytes() == metrics_before
-    assert ck.list_checkpoints(out) == ckpts
+    assert W.list_checkpoints(out) == ckpts
 
 
 def test_allow_changed_args_resumes_with_the_change(tmp_path, copy_run, vocab_path):
@@ -250,17 +251,17 @@ def test_allow_changed_args_resumes_with_the_change(tmp_path, copy_run, vocab_pa
     assert "--allow-changed-args: resuming" in log_text and "--lambda-temporal 1.0 -> 0.5" in log_text
     after = json.loads((tmp_path / "r" / "args.json").read_text())
     assert (after["max_steps"], after["lambda_temporal"], after["local_scope"]) == (6, 0.5, "batch")
-    assert ck.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_temporal"] == 0.5
+    assert W.load_checkpoint(res.last_checkpoint)["config"]["loss"]["lambda_temporal"] == 0.5
     assert [r["step"] for r in _metrics(out)] == [str(i) for i in range(1, 7)]
 
 
 def test_a_damaged_checkpoint_is_refused_by_path_and_skipped_by_auto(tmp_path, copy_run, vocab_path):
     out = copy_run(tmp_path / "r")
-    c2, c4 = ck.list_checkpoints(out)
+    c2, c4 = W.list_checkpoints(out)
     with open(c4, "r+b") as f:
         f.truncate(os.path.getsize(c4) // 3)
     # an explicit path must itself be intact
-    with pytest.raises(ck.CheckpointError, match="ckpt-00000004.pt: checkpoint is truncated"):
+    with pytest.raises(W.CheckpointError, match="ckpt-00000004.pt: checkpoint is truncated"):
         main(tiny_run_argv(out, vocab_path, "--resume", c4))
     # auto falls back to the newest intact one (with a warning) instead of stopping
     res = main(_resume_argv(out, vocab_path))
@@ -268,19 +269,19 @@ def test_a_damaged_checkpoint_is_refused_by_path_and_skipped_by_auto(tmp_path, c
     text = (tmp_path / "r" / "train.log").read_text()
     assert "skipping a damaged checkpoint" in text and "checkpoint is truncated" in text and "falling back to" in text
     assert f"resumed from {c2}" in text
-    assert ck.load_checkpoint(c4)["step"] == 4  # rewritten intact by the resumed run
+    assert W.load_checkpoint(c4)["step"] == 4  # rewritten intact by the resumed run
 
 
 def test_flipped_bytes_in_a_checkpoint_are_detected(tmp_path, copy_run):
     out = copy_run(tmp_path / "r")
-    last = ck.list_checkpoints(out)[-1]
+    last = W.list_checkpoints(out)[-1]
     with open(last, "r+b") as f:
         f.seek(os.path.getsize(last) // 2)
         data = f.read(64)
         f.seek(os.path.getsize(last) // 2)
         f.write(bytes(b ^ 0xFF for b in data))
-    with pytest.raises(ck.CheckpointError, match="content hash mismatch") as e:
-        ck.load_checkpoint(last)
+    with pytest.raises(W.CheckpointError, match="content hash mismatch") as e:
+        W.load_checkpoint(last)
     assert "weights_only" not in str(e.value)
 
 
@@ -320,5 +321,5 @@ def test_fresh_run_into_an_existing_run_needs_resume_or_overwrite(tmp_path, copy
     assert json.loads((out / "args.json").read_text())["seed"] == 42
     res = main(tiny_run_argv(out, vocab_path, "--max-steps", "2", "--seed", "7", "--overwrite", "--no-export"))
     assert res.step == 2 and not (out / "final").exists()
-    assert [os.path.basename(p) for p in ck.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
+    assert [os.path.basename(p) for p in W.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
     assert [int(r["step"]) for r in _metrics(out)] == [1, 2]

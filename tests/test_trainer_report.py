@@ -17,6 +17,7 @@ import medst_fast
 from medst_fast.pretrain import main
 from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
+from medst_fast import weights as W
 from medst_fast.train.args import parse_args
 from medst_fast.train.validate import above_chance_p, describe, recall_at_k
 
@@ -131,7 +132,7 @@ def test_validation_is_logged_recorded_and_exported_as_best(tmp_path, val_index,
     assert info["step"] == best_step and info["val_loss"] == pytest.approx(vals[best_step])
     assert res.best_dir == str(out / "best") and (out / "best" / "vocab.txt").read_bytes() == (out / "final" / "vocab.txt").read_bytes()
     best = medst_fast.from_pretrained(str(out / "best")).state_dict()
-    saved = ck.load_checkpoint(ck.ckpt_path(str(out), best_step))
+    saved = W.load_checkpoint(W.ckpt_path(str(out), best_step))
     assert saved["best_val_loss"] == pytest.approx(vals[best_step])
     for k, v in best.items():
         assert torch.equal(v, saved["model"][k]), k

@@ -35,6 +35,7 @@ from .sampling import BAD_BATCH, SeriesBatchSampler, item_seed
 from .images import ImageReadError, load_gray
 from .index import SPLITS, SeriesIndex
 from .transforms import absent_view, crop_offsets, resize_side
+from ..ops_image import resize_pad_crop_normalize
 
 log = logging.getLogger("medst_fast")
 
@@ -352,8 +353,6 @@ class BatchedSeriesLoader:
 
     def _transform(self, items: List[ImageItem]) -> Tuple[torch.Tensor, List[int]]:
         """(n_ok, 1, S, S) outputs and the indices of the items they belong to (the others failed)."""
-        from ..ops_image import resize_pad_crop_normalize
-
         decoded = self._decoded_pixels(items)
         ok = [k for k, d in enumerate(decoded) if d is not None]
         out = resize_pad_crop_normalize([decoded[k] for k in ok], self.img_size, self.side,

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Iterator, List, Optional, Tuple
 
-from .index import atomic_write_text
+from ..files import atomic_write, remove_stale_temps
 
 log = logging.getLogger("medst_fast")
 
@@ -80,26 +80,10 @@ def cache_name(rel: str, image_root: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ cache folder
-def remove_stale_temps(folder: str) -> int:
-    """Delete the temp files (".tmp-*") an interrupted run left in a cache folder; returns how many."""
-    n = 0
-    if not os.path.isdir(folder):
-        return 0
-    for d, _, files in os.walk(folder):
-        for f in files:
-            if f.startswith(".tmp-"):
-                try:
-                    os.unlink(os.path.join(d, f))
-                    n += 1
-                except FileNotFoundError:
-                    pass
-    return n
-
-
 def open_cache(folder: str, size: int, draft: bool) -> None:
     """Ready a cache folder for a (possibly resumed) run: check its decode settings, drop partial files."""
     check_cache_stamp(folder, size, draft)
-    removed = remove_stale_temps(folder)
+    removed = len(remove_stale_temps(folder, recursive=True))  # unheld ones only: a live writer's stay
     if removed:
         log.info("removed %d partial cache files left by an interrupted run in %s", removed, folder)
 
@@ -127,7 +111,7 @@ def check_cache_stamp(folder: str, size: int, draft: bool) -> None:
                                  f"rerun with the same settings (--no-draft / --cache-size) or use a new --out")
         return
     os.makedirs(folder, exist_ok=True)
-    atomic_write_text(path, json.dumps(want, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(want, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- worker pool

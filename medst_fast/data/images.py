@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_writer
 from .transforms import area_resize_u8
 
 log = logging.getLogger("medst_fast")
@@ -85,17 +85,9 @@ def read_resized(path: str, longer: int, draft: bool = True) -> Image.Image:
 
 def save_jpeg_atomic(img: Image.Image, path: str, quality: int = 95) -> None:
     """Write a JPEG through a temp file + rename: a killed writer never leaves a truncated file at ``path``."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpg", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="JPEG", quality=quality)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # clean=False: a cache folder holds thousands of files; open_cache removes stale temps once per run
+    with atomic_writer(path, "wb", clean=False) as f:
+        img.save(f, format="JPEG", quality=quality)
 
 
 DICOM_EXTS = (".dcm", ".dicom")

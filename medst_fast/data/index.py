@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Union
+
+from ..files import atomic_write
 
 INDEX_VERSION = 1
 # The series length prepare and the manifest converter cut (meta.json "series_len"; an index without the field
@@ -63,21 +64,6 @@ class Study:
 
     def __getitem__(self, key):  # dict-style access, so code written against "list of dicts" also works
         return getattr(self, key)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def report_bound_lines(meta: dict) -> List[str]:
@@ -184,12 +170,12 @@ class SeriesIndex:
                 raise ValueError(f"{out}: study row {s.row} has a report of {len(s.text)} characters, more than "
                                  f"the {REPORT_MAX_CHARS} an index stores; cut it with bound_report first")
             w.writerow(asdict(s))
-        atomic_write_text(os.path.join(out, "studies.csv"), lines.getvalue())
-        atomic_write_text(os.path.join(out, "series.json"), json.dumps(self.series, separators=(",", ":")) + "\n")
+        atomic_write(os.path.join(out, "studies.csv"), lines.getvalue())
+        atomic_write(os.path.join(out, "series.json"), json.dumps(self.series, separators=(",", ":")) + "\n")
         meta = dict(self.meta)
         if meta.get("image_root"):
             meta["image_root"] = portable_root(self.image_root, out)
-        atomic_write_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        atomic_write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1, sort_keys=True) + "\n")
         self.root = out
         self.meta = meta
         return self

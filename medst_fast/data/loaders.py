@@ -26,6 +26,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
+from .. import ext
 from .batching import default_threads, empty_batch_stand_in
 from .dali_pipeline import DaliSeriesLoader
 from .dataset import SeriesDataset, collate_series
@@ -56,8 +57,6 @@ def torchvision_missing() -> Optional[str]:
 
 
 def _op_note() -> str:
-    from .. import ext
-
     if ext.load():
         return "medst_fast._C resize op"
     return f"per-image PyTorch resize: medst_fast._C not loaded ({ext.load_error()})"

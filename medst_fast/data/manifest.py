@@ -35,6 +35,7 @@ import re
 from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..text import clean_report
 from .cache import cache_name, open_cache, run_jobs
 from .index import (DEFAULT_SERIES_LEN, REPORT_MAX_CHARS, SPLITS, SeriesIndex, Study, bound_report, cut_series,
                     report_bound_lines)
@@ -98,8 +99,6 @@ def index_from_manifest(csv_path, out, image_root: Optional[str] = None, cache_s
         split: the split of every row when the CSV has no split column.
     """
     import pandas as pd
-
-    from ..text import clean_report
 
     csv_path = os.path.abspath(os.fspath(csv_path))
     out = os.path.abspath(os.fspath(out))

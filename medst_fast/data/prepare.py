@@ -41,6 +41,7 @@ import zipfile
 from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..text import clean_report, split_sections
 from .cache import Interrupted, open_cache, run_jobs
 from .index import (DEFAULT_SERIES_LEN, REPORT_MAX_CHARS, SPLITS, SeriesIndex, Study, bound_report, cut_series,
                     report_bound_lines)
@@ -172,8 +173,6 @@ def _str(v) -> Optional[str]:
 
 def sections_of(text: str) -> Tuple[Optional[str], Optional[str]]:
     """(impression, findings) of a free-text MIMIC report."""
-    from ..text import split_sections
-
     sec = split_sections(text)
     imp = sec.get("IMPRESSION") or sec.get("IMPRESSIONS") or sec.get("FINDINGS AND IMPRESSION") or sec.get("CONCLUSION")
     return _str(imp), _str(sec.get("FINDINGS"))
@@ -351,8 +350,6 @@ def _row_datetime(date, time, meta_path: str, dicom: str):
 
 def _with_reports(studies: "OrderedDict[tuple, dict]", src: ReportSource, skipped: Counter) -> list:
     """Studies with a frontal, a date and a usable report -> [(study, text, n_tokens)]; the others counted."""
-    from ..text import clean_report
-
     out = []
     for st in studies.values():
         if not st["frontal"]:

@@ -31,6 +31,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..files import atomic_write, lock_process
+
 try:
     from PIL import Image, ImageFilter
 except ImportError as e:  # a core install: name the extra instead of a raw ModuleNotFoundError
@@ -532,8 +534,6 @@ def ensure_eval_sets(root: str, rsna: int = 40, covidx: int = 60) -> dict:
     ground truth alone (the same bytes ``generate(extras=True)`` writes), so the MIMIC tree is not touched.
     Built once under a lock; ``EVAL_SETS_COMPLETE`` (written last, holding the counts) marks a finished build.
     """
-    from ..hub import lock_process
-
     root = os.fspath(root)
     marker = os.path.join(root, EVAL_SETS_MARKER)
     gt_path = os.path.join(root, "ground_truth.json")
@@ -559,10 +559,7 @@ def ensure_eval_sets(root: str, rsna: int = 40, covidx: int = 60) -> dict:
             seed = int(gt["seed"])
             counts = {"msxrt": _write_msxrt(root, gt), "rsna": _write_rsna(os.path.join(root, "rsna"), seed, rsna),
                       "covidx": _write_covidx(os.path.join(root, "covidx"), seed, covidx)}
-        tmp = marker + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(counts, f, sort_keys=True)
-        os.replace(tmp, marker)
+        atomic_write(marker, json.dumps(counts, sort_keys=True))
         return counts
     finally:
         os.close(fd)

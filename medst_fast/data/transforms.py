@@ -161,3 +161,36 @@ def absent_view(img_size: int) -> torch.Tensor:
     """The image used for a missing lateral: all zeros in normalised space (mid-grey), as the official."""
     return torch.zeros(1, img_size, img_size, dtype=torch.float32)
 
+
+# -- preprocessing --------------------------------------------------------------------------------------------
+PREPROCESS = "preprocessor_config.json"
+
+
+def preprocess_config(img_size: int) -> dict:
+    """The image preprocessing of a model with input size ``img_size``, as ``save_pretrained`` records it.
+
+    Every number follows this module's transform (the one transform definition): longer side to
+    ``resize_side`` by exact area averaging, zero-pad centred to a square, crop (random when training, centre
+    otherwise), then (x/255 - mean)/std on one grey channel.
+    """
+    return {"image_size": int(img_size), "resize_side": resize_side(img_size), "resize": "longer_side_area",
+            "pad": "centre_zero", "train_crop": "random", "eval_crop": "centre", "channels": 1,
+            "pixel_scale": 255.0, "mean": 0.5, "std": 0.5}
+
+
+def check_preprocess_config(d: dict, source: str) -> int:
+    """Validate a recorded preprocessing against what this version implements; returns the image size.
+
+    A folder whose preprocessing differs (another resize side or normalisation) cannot be served by these
+    transforms, and feeding it differently prepared pixels would give wrong embeddings without an error.
+    """
+    if not isinstance(d, dict) or not isinstance(d.get("image_size"), int) or isinstance(d.get("image_size"), bool):
+        raise ValueError(f"{source}: field 'image_size' must be an integer")
+    want = preprocess_config(d["image_size"])
+    for k, v in d.items():
+        if k not in want:
+            raise ValueError(f"{source}: unknown field {k!r} (known: {sorted(want)})")
+        if v != want[k]:
+            raise ValueError(f"{source}: field {k!r} is {v!r}, but medst_fast's transform uses {want[k]!r} for "
+                             f"image_size {d['image_size']}; this version cannot reproduce that preprocessing")
+    return d["image_size"]

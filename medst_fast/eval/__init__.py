@@ -6,9 +6,7 @@ pneumonia), ``covidx-probe`` (COVIDx linear probe), and ``all`` (every task whos
 Each module has ``evaluate(...) -> TaskResult``; ``report.write_report`` writes the markdown + CSV table.
 Submodules import pandas/sklearn/pydicom lazily, so importing this package is cheap.
 """
-from .report import TaskResult, to_csv, to_markdown, write_report
-
-TASKS = ("msxrt-image", "msxrt-sentence", "rsna-zeroshot", "covidx-probe")
+from .report import TASKS, TaskResult, to_csv, to_markdown, write_report
 
 __all__ = ["TASKS", "TaskResult", "to_csv", "to_markdown", "write_report", "main"]
 

@@ -15,8 +15,8 @@ import sys
 import warnings
 from typing import Dict, List, Optional
 
-from . import TASKS, common
-from .report import TaskResult, to_markdown, write_report
+from . import common
+from .report import TASKS, TaskResult, to_markdown, write_report
 
 log = logging.getLogger("medst_fast")
 

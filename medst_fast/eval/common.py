@@ -8,7 +8,6 @@ equal to 3 grey channels).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -18,6 +17,9 @@ import torch
 
 from ..data import transforms as _T
 from ..data.transforms import resize_side
+from ..factory import create_model, default_vocab, run_folder  # noqa: F401  (run_folder: eval's callers use it)
+from ..hub import from_pretrained
+from ..text.tokenizer import MedSTTokenizer, check_vocab_fits
 
 log = logging.getLogger("medst_fast")
 
@@ -40,16 +42,12 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
     baseline, seeded) must be given. A file that carries its config (a trainer ``ckpt-*.pt``) is rebuilt with
     it, vocabulary size included; any other file needs ``model_name`` for its config.
     """
-    from ..factory import create_model
-
     if (checkpoint is None) == (random_init is None):
         raise ValueError("give exactly one of --checkpoint or --random-init")
     if random_init is not None:
         torch.manual_seed(seed)
         model = create_model(random_init)
     elif os.path.isdir(checkpoint):
-        from ..hub import from_pretrained
-
         model = from_pretrained(checkpoint)
     else:
         if not os.path.isfile(checkpoint):
@@ -72,8 +70,6 @@ def load_model(checkpoint: Optional[PathLike] = None, model_name: Optional[str] 
 def random_baseline(model, seed: int = 0):
     """A model of ``model``'s config with random weights (seeded), on its device, in eval mode: what its
     scores would be if training had taught it nothing, from the same architecture and vocabulary."""
-    from ..factory import create_model
-
     torch.manual_seed(seed)
     base = create_model(model.cfg)
     return base.to(next(model.parameters()).device).eval()
@@ -91,37 +87,6 @@ def default_out(checkpoint: Optional[PathLike]) -> str:
     return os.path.join(os.path.dirname(p), f"eval-{os.path.basename(p)}")
 
 
-def run_folder(checkpoint: Optional[PathLike]) -> Optional[str]:
-    """The trainer's run folder a checkpoint belongs to (``RUN/final``, ``RUN/checkpoints/ckpt-*.pt``), if any."""
-    if checkpoint is None:
-        return None
-    p = os.path.abspath(os.fspath(checkpoint))
-    for cand in (os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
-        if os.path.isfile(os.path.join(cand, "args.json")):
-            return cand
-    return None
-
-
-def default_vocab(checkpoint: Optional[PathLike]) -> Optional[str]:
-    """The vocabulary that belongs with ``checkpoint``: vocab.txt in its folder (a saved model), beside the
-    file, or the one its training run used (the run's final/vocab.txt, else args.json's ``vocab``)."""
-    if checkpoint is None:
-        return None
-    p = os.fspath(checkpoint)
-    cands = [os.path.join(p, "vocab.txt")] if os.path.isdir(p) else [os.path.join(os.path.dirname(p), "vocab.txt")]
-    run = run_folder(p)
-    if run:
-        cands.append(os.path.join(run, "final", "vocab.txt"))
-        try:
-            with open(os.path.join(run, "args.json")) as f:
-                v = json.load(f).get("vocab")
-            if isinstance(v, str):
-                cands.append(v)
-        except (OSError, ValueError):
-            pass
-    return next((c for c in cands if os.path.isfile(c)), None)
-
-
 def load_tokenizer(vocab: Optional[PathLike], model, checkpoint: Optional[PathLike] = None):
     """The tokenizer for a text task: ``vocab``, else the checkpoint's own (``default_vocab``)."""
     if vocab is None:
@@ -130,8 +95,6 @@ def load_tokenizer(vocab: Optional[PathLike], model, checkpoint: Optional[PathLi
             where = f" ({checkpoint} holds no vocab.txt)" if checkpoint is not None else ""
             raise ValueError(f"this task needs a tokenizer: give --vocab PATH/vocab.txt{where}")
         log.info("tokenizer: %s", vocab)
-    from ..text.tokenizer import MedSTTokenizer, check_vocab_fits
-
     tok = MedSTTokenizer(vocab, max_length=model.cfg.text.max_length)
     check_vocab_fits(tok.vocab_size, model.cfg.text.vocab_size, tok.vocab_path,
                      f"the model{f' of {checkpoint}' if checkpoint is not None else ''}")

@@ -18,6 +18,7 @@ from . import common
 from .metrics import auroc, honest_threshold_accuracy, official_threshold_accuracy, require_finite
 from .chance import accuracy_stats, auroc_stats, majority_fraction
 from .report import TaskResult
+from ..text.report import clean_report
 
 CSV_NAME = "MS_CXR_T_temporal_sentence_similarity_v1.0.0.csv"
 CATEGORIES = {"paraphrase": 1, "contradiction": 0}
@@ -52,8 +53,6 @@ def read_pairs(path, subset: str = "RadGraph"):
 
 
 def clean(sentences, official_join: bool = False):
-    from ..text.report import clean_report
-
     return [clean_report(s, joiner="" if official_join else " ")[0] for s in sentences]
 
 

@@ -8,6 +8,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from ..files import atomic_write
+from .chance import verdict
+
+# The evaluation tasks, in report order (here, below the CLI that runs them, so both can import it).
+TASKS = ("msxrt-image", "msxrt-sentence", "rsna-zeroshot", "covidx-probe")
 FIELDS = ["task", "subset", "metric", "value", "std", "n", "ci_low", "ci_high", "chance", "p", "baseline", "note"]
 
 
@@ -49,8 +54,6 @@ def _fmt(v, pct: bool) -> str:
 
 def to_markdown(results: Sequence[TaskResult]) -> str:
     """One table per task, then its verdict line. Accuracy-like metrics in percent, AUROC as a fraction."""
-    from .chance import verdict
-
     out = io.StringIO()
     for res in results:
         out.write(f"### {res.task}\n\n")
@@ -92,8 +95,5 @@ def write_report(results: Sequence[TaskResult], out_dir: str, command: Optional[
     md += to_markdown(results)
     paths = {"md": os.path.join(out_dir, f"{stem}.md"), "csv": os.path.join(out_dir, f"{stem}.csv")}
     for key, text in (("md", md), ("csv", to_csv(results))):
-        tmp = paths[key] + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, paths[key])
+        atomic_write(paths[key], text)
     return paths

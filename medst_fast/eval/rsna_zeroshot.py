@@ -20,6 +20,8 @@ from . import common
 from .metrics import accuracy, auroc, f1_binary, require_finite
 from .chance import accuracy_stats, auroc_stats, f1_chance, majority_fraction
 from .report import TaskResult
+from ..text.report import clean_report
+from ..zero_shot import build_zero_shot_classifier, zero_shot_logits
 
 LABELS_CSV = "stage_2_train_labels.csv"
 IMAGE_DIR = "stage_2_train_images"
@@ -86,16 +88,12 @@ def image_path(image_dir: str, patient_id: str) -> str:
 
 
 def _cleaner(official_join: bool):
-    from ..text.report import clean_report
-
     return lambda p: clean_report(p, joiner="" if official_join else " ")[0]
 
 
 def classifier(model, tokenizer, positive, negative, official_join: bool = False) -> torch.Tensor:
     """(E, 2) zero-shot classifier [pneumonia, no pneumonia]: BioViL's rule, each class the normalised mean
     of its cleaned prompts' *unnormalised* embeddings (``medst_fast.build_zero_shot_classifier``)."""
-    from ..zero_shot import build_zero_shot_classifier
-
     return build_zero_shot_classifier(model, tokenizer, {"pneumonia": list(positive), "no pneumonia": list(negative)},
                                       normalize_prompts=False, preprocess=_cleaner(official_join),
                                       name="rsna_zeroshot")
@@ -103,8 +101,6 @@ def classifier(model, tokenizer, positive, negative, official_join: bool = False
 
 def class_embedding(model, tokenizer, prompts, official_join: bool = False) -> torch.Tensor:
     """One class's (E,) text embedding under the same rule."""
-    from ..zero_shot import build_zero_shot_classifier
-
     return build_zero_shot_classifier(model, tokenizer, {"class": list(prompts)}, normalize_prompts=False,
                                       preprocess=_cleaner(official_join), name="rsna_zeroshot")[:, 0]
 
@@ -160,8 +156,6 @@ def evaluate(model, tokenizer, data, split: str = "test", images: Optional[str] 
     require_finite(img.numpy(), f"image embeddings ({split} split)", "rsna_zeroshot",
                    names=[f"patientId {p}" for p in patients])
     pos_p, neg_p = prompts if prompts is not None else (POSITIVE_PROMPTS, NEGATIVE_PROMPTS)
-    from ..zero_shot import zero_shot_logits
-
     clf = classifier(model, tokenizer, pos_p, neg_p, official_join)
     logits = zero_shot_logits(model, clf, img, logit_scale=1.0).cpu()  # cosines: the protocol compares them
     pos, neg = logits[:, 0].numpy(), logits[:, 1].numpy()

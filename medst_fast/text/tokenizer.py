@@ -13,7 +13,7 @@ slot (the corrected default); faithful mode drops them in the text tower
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 
@@ -131,99 +131,3 @@ def word_slots(word_ids: List, ids: List[int], sep_id: int, cls_id: int) -> List
 
 
 VOCAB_FILE = "vocab.txt"
-
-
-def _folder_text_config(folder: str) -> dict:
-    """The ``text`` section of a save_pretrained folder's config.json ({} when the folder has none of ours)."""
-    import json
-
-    p = os.path.join(folder, "config.json")
-    if not os.path.isfile(p):
-        return {}
-    try:
-        with open(p, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{p}: cannot read ({e})") from None
-    text = d.get("text") if isinstance(d, dict) else None  # a Hugging Face config.json has no "text" section
-    return text if isinstance(text, dict) else {}
-
-
-def _int_field(d: dict, key: str) -> Optional[int]:
-    v = d.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-# Files that hold weights, not a vocabulary: read as vocab.txt they would fail as "not UTF-8 text".
-_WEIGHT_EXTS = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
-
-
-def get_tokenizer(name_or_path: Union[str, os.PathLike], max_length: Optional[int] = None) -> MedSTTokenizer:
-    """The WordPiece tokenizer of a model folder, a trainer checkpoint or a vocab.txt.
-
-    Args:
-        name_or_path: a folder with vocab.txt (a model saved with its vocabulary, the trainer's ``final/``,
-            a Hugging Face BERT folder); a trainer checkpoint (``RUN/checkpoints/ckpt-*.pt``: its run's
-            vocabulary); or a vocab.txt file. A registered config name (``medst_tiny``) is refused with a
-            line saying what to pass: no vocabulary is bundled with the package.
-        max_length: tokens per text; default: the saved model's ``text.max_length``, else 112.
-    """
-    path = os.fspath(name_or_path)
-    if os.path.isdir(path):
-        return _folder_tokenizer(path, max_length)
-    if not os.path.exists(path):
-        _refuse_name(path)
-    if path.endswith(_WEIGHT_EXTS):
-        return _checkpoint_tokenizer(path, max_length)
-    return MedSTTokenizer(path, max_length=_DEFAULT_MAX if max_length is None else max_length)
-
-
-def _refuse_name(name: str) -> None:
-    from ..factory import list_models
-
-    if name in list_models():
-        raise ValueError(f"get_tokenizer({name!r}): {name} is a model config name and no vocabulary is bundled "
-                         "with medst_fast; pass a model folder (e.g. a run's final/), a trainer checkpoint or a "
-                         "vocab.txt (the paper's models use Bio_ClinicalBERT's)")
-    raise FileNotFoundError(f"tokenizer vocabulary not found: {name} (give a model folder, a trainer checkpoint, "
-                            "or a vocab.txt)")
-
-
-def _checkpoint_tokenizer(path: str, max_length: Optional[int]) -> MedSTTokenizer:
-    """A weights file's vocabulary: vocab.txt beside it, or the one its training run used."""
-    from ..eval.common import default_vocab, run_folder
-
-    vocab = default_vocab(path)
-    if vocab is None:
-        raise FileNotFoundError(f"{path}: a weights file, and no vocab.txt beside it or in its training run "
-                                "folder; pass the vocab.txt the model was trained with")
-    if max_length is None:  # the run's saved model records it; a checkpoint's own config needs unpickling
-        run = run_folder(path)
-        if run is not None and os.path.isfile(os.path.join(run, "final", "config.json")):
-            max_length = _int_field(_folder_text_config(os.path.join(run, "final")), "max_length")
-        if max_length is None and os.path.isfile(path + ".sha256"):
-            from ..convert import read_checkpoint
-
-            max_length = _int_field((read_checkpoint(path)[1] or {}).get("text", {}), "max_length")
-    return MedSTTokenizer(vocab, max_length=_DEFAULT_MAX if max_length is None else max_length)
-
-
-def _folder_tokenizer(path: str, max_length: Optional[int]) -> MedSTTokenizer:
-    vocab = os.path.join(path, VOCAB_FILE)
-    if not os.path.isfile(vocab):
-        has_model = os.path.isfile(os.path.join(path, "model.safetensors"))
-        hint = (" (a model folder saved without its vocabulary, e.g. an image-encoder export: use the full "
-                "model folder, or pass the vocab.txt it was trained with)") if has_model else ""
-        raise FileNotFoundError(f"{path}: no {VOCAB_FILE} in this folder{hint}")
-    from ..hub import is_save_pretrained_folder, verify_folder_files
-
-    if is_save_pretrained_folder(path):  # its vocab and config must be the exported ones (not a HF folder)
-        verify_folder_files(path, names=[VOCAB_FILE, "config.json"])
-    text = _folder_text_config(path)
-    if max_length is None:
-        max_length = _int_field(text, "max_length")
-    tok = MedSTTokenizer(vocab, max_length=_DEFAULT_MAX if max_length is None else max_length)
-    table = _int_field(text, "vocab_size")
-    if table is not None:
-        check_vocab_fits(tok.vocab_size, table, vocab, os.path.join(path, "config.json"))
-    return tok

@@ -19,9 +19,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch.utils.data import Dataset
 
-from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN  # stdlib-only module (no image libraries)
+from ..data.index import DEFAULT_SERIES_LEN as SERIES_LEN, SeriesIndex
 from ..data.sampling import (BAD_BATCH, SeededItems, SeriesBatchSampler, item_seed, iterate_and_stop_workers,  # noqa: F401 (re-exports)
                              make_loader)
+from ..files import atomic_write, lock_process
+from ..text.tokenizer import read_vocab
+from .args import UsageError
 from .checkpoint import INDEX_FILES
 
 log = logging.getLogger("medst_fast")
@@ -78,10 +81,7 @@ def build_wordpiece_vocab(texts: Sequence[str], out_dir: str, vocab_size: int = 
     vocab += words[: max(0, vocab_size - len(vocab))]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "vocab.txt")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(t + "\n" for t in vocab))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(t + "\n" for t in vocab))
     return path
 
 
@@ -102,8 +102,6 @@ def ensure_synthetic(cache_dir: str, patients: int, seed: int = 0, workers: int 
     index_dir, vocab_dir, marker = os.path.join(root, "index"), root, os.path.join(root, "COMPLETE")
     if os.path.isfile(marker):  # written last, never removed: a complete cache needs no lock
         return index_dir, os.path.join(vocab_dir, "vocab.txt")
-    from ..hub import lock_process
-
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     fd = os.open(os.path.join(parent, f".{os.path.basename(root)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -121,8 +119,6 @@ def ensure_synthetic(cache_dir: str, patients: int, seed: int = 0, workers: int 
 
 def _build_synthetic(root: str, patients: int, seed: int, workers: int) -> None:
     from ..data import synth, prepare  # the data package's public API (docs/interfaces.md)
-    from ..data.index import SeriesIndex
-
     index_dir, vocab_dir, marker = os.path.join(root, "index"), root, os.path.join(root, "COMPLETE")
     if os.path.isdir(root):
         log.info("synthetic cache %s is incomplete (an interrupted build); rebuilding", root)
@@ -144,14 +140,11 @@ def _build_synthetic(root: str, patients: int, seed: int, workers: int) -> None:
 def check_inputs(a, cfg):
     """Raise UsageError (one line naming the flag, file or field) for an input the run could not use; returns the
     loaded index for ``--data <index folder>`` (None otherwise), so it is read once."""
-    from .args import UsageError
-
     vocab = a.vocab or os.environ.get("MEDST_FAST_VOCAB") or None
     if vocab is not None and not os.path.isfile(vocab):
         src = "--vocab" if a.vocab else "$MEDST_FAST_VOCAB"
         raise UsageError(f"{src} {vocab}: no such file (a WordPiece vocab.txt, e.g. Bio_ClinicalBERT's)")
     if vocab is not None:
-        from ..text.tokenizer import read_vocab
         try:
             read_vocab(vocab)  # not UTF-8 text, no special tokens, duplicates: one line naming the file
         except ValueError as e:
@@ -186,9 +179,6 @@ def load_train_index(data: str):
     """The prepared index ``--data`` names, with errors that say what to do: a folder of raw images needs
     ``prepare``; ``image_root`` is required (without it relative image paths would resolve against whatever the
     current folder is, and every image would be missing)."""
-    from ..data.index import SeriesIndex
-    from .args import UsageError
-
     if not os.path.isdir(data):
         raise UsageError(f"--data {data}: no such folder")
     missing = [n for n in INDEX_FILES if not os.path.isfile(os.path.join(data, n))]
@@ -298,8 +288,6 @@ class RandomSeriesLoader:
 def split_size(data: str, split: str, series_len: Optional[int] = None) -> int:
     """Series in ``split`` of the index folder ``data`` (0 when the split is empty or absent), cut into series of
     ``series_len`` (None: as prepared)."""
-    from ..data.index import SeriesIndex
-
     index = SeriesIndex.load(data)
     if series_len is not None:
         index = index.with_series_len(series_len)
@@ -324,7 +312,6 @@ def build_train_loader(kind: str, data: Optional[str], split: str, tokenizer, im
         return loader, len(loader.dataset)
     if kind not in ("index", "manifest", "synthetic"):
         raise ValueError(f"unknown dataset type {kind!r}")
-    from ..data.index import SeriesIndex
     from ..data.loaders import build_series_loader
 
     index = SeriesIndex.load(data).with_series_len(series_len)

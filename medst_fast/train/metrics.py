@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..files import atomic_writer
+
 log = logging.getLogger("medst_fast")
 
 # input_ms / compute_ms: mean per optimizer step over the log window of the time blocked waiting for the next
@@ -138,12 +140,10 @@ class MetricsWriter:
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        tmp = os.path.join(os.path.dirname(self.path), ".tmp-metrics.csv")  # removed by clean_run_dir if killed
-        with open(tmp, "w", newline="") as f:
+        with atomic_writer(self.path, "w", newline="") as f:  # a killed run's temp: clean_run_dir removes it
             w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(keep)
-        os.replace(tmp, self.path)
 
     def write(self, row: Dict[str, float]) -> None:
         self._w.writerow({k: row.get(k, "") for k in COLUMNS})
