@@ -73,7 +73,7 @@ def _cli() -> int:
         # extra is this one line (naming the extra) rather than a traceback.
         check_extra("train", purpose="python -m medst_fast.pretrain")
         from .train.args import UsageError
-        from .train.checkpoint import RunFolderError
+        from .train.run_dir import RunFolderError
         from .train.faults import OutOfMemory, TrainingDiverged
         from .weights import CheckpointError
     except ImportError as e:

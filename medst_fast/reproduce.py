@@ -421,7 +421,7 @@ class Pipeline:
 
     def run_trainer(self, argv: List[str]) -> None:
         from .pretrain import main as pretrain
-        from .train.checkpoint import RunFolderError
+        from .train.run_dir import RunFolderError
         from .train.faults import TrainingDiverged
         from .weights import CheckpointError
 

@@ -2,7 +2,6 @@
 studies.csv the reader cannot take is one error naming the file."""
 import csv
 import logging
-import os
 
 import numpy as np
 import pandas as pd

@@ -1,7 +1,6 @@
 import csv
 import gzip
 import hashlib
-import io
 import json
 import os
 

@@ -1,7 +1,6 @@
 """open_clip / timm / HF habits: the model name must agree with the weights, get_tokenizer takes what
 create_model takes, and embed takes a single image file."""
 import json
-import os
 
 import numpy as np
 import pytest

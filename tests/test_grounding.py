@@ -2,7 +2,6 @@
 and, on synthetic frontals with one planted finding, which training makes the finding word's map peak in the
 planted region: Med-ST's losses with the cross-image local contrast switched on (loss.lambda_cross_local) do,
 Med-ST's own losses alone do not (a strict xfail)."""
-import os
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ covered by digests recorded in model.safetensors, and damaged or foreign content
 import json
 import logging
 import os
-import shutil
 
 import pytest
 import torch

@@ -261,7 +261,7 @@ def test_fp32_fused_ops_follow_the_precision_setting_on_gpu(precision, setting, 
 
 @pytest.mark.parametrize("amp,logged", [("bf16", True), ("none", False)])
 def test_cpu_autocast_says_it_is_slower_than_fp32(tmp_path, vocab_path, caplog, amp, logged):
-    from test_fast_path import build_trainer
+    from test_train_step_fast_path import build_trainer
 
     with caplog.at_level(logging.WARNING, logger="medst_fast"):
         t, _ = build_trainer(tmp_path / "run", vocab_path, "--amp", amp)

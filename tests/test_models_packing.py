@@ -2,7 +2,6 @@
 
 Runs in a child process: TRITON_INTERPRET must be set before Triton is first imported.
 """
-import os
 import subprocess
 import sys
 import textwrap

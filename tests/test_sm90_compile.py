@@ -313,7 +313,6 @@ def test_the_table_picks_differ_across_buckets():
 def test_autotune_flag_never_benchmarks_meta_or_cpu_tensors(monkeypatch):
     """MEDST_FAST_AUTOTUNE=1 switches only CUDA launches to the autotuner: the recorder on meta tensors still sees
     the table's picks, and no autotuner is built."""
-    from medst_fast.kernels import _utils
     import _sm90
     from medst_fast.kernels import move_ffn as mf
 

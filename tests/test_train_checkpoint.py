@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from medst_fast.train import checkpoint as ck
+from medst_fast.data import index as index_mod
+
+from medst_fast.train import rng
+
+from medst_fast.train import state as state_mod
 from medst_fast import weights as W
 
 
 def _state(step, x=1.0):
     return {"format": W.FORMAT_VERSION, "model": {"w": torch.full((3,), x)}, "optimizer": {}, "step": step,
-            "epoch": 0, "step_in_epoch": step, "rng": ck.capture_rng()}
+            "epoch": 0, "step_in_epoch": step, "rng": rng.capture_rng()}
 
 
 def test_rotation_keeps_last_k(tmp_path):
@@ -50,7 +54,7 @@ def test_weights_only_and_rng_round_trip(tmp_path):
     torch.load(path, weights_only=True)  # plain data only: no pickled code needed
     st = W.load_checkpoint(path)
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    ck.restore_rng(st["rng"])
+    rng.restore_rng(st["rng"])
     assert (random.random(), np.random.randn(3).tolist(), torch.randn(3).tolist()) == want
 
 
@@ -91,28 +95,28 @@ def _copy_index(src, dst):
 def test_index_fingerprint_sees_changed_reports_not_a_moved_image_root(tmp_path, tiny_index):
     from medst_fast.data.index import SeriesIndex
 
-    base = ck.index_fingerprint(tiny_index)
-    assert ck.index_fingerprint(_copy_index(tiny_index, tmp_path / "same")) == base
+    base = index_mod.index_fingerprint(tiny_index)
+    assert index_mod.index_fingerprint(_copy_index(tiny_index, tmp_path / "same")) == base
     moved = _copy_index(tiny_index, tmp_path / "moved")  # the images copied elsewhere, the index pointed at them
     meta = json.loads(open(os.path.join(moved, "meta.json")).read())
     meta["image_root"] = "/scratch/images"
     open(os.path.join(moved, "meta.json"), "w").write(json.dumps(meta))
-    assert ck.index_fingerprint(moved) == base
+    assert index_mod.index_fingerprint(moved) == base
     changed = tmp_path / "changed"  # every report rewritten, the same series: the count check cannot see it
     idx = SeriesIndex.load(tiny_index)
     for s in idx.studies:
         s.text = "no acute cardiopulmonary process."
     idx.save(str(changed))
     assert len(SeriesIndex.load(str(changed)).series["train"]) == len(idx.series["train"])
-    assert ck.index_fingerprint(str(changed)) != base
+    assert index_mod.index_fingerprint(str(changed)) != base
 
 
 def test_resume_check_refuses_another_index_unless_allowed(caplog):
     p = "/r/checkpoints/ckpt-00000002.pt"
-    ck.check_data_fingerprint(p, "a" * 64, "a" * 64, "/data/idx", allow_changed=False)  # the same index
-    ck.check_data_fingerprint(p, None, "b" * 64, "/data/idx", allow_changed=False)  # an older checkpoint: no field
+    state_mod.check_data_fingerprint(p, "a" * 64, "a" * 64, "/data/idx", allow_changed=False)  # the same index
+    state_mod.check_data_fingerprint(p, None, "b" * 64, "/data/idx", allow_changed=False)  # an older checkpoint: no field
     with pytest.raises(W.CheckpointError, match=r"ckpt-00000002.pt: resuming would change the run: the index "
                                                  r"/data/idx differs .*--allow-changed-args"):
-        ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=False)
-    ck.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=True)
+        state_mod.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=False)
+    state_mod.check_data_fingerprint(p, "a" * 64, "b" * 64, "/data/idx", allow_changed=True)
     assert "--allow-changed-args: resuming" in caplog.text and "aaaaaaaaaaaa -> bbbbbbbbbbbb" in caplog.text

@@ -11,7 +11,6 @@ import torch
 
 import medst_fast
 from medst_fast.plot import validations
-from medst_fast.train import checkpoint as ck
 from medst_fast import weights as W
 from medst_fast.train import quickstart as qs
 from medst_fast.train.data import SYNTHETIC_VERSION

@@ -25,7 +25,7 @@ import torch
 
 from medst_fast.data import loaders as L
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
+from medst_fast.train import run_dir as R
 from medst_fast import weights as W
 
 from conftest import tiny_run_argv
@@ -93,7 +93,7 @@ def reference(tmp_path_factory, vocab_path, indexes):
             out = root / "run"
             data = indexes[val] if data_kind == "index" else None
             snaps = {}
-            real_save = ck.save_checkpoint
+            real_save = W.save_checkpoint
 
             def save_and_snapshot(state, run_dir, step, keep):
                 if step - 1 in KILL_POINTS:
@@ -101,11 +101,11 @@ def reference(tmp_path_factory, vocab_path, indexes):
                     shutil.copytree(run_dir, snaps[step - 1])
                 return real_save(state, run_dir, step, keep)
 
-            ck.save_checkpoint = save_and_snapshot
+            W.save_checkpoint = save_and_snapshot
             try:
                 res = main(_argv(out, vocab_path, data, loader, val))
             finally:
-                ck.save_checkpoint = real_save
+                W.save_checkpoint = real_save
             assert res.step == MAX_STEPS and res.bad_steps == 0
             assert sorted(snaps) == list(KILL_POINTS), "the checkpoints were not written by checkpoint.save_checkpoint"
             made[key] = (str(out), snaps, _argv(out, vocab_path, data, loader, val))
@@ -312,14 +312,11 @@ def test_stale_temps_from_killed_writes_are_removed(tmp_path, copy_run, vocab_pa
 
 
 def test_fresh_run_into_an_existing_run_needs_resume_or_overwrite(tmp_path, copy_run, vocab_path):
+    """The CLI reaches the run-folder rule (its cases, --overwrite included: tests/test_train_run_dir.py)."""
     out = tmp_path / "r"
     copy_run(out)
     old_final = (out / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(ck.RunFolderError, match="already holds a run .*--resume auto.*--overwrite"):
+    with pytest.raises(R.RunFolderError, match="already holds a run .*--resume auto.*--overwrite"):
         main(tiny_run_argv(out, vocab_path, "--max-steps", "2", "--seed", "7"))
     assert (out / "final" / "model.safetensors").read_bytes() == old_final
     assert json.loads((out / "args.json").read_text())["seed"] == 42
-    res = main(tiny_run_argv(out, vocab_path, "--max-steps", "2", "--seed", "7", "--overwrite", "--no-export"))
-    assert res.step == 2 and not (out / "final").exists()
-    assert [os.path.basename(p) for p in W.list_checkpoints(str(out))] == ["ckpt-00000002.pt"]
-    assert [int(r["step"]) for r in _metrics(out)] == [1, 2]

@@ -4,8 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
-from medst_fast.train import checkpoint as ck
 from medst_fast.train import run_dir as R
 
 
@@ -34,7 +32,7 @@ def test_a_fresh_run_is_refused_over_another_run_and_nothing_is_touched(tmp_path
     d = tmp_path / "r"
     _a_finished_run(d)
     before = _files(d)
-    with pytest.raises(ck.RunFolderError, match=r"already holds a run \(args.json, metrics.csv, final, final_encoder, "
+    with pytest.raises(R.RunFolderError, match=r"already holds a run \(args.json, metrics.csv, final, final_encoder, "
                                                  r"best, checkpoints/ckpt-00000004.pt\); continue it with --resume "
                                                  r"auto, or start over with --overwrite"):
         _claim(d)
@@ -69,19 +67,19 @@ def test_temps_of_killed_writers_are_removed_when_claimed(tmp_path):
 def test_a_second_trainer_on_a_run_folder_is_refused(tmp_path):
     d = tmp_path / "r"
     os.makedirs(d)
-    code = ("import sys, time; from medst_fast.train.checkpoint import RunLock; RunLock(sys.argv[1]); "
+    code = ("import sys, time; from medst_fast.train.run_dir import RunLock; RunLock(sys.argv[1]); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ck.RunFolderError, match=f"in use by another trainer \\(pid {holder.pid}\\)"):
+        with pytest.raises(R.RunFolderError, match=f"in use by another trainer \\(pid {holder.pid}\\)"):
             _claim(d)
     finally:
         holder.kill()
         holder.wait()
-    lock = ck.RunLock(str(d))  # in this process too
+    lock = R.RunLock(str(d))  # in this process too
     try:
-        with pytest.raises(ck.RunFolderError, match="in use by another trainer in this process"):
+        with pytest.raises(R.RunFolderError, match="in use by another trainer in this process"):
             _claim(d)
     finally:
         lock.release()

@@ -2,7 +2,7 @@
 import pytest
 
 from medst_fast import get_model_config
-from medst_fast.train import checkpoint as ck
+from medst_fast import weights as W
 from medst_fast.train import state as S
 
 ARGS = {"lr": 4e-5, "max_steps": 4, "epochs": 8, "warmup_frac": 0.4, "lambda_temporal": 1.0, "clip_grad": None,
@@ -55,7 +55,7 @@ def test_loss_flags_are_not_architecture_and_old_configs_still_match():
     assert old["faithful"] is False
     del old["faithful"]  # as in a checkpoint written before the field existed: filled with its default
     assert S.architecture(old) == S.architecture(cfg.to_dict())
-    with pytest.raises(ck.CheckpointError, match="cannot be read by this version"):
+    with pytest.raises(W.CheckpointError, match="cannot be read by this version"):
         S.architecture({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "bogus": 1}})
 
 
@@ -63,7 +63,7 @@ def test_loss_flags_are_not_architecture_and_old_configs_still_match():
                                                  (3, 4, "at step 4 of its epoch, but an epoch now has 4 steps")])
 def test_a_position_past_the_run_or_the_epoch_is_refused(step, in_epoch, match):
     S.check_position("c.pt", S.TrainState(step=4, step_in_epoch=3), total_steps=4, steps_per_epoch=4)  # fine
-    with pytest.raises(ck.CheckpointError, match=match):
+    with pytest.raises(W.CheckpointError, match=match):
         S.check_position("c.pt", S.TrainState(step=step, step_in_epoch=in_epoch), total_steps=4, steps_per_epoch=4)
 
 

@@ -8,12 +8,13 @@ never leaves a half-written index that a later run would trust.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Union
 
-from ..files import atomic_write
+from ..files import atomic_write, file_digest
 
 INDEX_VERSION = 1
 # The series length prepare and the manifest converter cut (meta.json "series_len"; an index without the field
@@ -296,3 +297,26 @@ def patient_runs(studies: List[Study], chunks: List[List[int]], length: int) -> 
 
 def _continues(last: Study, first: Study) -> bool:
     return first.subject_id == last.subject_id and first.order == last.order + 1
+
+
+INDEX_FILES = ("studies.csv", "series.json", "meta.json")
+
+
+def index_fingerprint(index_dir: str) -> str:
+    """sha256 over a prepared index's files: its reports, image paths, splits and series.
+
+    meta.json's ``image_root`` is left out: copying the images to another disk (local scratch on a cluster) and
+    pointing the index at them does not change the data. Reading the files is cheap next to a training step.
+    """
+    h = hashlib.sha256()
+    for name in INDEX_FILES:
+        path = os.path.join(index_dir, name)
+        h.update(name.encode() + b"\0")
+        if name == "meta.json":
+            with open(path, "rb") as f:
+                meta = json.load(f)
+            meta.pop("image_root", None)
+            h.update(json.dumps(meta, sort_keys=True).encode())
+        else:
+            h.update(file_digest(path).encode())
+    return h.hexdigest()

@@ -17,15 +17,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
 from . import distributed as D
 from . import run_dir as R
 from ..config import LossCfg, MedSTConfig
-from ..kernels._utils import torch_version_tuple
+from ..convert import load_checkpoint, load_hf_bert, load_official_checkpoint
+from ..data import manifest
+from ..data.index import index_fingerprint
+from ..factory import create_model, get_model_config
+from ..files import file_digest
+from ..kernels._utils import set_backend, torch_version_tuple
 from ..losses import MedSTLoss
+from ..text.tokenizer import MedSTTokenizer
 from .args import UsageError, parse_overrides, resolve
-from .data import RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, check_inputs, ensure_synthetic, split_size
+from .data import (RandomSeriesDataset, build_train_loader, build_wordpiece_vocab, check_inputs, ensure_synthetic,
+                   split_size)
 from .metrics import check_report_to, setup_logging
+from .quickstart import describe as describe_quick_start
 from .step import PretrainModule, StepRunner, freeze_unused, wrap_module
 from .validate import Validator
 
@@ -106,8 +113,6 @@ def model_overrides(a: argparse.Namespace) -> Dict[str, Any]:
 
 def model_config(a: argparse.Namespace) -> Tuple[Dict[str, Any], MedSTConfig]:
     """(overrides, MedSTConfig) of --model, --model-override and the flags that set config fields."""
-    from .. import get_model_config
-
     overrides = model_overrides(a)
     try:
         return overrides, get_model_config(a.model).replace(**overrides)
@@ -136,7 +141,7 @@ class Run:
     world: D.WorldInfo = None
     device: torch.device = None
     run_dir: str = ""
-    lock: Optional[ckpt.RunLock] = None
+    lock: Optional[R.RunLock] = None
     log_handlers: List[logging.Handler] = field(default_factory=list)
     log_level: int = logging.NOTSET  # restored by close(): train() may be called from tests or notebooks
     vocab_sha256: str = ""
@@ -209,8 +214,6 @@ def _start(run: Run, raw: argparse.Namespace) -> None:
         # measured 2.5x slower than fp32 for this model on a CPU: the bf16/fp16 kernels there are no faster
         log.warning("--amp %s on a CPU: CPU autocast is slower than fp32 here (--amp none is faster)", a.amp)
     if a.kernels:
-        from ..kernels._utils import set_backend
-
         set_backend(a.kernels)
 
 
@@ -227,15 +230,11 @@ def _claim(run: Run) -> None:
         log.info("--resume: taking %s from the run's args.json (flags not given on the command line)",
                  ", ".join(flag(k) for k in a.inherited))
     if a.quick_start:  # the synthetic CPU run's own defaults (train/quickstart.py): say which, once
-        from .quickstart import describe as describe_quick_start
-
         log.info("%s", describe_quick_start(a.quick_start))
 
 
 def _data_and_vocab(run: Run) -> Optional[str]:
     """The data folder and the vocabulary (the synthetic set brings its own); returns the data path."""
-    from ..hub import file_digest
-
     a, primary = run.args, run.primary
     vocab = a.vocab or os.environ.get("MEDST_FAST_VOCAB") or None
     data = a.data
@@ -259,9 +258,6 @@ def _data_and_vocab(run: Run) -> Optional[str]:
 def _build_model(run: Run, overrides: Dict[str, Any], cfg: MedSTConfig) -> int:
     """The tokenizer, then the model (its vocab size from the tokenizer), its starting weights, on the device;
     returns how many parameters were frozen as unused."""
-    from .. import create_model
-    from ..text.tokenizer import MedSTTokenizer
-
     a = run.args
     tok = MedSTTokenizer(a.vocab, max_length=cfg.text.max_length)
     if tok.vocab_size != cfg.text.vocab_size:
@@ -271,14 +267,10 @@ def _build_model(run: Run, overrides: Dict[str, Any], cfg: MedSTConfig) -> int:
     set_seed(a.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = create_model(a.model, **overrides)
     if a.init:
-        from ..convert import load_checkpoint, load_official_checkpoint
-
         notes = (load_checkpoint(model, a.init) if a.init_kind == "auto"
                  else load_official_checkpoint(model, a.init, a.init_kind))
         log.info("initialised from %s (%s)", a.init, "; ".join(notes or []) or "all keys matched")
     if a.text_init:
-        from ..convert import load_hf_bert
-
         load_hf_bert(model, a.text_init)
         log.info("text tower initialised from %s", a.text_init)
     if a.grad_checkpointing:
@@ -292,8 +284,6 @@ def _build_loaders(run: Run, index, data: Optional[str]) -> Optional[str]:
     """The training loader, the step counts, and the validator; returns the data folder it reads."""
     a, world = run.args, run.world
     if a.dataset_type == "manifest":  # converted once, on rank 0, into the run folder
-        from ..data import manifest
-
         index_dir = os.path.join(run.run_dir, "manifest_index")
         if run.primary:
             manifest.index_from_manifest(data, index_dir)
@@ -308,7 +298,7 @@ def _build_loaders(run: Run, index, data: Optional[str]) -> Optional[str]:
         replicate_collate_bug=a.replicate_collate_bug, n_random=a.random_series,
         series_len=run.cfg.loss.series_len)  # the data's N is the temporal loss's N
     # after the loader, which read the index (and named any problem with it)
-    run.data_fingerprint = ckpt.index_fingerprint(data) if a.dataset_type != "random" else None
+    run.data_fingerprint = index_fingerprint(data) if a.dataset_type != "random" else None
     if a.dataset_type == "random":  # build_series_loader logs its own choice
         log.info("loader: %s (%s)", run.loader.backend, run.loader.reason)
     _count_steps(run)

@@ -25,7 +25,7 @@ from ..data.sampling import (BAD_BATCH, SeededItems, SeriesBatchSampler, item_se
 from ..files import atomic_write, lock_process
 from ..text.tokenizer import read_vocab
 from .args import UsageError
-from .checkpoint import INDEX_FILES
+from ..data.index import INDEX_FILES
 
 log = logging.getLogger("medst_fast")
 

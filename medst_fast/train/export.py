@@ -11,6 +11,8 @@ import shutil
 from typing import Any, Dict, Optional
 
 from . import distributed as D
+from ..files import atomic_write
+from ..hub import save_pretrained
 from ..plot import PLOT_FILE
 from .build import Run
 from .state import check_finite
@@ -25,15 +27,10 @@ def export_best(run: Run, step: int, v: Dict[str, Any], last_ckpt: Optional[str]
     check_finite(run.model, run.world, "export the best model", step, last_ckpt)  # collective
     best = os.path.join(run.run_dir, "best")
     if run.primary:
-        from ..hub import save_pretrained
-
         save_pretrained(run.model, best)
         shutil.copyfile(run.args.vocab, os.path.join(best, "vocab.txt"))
         info = {"step": step, **{k: v[k] for k in ("val_loss", "val_r1", "val_r5", "studies")}}
-        tmp = os.path.join(best, ".tmp-best.json")
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(tmp, os.path.join(best, "best.json"))
+        atomic_write(os.path.join(best, "best.json"), json.dumps(info, indent=2))
     D.barrier()  # collective: no rank reads best/ before rank 0 wrote it
     return best
 
@@ -43,8 +40,6 @@ def export_final(run: Run, step: int, last_ckpt: Optional[str]) -> Optional[str]
     check_finite(run.model, run.world, "export the model", step, last_ckpt)  # collective
     if not run.primary:
         return None
-    from ..hub import save_pretrained
-
     final = save_pretrained(run.model, os.path.join(run.run_dir, "final"))
     shutil.copyfile(run.args.vocab, os.path.join(final, "vocab.txt"))
     encoder = os.path.join(run.run_dir, "final_encoder")

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
 from . import distributed as D
+from .. import weights as W
+from ..files import atomic_write
 from .build import Run, build_run, set_seed
 from .export import export_best, export_final, plot_curves
 from .faults import OOM, UPDATE, NoUpdates, OutOfMemory, StepAccount, oom_message
@@ -59,8 +60,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     try:
         state = resume_or_start(run)
         if run.primary:
-            with open(os.path.join(run.run_dir, "args.json"), "w") as f:
-                json.dump(run.recorded_args(), f, indent=2, sort_keys=True)
+            recorded = json.dumps(run.recorded_args(), indent=2, sort_keys=True)
+            atomic_write(os.path.join(run.run_dir, "args.json"), recorded)
         t = Training(run, state)
         try:
             return _loop(t)
@@ -72,7 +73,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
 def resume_or_start(run: Run) -> TrainState:
     """The state of the newest intact checkpoint (--resume), or a fresh one."""
-    loaded = ckpt.load_resume(run.args.resume, run.run_dir)
+    loaded = W.load_resume(run.args.resume, run.run_dir)
     if loaded:
         return restore(run, *loaded)
     if run.args.resume == "auto":
@@ -258,10 +259,10 @@ class Training:
         contents = to_checkpoint(run, st)  # collective
         path = None
         if run.primary:
-            path = ckpt.save_checkpoint(contents, run.run_dir, st.step, run.args.keep)
+            path = W.save_checkpoint(contents, run.run_dir, st.step, run.args.keep)
             log.info("checkpoint %s", path)
         D.barrier()  # collective: no rank goes on before the checkpoint exists
-        self.last_ckpt = self.account.last_ckpt = ckpt.ckpt_path(run.run_dir, st.step)
+        self.last_ckpt = self.account.last_ckpt = W.ckpt_path(run.run_dir, st.step)
         return path
 
     def finish(self, interrupted: Optional[int]) -> TrainResult:

@@ -1,6 +1,6 @@
 """The checkpointed training state: where the run is, what it counted, and the checks a resume must pass.
 
-A checkpoint (format version 1, train/checkpoint.py writes and verifies the file) holds the model, optimizer
+A checkpoint (format version 1; medst_fast/weights.py writes and verifies the file) holds the model, optimizer
 and GradScaler states, the position (step, epoch, step in epoch), the counts (bad steps, bad batches, the
 loader's per-rank counts), the best validation loss, every rank's RNG states, the data set's size and
 fingerprint, the model config and the run's arguments. A resume continues bitwise where the run stopped, or is
@@ -16,11 +16,12 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
 from . import distributed as D
+from .. import weights as W
 from ..config import MedSTConfig
 from .build import LOSS_FLAGS, Run, flag
 from .faults import TrainingDiverged
+from .rng import capture_rng, restore_rng
 
 log = logging.getLogger("medst_fast")
 
@@ -66,7 +67,7 @@ def architecture(cfg: Dict[str, Any]) -> Dict[str, Any]:
     try:
         d = MedSTConfig.from_dict(cfg).to_dict()
     except (TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"the checkpoint's model config cannot be read by this version ({e})") from None
+        raise W.CheckpointError(f"the checkpoint's model config cannot be read by this version ({e})") from None
     d["loss"] = {k: v for k, v in d["loss"].items() if k not in LOSS_FLAGS}
     return d
 
@@ -90,10 +91,10 @@ def check_finite(model: torch.nn.Module, world: D.WorldInfo, what: str, step: in
 
 def to_checkpoint(run: Run, state: TrainState) -> Dict[str, Any]:
     """The checkpoint's contents. Collective: every rank's RNG states and loader counts are gathered."""
-    rngs = D.all_gather_object(ckpt.capture_rng())  # collective
+    rngs = D.all_gather_object(capture_rng())  # collective
     counts = {k: dict(v) for k, v in state.loader_counts(run.loader).items()}
     return {
-        "format": ckpt.FORMAT_VERSION,
+        "format": W.FORMAT_VERSION,
         "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.runner.scaler.state_dict(),
@@ -116,14 +117,14 @@ def restore(run: Run, path: str, st: Dict[str, Any]) -> TrainState:
         run.model.load_state_dict(st["model"])
         run.optimizer.load_state_dict(st["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ckpt.CheckpointError(f"{path}: state does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+        raise W.CheckpointError(f"{path}: state does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
     if st.get("scaler"):
         run.runner.scaler.load_state_dict(st["scaler"])
     state = TrainState(int(st["step"]), int(st["epoch"]), int(st["step_in_epoch"]), int(st.get("bad_steps", 0)),
                        int(st.get("bad_batches", 0)), st.get("best_val_loss"), resumed_from=path)
     check_position(path, state, run.total_steps, run.steps_per_epoch)
     rngs = st["rng"]
-    ckpt.restore_rng(rngs[run.world.rank] if isinstance(rngs, list) else rngs)
+    restore_rng(rngs[run.world.rank] if isinstance(rngs, list) else rngs)
     counts = st.get("loader_counts")
     if counts:  # the world size is fixed on resume, so rank r continues rank r's counts
         state.counts_base = {k: Counter(counts[run.world.rank].get(k, {})) for k in LOADER_COUNTS}
@@ -134,10 +135,10 @@ def restore(run: Run, path: str, st: Dict[str, Any]) -> TrainState:
 
 def check_position(path: str, state: TrainState, total_steps: int, steps_per_epoch: int) -> None:
     if state.step > total_steps:
-        raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {state.step}, past the end of this run "
+        raise W.CheckpointError(f"{path}: the checkpoint is at step {state.step}, past the end of this run "
                                    f"({total_steps} steps from --epochs/--max-steps)")
     if state.step_in_epoch >= steps_per_epoch:
-        raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {state.step_in_epoch} of its epoch, but an "
+        raise W.CheckpointError(f"{path}: the checkpoint is at step {state.step_in_epoch} of its epoch, but an "
                                    f"epoch now has {steps_per_epoch} steps: the data set changed")
 
 
@@ -159,6 +160,21 @@ def defining_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return [f"{flag(k)} {old[k]!r} -> {new.get(k)!r}" for k in RUN_DEFINING if k in old and old[k] != new.get(k)]
 
 
+def check_data_fingerprint(path: str, old: Optional[str], new: Optional[str], data: Optional[str],
+                           allow_changed: bool) -> None:
+    """Refuse to resume on an index whose content differs from the checkpoint's (the same series count is not
+    the same data), unless ``allow_changed`` (--allow-changed-args), which logs it. A checkpoint written before
+    the fingerprint was recorded (``old`` None) is not checked."""
+    if old is None or old == new:
+        return
+    what = (f"the index {data} differs from the one the run trained on (index fingerprint {str(old)[:12]} -> "
+            f"{str(new)[:12]}: reports, image paths, splits or series changed)")
+    if not allow_changed:
+        raise W.CheckpointError(f"{path}: resuming would change the run: {what}. Resume with the run's own index, or "
+                              f"pass --allow-changed-args to continue on this one")
+    log.warning("--allow-changed-args: resuming %s although %s", path, what)
+
+
 def check_resume(run: Run, path: str, st: Dict[str, Any]) -> None:
     """Refuse a resume that would silently change the run: data order, model and data size always;
     run-defining settings unless --allow-changed-args (then each change is logged)."""
@@ -166,15 +182,15 @@ def check_resume(run: Run, path: str, st: Dict[str, Any]) -> None:
     allow = getattr(run.args, "allow_changed_args", False)
     try:
         fixed = fixed_changes(old, new, st, run.cfg, run.world.world_size, run.n_series)
-    except ckpt.CheckpointError as e:
-        raise ckpt.CheckpointError(f"{path}: {e}") from None
+    except W.CheckpointError as e:
+        raise W.CheckpointError(f"{path}: {e}") from None
     if fixed:
-        raise ckpt.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order, the "
+        raise W.CheckpointError(f"{path}: cannot resume with changed settings that fix the data order, the "
                                    f"data or the model: {'; '.join(fixed)}")
-    ckpt.check_data_fingerprint(path, st.get("data_fingerprint"), run.data_fingerprint, run.data_path, allow)
+    check_data_fingerprint(path, st.get("data_fingerprint"), run.data_fingerprint, run.data_path, allow)
     changed = defining_changes(old, new)
     if changed and not allow:
-        raise ckpt.CheckpointError(
+        raise W.CheckpointError(
             f"{path}: resuming would change the run: {'; '.join(changed)}. Omit these flags to continue with "
             f"the run's own values, or pass --allow-changed-args to continue with the new ones")
     if changed:

@@ -93,7 +93,7 @@ def wrap_module(module: nn.Module, compile_: bool, distributed: bool, device: to
         module = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if compile_:
-        # One graph for model + losses (tests/test_compile.py checks there is no break); dynamic shapes, so
+        # One graph for model + losses (tests/test_train_compile.py checks there is no break); dynamic shapes, so
         # batches with other study/lateral counts reuse it instead of recompiling. Under DDP, fullgraph would
         # force dynamo through DDP's own forward (bucket rebuilds, reducer hooks), which it cannot trace:
         # dynamo skips that frame and compiles the wrapped module's forward inside it.

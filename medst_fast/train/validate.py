@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..similarity import COLLAPSED_COS, mean_pairwise_cosine
-from . import checkpoint as ckpt
+from .rng import capture_rng, restore_rng
 from . import distributed as D
 
 log = logging.getLogger("medst_fast")
@@ -104,7 +104,7 @@ class Validator:
         """{"val_loss", "val_r1", "val_r5", "studies", "batches", "skipped"}, the same on every rank.
 
         ``prepare(batch) -> batch on device``; ``loss_fn(out, model)`` the training objective (no gather)."""
-        rng = ckpt.capture_rng()
+        rng = capture_rng()
         was_training = model.training
         model.eval()
         loss_sum, n_batches, skipped, img, txt = 0.0, 0, 0, [], []
@@ -123,7 +123,7 @@ class Validator:
                 txt.append(out.txt_global.float().cpu())
         finally:
             model.train(was_training)
-            ckpt.restore_rng(rng)
+            restore_rng(rng)
         mine = {"loss": loss_sum, "batches": n_batches, "skipped": skipped,
                 "img": torch.cat(img) if img else torch.zeros(0, 1), "txt": torch.cat(txt) if txt else torch.zeros(0, 1)}
         parts = D.all_gather_object(mine)  # small: E floats per study

@@ -98,7 +98,7 @@ CHILD = r"""
 import math, sys, torch
 sys.path.insert(0, {here!r})
 import medst_fast
-from test_fast_path import OpCounter, build_trainer, step_grads, FUSED_OPS
+from test_train_step_fast_path import OpCounter, build_trainer, step_grads, FUSED_OPS
 from medst_fast.kernels import _utils
 assert _utils.interpreter_ready()
 t, batch = build_trainer({out!r}, {vocab!r}, "--amp", "bf16")

@@ -9,7 +9,6 @@ import torch
 
 from medst_fast.data import loaders as L
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
 
 GREY = 2.0 / 255.0 + 1e-5  # one grey level after (x/255 - 0.5)/0.5

@@ -15,7 +15,7 @@ import torch
 
 import medst_fast
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
+from medst_fast.train import run_dir as R
 from medst_fast.train import step as step_mod
 from medst_fast import weights as W
 from medst_fast.train.args import parse_args
@@ -141,7 +141,7 @@ def test_validation_is_logged_recorded_and_exported_as_best(tmp_path, val_index,
     assert re.search(r"step 4/4 .* elapsed \d+:\d\d:\d\d ETA 0:00:00", text)
     assert float(last["eta_s"]) == 0 and float(rows[0]["eta_s"]) > 0
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ck.RunFolderError, match="already holds a run"):  # best/ belongs to the run
+    with pytest.raises(R.RunFolderError, match="already holds a run"):  # best/ belongs to the run
         main(_argv(out, val_index, vocab_path, "--max-steps", "1"))
 
 

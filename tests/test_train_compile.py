@@ -49,7 +49,7 @@ def _rel(a, b):
 # chunk so the activation-checkpointed chunks (kernels/cross_local.py) are what gets compiled.
 @pytest.fixture(params=["paper", "cross_local"])
 def packed_trainer(request, tmp_path, vocab_path, monkeypatch):
-    from test_fast_path import build_trainer
+    from test_train_step_fast_path import build_trainer
 
     extra = ()
     if request.param == "cross_local":
@@ -82,7 +82,7 @@ def _compile_wrong_here():
                    reason=f"torch {torch.__version__}: inductor gives NaN gradients here; the trainer refuses --compile")
 def test_compiled_training_step_matches_eager_inductor(packed_trainer):
     """fullgraph inductor compile of model + losses, forward and backward, equals eager."""
-    from test_fast_path import step_grads
+    from test_train_step_fast_path import step_grads
 
     torch._dynamo.reset()
     t = packed_trainer
@@ -115,7 +115,7 @@ def test_varying_lateral_count_does_not_recompile_every_step(tmp_path, vocab_pat
     """dynamic shapes: batches with other study and lateral counts reuse the compiled graph."""
     from torch._dynamo.backends.registry import lookup_backend
 
-    from test_fast_path import build_trainer, step_grads
+    from test_train_step_fast_path import build_trainer, step_grads
 
     torch._dynamo.reset()
     # 4 series a batch, as in training: several complete series, so their count is never 0 or 1 (sizes that

@@ -9,7 +9,6 @@ import torch
 
 import medst_fast
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
 from medst_fast import weights as W
 

@@ -12,7 +12,6 @@ from medst_fast.data import loaders as L
 from medst_fast.data.dataset import SeriesCollate, SeriesDataset, collate_series
 from medst_fast.data.index import SPLITS, SeriesIndex, Study, cut_series, patient_runs
 from medst_fast.pretrain import main
-from medst_fast.train import checkpoint as ck
 from medst_fast.train import step as step_mod
 from medst_fast import weights as W
 from medst_fast.train.args import parse_args

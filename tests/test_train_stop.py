@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from medst_fast.train import checkpoint as ck
+from medst_fast.data import index as index_mod
 from medst_fast.train import stop as stop_mod
 from medst_fast import weights as W
 from medst_fast.train.data import synthetic_root
@@ -62,7 +62,7 @@ def test_sigterm_to_the_process_group_checkpoints_exits_143_and_resumes(tmp_path
     st = W.load_checkpoint(found[0])  # verifies size and hash
     assert 1 <= st["step"] < 6 and "received SIGTERM: saving a checkpoint" in log
     index = os.path.join(synthetic_root(str(cache), 8, 0), "index")
-    assert st["data_fingerprint"] == ck.index_fingerprint(index)  # what the resume below checks
+    assert st["data_fingerprint"] == index_mod.index_fingerprint(index)  # what the resume below checks
     r = subprocess.run(_pretrain(out, cache, "--resume", "auto"), capture_output=True, text=True, env=_env(),
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

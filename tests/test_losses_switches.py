@@ -367,8 +367,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-
-from medst_fast.train import checkpoint as ck  # noqa: E402
 from medst_fast.train import build as build_mod # noqa: E402
 from medst_fast.train import state as state_mod
 from medst_fast.train import step as step_mod

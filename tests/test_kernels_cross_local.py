@@ -228,7 +228,7 @@ def test_config_field_defaults_to_off_and_is_checked(tmp_path):
 # ---------------------------------------------------------------------------------------- MedSTLoss
 @pytest.fixture(scope="module")
 def tiny(vocab_path):
-    from test_research_switches import _batch
+    from test_losses_switches import _batch
 
     torch.manual_seed(0)
     tok = medst_fast.get_tokenizer(vocab_path)
@@ -298,7 +298,7 @@ def test_faithful_refuses_the_switch(vocab_path, capsys):
     with pytest.raises(ValueError, match="lambda_cross_local=1.0 cannot be combined with faithful mode"):
         MedSTLoss(LossCfg(lambda_cross_local=1.0), faithful=True)
     MedSTLoss(LossCfg(lambda_cross_local=0.0), faithful=True)  # off is the official loss
-    from test_research_switches import _argv
+    from test_losses_switches import _argv
 
     from medst_fast.train.args import parse_args
 
@@ -314,7 +314,7 @@ def test_faithful_refuses_the_switch(vocab_path, capsys):
 
 # ---------------------------------------------------------------------------------------- trainer
 def test_flag_reaches_the_model_loss_config(vocab_path):
-    from test_research_switches import _argv
+    from test_losses_switches import _argv
 
     from medst_fast.train import build as build_mod
     from medst_fast.train.args import parse_args
@@ -324,7 +324,7 @@ def test_flag_reaches_the_model_loss_config(vocab_path):
 
 
 def test_trainer_run_logs_the_term(tmp_path, vocab_path):
-    from test_research_switches import _argv
+    from test_losses_switches import _argv
 
     from medst_fast import weights as W
     from medst_fast.pretrain import main

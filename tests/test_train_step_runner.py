@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_fast_path import OpCounter, build_trainer  # noqa: E402
+from test_train_step_fast_path import OpCounter, build_trainer  # noqa: E402
 
 
 def _training(run):
