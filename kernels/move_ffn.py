@@ -325,9 +325,9 @@ class WgradConfig(NamedTuple):
 # The candidate sets, per compute kind ("mma": bf16 / fp16 on the tensor cores; "tf32": fp32 operands on them;
 # "fp32": exact ieee FMA, the parity path; one config each for the last two). The mma and fp32 configs are
 # compiled for sm_90a at ViT-B shapes by tests/test_sm90_compile.py (no spills, shared memory <= 227 KB, wgmma)
-# and run under the interpreter by tests/test_ops_move_ffn.py, so whatever the table or the autotuner picks is a
+# and run under the interpreter by tests/test_kernels_move_ffn.py, so whatever the table or the autotuner picks is a
 # checked binary; the tf32 one is compiled for sm_90a too (no spills, wgmma) and runs under the interpreter
-# (tests/test_kernel_device.py).
+# (tests/test_kernels_device.py).
 #   0: 128x128x64, two warpgroups (wgmma m64 each), 3 stages of prefetch, 96 KB smem (the former fixed tile)
 #   1: 128x128x64, two warpgroups, 4 stages (128 KB): deeper prefetch for the long K = 3072 loops
 #   2: 128x128x128, two warpgroups, 3 stages (192 KB): half the loop trips on the short K = 768 loops

@@ -153,7 +153,7 @@ def _infonce(score, tau_global=0.07):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_low_precision_error_within_twice_plain_torch_in_that_dtype(ct, chunk, seed):
     """err(SDPA path in ct, fp32 reference) <= 2 * err(the reference's maths in plain torch ct, fp32 reference)
-    + 1e-6 (the rule of tests/test_ops_move_ffn.py) for the (B, B) scores and both gradients of the loss. The
+    + 1e-6 (the rule of tests/test_kernels_move_ffn.py) for the (B, B) scores and both gradients of the loss. The
     scalar loss sums signed errors (which cancel by chance, either path), so it is held to what the score error
     allows: |d loss| <= 4 max |d score| / tau_global (each cross-entropy moves at most 2x its largest logit)."""
     w, p, wm, pm = _inputs(5, 13, 19, True, seed=seed)

@@ -1,6 +1,6 @@
 """The research switches of docs/method.md §8 (LossCfg.local_weighting, temporal_shuffle, local_scope; the views
 analysis): each against a direct computation, the defaults unchanged. The fused kernels' own tests of the
-switches are in tests/test_ops_local_align.py."""
+switches are in tests/test_kernels_local_align.py."""
 import pytest
 import torch
 import torch.nn.functional as F

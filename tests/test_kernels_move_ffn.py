@@ -2,7 +2,7 @@
 
 The ``test_interp_*`` tests run the Triton kernels on CPU tensors in a child pytest started with
 TRITON_INTERPRET=1 (Triton must see the variable before its first import; setting it in this process would
-switch the whole session to the interpreter). See tests/test_ops_local_align.py for the same pattern.
+switch the whole session to the interpreter). See tests/test_kernels_local_align.py for the same pattern.
 """
 
 import pytest

@@ -4,7 +4,7 @@ The Triton kernels run on CPU tensors through Triton's interpreter, which only w
 was set before Triton was first imported in the process. Setting it here would switch the whole test
 session (every other test, and any CUDA kernel) to the interpreter, so the ``test_interp_*`` tests run in a
 child pytest started with the variable set (``test_kernels_under_interpreter``); they also run directly
-under ``TRITON_INTERPRET=1 pytest tests/test_ops_local_align.py``.
+under ``TRITON_INTERPRET=1 pytest tests/test_kernels_local_align.py``.
 """
 import os
 import subprocess
@@ -382,7 +382,7 @@ def test_interp_no_quadratic_tensor_saved_for_backward(interpret):
 def _count_ops(fn, monkeypatch):
     """(aten ops, Triton launches) of fn(): aten ops include those inside the medst_fast custom ops, and
     exclude the interpreter's own tensor copies while a kernel runs."""
-    from test_ops_move_ffn import OpLog
+    from test_kernels_move_ffn import OpLog
 
     log, launches = OpLog(), []
 
