@@ -114,6 +114,17 @@ def tiny_index(tiny_tree):
     return os.path.join(tiny_tree, "idx")
 
 
+def move_to_valid(idx, n: int = 3) -> None:
+    """Make the last ``n`` training series of a loaded SeriesIndex its 'valid' split (the caller saves it)."""
+    import dataclasses
+
+    idx.series["valid"] = idx.series["train"][-n:]
+    idx.series["train"] = idx.series["train"][:-n]
+    for chunk in idx.series["valid"]:
+        for r in chunk:
+            idx.studies[r] = dataclasses.replace(idx.studies[r], split="valid")
+
+
 @pytest.fixture(scope="session")
 def copy_index(tiny_tree):
     """``copy_index(dst)``: a private copy of the tiny tree + index at ``dst`` (a new folder); returns the index folder,

@@ -1,6 +1,5 @@
 """train/args.py and the checks before a run starts: every flag, config file and input gets one clear line
 (exit 2 from the CLI), and nothing is written for an input the run cannot use."""
-import csv
 import json
 import os
 import sys
@@ -19,19 +18,6 @@ SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max
 def _argv(out, vocab, *extra):
     return ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out), "--workers", "0",
             "--batch-series", "2", "--log-every", "1", *SMALL, *extra]
-
-
-def _metrics(out):
-    with open(os.path.join(str(out), "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _finite(sd):
-    return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 # -- flags and config files are type- and range-checked --------------------------------------------------

@@ -26,14 +26,7 @@ from medst_fast.train.faults import TrainingDiverged
 from medst_fast.train.step import batch_to
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train_args import _cli_run  # noqa: E402
-
-SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
-
-
-def _argv(out, vocab, *extra):
-    return ["--dataset-type", "random", "--random-series", "8", "--vocab", vocab, "--out", str(out), "--workers", "0",
-            "--batch-series", "2", "--log-every", "1", *SMALL, *extra]
+from test_train_args import SMALL, _argv, _cli_run  # noqa: E402  (one tiny-run command line for both files)
 
 
 def _metrics(out):

@@ -11,7 +11,6 @@ file, the folder of a run killed -9 at that moment (checkpoints up to K, metrics
 of a process that no longer holds it). One case kills a real CLI process with SIGKILL instead.
 """
 import csv
-import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from medst_fast.pretrain import main
 from medst_fast.train import run_dir as R
 from medst_fast import weights as W
 
-from conftest import tiny_run_argv
+from conftest import move_to_valid, tiny_run_argv
 
 MAX_STEPS = 7
 KILL_POINTS = (2, 3)  # the checkpoints a killed copy of a reference run resumes from
@@ -70,11 +69,7 @@ def indexes(tmp_path_factory, copy_index):
         with open(idx.path(lateral), "wb") as f:
             f.write(b"\xff\xd8 not really a jpeg")
         if val:
-            idx.series["valid"] = idx.series["train"][-3:]
-            idx.series["train"] = idx.series["train"][:-3]
-            for chunk in idx.series["valid"]:
-                for r in chunk:
-                    idx.studies[r] = dataclasses.replace(idx.studies[r], split="valid")
+            move_to_valid(idx, 3)
             idx.save(path)
         out[val] = path
     return out

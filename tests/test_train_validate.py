@@ -2,7 +2,6 @@
 best/ by validation loss, elapsed/ETA, progress without a terminal, the training-curve PNG and
 ``python -m medst_fast.plot``, ``--report-to`` back-ends and the extras they need."""
 import csv
-import dataclasses
 import json
 import os
 import re
@@ -21,6 +20,8 @@ from medst_fast import weights as W
 from medst_fast.train.args import parse_args
 from medst_fast.train.validate import above_chance_p, describe, recall_at_k
 
+from conftest import move_to_valid
+
 SMALL = ["--model-override", "vision.img_size=32", "--model-override", "text.max_length=32"]
 _FORWARD = step_mod.PretrainModule.forward
 
@@ -32,11 +33,7 @@ def val_index(tmp_path_factory, copy_index):
 
     path = copy_index(tmp_path_factory.mktemp("val") / "copy")
     idx = SeriesIndex.load(path)
-    idx.series["valid"] = idx.series["train"][-3:]
-    idx.series["train"] = idx.series["train"][:-3]
-    for chunk in idx.series["valid"]:
-        for r in chunk:
-            idx.studies[r] = dataclasses.replace(idx.studies[r], split="valid")
+    move_to_valid(idx, 3)
     idx.save(path)
     return path
 
